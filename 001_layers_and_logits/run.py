@@ -1,0 +1,413 @@
+"""Layer-by-layer logit-lens sweep: ``python 001_layers_and_logits/run.py [MODEL ...] [flags]``.
+
+Thin orchestrator over ``layers_core``: parse flags into a frozen ``ExperimentConfig``, load the
+model, run the sweep, write the CSVs and JSON into a staging directory and publish it as
+``run-latest/``. Importing this module does nothing; torch is imported only after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+DESCRIPTION = "Layer-by-layer logit-lens sweep"
+LEGACY_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _import_layers_core() -> None:
+    """Puts the repo root on ``sys.path`` when ``layers_core`` is not installed (any cwd works)."""
+    try:
+        import layers_core  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, REPO_ROOT)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one invocation; the single home of the defaults."""
+
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    fp32_unembed: bool = False  # float32 shadow copy of W_U/b_U for the analysis
+    keep_residuals: bool = False  # dump each layer's normalised residual as .pt
+    copy_threshold: float = 0.90  # = collapse_rules.COPY_THRESHOLD (checked by a test)
+    copy_margin: float = 0.05  # = collapse_rules.COPY_MARGIN
+    copy_entropy_fallback: bool = True  # entropy < 1 bit also counts as copy collapse
+    norm_strategy: str = "arch"  # arch | final | none
+    out_dir: str | None = None  # None = managed run-latest/ next to run.py
+    self_test: bool = False  # last-layer consistency gate only; writes nothing
+    prompt: str = LEGACY_PROMPT
+    answer: str = "Berlin"
+    quiet: bool = False  # only errors and verdicts on the console
+
+
+_DEFAULTS = ExperimentConfig()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr and exit 2, without the usage block or a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; defaults come from ``ExperimentConfig``."""
+    parser = _OneLineParser(prog="run.py", description=DESCRIPTION)
+    parser.add_argument("model", nargs="*", help="Hugging Face model id or local model directory; "
+                        "none = bundled default model; several = one subprocess each")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default=_DEFAULTS.device,
+                        help="compute device to run on (default: auto = cuda, then mps, then cpu)")
+    parser.add_argument("--fp32-unembed", action="store_true",
+                        help="Up-cast the model's un-embedding matrix to float32")
+    parser.add_argument("--keep-residuals", action="store_true",
+                        help="Dump full residual tensors; if absent, keep only per-layer logits")
+    parser.add_argument("--copy-threshold", type=float, default=_DEFAULTS.copy_threshold,
+                        help="Minimum P(top-1) for copy collapse")
+    parser.add_argument("--copy-margin", type=float, default=_DEFAULTS.copy_margin,
+                        help="Require P(top-1) − P(top-2) > margin for copy collapse")
+    parser.add_argument("--no-copy-entropy-fallback", action="store_true",
+                        help="Do not count entropy < 1 bit as copy collapse")
+    parser.add_argument("--norm", choices=["arch", "final", "none"], default=_DEFAULTS.norm_strategy,
+                        help="Norm applied before unembedding each layer")
+    parser.add_argument("--prompt", help="Override the prompt (requires --answer)")
+    parser.add_argument("--answer", help=f"Gold answer (default: {_DEFAULTS.answer})")
+    parser.add_argument("--out_dir", "--out-dir", dest="out_dir",
+                        help="Output directory to save CSV & JSON results "
+                             "(default: managed run-latest next to run.py)")
+    parser.add_argument("--self-test", action="store_true",
+                        help="Check that the last-layer lens reproduces the model's logits "
+                             "(KL <= 1e-6 bits, float32); writes nothing")
+    parser.add_argument("--quiet", action="store_true",
+                        help="Print only errors and the final verdict")
+    return parser
+
+
+def _config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ExperimentConfig:
+    if args.prompt is not None and args.answer is None:
+        parser.error("--prompt requires --answer")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt must not be empty")
+    if args.answer is not None and not args.answer.strip():
+        parser.error("--answer must not be empty")
+    if not 0.0 < args.copy_threshold <= 1.0:
+        parser.error(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}")
+    if not 0.0 <= args.copy_margin < 1.0:
+        parser.error(f"--copy-margin must be in [0, 1), got {args.copy_margin}")
+    return ExperimentConfig(
+        device=args.device, fp32_unembed=args.fp32_unembed, keep_residuals=args.keep_residuals,
+        copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
+        copy_entropy_fallback=not args.no_copy_entropy_fallback, norm_strategy=args.norm,
+        out_dir=args.out_dir, self_test=args.self_test,
+        prompt=_DEFAULTS.prompt if args.prompt is None else args.prompt,
+        answer=_DEFAULTS.answer if args.answer is None else args.answer, quiet=args.quiet,
+    )
+
+
+def _say(config: ExperimentConfig, line: str) -> None:
+    if not config.quiet:
+        print(line, flush=True)
+
+
+def _prepare_runtime(device: str) -> None:
+    """Seeds and determinism (SPEC §3 step 1); the thread count is never touched."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from layers_core.report import SEED
+
+    if device == "cuda":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(SEED)
+    torch.use_deterministic_algorithms(True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+class StageError(RuntimeError):
+    """A failure tagged with the pipeline stage it happened in."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage, self.error = stage, error
+
+
+class _Stages:
+    """Times named stages and tags exceptions with the stage they came from."""
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def run(self, stage: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except StageError:
+            raise
+        except Exception as error:
+            raise StageError(stage, error) from error
+        finally:
+            self.timing[f"{stage}_s"] = self.timing.get(f"{stage}_s", 0.0) + time.perf_counter() - started
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def _load(config: ExperimentConfig, source, device: str):
+    import torch
+
+    from layers_core.device_policy import choose_dtype, should_auto_promote_unembed, unembed_weights_for_analysis
+    from layers_core.models import load_model, peek_model_type
+    from layers_core.numerics import output_logits_transform
+    from layers_core.sweep import UnembedPath
+
+    if config.self_test:
+        dtype = torch.float32
+    else:
+        dtype = choose_dtype(device, source.model_id, peek_model_type(source) if device != "cpu" else None)
+    model = load_model(source, device, dtype)
+    use_fp32 = config.fp32_unembed or should_auto_promote_unembed(dtype)
+    W_U, b_U = unembed_weights_for_analysis(model, use_fp32)
+    unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=use_fp32)
+    return model, dtype, unembed
+
+
+def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None,
+                             config: ExperimentConfig) -> dict:
+    """Runs the sweep for one model and writes its files; returns the JSON document.
+
+    ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``). Failures are
+    raised as ``StageError`` carrying the stage (load, forward, lens, write).
+    """
+    from layers_core import report
+    from layers_core.device_policy import resolve_device
+    from layers_core.models import resolve_model_source
+    from layers_core.numerics import get_post_unembed_transform
+    from layers_core.sweep import SweepSettings, TokenDecoder, last_layer_consistency, run_sweep
+
+    started_at = datetime.now()
+    stages = _Stages()
+    source = resolve_model_source(model_id)
+    device_warnings: list[str] = []
+    device = resolve_device(config.device, device_warnings)
+    for warning in device_warnings:
+        print(warning, file=sys.stderr)
+    _say(config, f"▶ {source.clean_name} ({source.kind}) on {device}")
+    model, dtype, unembed = stages.run("load", _load, config, source, device)
+    cfg = model.cfg
+    _say(config, f"  load     {stages.timing['load_s']:6.2f} s  {cfg.n_layers} layers, "
+                 f"d_model {cfg.d_model}, vocab {cfg.d_vocab}, {dtype}")
+    settings = SweepSettings(norm_strategy=config.norm_strategy, copy_threshold=config.copy_threshold,
+                             copy_margin=config.copy_margin,
+                             copy_entropy_fallback=config.copy_entropy_fallback,
+                             fp32_unembed=unembed.force_fp32)
+    decoder = TokenDecoder(model.tokenizer)
+    result = stages.run("lens", run_sweep, model, config.prompt, config.answer, unembed, settings, decoder)
+    stages.timing["forward_s"] = result.timing["forward_s"]
+    stages.timing["lens_s"] = result.timing["lens_s"]
+    consistency = last_layer_consistency(model, result, unembed, dtype, report.CONSISTENCY_TOLERANCE_BITS)
+    if config.self_test:
+        return {"last_layer_consistency": consistency}
+    _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens")
+    test_prompts = stages.run("forward", report.test_prompt_entries, model, decoder)
+    model_last = result.model_logits[-1]
+    document = {
+        "prompt": {"type": "prompt", "context_prompt": config.prompt, "ground_truth": config.answer},
+        "test_prompts": test_prompts,
+        "temperature_exploration": report.temperature_entries(model_last, decoder),
+        "diagnostics": report.diagnostics(
+            model, source.model_id, device, result, settings, unembed.W_U.dtype,
+            cfg.positional_embedding_type == "standard", consistency,
+            get_post_unembed_transform(model)),
+        "final_prediction": report.final_prediction(model_last, decoder),
+        "model_stats": report.model_stats(model),
+        "gold_answer": report.gold_answer_block(result.gold),
+        "provenance": report.provenance(
+            device=device, dtype=dtype, model_source=source.kind, model_path=source.path or "",
+            bos_prepended=_bos_prepended(model, result), n_tokens=int(result.tokens.shape[1]),
+            started_at=started_at, argv=sys.argv),
+    }
+    diag = document["diagnostics"]
+    _say(config, f"  lens     {stages.timing['lens_s']:6.2f} s  norm={config.norm_strategy}; "
+                 f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
+                 f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
+                 f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
+                 f"last-layer KL {consistency['kl_bits']:.2e} bits")
+    stages.run("write", _write_outputs, output_files, result, source.clean_name, config)
+    document["timing"] = {key: round(stages.timing.get(key, 0.0), 4)
+                          for key in ("load_s", "forward_s", "lens_s", "write_s")}
+    document["timing"]["total_s"] = round(stages.total(), 4)
+    stages.run("write", _write_json, output_files["json"], document)
+    _say(config, f"  write    {stages.timing['write_s']:6.2f} s  {output_files['dir']}")
+    return document
+
+
+def _bos_prepended(model, result) -> bool:
+    bos = model.tokenizer.bos_token_id
+    return bos is not None and int(result.tokens[0, 0]) == bos
+
+
+def _write_json(path: str, document: dict) -> None:
+    from layers_core.report import to_strict_json
+    from layers_core.run_dir import atomic_write
+
+    atomic_write(path, to_strict_json(document) + "\n")
+
+
+def _write_outputs(output_files: dict[str, str], result, clean_name: str, config: ExperimentConfig) -> None:
+    from layers_core.csv_io import write_csv_files
+
+    write_csv_files(result.records, result.pure_rows, output_files["records"], output_files["pure"])
+    if config.keep_residuals:
+        import io
+
+        import torch
+
+        from layers_core.run_dir import atomic_write, residual_path
+
+        for layer, resid in enumerate(result.resid_normed):
+            buffer = io.BytesIO()
+            torch.save(resid.detach().cpu().unsqueeze(0).clone(), buffer)
+            atomic_write(residual_path(output_files["dir"], clean_name, layer), buffer.getvalue())
+
+
+def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
+    """One model in-process: staging → sweep → publish (or the error document)."""
+    from layers_core import report
+    from layers_core.models import resolve_model_source
+    from layers_core.run_dir import create_staging_dir, output_paths, publish_staging_dir
+
+    source = resolve_model_source(model_id)
+    managed = config.out_dir is None and not config.self_test
+    if config.self_test:
+        directory = None
+    elif managed:
+        directory = create_staging_dir(HERE)
+    else:
+        os.makedirs(config.out_dir, exist_ok=True)
+        directory = config.out_dir
+    files = None if directory is None else output_paths(directory, source.clean_name)
+    try:
+        document = run_experiment_for_model(model_id, files, config)
+    except StageError as failure:
+        print(f"❌ {source.clean_name}: {failure.stage} failed: "
+              f"{type(failure.error).__name__}: {_one_line(failure.error)}", file=sys.stderr)
+        if files is not None:
+            _write_json(files["json"], report.error_document(
+                failure.error, failure.stage, source.model_id, datetime.now(),
+                {"model_source": source.kind, "model_path": source.path, "argv": sys.argv}))
+            if managed:
+                where = publish_staging_dir(directory, HERE, success=False)
+                print(f"   error document: {os.path.join(where, os.path.basename(files['json']))}",
+                      file=sys.stderr)
+        return EXIT_FAILED
+    if config.self_test:
+        return _self_test_verdict(document["last_layer_consistency"])
+    where = publish_staging_dir(directory, HERE, success=True) if managed else directory
+    print(f"✅ {source.clean_name}: results in {where}")
+    return EXIT_OK
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _self_test_verdict(consistency: dict) -> int:
+    kl, tol = consistency["kl_bits"], consistency["tolerance_bits"]
+    if consistency["passed"]:
+        print(f"✅ Self-test passed: KL(model‖lens) = {kl:.3e} bits (tolerance {tol:g})")
+        return EXIT_OK
+    print(f"❌ Self-test FAILED: KL(model‖lens) = {kl:.3e} bits (tolerance {tol:g}), "
+          f"top-1 agree = {consistency['top1_agree']}")
+    return EXIT_FAILED
+
+
+def _forwarded_flags(config: ExperimentConfig) -> list[str]:
+    """Every non-default flag, for launcher children (the device is always passed)."""
+    flags = ["--device", config.device, "--norm", config.norm_strategy,
+             "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin)]
+    switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
+                "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
+                "--self-test": config.self_test, "--quiet": config.quiet}
+    flags += [flag for flag, on in switches.items() if on]
+    if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
+        flags += ["--prompt", config.prompt, "--answer", config.answer]
+    return flags
+
+
+def _launch(models: list[str], config: ExperimentConfig) -> int:
+    """≥ 2 models: one child process each, all writing into one staging dir (SPEC §6.2)."""
+    from layers_core.models import clean_model_name
+    from layers_core.run_dir import create_staging_dir, output_paths, publish_staging_dir
+
+    managed = config.out_dir is None and not config.self_test
+    directory = create_staging_dir(HERE) if managed else config.out_dir
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    outcomes = []
+    for index, model in enumerate(models, start=1):
+        _say(config, f"[{index}/{len(models)}] {model}")
+        command = [sys.executable, os.path.abspath(__file__), *_forwarded_flags(config)]
+        if directory is not None:
+            command += ["--out_dir", directory]
+        rc = subprocess.call(command + [model])
+        if rc != EXIT_OK and directory is not None:
+            _ensure_error_document(output_paths(directory, clean_model_name(model))["json"], model, rc)
+        outcomes.append((model, rc))
+    for model, rc in outcomes:
+        mark, word = ("✅", "SUCCESS") if rc == EXIT_OK else ("❌", "FAILED")
+        print(f"{mark} {clean_model_name(model)}: {word} (exit {rc})")
+    succeeded = any(rc == EXIT_OK for _, rc in outcomes)
+    if managed:
+        print(f"results in {publish_staging_dir(directory, HERE, success=succeeded)}")
+    return EXIT_OK if all(rc == EXIT_OK for _, rc in outcomes) else EXIT_FAILED
+
+
+def _ensure_error_document(path: str, model: str, rc: int) -> None:
+    """A child that died without leaving valid JSON gets an error document written for it."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+        return
+    except (OSError, ValueError):
+        pass
+    from layers_core.report import error_document
+
+    error = RuntimeError(f"child process exited with code {rc} without writing its results")
+    _write_json(path, error_document(error, "load", model, datetime.now(), {"argv": sys.argv}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 ok, 1 run/self-test failure, 2 usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = _config_from_args(parser, args)
+    _import_layers_core()
+    if len(args.model) >= 2:
+        return _launch(args.model, config)
+    _prepare_runtime(config.device)
+    return _run_single(args.model[0] if args.model else None, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

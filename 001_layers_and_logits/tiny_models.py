@@ -1,0 +1,179 @@
+"""Tiny random-weight causal LMs of several families, built offline for tests and benchmarks.
+
+Each model is built from a transformers config class, given non-trivial norm weights (and an
+unembedding bias where the family allows one) so that a wrong gamma, beta, epsilon, bias or softcap
+changes the numbers, and saved with ``save_pretrained`` next to a BPE tokenizer trained locally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+CORPUS = [
+    "Give the city name only, plain text. The capital of Germany is called simply Berlin.",
+    "The capital of France is called simply Paris. The capital of Japan is Tokyo.",
+    "Berlin is the capital of Germany. Germany's capital city is called Berlin.",
+    'Quotes " and commas, back\\slashes and\nnew lines are tokens too: ("-) a,b x\ny',
+    "In Germany the capital city is known as Berlin; answer with one word simply.",
+]
+VOCAB_SIZE = 320
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"]
+
+
+def train_tokenizer(out_dir: str) -> None:
+    """Trains a byte-level BPE tokenizer on ``CORPUS`` and saves it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token="<|unk|>",
+    )
+    fast.save_pretrained(out_dir)
+
+
+def _common(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False, **_common(VOCAB_SIZE))
+    return LlamaForCausalLM(cfg)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        sliding_window=64, rms_norm_eps=1e-6, **_common(VOCAB_SIZE))
+    return MistralForCausalLM(cfg)
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, **_common(VOCAB_SIZE))
+    return Qwen2ForCausalLM(cfg)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128, rms_norm_eps=1e-6, **_common(VOCAB_SIZE))
+    return Qwen3ForCausalLM(cfg)
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=128, final_logit_softcapping=5.0,
+                       attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
+                       sliding_window=64, **_common(VOCAB_SIZE))
+    return Gemma2ForCausalLM(cfg)
+
+
+def _phi():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    cfg = PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5,
+                    **_common(VOCAB_SIZE))
+    return PhiForCausalLM(cfg)  # LayerNorm, parallel attention, lm_head with a real bias
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=128, **_common(VOCAB_SIZE))
+    return GPT2LMHeadModel(cfg)
+
+
+def _neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+                        use_parallel_residual=True, tie_word_embeddings=False,
+                        **_common(VOCAB_SIZE))
+    return GPTNeoXForCausalLM(cfg)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One fixture family: how to build it and what the lens must respect."""
+
+    name: str
+    build: Callable
+    logit_gain: float = 1.0  # scales the unembedding so that logits reach a softcap
+
+
+FAMILIES: dict[str, TinyFamily] = {
+    f.name: f
+    for f in (
+        TinyFamily("llama", _llama),
+        TinyFamily("mistral", _mistral),
+        TinyFamily("qwen2", _qwen2),
+        TinyFamily("qwen3", _qwen3),
+        TinyFamily("gemma2", _gemma2, logit_gain=40.0),
+        TinyFamily("phi", _phi),
+        TinyFamily("gpt2", _gpt2),
+        TinyFamily("gpt-neox", _neox),
+    )
+}
+
+
+def _perturb_weights(model, seed: int, logit_gain: float) -> None:
+    """Makes norms and biases non-trivial so that each term of the lens maths is visible."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                # weights around 1 (Gemma stores w with scale 1+w, so this is also non-trivial),
+                # biases (LayerNorm beta) clearly non-zero
+                noise = torch.randn(param.shape, generator=gen) * 0.3
+                param.copy_((1.0 + noise) if name.endswith("weight") else noise)
+        head = model.get_output_embeddings()
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(head.out_features, generator=gen) * 0.5)
+        head.weight.mul_(logit_gain)  # tied embeddings scale too; the lens sees both
+
+
+def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
+    """Builds, perturbs and saves one tiny model with its tokenizer into ``out_dir``."""
+    import torch
+
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = spec.build().eval()
+    _perturb_weights(model, seed + 1, spec.logit_gain)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    train_tokenizer(out_dir)
+    return out_dir

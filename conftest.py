@@ -1,0 +1,8 @@
+"""Puts the repository root on sys.path so ``layers_core`` resolves when pytest runs from here."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

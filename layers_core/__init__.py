@@ -1,0 +1,47 @@
+"""layers_core: the reusable pieces of the layer-by-layer logit lens.
+
+The public API is served lazily (PEP 562), so ``import layers_core`` loads no torch and
+``from layers_core import kl_bits`` imports only the module that defines it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "norm_utils": ["apply_norm_or_skip", "classify_norm", "unwrap_norm", "detect_model_architecture",
+                   "get_correct_norm_module", "norm_module_label", "lens_norm_plan"],
+    "numerics": ["bits_entropy_from_logits", "safe_cast_for_unembed", "kl_bits", "answer_rank",
+                 "get_post_unembed_transform", "apply_post_unembed_transform", "unembed_logits",
+                 "output_logits_transform"],
+    "csv_io": ["TOP_K_RECORD", "TOP_K_VERBOSE", "IMPORTANT_WORDS", "NEXT_TOKEN_LABEL",
+               "records_header", "pure_header", "is_verbose_position", "write_csv_files"],
+    "collapse_rules": ["detect_copy_collapse", "is_entropy_collapse", "is_semantic_top1",
+                       "resolve_gold_answer", "summarize_collapse", "compute_milestones"],
+    "device_policy": ["resolve_device", "choose_dtype", "should_auto_promote_unembed",
+                      "unembed_weights_for_analysis"],
+    "models": ["ModelSource", "clean_model_name", "resolve_model_source", "ensure_default_model",
+               "load_model"],
+    "hooks": ["residual_hook_names", "build_cache_hook", "attach_residual_hooks", "detach_hooks",
+              "residual_cache"],
+    "run_dir": ["setup_run_latest_directory", "rotate_run_latest", "create_staging_dir",
+                "publish_staging_dir", "atomic_write", "unique_path"],
+    "lens": ["LensStats", "lens_statistics"],
+    "sweep": ["SweepSettings", "UnembedPath", "run_sweep", "last_layer_consistency"],
+}
+_OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_OWNER)
+
+
+def __getattr__(name: str) -> Any:
+    module = _OWNER.get(name)
+    if module is None:
+        raise AttributeError(f"module 'layers_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"layers_core.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

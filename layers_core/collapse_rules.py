@@ -1,0 +1,147 @@
+"""Collapse rules (copy, entropy, semantic), gold-answer resolution and summary layer indices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the constants load without it
+    from torch import Tensor
+
+COPY_THRESHOLD = 0.90  # minimum P(top-1) for copy collapse
+COPY_MARGIN = 0.05  # P(top-1) − P(top-2) must exceed this
+ENTROPY_COLLAPSE_BITS = 1.0  # entropy collapse at ≤ this; copy fallback at < this
+MILESTONE_RANKS = (1, 5, 10)
+MILESTONE_KL_BITS = (0.5, 1.0)
+
+VARIANT_WITH_SPACE = "with_space"
+VARIANT_NO_SPACE = "no_space"
+VARIANT_UNKNOWN = "unknown"
+_MAX_PIECES = 4
+
+
+def copy_collapse_flags(
+    top1_ids: Tensor,
+    p_top1: Tensor,
+    p_top2: Tensor,
+    entropy_bits: Tensor,
+    prompt_ids: Iterable[int],
+    copy_threshold: float = COPY_THRESHOLD,
+    copy_margin: float = COPY_MARGIN,
+    use_entropy_fallback: bool = True,
+    entropy_fallback_threshold: float = ENTROPY_COLLAPSE_BITS,
+) -> tuple[Tensor, Tensor]:
+    """Vectorised copy rule over rows ``[R]``; returns (copy_collapse, strict) bool tensors.
+
+    strict = top-1 ∈ prompt ids ∧ p1 > threshold ∧ p1 − p2 > margin;
+    copy_collapse = strict ∨ (fallback ∧ entropy < fallback threshold).
+    """
+    import torch
+
+    ids = torch.tensor(sorted(set(int(i) for i in prompt_ids)), dtype=top1_ids.dtype,
+                       device=top1_ids.device)
+    in_prompt = torch.isin(top1_ids, ids)
+    strict = in_prompt & (p_top1 > copy_threshold) & ((p_top1 - p_top2) > copy_margin)
+    if not use_entropy_fallback:
+        return strict, strict
+    return strict | (entropy_bits < entropy_fallback_threshold), strict
+
+
+def detect_copy_collapse(
+    logits: Tensor,
+    prompt_ids: Iterable[int],
+    copy_threshold: float = COPY_THRESHOLD,
+    copy_margin: float = COPY_MARGIN,
+    entropy_bits: float | None = None,
+    entropy_fallback_threshold: float = ENTROPY_COLLAPSE_BITS,
+    use_entropy_fallback: bool = True,
+) -> bool:
+    """Copy collapse for one row of logits ``[V]`` (SPEC §4.4).
+
+    ``entropy_bits`` feeds the fallback; when None it is computed from ``logits``.
+    """
+    import torch
+
+    from layers_core.numerics import bits_entropy_from_logits
+
+    probs = torch.softmax(logits.float(), dim=-1)
+    top = torch.topk(probs, k=2)
+    entropy = bits_entropy_from_logits(logits) if entropy_bits is None else torch.tensor(entropy_bits)
+    flag, _ = copy_collapse_flags(
+        top.indices[:1], top.values[:1], top.values[1:2], entropy.reshape(1), prompt_ids,
+        copy_threshold, copy_margin, use_entropy_fallback, entropy_fallback_threshold,
+    )
+    return bool(flag[0])
+
+
+def is_entropy_collapse(entropy_bits: float, threshold: float = ENTROPY_COLLAPSE_BITS) -> bool:
+    """Entropy collapse: ``entropy_bits <= threshold``."""
+    return entropy_bits <= threshold
+
+
+def is_semantic_top1(top1_text: str, ground_truth: str) -> bool:
+    """String fallback for ``is_answer`` (used only when the gold ids are unresolved)."""
+    return top1_text.strip() == ground_truth
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str) -> dict:
+    """Resolves the answer to token ids as the continuation of ``prompt`` (SPEC §4.5).
+
+    Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer`` (``no_space``); a
+    variant counts only if its ids start with the prompt's ids. Returns ``{string, pieces,
+    first_id, answer_ids, variant, ok, status}``; unresolved → ``first_id`` None, ``ok`` False.
+    """
+    prompt_ids = _encode(tokenizer, prompt)
+    for variant, text in ((VARIANT_WITH_SPACE, f"{prompt} {answer}"), (VARIANT_NO_SPACE, prompt + answer)):
+        ids = _encode(tokenizer, text)
+        if ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids):
+            answer_ids = ids[len(prompt_ids):]
+            pieces = list(tokenizer.convert_ids_to_tokens(answer_ids[:_MAX_PIECES]))
+            return {"string": answer, "pieces": pieces, "first_id": answer_ids[0],
+                    "answer_ids": answer_ids, "variant": variant, "ok": True, "status": "ok"}
+    return {"string": answer, "pieces": [], "first_id": None, "answer_ids": [],
+            "variant": VARIANT_UNKNOWN, "ok": False, "status": "unresolved"}
+
+
+def _first_layer(rows: Sequence[Mapping[str, Any]], predicate) -> int | None:
+    for row in rows:
+        if predicate(row):
+            return int(row["layer"])
+    return None
+
+
+def _le(value: Any, bound: float) -> bool:
+    return value is not None and value <= bound
+
+
+def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]]) -> dict:
+    """First layers of each collapse over pure rows ordered by layer (SPEC §4.7).
+
+    Rows carry ``layer``, ``copy_collapse``, ``copy_strict``, ``entropy_collapse``, ``is_answer``.
+    Returns ``L_copy``, ``L_copy_strict``, ``L_copy_H``, ``L_semantic`` and ``delta_layers``.
+    """
+    l_copy = _first_layer(pure_rows, lambda r: bool(r["copy_collapse"]))
+    l_semantic = _first_layer(pure_rows, lambda r: bool(r["is_answer"]))
+    return {
+        "L_copy": l_copy,
+        "L_copy_strict": _first_layer(pure_rows, lambda r: bool(r.get("copy_strict"))),
+        "L_copy_H": _first_layer(pure_rows, lambda r: bool(r["entropy_collapse"])),
+        "L_semantic": l_semantic,
+        "delta_layers": None if l_copy is None or l_semantic is None else l_semantic - l_copy,
+    }
+
+
+def compute_milestones(pure_rows: Sequence[Mapping[str, Any]]) -> dict:
+    """First layers with answer_rank ≤ 1/5/10 and kl_to_final_bits ≤ 0.5/1.0 (None if never)."""
+    milestones: dict[str, int | None] = {}
+    for rank in MILESTONE_RANKS:
+        milestones[f"first_rank_le_{rank}"] = _first_layer(
+            pure_rows, lambda r, b=rank: _le(r.get("answer_rank"), b))
+    for bound in MILESTONE_KL_BITS:
+        milestones[f"first_kl_below_{bound}"] = _first_layer(
+            pure_rows, lambda r, b=bound: _le(r.get("kl_to_final_bits"), b))
+    return milestones

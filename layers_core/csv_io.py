@@ -1,0 +1,94 @@
+"""CSV schemas and writers for the records and pure next-token files (no torch import).
+
+Dialect (SPEC §5.1): UTF-8, ``,`` delimiter, ``"`` quote char, QUOTE_MINIMAL with doubled quotes,
+no escapechar (legacy defect 10), ``\\n`` line terminator. Floats are written with ``repr`` so they
+parse back bit-exact; booleans as ``True``/``False``; absent values as empty strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from layers_core.run_dir import atomic_write
+
+TOP_K_RECORD = 5
+TOP_K_VERBOSE = 20
+IMPORTANT_WORDS = ["Germany", "Berlin", "capital", "Answer", "word", "simply"]
+NEXT_TOKEN_LABEL = "⟨NEXT⟩"
+
+LEADING_COLUMNS = ["layer", "pos", "token", "entropy"]
+REST_MASS_COLUMN = "rest_mass"
+FLAG_COLUMNS = ["copy_collapse", "entropy_collapse", "is_answer"]
+METRIC_COLUMNS = ["p_top1", "p_top5", "p_answer", "answer_rank", "kl_to_final_bits"]
+_VERBOSE_STRIP = ".,!?;:"
+
+
+def _topk_columns(top_k: int) -> list[str]:
+    columns: list[str] = []
+    for rank in range(1, top_k + 1):
+        columns += [f"top{rank}", f"prob{rank}"]
+    return columns
+
+
+def records_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
+    """Records CSV header: layer,pos,token,entropy, k (top, prob) pairs, rest_mass (45 for k=20)."""
+    return LEADING_COLUMNS + _topk_columns(top_k) + [REST_MASS_COLUMN]
+
+
+def pure_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
+    """Pure next-token CSV header: the records header, flags, then metrics (53 for k=20)."""
+    return records_header(top_k) + FLAG_COLUMNS + METRIC_COLUMNS
+
+
+def is_verbose_position(
+    token_str: str, pos: int, seq_len: int, important_words: Sequence[str] = IMPORTANT_WORDS
+) -> bool:
+    """True at the last position, or where the stripped, lowercased token contains a key word."""
+    if pos == seq_len - 1:
+        return True
+    cleaned = token_str.strip(_VERBOSE_STRIP).lower()
+    return any(word.lower() in cleaned for word in important_words)
+
+
+def format_value(value: Any) -> str:
+    """One CSV cell: floats via ``repr``, ``True``/``False``, ints plain, ``None`` → ``""``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _row_cells(row: Mapping[str, Any], header: Sequence[str]) -> list[str]:
+    return [format_value(row.get(column)) for column in header]
+
+
+def render_csv(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
+    """The CSV text (header + one line per row) for ``rows`` given as column → value dicts.
+
+    Columns a row does not carry (e.g. top6..top20 of a non-verbose row) are empty strings.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=",", quotechar='"', quoting=csv.QUOTE_MINIMAL,
+                        doublequote=True, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(_row_cells(row, header) for row in rows)
+    return buffer.getvalue()
+
+
+def write_csv_files(
+    records: Iterable[Mapping[str, Any]],
+    pure_records: Iterable[Mapping[str, Any]],
+    records_path: str,
+    pure_path: str,
+    top_k: int = TOP_K_VERBOSE,
+    leading_columns: Sequence[str] = (),
+) -> None:
+    """Writes both CSV files atomically. ``leading_columns`` (e.g. ``prompt_id``) go first."""
+    atomic_write(records_path, render_csv(records, [*leading_columns, *records_header(top_k)]))
+    atomic_write(pure_path, render_csv(pure_records, [*leading_columns, *pure_header(top_k)]))

@@ -1,0 +1,95 @@
+"""Residual-stream hooks: layer 0 = ``blocks.0.hook_resid_pre``, layer ℓ = ``blocks.{ℓ-1}.hook_resid_post``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+RESID_PRE_0 = "blocks.0.hook_resid_pre"
+RESID_POST = "blocks.{}.hook_resid_post"
+STANDARD_POSITIONS = "standard"
+
+
+def residual_hook_names(n_layers: int) -> list[str]:
+    """The n+1 hook names of the lens, in layer order 0..n."""
+    return [RESID_PRE_0] + [RESID_POST.format(i) for i in range(n_layers)]
+
+
+def build_cache_hook(cache: MutableMapping[str, Any], key: str) -> Callable:
+    """A forward hook storing ``tensor.detach()`` (same device and dtype) under ``key``.
+
+    The key is fixed here, never taken from ``hook.name``: the Bridge reports canonical aliases
+    there (e.g. ``blocks.1.hook_out``).
+    """
+
+    def cache_hook(tensor, hook=None):
+        cache[key] = tensor.detach()
+        return None
+
+    return cache_hook
+
+
+@dataclass
+class ResidualHookHandle:
+    """One attached hook; ``remove`` is idempotent."""
+
+    point: Any
+    lens_handle: Any
+    removed: bool = field(default=False)
+
+    def remove(self) -> None:
+        """Unregisters the hook from the torch module and from the hook point's bookkeeping."""
+        if self.removed:
+            return
+        self.lens_handle.hook.remove()
+        registered = getattr(self.point, "fwd_hooks", None)
+        if isinstance(registered, list) and self.lens_handle in registered:
+            registered.remove(self.lens_handle)
+        self.removed = True
+
+
+def attach_residual_hooks(
+    model: Any, cache: MutableMapping[str, Any]
+) -> tuple[list[ResidualHookHandle], bool]:
+    """Attaches exactly the n+1 residual hooks; returns (handles, has_pos_embed).
+
+    ``has_pos_embed`` is True when the model adds learned/sinusoidal positions to the embedding
+    (``cfg.positional_embedding_type == "standard"``), so layer 0 includes positional information.
+    """
+    names = residual_hook_names(int(model.cfg.n_layers))
+    hook_points = model.hook_dict
+    missing = [name for name in names if name not in hook_points]
+    if missing:
+        raise ValueError(f"model has no hook point(s) {missing[:3]}; cannot cache the residual")
+    handles = []
+    try:
+        for name in names:
+            point = hook_points[name]
+            handles.append(ResidualHookHandle(point, point.add_hook(build_cache_hook(cache, name))))
+    except BaseException:
+        detach_hooks(handles)
+        raise
+    has_pos_embed = getattr(model.cfg, "positional_embedding_type", None) == STANDARD_POSITIONS
+    return handles, has_pos_embed
+
+
+def detach_hooks(handles: list[ResidualHookHandle]) -> None:
+    """Removes every handle; safe to call twice."""
+    for handle in handles:
+        handle.remove()
+
+
+@contextmanager
+def residual_cache(model: Any) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Context manager: ``with residual_cache(model) as (cache, has_pos_embed): model(tokens)``.
+
+    The hooks are removed on exit, also after an exception.
+    """
+    cache: dict[str, Any] = {}
+    handles, has_pos_embed = attach_residual_hooks(model, cache)
+    try:
+        yield cache, has_pos_embed
+    finally:
+        detach_hooks(handles)

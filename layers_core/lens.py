@@ -1,0 +1,118 @@
+"""The vectorised logit lens: normalised residuals ``[(n+1), T, d]`` → per-row statistics.
+
+All (layer, position) rows are unembedded in row blocks whose ``[rows, V]`` float32 working set
+stays under a memory budget; from one float32 ``log_softmax`` per block come the entropy, top-k,
+answer probability and rank, and (at the last position) the KL to the model's own distribution.
+Only small ``[rows, k]`` results leave the block, and they cross to the CPU once, at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from layers_core.norm_utils import apply_norm_or_skip
+from layers_core.numerics import (
+    entropy_bits_from_log_probs,
+    kl_bits_from_log_probs,
+    unembed_logits,
+)
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20  # peak [rows, V] float32 working set of one block
+_LIVE_ROW_COPIES = 4  # logits, log-probs, p·log p and the rank comparison, per row
+
+
+@dataclass(frozen=True)
+class LensStats:
+    """Lens statistics for L layers × T positions, on the CPU.
+
+    ``entropy_bits`` ``[L, T]`` float32; ``topk_ids`` ``[L, T, k]`` int64 and ``topk_probs``
+    ``[L, T, k]`` float32 (full-softmax probabilities, descending); ``p_answer`` ``[L, T]`` and
+    ``answer_rank`` ``[L, T]`` (1-based) or None without a gold id; ``kl_to_final_bits`` ``[L]``
+    at the last position, KL(P_ℓ ‖ P_final).
+    """
+
+    entropy_bits: Tensor
+    topk_ids: Tensor
+    topk_probs: Tensor
+    p_answer: Tensor | None
+    answer_rank: Tensor | None
+    kl_to_final_bits: Tensor
+
+
+def rows_per_block(d_vocab: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> int:
+    """How many ``[V]`` float32 rows fit the budget, counting the block's live temporaries."""
+    return max(1, budget_bytes // (d_vocab * 4 * _LIVE_ROW_COPIES))
+
+
+def normalise_layers(
+    residuals: Sequence[Tensor],
+    norms: Sequence[nn.Module | None],
+    labels: Sequence[str | None],
+    warnings: list[str] | None = None,
+) -> list[Tensor]:
+    """Applies layer ℓ's chosen norm to its residual ``[T, d]``; returns new tensors."""
+    return [
+        apply_norm_or_skip(resid, norm, warnings, label)
+        for resid, norm, label in zip(residuals, norms, labels, strict=True)
+    ]
+
+
+def _block_stats(
+    log_probs: Tensor, top_k: int, answer_id: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    entropy = entropy_bits_from_log_probs(log_probs)
+    top = torch.topk(log_probs, k=top_k, dim=-1)
+    if answer_id is None:
+        return entropy, top.indices, top.values.exp(), None, None
+    answer_lp = log_probs[:, answer_id : answer_id + 1]
+    rank = (log_probs > answer_lp).sum(dim=-1) + 1  # ties favour the answer
+    return entropy, top.indices, top.values.exp(), answer_lp.squeeze(-1).exp(), rank
+
+
+def lens_statistics(
+    resid_normed: Sequence[Tensor],
+    W_U: Tensor,
+    b_U: Tensor | None,
+    transform: Callable[[Tensor], Tensor],
+    final_log_probs: Tensor,
+    answer_id: int | None,
+    top_k: int = 20,
+    force_fp32_unembed: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> LensStats:
+    """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``).
+
+    ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL is
+    taken at position T−1 of each layer. Memory: at most ``budget_bytes`` of ``[rows, V]`` work.
+    """
+    n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
+    rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
+    block = rows_per_block(W_U.shape[-1], budget_bytes)
+    last_rows = torch.arange(n_layers, device=rows.device) * seq_len + (seq_len - 1)
+    parts: list[tuple] = []
+    kl_parts: list[Tensor] = []
+    for start in range(0, rows.shape[0], block):
+        stop = min(start + block, rows.shape[0])
+        logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        del logits
+        parts.append(_block_stats(log_probs, top_k, answer_id))
+        in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start
+        if in_block.numel():
+            kl_parts.append(kl_bits_from_log_probs(log_probs[in_block], final_log_probs))
+    entropy, ids, probs, p_answer, rank = (
+        None if part[0] is None else torch.cat(part).cpu() for part in zip(*parts)
+    )
+    shape = (n_layers, seq_len)
+    return LensStats(
+        entropy_bits=entropy.reshape(shape),
+        topk_ids=ids.reshape(*shape, top_k),
+        topk_probs=probs.reshape(*shape, top_k),
+        p_answer=None if p_answer is None else p_answer.reshape(shape),
+        answer_rank=None if rank is None else rank.reshape(shape),
+        kl_to_final_bits=torch.cat(kl_parts).cpu(),
+    )

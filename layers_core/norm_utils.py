@@ -1,0 +1,222 @@
+"""Architecture-aware normalisation for the logit lens.
+
+A residual snapshot is decoded through the norm the model itself would apply next (``arch``), the
+final norm (``final``, the standard logit lens) or none. Norm maths is re-implemented here in
+float32 (legacy defect 4: x**2 overflows fp16) and dispatched by class name (legacy defect 5: an
+``isinstance(nn.LayerNorm)`` check gave TransformerLens's LayerNorm RMS maths).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+NORM_STRATEGIES = ("arch", "final", "none")
+
+LAYERNORM = "layernorm"
+LAYERNORM_PRE = "layernorm_pre"
+RMSNORM = "rmsnorm"
+RMSNORM_PRE = "rmsnorm_pre"
+RMSNORM_ONE_PLUS = "rmsnorm_one_plus"
+UNKNOWN = "unknown"
+
+# Exact class names first; suffix/prefix rules in classify_norm cover the HF families.
+_EXACT_KINDS = {
+    "LayerNormPre": LAYERNORM_PRE,
+    "LayerNormPreBridge": LAYERNORM_PRE,
+    "RMSNormPre": RMSNORM_PRE,
+    "RMSNormPreBridge": RMSNORM_PRE,
+    "LayerNorm": LAYERNORM,
+    "RMSNorm": RMSNORM,
+}
+_RMS_SCALE_NAMES = ("w", "weight", "scale", "gamma")
+
+
+def unwrap_norm(module: nn.Module) -> nn.Module:
+    """Returns the Hugging Face module inside a TransformerBridge wrapper, else ``module``."""
+    inner = getattr(module, "original_component", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def _epsilon(module: nn.Module) -> float | None:
+    """ε from ``eps`` or ``variance_epsilon``; None-valued means float32's machine ε."""
+    for name in ("eps", "variance_epsilon"):
+        if hasattr(module, name):
+            value = getattr(module, name)
+            return float(torch.finfo(torch.float32).eps) if value is None else float(value)
+    return None
+
+
+def classify_norm(norm_module: nn.Module) -> str:
+    """Names the maths a norm module needs, by class name after unwrapping.
+
+    Returns one of ``layernorm``, ``layernorm_pre``, ``rmsnorm``, ``rmsnorm_pre``,
+    ``rmsnorm_one_plus`` (Gemma's ``1 + w`` scale) or ``unknown``.
+    """
+    module = unwrap_norm(norm_module)
+    name = type(module).__name__
+    kind = _EXACT_KINDS.get(name)
+    if kind is None:
+        if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
+            kind = LAYERNORM
+        elif name.startswith("Gemma") and name.endswith("RMSNorm"):
+            kind = RMSNORM_ONE_PLUS
+        elif name.endswith("RMSNorm"):
+            kind = RMSNORM
+        else:
+            return UNKNOWN
+    if kind in (LAYERNORM, RMSNORM, RMSNORM_ONE_PLUS) and _epsilon(module) is None:
+        return UNKNOWN
+    return kind
+
+
+def _get_rms_scale(norm_mod: nn.Module) -> Tensor | None:
+    """The RMS scale: first of ``w``, ``weight``, ``scale``, ``gamma``; else a lone parameter."""
+    for name in _RMS_SCALE_NAMES:
+        value = getattr(norm_mod, name, None)
+        if isinstance(value, Tensor):
+            return value
+    params = list(norm_mod.parameters(recurse=False))
+    return params[0] if len(params) == 1 else None
+
+
+def _affine_params(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = getattr(module, "w", None)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        bias = getattr(module, "b", None)
+    return weight, bias
+
+
+def _layernorm_f32(x: Tensor, eps: float, center_scale_only: bool, module: nn.Module) -> Tensor:
+    centred = x - x.mean(dim=-1, keepdim=True)
+    variance = centred.pow(2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm defines it
+    y = centred * torch.rsqrt(variance + eps)
+    if center_scale_only:
+        return y
+    weight, bias = _affine_params(module)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def _rmsnorm_f32(x: Tensor, eps: float, kind: str, module: nn.Module) -> Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if kind == RMSNORM_PRE:
+        return y
+    scale = _get_rms_scale(module)
+    if scale is None:
+        return y
+    scale = scale.float()
+    return y * (1.0 + scale if kind == RMSNORM_ONE_PLUS else scale)
+
+
+def apply_norm_or_skip(
+    residual: Tensor,
+    norm_module: nn.Module | None,
+    warnings: list[str] | None = None,
+    label: str | None = None,
+) -> Tensor:
+    """Normalises ``residual`` (``[..., d]``) the way ``norm_module`` would.
+
+    Statistics are taken in float32 (ε inside the square root) and the result is cast back to the
+    input's dtype and device. ``None`` returns the input. An unknown norm kind returns the input
+    unchanged and appends ``unknown norm type <Class> at <label>: normalisation skipped`` to
+    ``warnings``: never the wrong maths.
+    """
+    if norm_module is None:
+        return residual
+    kind = classify_norm(norm_module)
+    module = unwrap_norm(norm_module)
+    if kind == UNKNOWN:
+        if warnings is not None:
+            where = label or "?"
+            warnings.append(
+                f"unknown norm type {type(module).__name__} at {where}: normalisation skipped"
+            )
+        return residual
+    eps = _epsilon(module)
+    eps = 1e-5 if eps is None else eps  # *_pre kinds may carry no ε attribute
+    x = residual.float()
+    if kind in (LAYERNORM, LAYERNORM_PRE):
+        y = _layernorm_f32(x, eps, kind == LAYERNORM_PRE, module)
+    else:
+        y = _rmsnorm_f32(x, eps, kind, module)
+    return y.to(dtype=residual.dtype, device=residual.device)
+
+
+def detect_model_architecture(model: nn.Module) -> Literal["pre_norm", "post_norm"]:
+    """``post_norm`` iff block 0 has ``ln2`` and ``mlp`` children with ``ln2`` after ``mlp``."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        return "pre_norm"
+    children = [name for name, _ in blocks[0].named_children()]
+    if "ln2" in children and "mlp" in children:
+        return "post_norm" if children.index("ln2") > children.index("mlp") else "pre_norm"
+    return "pre_norm"
+
+
+def _norm_location(
+    model: nn.Module, layer_idx: int, probe_after_block: bool, strategy: str
+) -> tuple[int | None, str] | None:
+    """(block index or None for the top level, attribute) of the norm to apply, or None."""
+    if strategy not in NORM_STRATEGIES:
+        raise ValueError(f"unknown norm strategy {strategy!r}; expected one of {NORM_STRATEGIES}")
+    if strategy == "none":
+        return None
+    if strategy == "final":
+        return (None, "ln_final")
+    if not probe_after_block:
+        return (layer_idx, "ln1")
+    if detect_model_architecture(model) == "post_norm":
+        return (layer_idx, "ln2")
+    n_layers = len(model.blocks)
+    return (None, "ln_final") if layer_idx >= n_layers - 1 else (layer_idx + 1, "ln1")
+
+
+def get_correct_norm_module(
+    model: nn.Module, layer_idx: int, probe_after_block: bool, strategy: str = "arch"
+) -> nn.Module | None:
+    """The norm for a residual probed before (``False``) or after (``True``) block ``layer_idx``.
+
+    ``arch``: pre-norm → the next block's ``ln1`` (``ln_final`` after the last block); post-norm →
+    this block's ``ln2``; before a block → its ``ln1``. ``final``: ``ln_final``. ``none``: None.
+    A missing attribute gives None.
+    """
+    location = _norm_location(model, layer_idx, probe_after_block, strategy)
+    if location is None:
+        return None
+    block_idx, attr = location
+    try:
+        owner = model if block_idx is None else model.blocks[block_idx]
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return getattr(owner, attr, None)
+
+
+def norm_module_label(
+    model: nn.Module, layer_idx: int, probe_after_block: bool, strategy: str = "arch"
+) -> str | None:
+    """A readable name for the chosen norm, e.g. ``blocks[1].ln1`` or ``ln_final``; None if none."""
+    location = _norm_location(model, layer_idx, probe_after_block, strategy)
+    if location is None or get_correct_norm_module(model, layer_idx, probe_after_block, strategy) is None:
+        return None
+    block_idx, attr = location
+    return attr if block_idx is None else f"blocks[{block_idx}].{attr}"
+
+
+def lens_norm_plan(model: nn.Module, strategy: str) -> list[tuple[nn.Module | None, str | None]]:
+    """(norm module, label) for every lens layer 0..n: layer 0 is before block 0, layer ℓ after ℓ−1."""
+    n_layers = len(model.blocks)
+    plan = [(get_correct_norm_module(model, 0, False, strategy),
+             norm_module_label(model, 0, False, strategy))]
+    for block in range(n_layers):
+        plan.append((get_correct_norm_module(model, block, True, strategy),
+                     norm_module_label(model, block, True, strategy)))
+    return plan

@@ -1,0 +1,26 @@
+"""The legacy prompts (SPEC §6.3), verbatim."""
+
+DEFAULT_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
+DEFAULT_ANSWER = "Berlin"
+TARGET_PREDICTION = "first unseen token (likely '{answer}')"
+
+TEST_PROMPTS = (
+    "Berlin is the capital of",
+    "Germany's capital city is called simply",
+    "The capital city of Germany is named simply",
+    "Germany has its capital at the city called simply",
+    "In Germany the capital city is simply",
+    "Germany's capital city is called",
+    "The capital city of Germany is named",
+    "Germany has its capital at",
+    "In Germany the capital city is known as",
+    "Give the country name only, plain text. Berlin is the capital of",
+    "Give the city name only, plain text. Germany's capital city is called",
+    "Give the city name only, plain text. The capital city of Germany is named simply",
+    "Give the city name only, plain text. Germany has its capital at",
+    "Give the city name only, plain text. In Germany, the capital city is known as",
+)
+TEMPERATURES = (0.1, 2.0)
+TEST_PROMPT_TOP_K = 10
+TEMPERATURE_TOP_K = 15
+FINAL_PREDICTION_TOP_K = 20

@@ -1,0 +1,242 @@
+"""The JSON document of a run (SPEC §5.4): plain dicts, assembled here and written elsewhere."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones, summarize_collapse
+from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
+from layers_core.numerics import entropy_bits_from_log_probs
+from layers_core.prompts import (
+    FINAL_PREDICTION_TOP_K,
+    TARGET_PREDICTION,
+    TEMPERATURE_TOP_K,
+    TEMPERATURES,
+    TEST_PROMPT_TOP_K,
+    TEST_PROMPTS,
+)
+from layers_core.sweep import SweepResult, SweepSettings, TokenDecoder
+
+SEED = 316
+CONSISTENCY_TOLERANCE_BITS = 1e-6
+TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def to_strict_json(document: dict) -> str:
+    """``ensure_ascii=False, indent=2, allow_nan=False``; non-finite numbers become null."""
+    return json.dumps(_finite_or_none(document), ensure_ascii=False, indent=2, allow_nan=False)
+
+
+def topk_entry(log_probs: Tensor, k: int, decoder: TokenDecoder) -> tuple[float, list[list]]:
+    """(entropy in bits, ``[[token, p], …]`` top-k) of one float32 log-prob row ``[V]``."""
+    top = torch.topk(log_probs, k=min(k, log_probs.shape[-1]))
+    ids, probs = top.indices.tolist(), top.values.exp().tolist()
+    vocab = decoder.decode_many(ids)
+    return float(entropy_bits_from_log_probs(log_probs)), [[vocab[i], p] for i, p in zip(ids, probs)]
+
+
+def last_position_log_probs(model: Any, prompts: Sequence[str]) -> Tensor:
+    """Float32 log-probs ``[N, V]`` at each prompt's last token, from one right-padded forward.
+
+    Under causal masking a real token never attends to the padding after it, and positions are
+    unchanged, so each row equals that prompt's single-prompt forward.
+    """
+    rows = [model.to_tokens(prompt)[0] for prompt in prompts]
+    lengths = torch.tensor([len(row) for row in rows])
+    pad_id = model.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    batch = torch.full((len(rows), int(lengths.max())), pad_id, dtype=rows[0].dtype,
+                       device=rows[0].device)
+    for index, row in enumerate(rows):
+        batch[index, : len(row)] = row
+    with torch.inference_mode():
+        logits = model(batch)
+    last = logits[torch.arange(len(rows)), (lengths - 1).to(logits.device)].float()
+    return torch.log_softmax(last, dim=-1)
+
+
+def test_prompt_entries(model: Any, decoder: TokenDecoder) -> list[dict]:
+    """The 14 legacy test prompts: entropy and top-10 at the last position (one batched forward)."""
+    entries = []
+    for prompt, log_probs in zip(TEST_PROMPTS, last_position_log_probs(model, TEST_PROMPTS)):
+        entropy, topk = topk_entry(log_probs, TEST_PROMPT_TOP_K, decoder)
+        entries.append({"type": "test_prompt", "prompt": prompt, "entropy": entropy, "topk": topk})
+    return entries
+
+
+def temperature_entries(model_last_logits: Tensor, decoder: TokenDecoder) -> list[dict]:
+    """softmax(z/T) of the model's own last-position logits for T in (0.1, 2.0): no extra forward."""
+    entries = []
+    for temperature in TEMPERATURES:
+        log_probs = torch.log_softmax(model_last_logits.float() / temperature, dim=-1)
+        entropy, topk = topk_entry(log_probs, TEMPERATURE_TOP_K, decoder)
+        entries.append({"type": "temperature_exploration", "temperature": temperature,
+                        "entropy": entropy, "topk": topk})
+    return entries
+
+
+def final_prediction(model_last_logits: Tensor, decoder: TokenDecoder) -> dict:
+    """Entropy and top-20 of P_final, the model's own last-position distribution."""
+    entropy, topk = topk_entry(torch.log_softmax(model_last_logits.float(), dim=-1),
+                               FINAL_PREDICTION_TOP_K, decoder)
+    return {"type": "final_prediction", "entropy": entropy, "topk": topk}
+
+
+def model_stats(model: Any) -> dict:
+    """Shape facts of the model, and the norm architecture the ``arch`` lens assumes."""
+    cfg = model.cfg
+    return {"type": "model_stats", "num_layers": int(cfg.n_layers), "d_model": int(cfg.d_model),
+            "n_heads": int(cfg.n_heads), "d_vocab": int(cfg.d_vocab), "n_ctx": int(cfg.n_ctx),
+            "architecture": detect_model_architecture(model)}
+
+
+def _norm_class(module: Any) -> str | None:
+    return None if module is None else type(unwrap_norm(module)).__name__
+
+
+def _legacy_norm_labels(model: Any, strategy: str) -> dict:
+    block0 = model.blocks[0]
+    ln1, ln2 = getattr(block0, "ln1", None), getattr(block0, "ln2", None)
+    if ln2 is not None:
+        kind = classify_norm(ln2)
+        alignment = ("using_ln2_rmsnorm_for_post_block" if kind.startswith("rmsnorm")
+                     else "using_ln2_layernorm_for_post_block")
+    else:
+        alignment = "fallback_to_ln1"
+    layer0 = {"arch": "using_real_ln1_on_embeddings", "final": "using_ln_final_on_embeddings",
+              "none": "no_normalization"}[strategy]
+    return {
+        "first_block_ln1_type": _norm_class(ln1),
+        "final_ln_type": _norm_class(getattr(model, "ln_final", None)),
+        "layernorm_bias_fix": ("active" if ln1 is not None and classify_norm(ln1) == "layernorm"
+                               else "not_needed_rms_model"),
+        "norm_alignment_fix": alignment,
+        "layer0_norm_fix": layer0,
+    }
+
+
+def diagnostics(
+    model: Any,
+    model_id: str,
+    device: str,
+    result: SweepResult,
+    settings: SweepSettings,
+    unembed_dtype: torch.dtype,
+    has_pos_embed: bool,
+    consistency: dict,
+    transform_record: dict,
+) -> dict:
+    """The legacy diagnostics keys in order, then the new ones (SPEC §5.4)."""
+    summary = summarize_collapse(result.pure_rows)
+    gold = result.gold
+    document = {
+        "type": "diagnostics",
+        "model": model_id,
+        "device": device,
+        "use_norm_lens": settings.norm_strategy != "none",
+        "use_fp32_unembed": settings.fp32_unembed,
+        "unembed_dtype": str(unembed_dtype),
+        **_legacy_norm_labels(model, settings.norm_strategy),
+        "mixed_precision_fix": "casting_to_fp32_before_unembed",
+        "layer0_position_info": ("additive_pos_embed_included" if has_pos_embed
+                                 else "token_only_rotary_model"),
+        "context_prompt": result.prompt,
+        "target_prediction": TARGET_PREDICTION.format(answer=gold["string"]),
+        "L_copy": summary["L_copy"],
+        "L_copy_H": summary["L_copy_H"],
+        "L_semantic": summary["L_semantic"],
+        "delta_layers": summary["delta_layers"],
+        "L_copy_strict": summary["L_copy_strict"],
+        "copy_rule": {"threshold": settings.copy_threshold, "margin": settings.copy_margin,
+                      "entropy_fallback": settings.copy_entropy_fallback,
+                      "entropy_fallback_threshold_bits": ENTROPY_COLLAPSE_BITS,
+                      "match": "id_in_prompt_set"},
+        "norm_strategy": {"name": settings.norm_strategy,
+                          "architecture": detect_model_architecture(model),
+                          "per_layer": result.norm_per_layer, "warnings": result.warnings},
+        "gold_alignment": {key: gold[key] for key in
+                           ("ok", "status", "variant", "first_id", "answer_ids", "pieces")},
+        "milestones": compute_milestones(result.pure_rows),
+        "last_layer_consistency": {**consistency, "post_unembed_transform": transform_record},
+    }
+    return document
+
+
+def gold_answer_block(gold: dict) -> dict:
+    """The top-level ``gold_answer`` record."""
+    return {key: gold[key] for key in ("string", "pieces", "first_id", "answer_ids", "variant")}
+
+
+def provenance(
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    model_source: str | None = None,
+    model_path: str | None = None,
+    bos_prepended: bool | None = None,
+    n_tokens: int | None = None,
+    started_at: datetime | None = None,
+    argv: Sequence[str] = (),
+) -> dict:
+    """Versions, platform and run facts; fields not yet known are null."""
+    import transformer_lens
+    import transformers
+
+    return {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "transformer_lens_version": getattr(transformer_lens, "__version__", None)
+        or _dist_version("transformer-lens"),
+        "python_version": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "dtype": None if dtype is None else str(dtype),
+        "seed": SEED,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "model_source": model_source,
+        "model_path": model_path,
+        "bos_prepended": bos_prepended,
+        "n_tokens": n_tokens,
+        "started_at": None if started_at is None else started_at.isoformat(),
+        "argv": list(argv),
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def error_document(
+    error: BaseException, stage: str, model_id: str, now: datetime, known_provenance: dict
+) -> dict:
+    """The strict-JSON failure document (SPEC §5.4)."""
+    return {
+        "error": {"type": type(error).__name__, "message": str(error).strip().splitlines()[0]
+                  if str(error).strip() else type(error).__name__,
+                  "stage": stage, "model": model_id, "timestamp": now.strftime(TIMESTAMP_FORMAT)},
+        "provenance": known_provenance,
+    }

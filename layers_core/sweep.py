@@ -1,0 +1,249 @@
+"""One prompt through one model: forward with residual hooks, the lens, and the output rows.
+
+``run_sweep`` is exactly what ``run.py`` does per prompt (and what ``bench_sweep.py`` times): it
+returns plain rows for the CSV writers and the tensors the JSON report needs, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers_core.collapse_rules import (
+    COPY_MARGIN,
+    COPY_THRESHOLD,
+    ENTROPY_COLLAPSE_BITS,
+    copy_collapse_flags,
+    is_semantic_top1,
+    resolve_gold_answer,
+)
+from layers_core.csv_io import (
+    NEXT_TOKEN_LABEL,
+    TOP_K_RECORD,
+    TOP_K_VERBOSE,
+    is_verbose_position,
+)
+from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.lens import DEFAULT_BUDGET_BYTES, LensStats, lens_statistics, normalise_layers
+from layers_core.norm_utils import classify_norm, lens_norm_plan, unwrap_norm
+from layers_core.numerics import kl_bits_from_log_probs, unembed_logits
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The knobs of one sweep; defaults are the legacy ones."""
+
+    norm_strategy: str = "arch"
+    copy_threshold: float = COPY_THRESHOLD
+    copy_margin: float = COPY_MARGIN
+    copy_entropy_fallback: bool = True
+    fp32_unembed: bool = False
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
+
+
+@dataclass
+class UnembedPath:
+    """The decoding half of the lens: weights for analysis and the post-unembed transform."""
+
+    W_U: Tensor
+    b_U: Tensor | None
+    transform: Callable[[Tensor], Tensor]
+    force_fp32: bool = False
+
+    def logits(self, resid_normed: Tensor) -> Tensor:
+        """``[..., d]`` → float32 lens logits ``[..., V]``."""
+        return unembed_logits(resid_normed, self.W_U, self.b_U, self.transform, self.force_fp32)
+
+
+@dataclass
+class SweepResult:
+    """Everything one sweep produced; rows are plain dicts keyed by CSV column."""
+
+    prompt: str
+    tokens: Tensor  # [1, T] on the model's device
+    str_tokens: list[str]
+    gold: dict
+    model_logits: Tensor  # [T, V] float32, the model's own
+    records: list[dict]
+    pure_rows: list[dict]
+    norm_per_layer: list[dict]
+    resid_normed: list[Tensor]  # L × [T, d] in the compute dtype
+    last_block_resid: Tensor  # [d], blocks.{n-1}.hook_resid_post at T−1
+    warnings: list[str] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def forward_with_residuals(model: Any, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """One forward pass with the n+1 residual hooks → (logits ``[T, V]`` float32, L × ``[T, d]``)."""
+    names = residual_hook_names(int(model.cfg.n_layers))
+    with torch.inference_mode(), residual_cache(model) as (cache, _):
+        logits = model(tokens)
+    return logits[0].float(), [cache.pop(name)[0] for name in names]
+
+
+class TokenDecoder:
+    """``tokenizer.decode([id])`` with a cache, filled in one batch per call of ``decode_many``."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def decode_many(self, ids: Iterable[int]) -> dict[int, str]:
+        """Decodes every not-yet-seen id in one ``batch_decode`` call; returns the cache."""
+        missing = sorted(set(ids) - self._cache.keys())
+        if missing:
+            texts = self._tokenizer.batch_decode([[i] for i in missing])
+            self._cache.update(zip(missing, texts))
+        return self._cache
+
+
+def _topk_cells(ids: Sequence[int], probs: Sequence[float], k: int, vocab: dict[int, str]) -> dict:
+    cells: dict[str, Any] = {}
+    for rank in range(k):
+        cells[f"top{rank + 1}"] = vocab[ids[rank]]
+        cells[f"prob{rank + 1}"] = probs[rank]
+    cells["rest_mass"] = max(0.0, 1.0 - sum(probs[:k]))
+    return cells
+
+
+def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, str]) -> list[dict]:
+    """Records rows, layer-major: top-20 at verbose positions, top-5 elsewhere."""
+    n_layers, seq_len = stats.entropy_bits.shape
+    verbose = [is_verbose_position(tok, pos, seq_len) for pos, tok in enumerate(str_tokens)]
+    entropy, ids, probs = (stats.entropy_bits.tolist(), stats.topk_ids.tolist(),
+                           stats.topk_probs.tolist())
+    rows = []
+    for layer in range(n_layers):
+        for pos in range(seq_len):
+            k = TOP_K_VERBOSE if verbose[pos] else TOP_K_RECORD
+            row = {"layer": layer, "pos": pos, "token": str_tokens[pos],
+                   "entropy": entropy[layer][pos]}
+            row.update(_topk_cells(ids[layer][pos], probs[layer][pos], k, vocab))
+            rows.append(row)
+    return rows
+
+
+def build_pure_rows(
+    stats: LensStats,
+    prompt_ids: Iterable[int],
+    gold: dict,
+    vocab: dict[int, str],
+    settings: SweepSettings,
+) -> list[dict]:
+    """One row per layer at the last position: top-5, flags and metrics (SPEC §4.2, §4.4, §4.5)."""
+    last = stats.entropy_bits.shape[1] - 1
+    entropy = stats.entropy_bits[:, last]
+    ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
+    copy, strict = copy_collapse_flags(
+        ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids, settings.copy_threshold,
+        settings.copy_margin, settings.copy_entropy_fallback, ENTROPY_COLLAPSE_BITS)
+    resolved = gold["first_id"] is not None
+    p_answer = stats.p_answer[:, last].tolist() if resolved else [None] * len(entropy)
+    ranks = stats.answer_rank[:, last].tolist() if resolved else [None] * len(entropy)
+    rows = []
+    for layer, (h, top_ids, top_p, kl) in enumerate(zip(
+            entropy.tolist(), ids.tolist(), probs.tolist(), stats.kl_to_final_bits.tolist())):
+        row = {"layer": layer, "pos": last, "token": NEXT_TOKEN_LABEL, "entropy": h}
+        row.update(_topk_cells(top_ids, top_p, TOP_K_RECORD, vocab))
+        rank = ranks[layer]
+        is_answer = rank == 1 if resolved else is_semantic_top1(vocab[top_ids[0]], gold["string"])
+        row.update(copy_collapse=bool(copy[layer]), copy_strict=bool(strict[layer]),
+                   entropy_collapse=h <= ENTROPY_COLLAPSE_BITS, is_answer=is_answer,
+                   p_top1=top_p[0], p_top5=sum(top_p[:TOP_K_RECORD]), p_answer=p_answer[layer],
+                   answer_rank=rank, kl_to_final_bits=kl)
+        rows.append(row)
+    return rows
+
+
+def describe_norm_plan(model: Any, strategy: str) -> list[dict]:
+    """``[{layer, norm, kind}]`` for the JSON: which norm decodes each layer and with what maths."""
+    return [
+        {"layer": layer, "norm": label,
+         "kind": None if module is None else classify_norm(module)}
+        for layer, (module, label) in enumerate(lens_norm_plan(model, strategy))
+    ]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's ids without special tokens (the copy rule's candidate set)."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def run_sweep(
+    model: Any,
+    prompt: str,
+    answer: str,
+    unembed: UnembedPath,
+    settings: SweepSettings = SweepSettings(),
+    decoder: TokenDecoder | None = None,
+) -> SweepResult:
+    """Forward once with hooks, decode every layer and build the records and pure rows."""
+    started = time.perf_counter()
+    tokenizer = model.tokenizer
+    decoder = decoder or TokenDecoder(tokenizer)
+    tokens = model.to_tokens(prompt)
+    str_tokens = list(model.to_str_tokens(prompt))
+    gold = resolve_gold_answer(tokenizer, prompt, answer)
+    model_logits, residuals = forward_with_residuals(model, tokens)
+    forwarded = time.perf_counter()
+
+    warnings: list[str] = []
+    plan = lens_norm_plan(model, settings.norm_strategy)
+    last_block_resid = residuals[-1][-1]
+    with torch.inference_mode():
+        resid_normed = normalise_layers(residuals, [m for m, _ in plan], [lb for _, lb in plan],
+                                        warnings)
+        del residuals
+        final_log_probs = torch.log_softmax(model_logits[-1], dim=-1)
+        stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
+                                final_log_probs, gold["first_id"], TOP_K_VERBOSE,
+                                unembed.force_fp32, settings.budget_bytes)
+    vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
+    records = build_records(stats, str_tokens, vocab)
+    pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings)
+    finished = time.perf_counter()
+    return SweepResult(
+        prompt=prompt, tokens=tokens, str_tokens=str_tokens, gold=gold, model_logits=model_logits,
+        records=records, pure_rows=pure,
+        norm_per_layer=describe_norm_plan(model, settings.norm_strategy),
+        resid_normed=resid_normed, last_block_resid=last_block_resid, warnings=warnings,
+        timing={"forward_s": forwarded - started, "lens_s": finished - forwarded},
+    )
+
+
+def last_layer_consistency(
+    model: Any, result: SweepResult, unembed: UnembedPath, compute_dtype: torch.dtype,
+    tolerance_bits: float,
+) -> dict:
+    """Lens at the last layer through ``ln_final`` vs the model's own logits (SPEC §4.8)."""
+    from layers_core.norm_utils import apply_norm_or_skip
+
+    with torch.inference_mode():
+        lens_logits = unembed.logits(apply_norm_or_skip(result.last_block_resid, model.ln_final))
+        lens_lp = torch.log_softmax(lens_logits, dim=-1)
+        model_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
+        kl = float(kl_bits_from_log_probs(model_lp, lens_lp))
+    first_id = result.gold["first_id"]
+    exact = compute_dtype == torch.float32 and unembed.W_U.dtype == torch.float32
+    return {
+        "kl_bits": kl,
+        "tolerance_bits": tolerance_bits,
+        "passed": (kl <= tolerance_bits) if exact else None,
+        "top1_agree": int(lens_lp.argmax()) == int(model_lp.argmax()),
+        "p_top1_lens": float(lens_lp.max().exp()),
+        "p_top1_model": float(model_lp.max().exp()),
+        "p_answer_lens": None if first_id is None else float(lens_lp[first_id].exp()),
+        "p_answer_model": None if first_id is None else float(model_lp[first_id].exp()),
+        "compute_dtype": str(compute_dtype),
+        "warn_high_last_layer_kl": kl >= 0.25,
+    }
+
+
+def norm_kind_of(module: Any) -> str:
+    """Class name after unwrapping (for the legacy diagnostics)."""
+    return type(unwrap_norm(module)).__name__
