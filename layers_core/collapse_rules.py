@@ -58,18 +58,18 @@ def detect_copy_collapse(
 ) -> bool:
     """Copy collapse for one row of logits ``[V]`` (SPEC §4.4).
 
-    ``entropy_bits`` feeds the fallback; when None it is computed from ``logits``.
+    The entropy fallback needs ``entropy_bits``: without it (the legacy contract) only the strict
+    rule applies.
     """
     import torch
 
-    from layers_core.numerics import bits_entropy_from_logits
-
     probs = torch.softmax(logits.float(), dim=-1)
     top = torch.topk(probs, k=2)
-    entropy = bits_entropy_from_logits(logits) if entropy_bits is None else torch.tensor(entropy_bits)
+    use_fallback = use_entropy_fallback and entropy_bits is not None
+    entropy = torch.tensor([entropy_bits if use_fallback else float("inf")])
     flag, _ = copy_collapse_flags(
-        top.indices[:1], top.values[:1], top.values[1:2], entropy.reshape(1), prompt_ids,
-        copy_threshold, copy_margin, use_entropy_fallback, entropy_fallback_threshold,
+        top.indices[:1], top.values[:1], top.values[1:2], entropy, prompt_ids,
+        copy_threshold, copy_margin, use_fallback, entropy_fallback_threshold,
     )
     return bool(flag[0])
 

