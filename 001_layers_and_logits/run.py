@@ -17,6 +17,7 @@ from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
+RUN_BASE_DIR = HERE  # managed run-latest/ and run-*/ live next to run.py
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
 LEGACY_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -299,7 +300,7 @@ def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
     if config.self_test:
         directory = None
     elif managed:
-        directory = create_staging_dir(HERE)
+        directory = create_staging_dir(RUN_BASE_DIR)
     else:
         os.makedirs(config.out_dir, exist_ok=True)
         directory = config.out_dir
@@ -314,13 +315,13 @@ def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
                 failure.error, failure.stage, source.model_id, datetime.now(),
                 {"model_source": source.kind, "model_path": source.path, "argv": sys.argv}))
             if managed:
-                where = publish_staging_dir(directory, HERE, success=False)
+                where = publish_staging_dir(directory, RUN_BASE_DIR, success=False)
                 print(f"   error document: {os.path.join(where, os.path.basename(files['json']))}",
                       file=sys.stderr)
         return EXIT_FAILED
     if config.self_test:
         return _self_test_verdict(document["last_layer_consistency"])
-    where = publish_staging_dir(directory, HERE, success=True) if managed else directory
+    where = publish_staging_dir(directory, RUN_BASE_DIR, success=True) if managed else directory
     print(f"✅ {source.clean_name}: results in {where}")
     return EXIT_OK
 
@@ -359,7 +360,7 @@ def _launch(models: list[str], config: ExperimentConfig) -> int:
     from layers_core.run_dir import create_staging_dir, output_paths, publish_staging_dir
 
     managed = config.out_dir is None and not config.self_test
-    directory = create_staging_dir(HERE) if managed else config.out_dir
+    directory = create_staging_dir(RUN_BASE_DIR) if managed else config.out_dir
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
     outcomes = []
@@ -377,7 +378,7 @@ def _launch(models: list[str], config: ExperimentConfig) -> int:
         print(f"{mark} {clean_model_name(model)}: {word} (exit {rc})")
     succeeded = any(rc == EXIT_OK for _, rc in outcomes)
     if managed:
-        print(f"results in {publish_staging_dir(directory, HERE, success=succeeded)}")
+        print(f"results in {publish_staging_dir(directory, RUN_BASE_DIR, success=succeeded)}")
     return EXIT_OK if all(rc == EXIT_OK for _, rc in outcomes) else EXIT_FAILED
 
 

@@ -22,7 +22,7 @@ RECORDS_45 = ("layer,pos,token,entropy," + ",".join(f"top{i},prob{i}" for i in r
               + ",rest_mass")
 PURE_53 = RECORDS_45 + (",copy_collapse,entropy_collapse,is_answer,p_top1,p_top5,p_answer,"
                         "answer_rank,kl_to_final_bits")
-NASTY = ['"', ' ("-', "a,b", "x\ny", "\\core", NEXT_TOKEN_LABEL, "🙂", ""]
+NASTY = ['"', ' ("-', "a,b", "x\ny", "\\core", NEXT_TOKEN_LABEL, "🙂", "", "cr\r", "\r\n", " lead"]
 
 
 def test_exact_headers():
@@ -89,6 +89,18 @@ def test_backslash_is_not_escaped_regression_defect_10(tmp_path):
     write_csv_files(rows, pure, str(tmp_path / "r.csv"), str(tmp_path / "p.csv"))
     text = (tmp_path / "r.csv").read_text(encoding="utf-8")
     assert "\\core" in text and "\\\\core" not in text
+
+
+def test_identical_to_csv_writer_quote_minimal_without_carriage_returns():
+    import io
+
+    from layers_core.csv_io import render_csv
+
+    header = ["layer", "pos", "token", "entropy", "top1", "prob1", "top2"]
+    cells = ['"', "a,b", "x\ny", "plain", "\\core", "", ' ("-']
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, cells])
+    assert render_csv([dict(zip(header, cells))], header) == buffer.getvalue()
 
 
 def test_no_temp_files_left(tmp_path):

@@ -1,14 +1,13 @@
 """CSV schemas and writers for the records and pure next-token files (no torch import).
 
 Dialect (SPEC §5.1): UTF-8, ``,`` delimiter, ``"`` quote char, QUOTE_MINIMAL with doubled quotes,
-no escapechar (legacy defect 10), ``\\n`` line terminator. Floats are written with ``repr`` so they
+no escapechar (legacy defect 10), ``\\n`` line terminator; what ``csv.reader`` and ``pandas.read_csv``
+read back by default. Floats are written with ``repr`` so they
 parse back bit-exact; booleans as ``True``/``False``; absent values as empty strings.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ REST_MASS_COLUMN = "rest_mass"
 FLAG_COLUMNS = ["copy_collapse", "entropy_collapse", "is_answer"]
 METRIC_COLUMNS = ["p_top1", "p_top5", "p_answer", "answer_rank", "kl_to_final_bits"]
 _VERBOSE_STRIP = ".,!?;:"
+_NEEDS_QUOTES = (",", '"', "\n", "\r")
 
 
 def _topk_columns(top_k: int) -> list[str]:
@@ -68,17 +68,22 @@ def _row_cells(row: Mapping[str, Any], header: Sequence[str]) -> list[str]:
     return [format_value(row.get(column)) for column in header]
 
 
+def _quote(cell: str) -> str:
+    """QUOTE_MINIMAL with doubled quotes. ``\r`` is quoted too: csv.writer with a ``\n``
+    terminator leaves it bare, and every reader then splits the row there."""
+    if any(char in cell for char in _NEEDS_QUOTES):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
 def render_csv(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
-    """The CSV text (header + one line per row) for ``rows`` given as column → value dicts.
+    """The CSV text (header + one ``\n``-terminated line per row) for column → value dicts.
 
     Columns a row does not carry (e.g. top6..top20 of a non-verbose row) are empty strings.
     """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter=",", quotechar='"', quoting=csv.QUOTE_MINIMAL,
-                        doublequote=True, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(_row_cells(row, header) for row in rows)
-    return buffer.getvalue()
+    lines = [",".join(_quote(column) for column in header)]
+    lines += [",".join(_quote(cell) for cell in _row_cells(row, header)) for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_csv_files(

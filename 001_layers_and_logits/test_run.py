@@ -1,0 +1,375 @@
+"""run.py end to end: CLI, outputs on every fixture family, self-test, errors, the real model."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import run
+from conftest import RUN_PY
+from layers_core.csv_io import pure_header, records_header
+from tiny_models import FAMILIES
+
+FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "--copy-margin",
+         "--no-copy-entropy-fallback", "--norm", "--prompt", "--answer", "--out_dir",
+         "--self-test", "--quiet"]
+TOP_KEYS = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
+            "model_stats", "gold_answer", "provenance", "timing"]
+DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
+             "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
+             "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
+             "target_prediction", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
+             "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
+             "last_layer_consistency"]
+PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
+                   "python_version", "platform", "device", "dtype", "seed",
+                   "deterministic_algorithms", "model_source", "model_path", "bos_prepended",
+                   "n_tokens", "started_at", "argv"]
+ANSWER = "Berlin"
+PROMPT = "The capital of Germany is called simply"
+
+
+def _strict_json(path):
+    def reject(value):
+        raise ValueError(f"non-finite {value}")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle, parse_constant=reject)
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+def _outputs(directory, name):
+    stem = os.path.join(directory, f"output-{name}")
+    return stem + ".json", stem + "-records.csv", stem + "-pure-next-token.csv"
+
+
+def _run(argv, capsys=None):
+    code = run.main(argv)
+    return code
+
+
+@pytest.fixture(scope="module")
+def family_runs(tiny_dirs, tmp_path_factory):
+    """Each tiny family run once through main(), in process, with the default arch lens."""
+    results = {}
+    for family, path in tiny_dirs.items():
+        out = tmp_path_factory.mktemp(f"out-{family}")
+        code = run.main([path, "--out_dir", str(out), "--prompt", PROMPT, "--answer", ANSWER,
+                         "--quiet"])
+        results[family] = (code, str(out))
+    return results
+
+
+# ---- CLI and import discipline (SPEC §7 defect 7) -------------------------------------------
+
+def test_help_lists_every_flag_without_torch_regression_defect_7():
+    """SPEC §7 defect 7: argparse ran at import and --help loaded torch and probed CUDA."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, RUN_PY, "--help"], capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0
+    assert all(flag in done.stdout for flag in FLAGS)
+    assert "Layer-by-layer logit-lens sweep" in done.stdout
+    assert elapsed < 3.0  # interpreter start-up included; torch alone takes longer to import
+    code = ("import sys; sys.path.insert(0, %r); import run\n"
+            "try:\n    run.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules]\n"
+            "assert not heavy, heavy" % os.path.dirname(RUN_PY))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_import_reads_no_argv_and_has_no_side_effects(monkeypatch):
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["run.py", "--definitely-not-a-flag"])
+    module = importlib.reload(run)
+    assert callable(module.main) and callable(module.build_parser)
+    assert not hasattr(module, "torch")
+
+
+def test_config_defaults_have_one_home():
+    from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
+    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+
+    parsed = run.build_parser().parse_args([])
+    config = run.ExperimentConfig()
+    assert (config.copy_threshold, config.copy_margin) == (COPY_THRESHOLD, COPY_MARGIN)
+    assert (config.prompt, config.answer) == (DEFAULT_PROMPT, DEFAULT_ANSWER)
+    assert parsed.copy_threshold == config.copy_threshold and parsed.norm == config.norm_strategy
+    with pytest.raises(Exception):
+        config.device = "cuda"  # frozen
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "Hello"], "--prompt requires --answer"),
+    (["--prompt", "  ", "--answer", "x"], "must not be empty"),
+    (["--copy-threshold", "1.5"], "--copy-threshold must be in (0, 1]"),
+    (["--copy-threshold", "0"], "--copy-threshold must be in (0, 1]"),
+    (["--norm", "bogus"], "invalid choice"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---- every family end to end ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_outputs_schema_and_consistency(family_runs, load_bridge, family):
+    code, out = family_runs[family]
+    assert code == 0
+    n = load_bridge(family).cfg.n_layers
+    json_path, records_path, pure_path = _outputs(out, family)
+    doc = _strict_json(json_path)
+    records, pure = _read_csv(records_path), _read_csv(pure_path)
+    n_tokens = doc["provenance"]["n_tokens"]
+    assert records[0] == records_header() and pure[0] == pure_header()
+    assert len(records) - 1 == (n + 1) * n_tokens and len(pure) - 1 == n + 1
+    assert all(len(row) == 45 for row in records) and all(len(row) == 53 for row in pure)
+    assert list(doc) == TOP_KEYS
+    assert list(doc["diagnostics"]) == DIAG_KEYS
+    assert list(doc["provenance"]) == PROVENANCE_KEYS
+    consistency = doc["diagnostics"]["last_layer_consistency"]
+    assert consistency["passed"] is True and consistency["kl_bits"] <= 1e-6
+    assert consistency["top1_agree"] is True
+    assert len(doc["test_prompts"]) == 14 and all(len(t["topk"]) == 10 for t in doc["test_prompts"])
+    assert [t["temperature"] for t in doc["temperature_exploration"]] == [0.1, 2.0]
+    assert len(doc["final_prediction"]["topk"]) == 20
+    assert doc["model_stats"]["num_layers"] == n
+    last = pure[-1]
+    row = dict(zip(pure[0], last))
+    assert float(row["kl_to_final_bits"]) < 1e-5  # the arch lens ends at ln_final
+    assert pure[1][2] == "⟨NEXT⟩"
+
+
+def test_gemma2_softcap_is_applied_regression_defect_6(family_runs):
+    """SPEC §7 defect 6: without the final softcap the last lens row differs from the head."""
+    doc = _strict_json(_outputs(family_runs["gemma2"][1], "gemma2")[0])
+    consistency = doc["diagnostics"]["last_layer_consistency"]
+    assert consistency["post_unembed_transform"]["softcap"] == 5.0
+    assert consistency["kl_bits"] <= 1e-6
+    frame = pd.read_csv(_outputs(family_runs["gemma2"][1], "gemma2")[2])
+    assert frame["prob1"].max() < 1.0
+
+
+def test_unembedding_bias_is_used(family_runs, load_bridge):
+    """phi has a real lm_head bias: the consistency gate passes only if b_U is added."""
+    doc = _strict_json(_outputs(family_runs["phi"][1], "phi")[0])
+    assert doc["diagnostics"]["last_layer_consistency"]["passed"] is True
+    assert load_bridge("phi").unembed.b_U.abs().max() > 0.1
+
+
+def test_json_values_are_consistent_with_pure_rows(family_runs):
+    doc = _strict_json(_outputs(family_runs["llama"][1], "llama")[0])
+    frame = pd.read_csv(_outputs(family_runs["llama"][1], "llama")[2])
+    diag = doc["diagnostics"]
+    semantic = frame.index[frame["is_answer"]].tolist()
+    assert diag["L_semantic"] == (semantic[0] if semantic else None)
+    assert (frame["p_answer"] <= frame["p_top5"] + frame["rest_mass"] + 1e-6).all()
+    assert ((frame["rest_mass"] >= 0) & (frame["rest_mass"] <= 1)).all()
+    assert (frame["answer_rank"] >= 1).all()
+    final_top = doc["final_prediction"]["topk"][0]
+    assert frame["top1"].iloc[-1] == final_top[0]
+    assert frame["prob1"].iloc[-1] == pytest.approx(final_top[1], abs=1e-6)
+
+
+# ---- strategies, flags ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy,layer0_norm,label", [
+    ("final", "using_ln_final_on_embeddings", "ln_final"),
+    ("none", "no_normalization", None),
+])
+def test_norm_strategies(tiny_dirs, tmp_path, strategy, layer0_norm, label):
+    assert run.main([tiny_dirs["gpt2"], "--out_dir", str(tmp_path), "--norm", strategy,
+                     "--quiet"]) == 0
+    doc = _strict_json(_outputs(tmp_path, "gpt2")[0])
+    diag = doc["diagnostics"]
+    assert diag["layer0_norm_fix"] == layer0_norm
+    assert diag["use_norm_lens"] is (strategy != "none")
+    assert {entry["norm"] for entry in diag["norm_strategy"]["per_layer"]} == {label}
+    assert diag["last_layer_consistency"]["passed"] is True  # the gate always uses ln_final
+
+
+def test_none_differs_from_final(tiny_dirs, tmp_path):
+    for strategy in ("final", "none"):
+        run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path / strategy), "--norm", strategy,
+                  "--quiet"])
+    final = pd.read_csv(_outputs(tmp_path / "final", "llama")[2])
+    raw = pd.read_csv(_outputs(tmp_path / "none", "llama")[2])
+    assert (final["entropy"] - raw["entropy"]).abs().max() > 1e-3
+
+
+def test_self_test_passes_and_writes_nothing_regression_defect_1(tiny_dirs, tmp_path, capsys,
+                                                                  monkeypatch):
+    """SPEC §7 defect 1: --self-test crashed (undefined tokenizer), then was skipped silently."""
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main([tiny_dirs["gemma2"], "--self-test"]) == 0
+    out = capsys.readouterr().out
+    assert "✅ Self-test passed: KL(model‖lens) =" in out and "(tolerance 1e-06)" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_self_test_fails_when_the_lens_is_wrong(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """Break the transform on purpose: the gate must notice and exit 1."""
+    from layers_core import numerics
+
+    monkeypatch.setattr(numerics, "output_logits_transform", lambda model: lambda z: z * 0.5)
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main([tiny_dirs["llama"], "--self-test"]) == 1
+    assert "❌ Self-test FAILED" in capsys.readouterr().out
+
+
+def test_keep_residuals_writes_n_plus_1_files_regression_defect_2(tiny_dirs, load_bridge, tmp_path):
+    """SPEC §7 defect 2: --keep-residuals crashed on a path used before assignment."""
+    assert run.main([tiny_dirs["qwen3"], "--out_dir", str(tmp_path), "--keep-residuals",
+                     "--quiet"]) == 0
+    n = load_bridge("qwen3").cfg.n_layers
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt"))
+    assert files == [f"qwen3_{i:02d}_resid.pt" for i in range(n + 1)]
+    tensor = torch.load(tmp_path / files[0])
+    assert tensor.shape[0] == 1 and tensor.shape[2] == load_bridge("qwen3").cfg.d_model
+
+
+def test_thread_count_unchanged_regression_defect_11(tiny_dirs, tmp_path):
+    """SPEC §7 defect 11: torch.set_num_threads(1) made CPU runs single-threaded."""
+    before = torch.get_num_threads()
+    run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet"])
+    assert torch.get_num_threads() == before
+
+
+def test_nasty_prompt_round_trips_through_both_csvs(tiny_dirs, tmp_path):
+    prompt = 'Quotes " and commas, back\\slashes and\nnew lines'
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--prompt", prompt,
+                     "--answer", "x", "--quiet"]) == 0
+    _, records_path, pure_path = _outputs(tmp_path, "llama")
+    frame = pd.read_csv(records_path, dtype=str, keep_default_na=False)
+    tokens = frame[frame["layer"] == "0"]["token"].tolist()
+    assert "".join(tokens).replace("<|bos|>", "") == prompt
+    assert any('"' in t for t in tokens) and any("\n" in t for t in tokens)
+    assert any("\\" in t for t in tokens) and any("," in t for t in tokens)
+    assert len(pd.read_csv(pure_path, dtype=str, keep_default_na=False).columns) == 53
+
+
+# ---- managed directories and errors ----------------------------------------------------------
+
+def test_managed_mode_rotates_run_latest(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    first = sorted(os.listdir(tmp_path / "run-latest"))
+    assert "output-llama.json" in first and any(f.startswith("timestamp-") for f in first)
+    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("run-2")]) == 1
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".staging")]
+
+
+def test_missing_model_dir_error_document_and_untouched_run_latest_regression_defect_8(
+        tiny_dirs, tmp_path, monkeypatch, capsys):
+    """SPEC §7 defect 8: a failure wrote plain text into output-<model>.json."""
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    latest = tmp_path / "run-latest"
+    before = {f: (latest / f).read_bytes() for f in os.listdir(latest)}
+    capsys.readouterr()
+    assert run.main([str(tmp_path / "no-such-model")]) == 1
+    err = capsys.readouterr().err
+    assert "model directory not found" in err and "Traceback" not in err
+    assert {f: (latest / f).read_bytes() for f in os.listdir(latest)} == before
+    failed = [d for d in os.listdir(tmp_path) if d.endswith("-failed")]
+    assert len(failed) == 1
+    doc = _strict_json(tmp_path / failed[0] / "output-no-such-model.json")
+    assert doc["error"]["stage"] == "load" and doc["error"]["type"] == "ModelLoadError"
+    assert set(doc["error"]) == {"type", "message", "stage", "model", "timestamp"}
+
+
+@pytest.mark.parametrize("make_dir,needle", [
+    (lambda p: p, "no config.json"),
+    (lambda p: (p / "config.json").write_text(
+        '{"architectures": ["FooForCausalLM"], "model_type": "foo"}') and p, "cannot load"),
+])
+def test_bad_model_dirs_fail_with_one_line(tmp_path, capsys, make_dir, needle):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    make_dir(model_dir)
+    out = tmp_path / "out"
+    assert run.main([str(model_dir), "--out_dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.strip().count("\n") == 0
+    assert _strict_json(out / "output-model.json")["error"]["stage"] == "load"
+
+
+def test_uncached_hub_id_offline_fails_cleanly(tmp_path, capsys):
+    assert run.main(["no-such-org/no-such-model", "--out_dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "not in the local Hugging Face cache" in err and "Traceback" not in err
+
+
+def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
+    done = subprocess.run(
+        [sys.executable, RUN_PY, tiny_dirs["llama"], str(tmp_path / "missing"), "--norm", "final",
+         "--prompt", PROMPT, "--answer", ANSWER, "--out_dir", str(tmp_path / "out"), "--quiet"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 1
+    assert "✅ llama: SUCCESS (exit 0)" in done.stdout
+    assert "❌ missing: FAILED (exit 1)" in done.stdout
+    doc = _strict_json(tmp_path / "out" / "output-llama.json")
+    assert doc["diagnostics"]["norm_strategy"]["name"] == "final"  # --norm was forwarded
+    assert doc["prompt"]["context_prompt"] == PROMPT
+    assert "error" in _strict_json(tmp_path / "out" / "output-missing.json")
+
+
+def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
+    done = subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], tiny_dirs["gpt2"],
+                           "--self-test", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("Self-test passed") == 2
+
+
+# ---- the bundled real model (SPEC §8.2) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled_run(bundled_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundled")
+    code = run.main(["--out_dir", str(out), "--quiet"])
+    return code, str(out)
+
+
+def test_bundled_default_model_run(bundled_run):
+    code, out = bundled_run
+    assert code == 0
+    doc = _strict_json(_outputs(out, "SmolLM2-135M-Instruct")[0])
+    frame = pd.read_csv(_outputs(out, "SmolLM2-135M-Instruct")[2], keep_default_na=False)
+    assert doc["provenance"]["model_source"] == "bundled_default"
+    assert doc["provenance"]["n_tokens"] == 17 and doc["provenance"]["bos_prepended"] is True
+    assert doc["final_prediction"]["topk"][0][0] == " Berlin"
+    assert doc["final_prediction"]["topk"][0][1] == pytest.approx(0.82, abs=0.03)
+    assert doc["gold_answer"]["first_id"] == 11452 and doc["gold_answer"]["variant"] == "with_space"
+    last = frame.iloc[-1]
+    assert last["top1"] == " Berlin" and last["answer_rank"] == 1
+    assert last["p_answer"] == pytest.approx(0.82, abs=0.03)
+    assert last["p_answer"] <= last["p_top5"] and last["kl_to_final_bits"] < 1e-5
+    assert doc["diagnostics"]["L_semantic"] == 30
+    assert doc["diagnostics"]["last_layer_consistency"]["kl_bits"] < 1e-6
+    assert doc["diagnostics"]["layer0_position_info"] == "token_only_rotary_model"
+    lens_entropy = frame["entropy"].iloc[:30]
+    assert (lens_entropy > 12).all() and (lens_entropy < 15.6).all()  # arch lens: near-uniform
+
+
+def test_bundled_final_lens_ranks(bundled_model_dir, tmp_path):
+    assert run.main(["--out_dir", str(tmp_path), "--norm", "final", "--quiet"]) == 0
+    frame = pd.read_csv(_outputs(tmp_path, "SmolLM2-135M-Instruct")[2])
+    ranks = frame["answer_rank"].tolist()
+    assert ranks[28:] == [185, 31, 1]
+    assert all(rank >= 100 for rank in ranks[:29])
+    assert frame["kl_to_final_bits"].iloc[-1] < 1e-6
