@@ -201,7 +201,13 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
     from layers_core.device_policy import resolve_device
     from layers_core.models import resolve_model_source
     from layers_core.numerics import get_post_unembed_transform
-    from layers_core.sweep import SweepSettings, TokenDecoder, last_layer_consistency, run_sweep
+    from layers_core.sweep import (
+        SweepSettings,
+        TokenDecoder,
+        last_layer_consistency,
+        run_sweep,
+        self_test,
+    )
 
     started_at = datetime.now()
     stages = _Stages()
@@ -220,12 +226,14 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                              copy_entropy_fallback=config.copy_entropy_fallback,
                              fp32_unembed=unembed.force_fp32)
     decoder = TokenDecoder(model.tokenizer)
+    if config.self_test:
+        return {"last_layer_consistency": stages.run(
+            "forward", self_test, model, config.prompt, config.answer, unembed)}
     result = stages.run("lens", run_sweep, model, config.prompt, config.answer, unembed, settings, decoder)
     stages.timing["forward_s"] = result.timing["forward_s"]
     stages.timing["lens_s"] = result.timing["lens_s"]
-    consistency = last_layer_consistency(model, result, unembed, dtype, report.CONSISTENCY_TOLERANCE_BITS)
-    if config.self_test:
-        return {"last_layer_consistency": consistency}
+    consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
+                                         result.gold["first_id"], unembed, dtype)
     _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens")
     test_prompts = stages.run("forward", report.test_prompt_entries, model, decoder)
     model_last = result.model_logits[-1]
@@ -332,13 +340,11 @@ def _one_line(error: BaseException) -> str:
 
 
 def _self_test_verdict(consistency: dict) -> int:
-    kl, tol = consistency["kl_bits"], consistency["tolerance_bits"]
-    if consistency["passed"]:
-        print(f"✅ Self-test passed: KL(model‖lens) = {kl:.3e} bits (tolerance {tol:g})")
-        return EXIT_OK
-    print(f"❌ Self-test FAILED: KL(model‖lens) = {kl:.3e} bits (tolerance {tol:g}), "
-          f"top-1 agree = {consistency['top1_agree']}")
-    return EXIT_FAILED
+    from layers_core.sweep import self_test_verdict
+
+    passed, line = self_test_verdict(consistency)
+    print(line)
+    return EXIT_OK if passed else EXIT_FAILED
 
 
 def _forwarded_flags(config: ExperimentConfig) -> list[str]:

@@ -373,3 +373,14 @@ def test_bundled_final_lens_ranks(bundled_model_dir, tmp_path):
     assert ranks[28:] == [185, 31, 1]
     assert all(rank >= 100 for rank in ranks[:29])
     assert frame["kl_to_final_bits"].iloc[-1] < 1e-6
+
+
+def test_kl_sanity_script_is_the_same_gate(tiny_dirs):
+    script = os.path.join(os.path.dirname(RUN_PY), "kl_sanity_test.py")
+    done = subprocess.run([sys.executable, script, tiny_dirs["gemma2"]], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("✅ Self-test passed: KL(model‖lens) =")
+    missing = subprocess.run([sys.executable, script, "/no/such/dir"], capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and "model directory not found" in missing.stderr

@@ -27,7 +27,6 @@ from layers_core.prompts import (
 from layers_core.sweep import SweepResult, SweepSettings, TokenDecoder
 
 SEED = 316
-CONSISTENCY_TOLERANCE_BITS = 1e-6
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
 
 

@@ -30,8 +30,11 @@ from layers_core.csv_io import (
 )
 from layers_core.hooks import residual_cache, residual_hook_names
 from layers_core.lens import DEFAULT_BUDGET_BYTES, LensStats, lens_statistics, normalise_layers
-from layers_core.norm_utils import classify_norm, lens_norm_plan, unwrap_norm
+from layers_core.norm_utils import apply_norm_or_skip, classify_norm, lens_norm_plan, unwrap_norm
 from layers_core.numerics import kl_bits_from_log_probs, unembed_logits
+
+CONSISTENCY_TOLERANCE_BITS = 1e-6  # float32 last-layer lens vs the model's own logits
+HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this much
 
 
 @dataclass(frozen=True)
@@ -217,18 +220,25 @@ def run_sweep(
 
 
 def last_layer_consistency(
-    model: Any, result: SweepResult, unembed: UnembedPath, compute_dtype: torch.dtype,
-    tolerance_bits: float,
+    model: Any,
+    last_block_resid: Tensor,
+    model_last_logits: Tensor,
+    answer_id: int | None,
+    unembed: UnembedPath,
+    compute_dtype: torch.dtype,
+    tolerance_bits: float = CONSISTENCY_TOLERANCE_BITS,
 ) -> dict:
-    """Lens at the last layer through ``ln_final`` vs the model's own logits (SPEC §4.8)."""
-    from layers_core.norm_utils import apply_norm_or_skip
+    """Lens at the last layer through ``ln_final`` vs the model's own logits (SPEC §4.8).
 
+    ``last_block_resid`` ``[d]`` is ``blocks.{n-1}.hook_resid_post`` at the last position and
+    ``model_last_logits`` ``[V]`` the model's own logits there. ``passed`` is None unless both the
+    compute dtype and the unembedding weights are float32.
+    """
     with torch.inference_mode():
-        lens_logits = unembed.logits(apply_norm_or_skip(result.last_block_resid, model.ln_final))
+        lens_logits = unembed.logits(apply_norm_or_skip(last_block_resid, model.ln_final))
         lens_lp = torch.log_softmax(lens_logits, dim=-1)
-        model_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
+        model_lp = torch.log_softmax(model_last_logits.float(), dim=-1)
         kl = float(kl_bits_from_log_probs(model_lp, lens_lp))
-    first_id = result.gold["first_id"]
     exact = compute_dtype == torch.float32 and unembed.W_U.dtype == torch.float32
     return {
         "kl_bits": kl,
@@ -237,11 +247,33 @@ def last_layer_consistency(
         "top1_agree": int(lens_lp.argmax()) == int(model_lp.argmax()),
         "p_top1_lens": float(lens_lp.max().exp()),
         "p_top1_model": float(model_lp.max().exp()),
-        "p_answer_lens": None if first_id is None else float(lens_lp[first_id].exp()),
-        "p_answer_model": None if first_id is None else float(model_lp[first_id].exp()),
+        "p_answer_lens": None if answer_id is None else float(lens_lp[answer_id].exp()),
+        "p_answer_model": None if answer_id is None else float(model_lp[answer_id].exp()),
         "compute_dtype": str(compute_dtype),
-        "warn_high_last_layer_kl": kl >= 0.25,
+        "warn_high_last_layer_kl": kl >= HIGH_LAST_LAYER_KL_BITS,
     }
+
+
+def self_test(model: Any, prompt: str, answer: str, unembed: UnembedPath) -> dict:
+    """The self-test gate: one forward, then ``last_layer_consistency`` in the model's dtype."""
+    tokens = model.to_tokens(prompt)
+    model_logits, residuals = forward_with_residuals(model, tokens)
+    gold = resolve_gold_answer(model.tokenizer, prompt, answer)
+    return last_layer_consistency(model, residuals[-1][-1], model_logits[-1], gold["first_id"],
+                                  unembed, _param_dtype(model))
+
+
+def _param_dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def self_test_verdict(consistency: dict) -> tuple[bool, str]:
+    """(passed, the one-line verdict) for a consistency record."""
+    kl, tolerance = consistency["kl_bits"], consistency["tolerance_bits"]
+    if consistency["passed"]:
+        return True, f"✅ Self-test passed: KL(model‖lens) = {kl:.3e} bits (tolerance {tolerance:g})"
+    return False, (f"❌ Self-test FAILED: KL(model‖lens) = {kl:.3e} bits (tolerance {tolerance:g}), "
+                   f"top-1 agree = {consistency['top1_agree']}, compute {consistency['compute_dtype']}")
 
 
 def norm_kind_of(module: Any) -> str:

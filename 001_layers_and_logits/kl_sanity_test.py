@@ -1,0 +1,47 @@
+"""Standalone last-layer sanity check: ``python 001_layers_and_logits/kl_sanity_test.py [MODEL]``.
+
+The same gate as ``run.py --self-test`` (SPEC §4.8): in float32, the lens at the last layer
+(``ln_final`` → unembedding → the model's post-unembed transform) must reproduce the model's own
+last-position distribution within 1e-6 bits of KL. Exit 0 on pass, 1 on failure, 2 on bad usage.
+Imports only from ``layers_core``; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``[MODEL] [--device D]``, runs the gate and prints the one-line verdict."""
+    parser = argparse.ArgumentParser(prog="kl_sanity_test.py", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", help="hub id or local directory; none = bundled model")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"])
+    args = parser.parse_args(argv)
+    try:
+        import layers_core  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch
+
+    from layers_core.device_policy import resolve_device, unembed_weights_for_analysis
+    from layers_core.models import ModelLoadError, load_model, resolve_model_source
+    from layers_core.numerics import output_logits_transform
+    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.sweep import UnembedPath, self_test, self_test_verdict
+
+    try:
+        model = load_model(resolve_model_source(args.model), resolve_device(args.device), torch.float32)
+    except ModelLoadError as error:
+        print(f"❌ {error}", file=sys.stderr)
+        return 1
+    W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
+    unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
+    passed, line = self_test_verdict(self_test(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed))
+    print(line)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
