@@ -59,13 +59,17 @@ def should_auto_promote_unembed(compute_dtype: torch.dtype) -> bool:
 
 
 def unembed_weights_for_analysis(model: Any, use_fp32: bool) -> tuple[Tensor, Tensor | None]:
-    """(W_U ``[d, V]``, b_U ``[V]`` or None) for the lens; never mutates the model.
+    """(W_U ``[d, V]``, b_U ``[V]``, or None for an all-zero bias) for the lens.
+
+    Never mutates the model.
 
     With ``use_fp32`` the float weights are float32 *shadow copies* (legacy defect 3 cast them in
     place); otherwise, and for already-float32 or quantised weights, the originals are returned.
     """
     unembed = model.unembed
     W_U, b_U = unembed.W_U, getattr(unembed, "b_U", None)
+    if b_U is not None and not bool(b_U.detach().any()):
+        b_U = None  # the Bridge reports zeros for a bias-free head; adding them costs a [rows, V] pass
     if use_fp32 and W_U.is_floating_point() and W_U.dtype != torch.float32:
         W_U = W_U.detach().to(torch.float32, copy=True)
         if b_U is not None:

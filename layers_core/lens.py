@@ -22,7 +22,7 @@ from layers_core.numerics import (
 )
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # peak [rows, V] float32 working set of one block
-_LIVE_ROW_COPIES = 4  # logits, log-probs, p·log p and the rank comparison, per row
+_LIVE_ROW_COPIES = 3  # logits, log-probs and exp(log-probs) may be alive at once, per row
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class LensStats:
     """Lens statistics for L layers × T positions, on the CPU.
 
     ``entropy_bits`` ``[L, T]`` float32; ``topk_ids`` ``[L, T, k]`` int64 and ``topk_probs``
-    ``[L, T, k]`` float32 (full-softmax probabilities, descending); ``p_answer`` ``[L, T]`` and
-    ``answer_rank`` ``[L, T]`` (1-based) or None without a gold id; ``kl_to_final_bits`` ``[L]``
-    at the last position, KL(P_ℓ ‖ P_final).
+    ``[L, T, k]`` float32 (full-softmax probabilities, descending); ``p_answer`` ``[L, T]`` or
+    None without a gold id. At the last position only (the pure rows): ``answer_rank`` ``[L]``
+    (1-based, or None) and ``kl_to_final_bits`` ``[L]``, KL(P_ℓ ‖ P_final).
     """
 
     entropy_bits: Tensor
@@ -63,14 +63,21 @@ def normalise_layers(
 
 def _block_stats(
     log_probs: Tensor, top_k: int, answer_id: int | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     entropy = entropy_bits_from_log_probs(log_probs)
     top = torch.topk(log_probs, k=top_k, dim=-1)
+    p_answer = None if answer_id is None else log_probs[:, answer_id].exp()
+    return entropy, top.indices, top.values.exp(), p_answer
+
+
+def _last_position_stats(
+    log_probs: Tensor, final_log_probs: Tensor, answer_id: int | None
+) -> tuple[Tensor, Tensor | None]:
+    kl = kl_bits_from_log_probs(log_probs, final_log_probs)
     if answer_id is None:
-        return entropy, top.indices, top.values.exp(), None, None
-    answer_lp = log_probs[:, answer_id : answer_id + 1]
-    rank = (log_probs > answer_lp).sum(dim=-1) + 1  # ties favour the answer
-    return entropy, top.indices, top.values.exp(), answer_lp.squeeze(-1).exp(), rank
+        return kl, None
+    rank = (log_probs > log_probs[:, answer_id : answer_id + 1]).sum(dim=-1) + 1  # ties: answer
+    return kl, rank
 
 
 def lens_statistics(
@@ -86,15 +93,16 @@ def lens_statistics(
 ) -> LensStats:
     """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``).
 
-    ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL is
-    taken at position T−1 of each layer. Memory: at most ``budget_bytes`` of ``[rows, V]`` work.
+    ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL
+    and the answer rank are taken at position T−1 of each layer (the pure next-token rows).
+    Memory: at most ``budget_bytes`` of ``[rows, V]`` work.
     """
     n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
     block = rows_per_block(W_U.shape[-1], budget_bytes)
     last_rows = torch.arange(n_layers, device=rows.device) * seq_len + (seq_len - 1)
     parts: list[tuple] = []
-    kl_parts: list[Tensor] = []
+    last_parts: list[tuple] = []
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
         logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed)
@@ -103,16 +111,19 @@ def lens_statistics(
         parts.append(_block_stats(log_probs, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start
         if in_block.numel():
-            kl_parts.append(kl_bits_from_log_probs(log_probs[in_block], final_log_probs))
-    entropy, ids, probs, p_answer, rank = (
-        None if part[0] is None else torch.cat(part).cpu() for part in zip(*parts)
-    )
+            last_parts.append(_last_position_stats(log_probs[in_block], final_log_probs, answer_id))
+    entropy, ids, probs, p_answer = (_cat_cpu(part) for part in zip(*parts))
+    kl, rank = (_cat_cpu(part) for part in zip(*last_parts))
     shape = (n_layers, seq_len)
     return LensStats(
         entropy_bits=entropy.reshape(shape),
         topk_ids=ids.reshape(*shape, top_k),
         topk_probs=probs.reshape(*shape, top_k),
         p_answer=None if p_answer is None else p_answer.reshape(shape),
-        answer_rank=None if rank is None else rank.reshape(shape),
-        kl_to_final_bits=torch.cat(kl_parts).cpu(),
+        answer_rank=rank,
+        kl_to_final_bits=kl,
     )
+
+
+def _cat_cpu(pieces: Sequence[Tensor | None]) -> Tensor | None:
+    return None if pieces[0] is None else torch.cat(list(pieces)).cpu()

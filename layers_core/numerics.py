@@ -22,14 +22,25 @@ class PostUnembedTransform(TypedDict):
     logit_scale_divide: float | None
 
 
+def _entropy_nats_safe(log_probs: Tensor) -> Tensor:
+    terms = log_probs.exp().mul_(log_probs)
+    terms.masked_fill_(log_probs.isneginf(), 0.0)  # 0·(−inf) is nan; the limit is 0
+    return -terms.sum(dim=-1)
+
+
 def entropy_bits_from_log_probs(log_probs: Tensor) -> Tensor:
     """Entropy in bits over the last dim of float32 log-probabilities ``[..., V]``.
 
     Terms with p = 0 (log p = −inf) count as 0; the result is clamped ≥ 0, so never −0.0.
     """
-    terms = log_probs.exp().mul_(log_probs)  # p·log p, in place to keep one [.., V] temporary
-    terms.masked_fill_(log_probs.isneginf(), 0.0)  # 0·(−inf) is nan; the limit is 0
-    return (-terms.sum(dim=-1) / LN2).clamp_min(0.0) + 0.0  # + 0.0 turns −0.0 into 0.0
+    flat = log_probs.reshape(-1, log_probs.shape[-1])
+    # Σ p·log p as one dot product per row: no [.., V] product temporary is materialised.
+    nats = -torch.bmm(flat.exp().unsqueeze(1), flat.unsqueeze(2)).reshape(flat.shape[0])
+    bad = torch.isnan(nats)  # only rows holding −inf (0·−inf); recomputed term by term
+    if bad.any():
+        nats[bad] = _entropy_nats_safe(flat[bad])
+    bits = (nats / LN2).clamp_min(0.0) + 0.0  # + 0.0 turns −0.0 into 0.0
+    return bits.reshape(log_probs.shape[:-1])
 
 
 def bits_entropy_from_logits(logits: Tensor) -> Tensor:

@@ -147,7 +147,7 @@ def build_pure_rows(
         settings.copy_margin, settings.copy_entropy_fallback, ENTROPY_COLLAPSE_BITS)
     resolved = gold["first_id"] is not None
     p_answer = stats.p_answer[:, last].tolist() if resolved else [None] * len(entropy)
-    ranks = stats.answer_rank[:, last].tolist() if resolved else [None] * len(entropy)
+    ranks = stats.answer_rank.tolist() if resolved else [None] * len(entropy)
     rows = []
     for layer, (h, top_ids, top_p, kl) in enumerate(zip(
             entropy.tolist(), ids.tolist(), probs.tolist(), stats.kl_to_final_bits.tolist())):

@@ -1,0 +1,233 @@
+"""Benchmark: the project's sweep against the arithmetic floor and a legacy-style loop.
+
+``venv/bin/python 001_layers_and_logits/bench_sweep.py [--runs 5] [--skip-long]``
+
+Per model (the bundled SmolLM2-135M-Instruct, and a synthetic Llama-shaped model with a
+128,256-token vocabulary), on the legacy prompt, CPU float32, medians over ``--runs`` after a
+warm-up, all in one process:
+
+- ``floor_s``: HF forward with hidden states + one batched unembedding of all (n+1)·T rows + one
+  log-softmax: the arithmetic no logit lens can avoid;
+- ``sweep_s``: ``layers_core.sweep.run_sweep`` exactly as run.py calls it (hooks, norms, unembedding,
+  post-unembed transform, every metric of the records and pure rows, token decoding);
+- ``loop_s``: a legacy-style implementation of the same outputs (per-layer unembedding, then a
+  Python loop per position with its own softmaxes, top-k, one ``decode`` and ``.item()`` per value).
+
+The sweep and the loop must agree (entropies, top-k ids and probabilities). Then the time per
+(layer, position) row is measured from 16 to 512 tokens, and (unless ``--skip-long``) the peak
+memory a 2,000-token prompt adds over its forward pass, in a child process. The last line printed
+is one JSON object: ``{"models": [...], "scaling": [...], "long_prompt": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SYNTHETIC_VOCAB = 128_256
+LONG_PROMPT_TOKENS = 2_000
+SCALING_LENGTHS = (16, 64, 256, 512)
+
+
+def _median_s(fn, runs: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_synthetic_llama(out_dir: str) -> str:
+    """A random Llama-shaped model (d_model 1024, 8 layers, V = 128,256) with a local tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_models import train_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=8, vocab_size=SYNTHETIC_VOCAB,
+                         max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    train_tokenizer(out_dir)
+    return out_dir
+
+
+def floor(model, tokens):
+    """HF forward with hidden states, one batched unembedding, one log-softmax."""
+    import torch
+
+    hf = model.original_model
+    with torch.inference_mode():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+        rows = torch.cat([h[0] for h in hidden], dim=0)  # [(n+1)·T, d]
+        return torch.log_softmax(hf.get_output_embeddings()(rows).float(), dim=-1)
+
+
+def legacy_loop(model, prompt, unembed, norms):
+    """The legacy shape: per layer a [T, V] unembedding, then per position softmaxes and .item()."""
+    import torch
+
+    from layers_core.csv_io import TOP_K_RECORD, TOP_K_VERBOSE, is_verbose_position
+    from layers_core.norm_utils import apply_norm_or_skip
+    from layers_core.sweep import forward_with_residuals
+
+    tokens = model.to_tokens(prompt)
+    str_tokens = model.to_str_tokens(prompt)
+    _, residuals = forward_with_residuals(model, tokens)
+    rows = []
+    with torch.inference_mode():
+        for layer, resid in enumerate(residuals):
+            logits = unembed.logits(apply_norm_or_skip(resid, norms[layer]))
+            for pos in range(logits.shape[0]):
+                probs = torch.softmax(logits[pos], dim=-1)
+                log_probs = torch.log_softmax(logits[pos], dim=-1)
+                entropy = -(probs * log_probs).nansum().item()  # a softmax pair per position
+                k = TOP_K_VERBOSE if is_verbose_position(str_tokens[pos], pos, len(str_tokens)) \
+                    else TOP_K_RECORD
+                top = torch.topk(probs, TOP_K_VERBOSE)
+                ids = [i.item() for i in top.indices]
+                values = [v.item() for v in top.values]
+                texts = [model.tokenizer.decode([i]) for i in ids[:k]]
+                rows.append({"entropy": entropy / 0.6931471805599453, "ids": ids[:k],
+                             "probs": values[:k], "texts": texts})
+    return rows
+
+
+def _check_agreement(sweep_rows, loop_rows) -> None:
+    assert len(sweep_rows) == len(loop_rows), (len(sweep_rows), len(loop_rows))
+    for ours, theirs in zip(sweep_rows, loop_rows):
+        k = len(theirs["ids"])
+        assert abs(ours["entropy"] - theirs["entropy"]) < 1e-3, (ours["entropy"], theirs["entropy"])
+        probs = [ours[f"prob{i + 1}"] for i in range(k)]
+        assert all(abs(a - b) < 1e-6 for a, b in zip(probs, theirs["probs"])), (probs, theirs)
+        assert [ours[f"top{i + 1}"] for i in range(k)] == theirs["texts"]
+
+
+def _sweep_setup(model):
+    from layers_core.device_policy import unembed_weights_for_analysis
+    from layers_core.norm_utils import lens_norm_plan
+    from layers_core.numerics import output_logits_transform
+    from layers_core.sweep import UnembedPath
+
+    W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
+    unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
+    return unembed, [module for module, _ in lens_norm_plan(model, "arch")]
+
+
+def bench_model(name: str, path: str, runs: int) -> dict:
+    import torch
+
+    from layers_core.models import load_model, resolve_model_source
+    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.sweep import TokenDecoder, run_sweep
+
+    model = load_model(resolve_model_source(path), "cpu", torch.float32)
+    unembed, norms = _sweep_setup(model)
+    tokens = model.to_tokens(DEFAULT_PROMPT)
+    result = run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed)
+    _check_agreement(result.records, legacy_loop(model, DEFAULT_PROMPT, unembed, norms))
+    floor_s = _median_s(lambda: floor(model, tokens), runs)
+    # a fresh decoder per run: decoding is part of the sweep's cost, not amortised across runs
+    sweep_s = _median_s(lambda: run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed,
+                                          decoder=TokenDecoder(model.tokenizer)), runs)
+    loop_s = _median_s(lambda: legacy_loop(model, DEFAULT_PROMPT, unembed, norms), runs)
+    return {"model": name, "floor_s": round(floor_s, 4), "sweep_s": round(sweep_s, 4),
+            "loop_s": round(loop_s, 4), "sweep_over_floor": round(sweep_s / floor_s, 3),
+            "loop_over_sweep": round(loop_s / sweep_s, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _prompt_of_length(model, n_tokens: int) -> str:
+    words = ("Berlin is the capital of Germany and Paris is the capital of France . " * n_tokens)
+    ids = model.tokenizer(words, add_special_tokens=False)["input_ids"][: n_tokens - 1]
+    return model.tokenizer.decode(ids)
+
+
+def bench_scaling(path: str, runs: int) -> list[dict]:
+    """Seconds per (layer, position) row of the sweep for prompts of 16 to 512 tokens."""
+    import torch
+
+    from layers_core.models import load_model, resolve_model_source
+    from layers_core.sweep import run_sweep
+
+    model = load_model(resolve_model_source(path), "cpu", torch.float32)
+    unembed, _ = _sweep_setup(model)
+    out = []
+    for length in SCALING_LENGTHS:
+        prompt = _prompt_of_length(model, length)
+        n_rows = (model.cfg.n_layers + 1) * model.to_tokens(prompt).shape[1]
+        seconds = _median_s(lambda: run_sweep(model, prompt, "Berlin", unembed), max(3, runs // 2))
+        out.append({"tokens": int(model.to_tokens(prompt).shape[1]), "rows": n_rows,
+                    "us_per_row": round(1e6 * seconds / n_rows, 1)})
+    return out
+
+
+def long_prompt_child(path: str) -> None:
+    """Child process: peak RSS after the forward alone, then after the whole sweep."""
+    import torch
+
+    from layers_core.models import load_model, resolve_model_source
+    from layers_core.sweep import forward_with_residuals, run_sweep
+
+    model = load_model(resolve_model_source(path), "cpu", torch.float32)
+    unembed, _ = _sweep_setup(model)
+    prompt = _prompt_of_length(model, LONG_PROMPT_TOKENS)
+    forward_with_residuals(model, model.to_tokens(prompt))
+    after_forward = _peak_rss_mb()
+    run_sweep(model, prompt, "Berlin", unembed)
+    print(json.dumps({"tokens": int(model.to_tokens(prompt).shape[1]),
+                      "peak_rss_after_forward_mb": round(after_forward, 1),
+                      "peak_rss_after_sweep_mb": round(_peak_rss_mb(), 1),
+                      "added_mb": round(_peak_rss_mb() - after_forward, 1)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--skip-long", action="store_true", help="skip the 2,000-token memory check")
+    parser.add_argument("--long-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.long_child:
+        long_prompt_child(args.long_child)
+        return 0
+    from layers_core.models import ensure_default_model
+
+    report: dict = {"models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic = build_synthetic_llama(os.path.join(tmp, "synthetic-llama-128k"))
+        for name, path in (("SmolLM2-135M-Instruct", ensure_default_model()),
+                           ("synthetic-llama-128k", synthetic)):
+            row = bench_model(name, path, args.runs)
+            print(row, flush=True)
+            report["models"].append(row)
+        report["scaling"] = bench_scaling(synthetic, args.runs)
+        print("scaling:", report["scaling"], flush=True)
+        if not args.skip_long:
+            child = subprocess.run([sys.executable, __file__, "--long-child", synthetic],
+                                   capture_output=True, text=True, check=True)
+            report["long_prompt"] = json.loads(child.stdout.strip().splitlines()[-1])
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
