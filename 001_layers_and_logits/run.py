@@ -264,7 +264,8 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                           for key in ("load_s", "forward_s", "lens_s", "write_s")}
     document["timing"]["total_s"] = round(stages.total(), 4)
     stages.run("write", _write_json, output_files["json"], document)
-    _say(config, f"  write    {stages.timing['write_s']:6.2f} s  {output_files['dir']}")
+    _say(config, f"  write    {stages.timing['write_s']:6.2f} s  "
+                 f"{os.path.basename(output_files['json'])} and its two CSVs")
     return document
 
 
