@@ -58,9 +58,8 @@ def _peak_rss_mb() -> float:
 def build_synthetic_llama(out_dir: str) -> str:
     """A random Llama-shaped model (d_model 1024, 8 layers, V = 128,256) with a local tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tiny_models import train_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -175,7 +174,8 @@ def bench_scaling(path: str, runs: int) -> list[dict]:
     for length in SCALING_LENGTHS:
         prompt = _prompt_of_length(model, length)
         n_rows = (model.cfg.n_layers + 1) * model.to_tokens(prompt).shape[1]
-        seconds = _median_s(lambda: run_sweep(model, prompt, "Berlin", unembed), max(3, runs // 2))
+        seconds = _median_s(lambda p=prompt: run_sweep(model, p, "Berlin", unembed),
+                            max(3, runs // 2))
         out.append({"tokens": int(model.to_tokens(prompt).shape[1]), "rows": n_rows,
                     "us_per_row": round(1e6 * seconds / n_rows, 1)})
     return out

@@ -174,7 +174,11 @@ class _Stages:
 def _load(config: ExperimentConfig, source, device: str):
     import torch
 
-    from layers_core.device_policy import choose_dtype, should_auto_promote_unembed, unembed_weights_for_analysis
+    from layers_core.device_policy import (
+        choose_dtype,
+        should_auto_promote_unembed,
+        unembed_weights_for_analysis,
+    )
     from layers_core.models import load_model, peek_model_type
     from layers_core.numerics import output_logits_transform
     from layers_core.sweep import UnembedPath
@@ -249,7 +253,8 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
         "model_stats": report.model_stats(model),
         "gold_answer": report.gold_answer_block(result.gold),
         "provenance": report.provenance(
-            device=device, dtype=dtype, model_source=source.kind, model_path=source.path or "",
+            device=device, dtype=dtype, model_source=source.kind,
+            model_path=source.path or getattr(model.original_model.config, "_name_or_path", ""),
             bos_prepended=_bos_prepended(model, result), n_tokens=int(result.tokens.shape[1]),
             started_at=started_at, argv=sys.argv),
     }

@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from layers_core.lens import lens_statistics, normalise_layers, rows_per_block
 from layers_core.numerics import output_logits_transform
 from layers_core.sweep import SweepSettings, UnembedPath, run_sweep
-from tiny_models import FAMILIES
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 TOLERANCE_BITS = 2e-3

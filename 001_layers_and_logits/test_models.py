@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from tiny_models import FAMILIES
 
 from layers_core.sweep import forward_with_residuals
-from tiny_models import FAMILIES
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

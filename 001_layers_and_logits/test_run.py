@@ -1,6 +1,7 @@
 """run.py end to end: CLI, outputs on every fixture family, self-test, errors, the real model."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,12 +10,12 @@ import time
 
 import pandas as pd
 import pytest
-import torch
-
 import run
+import torch
+from tiny_models import FAMILIES
+
 from conftest import RUN_PY
 from layers_core.csv_io import pure_header, records_header
-from tiny_models import FAMILIES
 
 FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "--copy-margin",
          "--no-copy-entropy-fallback", "--norm", "--prompt", "--answer", "--out_dir",
@@ -50,11 +51,6 @@ def _read_csv(path):
 def _outputs(directory, name):
     stem = os.path.join(directory, f"output-{name}")
     return stem + ".json", stem + "-records.csv", stem + "-pure-next-token.csv"
-
-
-def _run(argv, capsys=None):
-    code = run.main(argv)
-    return code
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +101,8 @@ def test_config_defaults_have_one_home():
     assert (config.copy_threshold, config.copy_margin) == (COPY_THRESHOLD, COPY_MARGIN)
     assert (config.prompt, config.answer) == (DEFAULT_PROMPT, DEFAULT_ANSWER)
     assert parsed.copy_threshold == config.copy_threshold and parsed.norm == config.norm_strategy
-    with pytest.raises(Exception):
-        config.device = "cuda"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.device = "cuda"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -352,6 +348,7 @@ def test_bundled_default_model_run(bundled_run):
     frame = pd.read_csv(_outputs(out, "SmolLM2-135M-Instruct")[2], keep_default_na=False)
     assert doc["provenance"]["model_source"] == "bundled_default"
     assert doc["provenance"]["n_tokens"] == 17 and doc["provenance"]["bos_prepended"] is True
+    assert doc["provenance"]["model_path"].endswith("smollm2-135m-instruct-q4_1-fp32")
     assert doc["final_prediction"]["topk"][0][0] == " Berlin"
     assert doc["final_prediction"]["topk"][0][1] == pytest.approx(0.82, abs=0.03)
     assert doc["gold_answer"]["first_id"] == 11452 and doc["gold_answer"]["variant"] == "with_space"

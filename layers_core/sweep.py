@@ -269,11 +269,12 @@ def _param_dtype(model: Any) -> torch.dtype:
 
 def self_test_verdict(consistency: dict) -> tuple[bool, str]:
     """(passed, the one-line verdict) for a consistency record."""
-    kl, tolerance = consistency["kl_bits"], consistency["tolerance_bits"]
+    measured = (f"KL(model‖lens) = {consistency['kl_bits']:.3e} bits "
+                f"(tolerance {consistency['tolerance_bits']:g})")
     if consistency["passed"]:
-        return True, f"✅ Self-test passed: KL(model‖lens) = {kl:.3e} bits (tolerance {tolerance:g})"
-    return False, (f"❌ Self-test FAILED: KL(model‖lens) = {kl:.3e} bits (tolerance {tolerance:g}), "
-                   f"top-1 agree = {consistency['top1_agree']}, compute {consistency['compute_dtype']}")
+        return True, f"✅ Self-test passed: {measured}"
+    return False, (f"❌ Self-test FAILED: {measured}, top-1 agree = {consistency['top1_agree']}, "
+                   f"compute {consistency['compute_dtype']}")
 
 
 def norm_kind_of(module: Any) -> str:
