@@ -71,7 +71,7 @@ class SweepResult:
     tokens: Tensor  # [1, T] on the model's device
     str_tokens: list[str]
     gold: dict
-    model_logits: Tensor  # [T, V] float32, the model's own
+    model_logits: Tensor  # [1, V] float32, the model's own at the last position
     records: list[dict]
     pure_rows: list[dict]
     norm_per_layer: list[dict]
@@ -81,11 +81,17 @@ class SweepResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
-def forward_with_residuals(model: Any, tokens: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """One forward pass with the n+1 residual hooks → (logits ``[T, V]`` float32, L × ``[T, d]``)."""
+def forward_with_residuals(
+    model: Any, tokens: Tensor, last_logits_only: bool = True
+) -> tuple[Tensor, list[Tensor]]:
+    """One forward pass with the n+1 residual hooks → (model logits float32, L × ``[T, d]``).
+
+    The logits are the model's own, ``[1, V]`` at the last position when ``last_logits_only``
+    (HF's ``logits_to_keep=1`` skips T−1 rows of the head's matmul), else ``[T, V]``.
+    """
     names = residual_hook_names(int(model.cfg.n_layers))
     with torch.inference_mode(), residual_cache(model) as (cache, _):
-        logits = model(tokens)
+        logits = model(tokens, logits_to_keep=1) if last_logits_only else model(tokens)
     return logits[0].float(), [cache.pop(name)[0] for name in names]
 
 
