@@ -3,8 +3,8 @@
 ``venv/bin/python 001_layers_and_logits/bench_sweep.py [--runs 5] [--skip-long]``
 
 Per model (the bundled SmolLM2-135M-Instruct, and a synthetic Llama-shaped model with a
-128,256-token vocabulary), on the legacy prompt, CPU float32, medians over ``--runs`` after a
-warm-up, all in one process:
+128,256-token vocabulary), on the legacy prompt, CPU float32, medians over ``--runs`` taken
+round-robin after a warm-up, all in one process:
 
 - ``floor_s``: HF forward with hidden states + one batched unembedding of all (n+1)·T rows + one
   log-softmax: the arithmetic no logit lens can avoid;
@@ -49,6 +49,20 @@ def _median_s(fn, runs: int) -> float:
         fn()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def _interleaved_medians_s(fns, runs: int) -> list[float]:
+    """Medians of ``runs`` timings per function, taken round-robin after one warm-up each, so
+    that drifts in machine load hit every contender alike."""
+    for fn in fns:
+        fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, out in zip(fns, samples):
+            started = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - started)
+    return [statistics.median(out) for out in samples]
 
 
 def _peak_rss_mb() -> float:
@@ -145,11 +159,13 @@ def bench_model(name: str, path: str, runs: int) -> dict:
     tokens = model.to_tokens(DEFAULT_PROMPT)
     result = run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed)
     _check_agreement(result.records, legacy_loop(model, DEFAULT_PROMPT, unembed, norms))
-    floor_s = _median_s(lambda: floor(model, tokens), runs)
     # a fresh decoder per run: decoding is part of the sweep's cost, not amortised across runs
-    sweep_s = _median_s(lambda: run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed,
-                                          decoder=TokenDecoder(model.tokenizer)), runs)
-    loop_s = _median_s(lambda: legacy_loop(model, DEFAULT_PROMPT, unembed, norms), runs)
+    floor_s, sweep_s, loop_s = _interleaved_medians_s([
+        lambda: floor(model, tokens),
+        lambda: run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed,
+                          decoder=TokenDecoder(model.tokenizer)),
+        lambda: legacy_loop(model, DEFAULT_PROMPT, unembed, norms),
+    ], runs)
     return {"model": name, "floor_s": round(floor_s, 4), "sweep_s": round(sweep_s, 4),
             "loop_s": round(loop_s, 4), "sweep_over_floor": round(sweep_s / floor_s, 3),
             "loop_over_sweep": round(loop_s / sweep_s, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
