@@ -323,7 +323,7 @@ def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
         document = run_experiment_for_model(model_id, files, config)
     except StageError as failure:
         print(f"❌ {source.clean_name}: {failure.stage} failed: "
-              f"{type(failure.error).__name__}: {_one_line(failure.error)}", file=sys.stderr)
+              f"{type(failure.error).__name__}: {report.first_line(failure.error)}", file=sys.stderr)
         if files is not None:
             _write_json(files["json"], report.error_document(
                 failure.error, failure.stage, source.model_id, datetime.now(),
@@ -338,11 +338,6 @@ def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
     where = publish_staging_dir(directory, RUN_BASE_DIR, success=True) if managed else directory
     print(f"✅ {source.clean_name}: results in {where}")
     return EXIT_OK
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _self_test_verdict(consistency: dict) -> int:

@@ -287,6 +287,7 @@ def test_missing_model_dir_error_document_and_untouched_run_latest_regression_de
     doc = _strict_json(tmp_path / failed[0] / "output-no-such-model.json")
     assert doc["error"]["stage"] == "load" and doc["error"]["type"] == "ModelLoadError"
     assert set(doc["error"]) == {"type", "message", "stage", "model", "timestamp"}
+    assert list(doc) == ["error", "provenance"] and doc["provenance"]["model_source"] == "local_dir"
 
 
 @pytest.mark.parametrize("make_dir,needle", [

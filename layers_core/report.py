@@ -229,13 +229,18 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an exception's message (its class name if it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def error_document(
     error: BaseException, stage: str, model_id: str, now: datetime, known_provenance: dict
 ) -> dict:
     """The strict-JSON failure document (SPEC §5.4)."""
     return {
-        "error": {"type": type(error).__name__, "message": str(error).strip().splitlines()[0]
-                  if str(error).strip() else type(error).__name__,
-                  "stage": stage, "model": model_id, "timestamp": now.strftime(TIMESTAMP_FORMAT)},
+        "error": {"type": type(error).__name__, "message": first_line(error), "stage": stage,
+                  "model": model_id, "timestamp": now.strftime(TIMESTAMP_FORMAT)},
         "provenance": known_provenance,
     }

@@ -30,7 +30,7 @@ from layers_core.csv_io import (
 )
 from layers_core.hooks import residual_cache, residual_hook_names
 from layers_core.lens import DEFAULT_BUDGET_BYTES, LensStats, lens_statistics, normalise_layers
-from layers_core.norm_utils import apply_norm_or_skip, classify_norm, lens_norm_plan, unwrap_norm
+from layers_core.norm_utils import apply_norm_or_skip, classify_norm, lens_norm_plan
 from layers_core.numerics import kl_bits_from_log_probs, unembed_logits
 
 CONSISTENCY_TOLERANCE_BITS = 1e-6  # float32 last-layer lens vs the model's own logits
@@ -281,8 +281,3 @@ def self_test_verdict(consistency: dict) -> tuple[bool, str]:
         return True, f"✅ Self-test passed: {measured}"
     return False, (f"❌ Self-test FAILED: {measured}, top-1 agree = {consistency['top1_agree']}, "
                    f"compute {consistency['compute_dtype']}")
-
-
-def norm_kind_of(module: Any) -> str:
-    """Class name after unwrapping (for the legacy diagnostics)."""
-    return type(unwrap_norm(module)).__name__
