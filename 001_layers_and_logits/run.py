@@ -47,6 +47,7 @@ class ExperimentConfig:
     prompt: str = LEGACY_PROMPT
     answer: str = "Berlin"
     quiet: bool = False  # only errors and verdicts on the console
+    plots: bool = True  # lens heatmap and layer curves beside the CSVs
 
 
 _DEFAULTS = ExperimentConfig()
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(KL <= 1e-6 bits, float32); writes nothing")
     parser.add_argument("--quiet", action="store_true",
                         help="Print only errors and the final verdict")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="Do not draw the lens heatmap and layer-curve PNGs")
     return parser
 
 
@@ -110,6 +113,7 @@ def _config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         out_dir=args.out_dir, self_test=args.self_test,
         prompt=_DEFAULTS.prompt if args.prompt is None else args.prompt,
         answer=_DEFAULTS.answer if args.answer is None else args.answer, quiet=args.quiet,
+        plots=not args.no_plots,
     )
 
 
@@ -208,6 +212,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
     from layers_core.sweep import (
         SweepSettings,
         TokenDecoder,
+        compare_lenses,
         last_layer_consistency,
         run_sweep,
         self_test,
@@ -238,6 +243,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
     stages.timing["lens_s"] = result.timing["lens_s"]
     consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
                                          result.gold["first_id"], unembed, dtype)
+    comparison = stages.run("lens", compare_lenses, model, result, unembed, settings, decoder)
     _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens")
     test_prompts = stages.run("forward", report.test_prompt_entries, model, decoder)
     model_last = result.model_logits[-1]
@@ -257,6 +263,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
             model_path=source.path or getattr(model.original_model.config, "_name_or_path", ""),
             bos_prepended=_bos_prepended(model, result), n_tokens=int(result.tokens.shape[1]),
             started_at=started_at, argv=sys.argv),
+        "lens_comparison": report.lens_comparison_block(result, comparison, config.norm_strategy),
     }
     diag = document["diagnostics"]
     _say(config, f"  lens     {stages.timing['lens_s']:6.2f} s  norm={config.norm_strategy}; "
@@ -264,7 +271,9 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                  f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
                  f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
                  f"last-layer KL {consistency['kl_bits']:.2e} bits")
-    stages.run("write", _write_outputs, output_files, result, source.clean_name, config)
+    stages.run("write", _write_outputs, output_files, result, comparison, source.clean_name, config)
+    if config.plots:
+        stages.run("write", _write_plots, output_files, result, comparison, document, config)
     document["timing"] = {key: round(stages.timing.get(key, 0.0), 4)
                           for key in ("load_s", "forward_s", "lens_s", "write_s")}
     document["timing"]["total_s"] = round(stages.total(), 4)
@@ -286,10 +295,14 @@ def _write_json(path: str, document: dict) -> None:
     atomic_write(path, to_strict_json(document) + "\n")
 
 
-def _write_outputs(output_files: dict[str, str], result, clean_name: str, config: ExperimentConfig) -> None:
-    from layers_core.csv_io import write_csv_files
+def _write_outputs(output_files: dict[str, str], result, comparison, clean_name: str,
+                   config: ExperimentConfig) -> None:
+    from layers_core.csv_io import write_csv_files, write_pure_csv
+    from layers_core.run_dir import comparison_csv_path
 
     write_csv_files(result.records, result.pure_rows, output_files["records"], output_files["pure"])
+    write_pure_csv(comparison.pure_rows,
+                   comparison_csv_path(output_files["dir"], clean_name, comparison.strategy))
     if config.keep_residuals:
         import io
 
@@ -301,6 +314,21 @@ def _write_outputs(output_files: dict[str, str], result, clean_name: str, config
             buffer = io.BytesIO()
             torch.save(resid.detach().cpu().unsqueeze(0).clone(), buffer)
             atomic_write(residual_path(output_files["dir"], clean_name, layer), buffer.getvalue())
+
+
+def _write_plots(output_files: dict[str, str], result, comparison, document: dict,
+                 config: ExperimentConfig) -> None:
+    from layers_core import plots
+
+    diag = document["diagnostics"]
+    model_name = document["diagnostics"]["model"]
+    marks = {"L_copy": diag["L_copy"], "L_semantic": diag["L_semantic"]}
+    title = f"{model_name} — {config.norm_strategy} lens — {config.prompt!r}"
+    plots.save_figure(plots.lens_heatmap(result.records, title, marks), output_files["lens_png"])
+    curves = plots.layer_curves(
+        result.pure_rows, title, config.norm_strategy, comparison.pure_rows, comparison.strategy,
+        {**marks, "first_rank_le_5": diag["milestones"]["first_rank_le_5"]})
+    plots.save_figure(curves, output_files["curves_png"])
 
 
 def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
@@ -354,7 +382,8 @@ def _forwarded_flags(config: ExperimentConfig) -> list[str]:
              "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin)]
     switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
                 "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
-                "--self-test": config.self_test, "--quiet": config.quiet}
+                "--self-test": config.self_test, "--quiet": config.quiet,
+                "--no-plots": not config.plots}
     flags += [flag for flag, on in switches.items() if on]
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
         flags += ["--prompt", config.prompt, "--answer", config.answer]

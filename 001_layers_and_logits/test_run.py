@@ -19,9 +19,9 @@ from layers_core.csv_io import pure_header, records_header
 
 FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "--copy-margin",
          "--no-copy-entropy-fallback", "--norm", "--prompt", "--answer", "--out_dir",
-         "--self-test", "--quiet"]
+         "--self-test", "--quiet", "--no-plots"]
 TOP_KEYS = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
-            "model_stats", "gold_answer", "provenance", "timing"]
+            "model_stats", "gold_answer", "provenance", "lens_comparison", "timing"]
 DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
              "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
              "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
@@ -60,7 +60,7 @@ def family_runs(tiny_dirs, tmp_path_factory):
     for family, path in tiny_dirs.items():
         out = tmp_path_factory.mktemp(f"out-{family}")
         code = run.main([path, "--out_dir", str(out), "--prompt", PROMPT, "--answer", ANSWER,
-                         "--quiet"])
+                         "--quiet", "--no-plots"])  # plots: test_plots.py and the bundled run
         results[family] = (code, str(out))
     return results
 
@@ -328,7 +328,7 @@ def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
 
 def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
     done = subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], tiny_dirs["gpt2"],
-                           "--self-test", "--quiet"], capture_output=True, text=True)
+                           "--self-test", "--quiet", "--no-plots"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Self-test passed") == 2
 
@@ -348,6 +348,8 @@ def test_bundled_default_model_run(bundled_run):
     doc = _strict_json(_outputs(out, "SmolLM2-135M-Instruct")[0])
     frame = pd.read_csv(_outputs(out, "SmolLM2-135M-Instruct")[2], keep_default_na=False)
     assert doc["provenance"]["model_source"] == "bundled_default"
+    for picture in ("lens", "curves"):  # a person looks at these first
+        assert os.path.getsize(os.path.join(out, f"output-SmolLM2-135M-Instruct-{picture}.png")) > 50_000
     assert doc["provenance"]["n_tokens"] == 17 and doc["provenance"]["bos_prepended"] is True
     assert doc["provenance"]["model_path"].endswith("smollm2-135m-instruct-q4_1-fp32")
     assert doc["final_prediction"]["topk"][0][0] == " Berlin"
@@ -382,3 +384,21 @@ def test_kl_sanity_script_is_the_same_gate(tiny_dirs):
     missing = subprocess.run([sys.executable, script, "/no/such/dir"], capture_output=True,
                              text=True)
     assert missing.returncode == 1 and "model directory not found" in missing.stderr
+
+
+def test_comparison_lens_csv_and_block(family_runs, load_bridge):
+    out = family_runs["llama"][1]
+    doc = _strict_json(_outputs(out, "llama")[0])
+    block = doc["lens_comparison"]
+    assert (block["chosen"], block["other"]) == ("arch", "final")
+    frame = pd.read_csv(os.path.join(out, "output-llama-pure-next-token-final.csv"))
+    assert list(frame.columns) == pure_header()
+    n = load_bridge("llama").cfg.n_layers
+    assert len(frame) == n + 1 and len(block["per_layer"]) == n + 1
+    last = block["per_layer"][-1]  # both lenses decode the last layer through ln_final
+    assert last["top1_agree"] is True and last["kl_bits"] < 1e-6
+    assert block["per_layer"][0]["kl_bits"] > 1e-3  # ln1 of block 0 vs ln_final differ
+    assert set(block["milestones"]) == {"arch", "final"}
+    arch = pd.read_csv(_outputs(out, "llama")[2])
+    assert frame["kl_to_final_bits"].iloc[-1] == pytest.approx(arch["kl_to_final_bits"].iloc[-1],
+                                                               abs=1e-6)

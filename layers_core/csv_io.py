@@ -86,6 +86,12 @@ def render_csv(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_pure_csv(pure_records: Iterable[Mapping[str, Any]], path: str,
+                   top_k: int = TOP_K_VERBOSE) -> None:
+    """Writes one pure next-token CSV (e.g. the comparison lens's) atomically."""
+    atomic_write(path, render_csv(pure_records, pure_header(top_k)))
+
+
 def write_csv_files(
     records: Iterable[Mapping[str, Any]],
     pure_records: Iterable[Mapping[str, Any]],

@@ -67,9 +67,11 @@ def last_position_log_probs(model: Any, prompts: Sequence[str]) -> Tensor:
                        device=rows[0].device)
     for index, row in enumerate(rows):
         batch[index, : len(row)] = row
+    last_positions = torch.unique(lengths - 1)  # sorted; the head runs only at these positions
     with torch.inference_mode():
-        logits = model(batch)
-    last = logits[torch.arange(len(rows)), (lengths - 1).to(logits.device)].float()
+        logits = model(batch, logits_to_keep=last_positions.to(batch.device))
+    column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
+    last = logits[torch.arange(len(rows), device=logits.device), column].float()
     return torch.log_softmax(last, dim=-1)
 
 
@@ -178,6 +180,21 @@ def diagnostics(
         "last_layer_consistency": {**consistency, "post_unembed_transform": transform_record},
     }
     return document
+
+
+def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str) -> dict:
+    """The chosen lens vs the other standard view at the last position (issue: both lenses)."""
+    return {
+        "chosen": chosen,
+        "other": comparison.strategy,
+        "per_layer": comparison.per_layer,
+        "top1_agreement_fraction": (sum(r["top1_agree"] for r in comparison.per_layer)
+                                    / max(1, len(comparison.per_layer))),
+        "milestones": {chosen: compute_milestones(result.pure_rows),
+                       comparison.strategy: compute_milestones(comparison.pure_rows)},
+        "summary": {chosen: summarize_collapse(result.pure_rows),
+                    comparison.strategy: summarize_collapse(comparison.pure_rows)},
+    }
 
 
 def gold_answer_block(gold: dict) -> dict:

@@ -126,7 +126,13 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
     """The files of one model's run inside ``directory``, keyed by role."""
     stem = os.path.join(directory, f"output-{clean_name}")
     return {"json": f"{stem}.json", "records": f"{stem}-records.csv",
-            "pure": f"{stem}-pure-next-token.csv", "dir": directory}
+            "pure": f"{stem}-pure-next-token.csv", "lens_png": f"{stem}-lens.png",
+            "curves_png": f"{stem}-curves.png", "dir": directory}
+
+
+def comparison_csv_path(directory: str, clean_name: str, norm_strategy: str) -> str:
+    """``output-<clean>-pure-next-token-<norm>.csv``: the pure rows under the comparison lens."""
+    return os.path.join(directory, f"output-{clean_name}-pure-next-token-{norm_strategy}.csv")
 
 
 def residual_path(directory: str, clean_name: str, layer: int) -> str:

@@ -77,6 +77,7 @@ class SweepResult:
     norm_per_layer: list[dict]
     resid_normed: list[Tensor]  # L × [T, d] in the compute dtype
     last_block_resid: Tensor  # [d], blocks.{n-1}.hook_resid_post at T−1
+    last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
 
@@ -143,8 +144,12 @@ def build_pure_rows(
     gold: dict,
     vocab: dict[int, str],
     settings: SweepSettings,
+    position: int | None = None,
 ) -> list[dict]:
-    """One row per layer at the last position: top-5, flags and metrics (SPEC §4.2, §4.4, §4.5)."""
+    """One row per layer at the last position: top-5, flags and metrics (SPEC §4.2, §4.4, §4.5).
+
+    ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position.
+    """
     last = stats.entropy_bits.shape[1] - 1
     entropy = stats.entropy_bits[:, last]
     ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
@@ -157,7 +162,8 @@ def build_pure_rows(
     rows = []
     for layer, (h, top_ids, top_p, kl) in enumerate(zip(
             entropy.tolist(), ids.tolist(), probs.tolist(), stats.kl_to_final_bits.tolist())):
-        row = {"layer": layer, "pos": last, "token": NEXT_TOKEN_LABEL, "entropy": h}
+        row = {"layer": layer, "pos": last if position is None else position,
+               "token": NEXT_TOKEN_LABEL, "entropy": h}
         row.update(_topk_cells(top_ids, top_p, TOP_K_RECORD, vocab))
         rank = ranks[layer]
         is_answer = rank == 1 if resolved else is_semantic_top1(vocab[top_ids[0]], gold["string"])
@@ -204,6 +210,7 @@ def run_sweep(
     warnings: list[str] = []
     plan = lens_norm_plan(model, settings.norm_strategy)
     last_block_resid = residuals[-1][-1]
+    last_position_resid = torch.stack([resid[-1] for resid in residuals])
     with torch.inference_mode():
         resid_normed = normalise_layers(residuals, [m for m, _ in plan], [lb for _, lb in plan],
                                         warnings)
@@ -220,7 +227,8 @@ def run_sweep(
         prompt=prompt, tokens=tokens, str_tokens=str_tokens, gold=gold, model_logits=model_logits,
         records=records, pure_rows=pure,
         norm_per_layer=describe_norm_plan(model, settings.norm_strategy),
-        resid_normed=resid_normed, last_block_resid=last_block_resid, warnings=warnings,
+        resid_normed=resid_normed, last_block_resid=last_block_resid,
+        last_position_resid=last_position_resid, warnings=warnings,
         timing={"forward_s": forwarded - started, "lens_s": finished - forwarded},
     )
 
@@ -281,3 +289,51 @@ def self_test_verdict(consistency: dict) -> tuple[bool, str]:
         return True, f"✅ Self-test passed: {measured}"
     return False, (f"❌ Self-test FAILED: {measured}, top-1 agree = {consistency['top1_agree']}, "
                    f"compute {consistency['compute_dtype']}")
+
+
+COMPARISON_STRATEGY = {"arch": "final", "final": "arch", "none": "final"}
+
+
+@dataclass
+class LensComparison:
+    """The other standard lens at the last position, and how it differs from the chosen one."""
+
+    strategy: str
+    pure_rows: list[dict]
+    per_layer: list[dict]  # {layer, top1_agree, kl_bits}: KL(chosen ‖ other) in bits
+
+
+def compare_lenses(
+    model: Any,
+    result: SweepResult,
+    unembed: UnembedPath,
+    settings: SweepSettings,
+    decoder: TokenDecoder,
+    strategy: str | None = None,
+) -> LensComparison:
+    """Decodes the last position of every layer with a second norm strategy (default: the other
+    standard view, arch ↔ final) from the residuals the sweep kept: no extra forward pass."""
+    other = strategy or COMPARISON_STRATEGY[settings.norm_strategy]
+    plan = lens_norm_plan(model, other)
+    final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
+    seq_last = int(result.tokens.shape[1]) - 1
+    with torch.inference_mode():
+        normed = normalise_layers([row.unsqueeze(0) for row in result.last_position_resid],
+                                  [m for m, _ in plan], [lb for _, lb in plan])
+        stats = lens_statistics(normed, unembed.W_U, unembed.b_U, unembed.transform, final_lp,
+                                result.gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
+                                settings.budget_bytes)
+        chosen_plan = lens_norm_plan(model, settings.norm_strategy)
+        chosen = normalise_layers([row.unsqueeze(0) for row in result.last_position_resid],
+                                  [m for m, _ in chosen_plan], [lb for _, lb in chosen_plan])
+        chosen_lp = torch.log_softmax(unembed.logits(torch.cat(chosen)), dim=-1)
+        other_lp = torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
+        kl = kl_bits_from_log_probs(chosen_lp, other_lp).tolist()
+        agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
+    vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
+    rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
+                           vocab, SweepSettings(**{**settings.__dict__, "norm_strategy": other}),
+                           position=seq_last)
+    per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_bits": k}
+                 for layer, (a, k) in enumerate(zip(agree, kl))]
+    return LensComparison(other, rows, per_layer)

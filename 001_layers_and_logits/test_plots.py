@@ -1,0 +1,75 @@
+"""plots: real PNGs from run.py, figures from synthetic rows of any depth, --no-plots."""
+
+import os
+import struct
+
+import pytest
+
+import run
+from layers_core.plots import display_token, layer_curves, lens_heatmap, save_figure, strided_layers
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    assert head[:8] == PNG_MAGIC
+    return struct.unpack(">II", head[16:24])
+
+
+def _synthetic(n_layers, tokens):
+    records, pure = [], []
+    for layer in range(n_layers + 1):
+        for pos, tok in enumerate(tokens):
+            p1 = min(0.99, 0.01 + layer / (n_layers + 1))
+            records.append({"layer": layer, "pos": pos, "token": tok, "top1": tok[::-1] or "x",
+                            "prob1": p1, "entropy": 10 * (1 - p1)})
+        pure.append({"layer": layer, "pos": len(tokens) - 1, "entropy": 5.0 - layer / n_layers,
+                     "p_answer": 10 ** -(n_layers - layer), "answer_rank": n_layers - layer + 1,
+                     "kl_to_final_bits": float(n_layers - layer)})
+    return records, pure
+
+
+@pytest.mark.parametrize("n_layers", [2, 80])
+def test_figures_from_synthetic_rows_of_any_depth(tmp_path, n_layers):
+    tokens = ["<bos>", " Ber", "lin\n", "🙂", "a$b", "", "\x0b"]
+    records, pure = _synthetic(n_layers, tokens)
+    marks = {"L_copy": None, "L_semantic": n_layers - 3 if n_layers > 3 else None}
+    heat = lens_heatmap(records, "title", marks, color_by="entropy")
+    rows_drawn = len(heat.axes[0].get_yticks())
+    assert rows_drawn == (n_layers + 1 if n_layers < 36 else rows_drawn)
+    assert rows_drawn <= 40
+    labels = [t.get_text() for t in heat.axes[0].get_yticklabels()]
+    assert labels[-1].startswith(str(n_layers))  # the last layer is always shown
+    assert "entropy (bits)" in heat.axes[1].get_ylabel()
+    save_figure(heat, str(tmp_path / "h.png"))
+    curves = layer_curves(pure, "title", "arch", pure, "final", {})
+    save_figure(curves, str(tmp_path / "c.png"))
+    width, height = _png_size(tmp_path / "h.png")
+    assert width > 300 and height > 150
+    assert os.path.getsize(tmp_path / "c.png") > 20_000  # real content, not an empty canvas
+
+
+def test_strided_layers_keep_last_and_marked():
+    chosen = strided_layers(81, [37, None], max_rows=20)
+    assert chosen[0] == 0 and chosen[-1] == 80 and 37 in chosen and len(chosen) <= 23
+    assert strided_layers(10, []) == list(range(10))
+
+
+def test_display_token_escapes_and_truncates():
+    assert display_token("x\ny") == "x⏎y"
+    assert display_token(" Berlin") == "␣Berlin"
+    assert display_token("") == "∅"
+    assert display_token("\x0b") == "\\x0b"
+    assert display_token("abcdefghijklmnop", 6) == "abcde…"
+
+
+def test_run_writes_both_pngs_and_no_plots_writes_none(tiny_dirs, tmp_path):
+    assert run.main([tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "with"), "--quiet"]) == 0
+    for suffix in ("lens", "curves"):
+        width, _ = _png_size(tmp_path / "with" / f"output-gemma2-{suffix}.png")
+        assert width > 300
+    assert run.main([tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "without"), "--quiet",
+                     "--no-plots"]) == 0
+    assert not [f for f in os.listdir(tmp_path / "without") if f.endswith(".png")]

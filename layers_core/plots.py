@@ -1,0 +1,170 @@
+"""Pictures of a sweep: the logit-lens heatmap and per-layer curves (matplotlib, imported lazily).
+
+Every function takes the same row dicts the CSV writers take and returns a ``Figure``; notebooks
+display it, scripts save it with ``save_figure`` (Agg backend, atomic write). Colours use
+``viridis``, whose luminance rises monotonically, so the figures survive greyscale printing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+HEATMAP_MAX_ROWS = 36  # deeper models are strided to this many layer rows (the last always shown)
+TOKEN_LABEL_CHARS = 10
+CELL_LABEL_CHARS = 7
+COLOR_BY = {"p_top1": ("prob1", "top-1 probability"), "entropy": ("entropy", "entropy (bits)")}
+_ESCAPES = {"\n": "⏎", "\r": "␍", "\t": "⇥", "$": r"\$"}
+
+
+def _printable(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    return char if char.isprintable() else f"\\x{ord(char):02x}"
+
+
+def _pyplot():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")  # scripts and tests: never try to open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def display_token(text: str, limit: int = TOKEN_LABEL_CHARS) -> str:
+    """A printable, bounded label: control characters shown as symbols, leading space as ␣."""
+    shown = "".join(_printable(char) for char in text)
+    if shown.startswith(" "):
+        shown = "␣" + shown[1:]
+    shown = shown or "∅"
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def strided_layers(n_layers_plus_one: int, marked: Sequence[int | None],
+                   max_rows: int = HEATMAP_MAX_ROWS) -> list[int]:
+    """Layer indices to draw: all if few, else an even stride plus the last and marked layers."""
+    last = n_layers_plus_one - 1
+    if n_layers_plus_one <= max_rows:
+        return list(range(n_layers_plus_one))
+    step = -(-n_layers_plus_one // max_rows)
+    chosen = set(range(0, n_layers_plus_one, step)) | {last}
+    chosen |= {layer for layer in marked if layer is not None and 0 <= layer <= last}
+    return sorted(chosen)
+
+
+def lens_heatmap(
+    records: Sequence[Mapping[str, Any]],
+    title: str,
+    marks: Mapping[str, int | None] | None = None,
+    color_by: str = "p_top1",
+    max_rows: int = HEATMAP_MAX_ROWS,
+):
+    """Layers (rows, layer 0 at the bottom) × positions (columns), each cell the top-1 token.
+
+    ``records`` are records rows (``layer``, ``pos``, ``token``, ``top1``, ``prob1``, ``entropy``);
+    ``marks`` names layers to flag (e.g. ``{"L_copy": 0, "L_semantic": 30}``). The last column is
+    the prediction of the next, unseen token (⟨NEXT⟩).
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    key, label = COLOR_BY[color_by]
+    marks = {name: layer for name, layer in (marks or {}).items() if layer is not None}
+    n_rows = max(int(r["layer"]) for r in records) + 1
+    n_pos = max(int(r["pos"]) for r in records) + 1
+    layers = strided_layers(n_rows, list(marks.values()), max_rows)
+    values = np.full((len(layers), n_pos), np.nan)
+    texts = [[""] * n_pos for _ in layers]
+    tokens = [""] * n_pos
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    for record in records:
+        layer, pos = int(record["layer"]), int(record["pos"])
+        tokens[pos] = str(record["token"])
+        if layer in row_of:
+            values[row_of[layer], pos] = float(record[key])
+            texts[row_of[layer]][pos] = display_token(str(record["top1"]), CELL_LABEL_CHARS)
+
+    width = min(40.0, 2.5 + 0.85 * n_pos)
+    height = min(30.0, 1.8 + 0.34 * len(layers))
+    fig, ax = plt.subplots(figsize=(width, height))
+    vmax = 1.0 if color_by == "p_top1" else max(1.0, float(np.nanmax(values)))
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax)
+    for i in range(len(layers)):
+        for j in range(n_pos):
+            shade = (values[i, j] / vmax) if np.isfinite(values[i, j]) else 0.0
+            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7,
+                    color="black" if shade > 0.6 else "white")
+    x_labels = [display_token(t) for t in tokens]
+    x_labels[-1] = f"{x_labels[-1]}\n→ ⟨NEXT⟩"
+    ax.set_xticks(range(n_pos), x_labels, rotation=60, ha="right", fontsize=8)
+    y_labels = [str(layer) + "".join(f"  ◀ {name}" for name, at in marks.items() if at == layer)
+                for layer in layers]
+    ax.set_yticks(range(len(layers)), y_labels, fontsize=8)
+    for name, at in marks.items():
+        if at in row_of:
+            ax.axhline(row_of[at], color="red", linewidth=0.8, alpha=0.6)
+    ax.set_xlabel("prompt position (input token)")
+    ax.set_ylabel("layer (0 = embeddings)" + (", strided" if len(layers) < n_rows else ""))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=f"{label} of the top-1 token" if color_by == "p_top1" else label,
+                 fraction=0.03, pad=0.01)
+    fig.subplots_adjust(left=0.1, right=0.94, bottom=1.1 / height, top=1 - 0.45 / height)
+    return fig
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(int(r["layer"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def layer_curves(
+    pure_rows: Sequence[Mapping[str, Any]],
+    title: str,
+    lens_name: str,
+    comparison_rows: Sequence[Mapping[str, Any]] | None = None,
+    comparison_name: str | None = None,
+    marks: Mapping[str, int | None] | None = None,
+):
+    """Entropy, p_answer (log), answer rank (log) and KL to the final layer against layer."""
+    plt = _pyplot()
+    panels = [("entropy", "entropy (bits)", "linear"), ("p_answer", "p(answer)", "log"),
+              ("answer_rank", "answer rank", "log"), ("kl_to_final_bits", "KL to final (bits)", "linear")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        for rows, name, style in ((pure_rows, lens_name, "-"), (comparison_rows, comparison_name, "--")):
+            if rows:
+                xs, ys = _series(rows, key)
+                if scale == "log":
+                    xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if ys else ((), ())
+                ax.plot(xs, ys, style, marker=".", markersize=4, label=f"{name} lens")
+        ax.set_yscale(scale)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        for (name, layer), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple")):
+            if layer is not None:
+                ax.axvline(layer, color=color, linestyle=":", linewidth=1.2, label=name)
+    for ax in axes[1]:
+        ax.set_xlabel("layer (0 = embeddings)")
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.93, hspace=0.08, wspace=0.2)
+    return fig
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Renders ``fig`` to PNG and writes it atomically; the figure is closed afterwards."""
+    from layers_core.run_dir import atomic_write
+
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():  # a glyph the font lacks (CJK, emoji) is drawn as a box
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buffer.getvalue())
