@@ -104,9 +104,8 @@ def lens_heatmap(
     y_labels = [str(layer) + "".join(f"  ◀ {name}" for name, at in marks.items() if at == layer)
                 for layer in layers]
     ax.set_yticks(range(len(layers)), y_labels, fontsize=8)
-    for name, at in marks.items():
-        if at in row_of:
-            ax.axhline(row_of[at], color="red", linewidth=0.8, alpha=0.6)
+    for at in set(marks.values()) & set(row_of):
+        ax.axhline(row_of[at], color="red", linewidth=0.8, alpha=0.6)
     ax.set_xlabel("prompt position (input token)")
     ax.set_ylabel("layer (0 = embeddings)" + (", strided" if len(layers) < n_rows else ""))
     ax.set_title(title, fontsize=10)
