@@ -48,6 +48,10 @@ class ExperimentConfig:
     answer: str = "Berlin"
     quiet: bool = False  # only errors and verdicts on the console
     plots: bool = True  # lens heatmap and layer curves beside the CSVs
+    prompts_file: str | None = None  # JSONL prompt set: one model load, a summary CSV
+    control: bool = True  # a control pass (France → Paris for the legacy prompt)
+    control_prompt: str | None = None  # None = the default control for the legacy prompt
+    control_answer: str | None = None
 
 
 _DEFAULTS = ExperimentConfig()
@@ -92,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Print only errors and the final verdict")
     parser.add_argument("--no-plots", action="store_true",
                         help="Do not draw the lens heatmap and layer-curve PNGs")
+    parser.add_argument("--prompts", metavar="FILE.jsonl",
+                        help="Prompt set: one JSON object per line with prompt, answer and an "
+                             "optional id (and control_prompt/control_answer)")
+    parser.add_argument("--control-prompt", help="Control prompt (requires --control-answer; "
+                        "default: the France → Paris version of the legacy prompt)")
+    parser.add_argument("--control-answer", help="Gold answer of the control prompt")
+    parser.add_argument("--no-control", action="store_true", help="Skip the control pass")
     return parser
 
 
@@ -106,6 +117,17 @@ def _config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}")
     if not 0.0 <= args.copy_margin < 1.0:
         parser.error(f"--copy-margin must be in [0, 1), got {args.copy_margin}")
+    if (args.control_prompt is None) != (args.control_answer is None):
+        parser.error("--control-prompt and --control-answer go together")
+    if args.prompts is not None:
+        if args.prompt is not None:
+            parser.error("--prompts and --prompt exclude each other")
+        try:  # a malformed set fails here, with its line number, before any model work
+            from layers_core.prompt_sets import load_prompt_set
+
+            load_prompt_set(args.prompts)
+        except ValueError as error:
+            parser.error(str(error))
     return ExperimentConfig(
         device=args.device, fp32_unembed=args.fp32_unembed, keep_residuals=args.keep_residuals,
         copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
@@ -113,7 +135,8 @@ def _config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         out_dir=args.out_dir, self_test=args.self_test,
         prompt=_DEFAULTS.prompt if args.prompt is None else args.prompt,
         answer=_DEFAULTS.answer if args.answer is None else args.answer, quiet=args.quiet,
-        plots=not args.no_plots,
+        plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
+        control_prompt=args.control_prompt, control_answer=args.control_answer,
     )
 
 
@@ -198,28 +221,13 @@ def _load(config: ExperimentConfig, source, device: str):
     return model, dtype, unembed
 
 
-def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None,
-                             config: ExperimentConfig) -> dict:
-    """Runs the sweep for one model and writes its files; returns the JSON document.
-
-    ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``). Failures are
-    raised as ``StageError`` carrying the stage (load, forward, lens, write).
-    """
-    from layers_core import report
+def _prepare(model_id: str | None, config: ExperimentConfig, stages: "_Stages"):
+    """Resolve the device, load the model and build the shared run context."""
+    from layers_core.analysis import RunContext
     from layers_core.device_policy import resolve_device
     from layers_core.models import resolve_model_source
-    from layers_core.numerics import get_post_unembed_transform
-    from layers_core.sweep import (
-        SweepSettings,
-        TokenDecoder,
-        compare_lenses,
-        last_layer_consistency,
-        run_sweep,
-        self_test,
-    )
+    from layers_core.sweep import SweepSettings, TokenDecoder
 
-    started_at = datetime.now()
-    stages = _Stages()
     source = resolve_model_source(model_id)
     device_warnings: list[str] = []
     device = resolve_device(config.device, device_warnings)
@@ -234,53 +242,124 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                              copy_margin=config.copy_margin,
                              copy_entropy_fallback=config.copy_entropy_fallback,
                              fp32_unembed=unembed.force_fp32)
-    decoder = TokenDecoder(model.tokenizer)
+    ctx = RunContext(model, source.model_id, device, dtype, unembed, settings,
+                     TokenDecoder(model.tokenizer))
+    return source, ctx
+
+
+def _control_for(config: ExperimentConfig, prompt: str) -> tuple[str, str] | None:
+    """The control pair: explicit flags, else France → Paris for the legacy prompt, else none."""
+    from layers_core.prompts import DEFAULT_CONTROL_ANSWER, DEFAULT_CONTROL_PROMPT
+
+    if not config.control:
+        return None
+    if config.control_prompt is not None:
+        return config.control_prompt, config.control_answer
+    return (DEFAULT_CONTROL_PROMPT, DEFAULT_CONTROL_ANSWER) if prompt == _DEFAULTS.prompt else None
+
+
+def _provenance(ctx, source, started_at, result):
+    from layers_core import report
+
+    return report.provenance(
+        device=ctx.device, dtype=ctx.dtype, model_source=source.kind,
+        model_path=source.path or getattr(ctx.model.original_model.config, "_name_or_path", ""),
+        bos_prepended=_bos_prepended(ctx.model, result), n_tokens=int(result.tokens.shape[1]),
+        started_at=started_at, argv=sys.argv)
+
+
+def _finish(document: dict, stages: "_Stages", json_path: str) -> dict:
+    document["timing"] = {key: round(stages.timing.get(key, 0.0), 4)
+                          for key in ("load_s", "forward_s", "lens_s", "write_s")}
+    document["timing"]["total_s"] = round(stages.total(), 4)
+    stages.run("write", _write_json, json_path, document)
+    return document
+
+
+def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None,
+                             config: ExperimentConfig) -> dict:
+    """Runs the sweep for one model and writes its files; returns the JSON document.
+
+    ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``). Failures are
+    raised as ``StageError`` carrying the stage (load, forward, lens, write).
+    """
+    from layers_core import report
+    from layers_core.analysis import analyse_prompt
+    from layers_core.sweep import self_test
+
+    started_at = datetime.now()
+    stages = _Stages()
+    source, ctx = _prepare(model_id, config, stages)
     if config.self_test:
         return {"last_layer_consistency": stages.run(
-            "forward", self_test, model, config.prompt, config.answer, unembed)}
-    result = stages.run("lens", run_sweep, model, config.prompt, config.answer, unembed, settings, decoder)
-    stages.timing["forward_s"] = result.timing["forward_s"]
-    stages.timing["lens_s"] = result.timing["lens_s"]
-    consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
-                                         result.gold["first_id"], unembed, dtype)
-    comparison = stages.run("lens", compare_lenses, model, result, unembed, settings, decoder)
+            "forward", self_test, ctx.model, config.prompt, config.answer, ctx.unembed)}
+    if config.prompts_file is not None:
+        return _run_prompt_set(source, ctx, output_files, config, stages, started_at)
+    analysis = stages.run("lens", analyse_prompt, ctx, config.prompt, config.answer,
+                          _control_for(config, config.prompt))
+    result = analysis.result
+    stages.timing.update(forward_s=result.timing["forward_s"],
+                         lens_s=stages.timing["lens_s"] - result.timing["forward_s"])
     _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens")
-    test_prompts = stages.run("forward", report.test_prompt_entries, model, decoder)
+    test_prompts = stages.run("forward", report.test_prompt_entries, ctx.model, ctx.decoder)
     model_last = result.model_logits[-1]
+    blocks = analysis.blocks
     document = {
         "prompt": {"type": "prompt", "context_prompt": config.prompt, "ground_truth": config.answer},
         "test_prompts": test_prompts,
-        "temperature_exploration": report.temperature_entries(model_last, decoder),
-        "diagnostics": report.diagnostics(
-            model, source.model_id, device, result, settings, unembed.W_U.dtype,
-            cfg.positional_embedding_type == "standard", consistency,
-            get_post_unembed_transform(model)),
-        "final_prediction": report.final_prediction(model_last, decoder),
-        "model_stats": report.model_stats(model),
-        "gold_answer": report.gold_answer_block(result.gold),
-        "provenance": report.provenance(
-            device=device, dtype=dtype, model_source=source.kind,
-            model_path=source.path or getattr(model.original_model.config, "_name_or_path", ""),
-            bos_prepended=_bos_prepended(model, result), n_tokens=int(result.tokens.shape[1]),
-            started_at=started_at, argv=sys.argv),
-        "lens_comparison": report.lens_comparison_block(result, comparison, config.norm_strategy),
+        "temperature_exploration": report.temperature_entries(model_last, ctx.decoder),
+        "diagnostics": blocks["diagnostics"],
+        "final_prediction": report.final_prediction(model_last, ctx.decoder),
+        "model_stats": report.model_stats(ctx.model),
+        "gold_answer": blocks["gold_answer"],
+        "provenance": _provenance(ctx, source, started_at, result),
+        **{key: blocks[key] for key in ("lens_comparison", "raw_lens_check", "control_summary",
+                                        "control_margins")},
     }
     diag = document["diagnostics"]
     _say(config, f"  lens     {stages.timing['lens_s']:6.2f} s  norm={config.norm_strategy}; "
                  f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
                  f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
                  f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
-                 f"last-layer KL {consistency['kl_bits']:.2e} bits")
-    stages.run("write", _write_outputs, output_files, result, comparison, source.clean_name, config)
+                 f"last-layer KL {analysis.consistency['kl_bits']:.2e} bits; "
+                 f"lens-artifact risk {document['raw_lens_check']['lens_artifact_risk']}")
+    stages.run("write", _write_outputs, output_files, [("", analysis)], source.clean_name, config)
     if config.plots:
-        stages.run("write", _write_plots, output_files, result, comparison, document, config)
-    document["timing"] = {key: round(stages.timing.get(key, 0.0), 4)
-                          for key in ("load_s", "forward_s", "lens_s", "write_s")}
-    document["timing"]["total_s"] = round(stages.total(), 4)
-    stages.run("write", _write_json, output_files["json"], document)
+        stages.run("write", _write_plots, output_files, analysis, diag, config)
+    _finish(document, stages, output_files["json"])
     _say(config, f"  write    {stages.timing['write_s']:6.2f} s  "
-                 f"{os.path.basename(output_files['json'])} and its two CSVs")
+                 f"{os.path.basename(output_files['json'])} and its CSVs")
     return document
+
+
+def _run_prompt_set(source, ctx, output_files, config, stages, started_at) -> dict:
+    """Every prompt of ``--prompts`` through the one loaded model; per-prompt rows, a summary."""
+    from layers_core import prompt_sets, report
+    from layers_core.analysis import analyse_prompt
+
+    items = prompt_sets.load_prompt_set(config.prompts_file)
+    analyses, entries, summary = [], [], []
+    for index, item in enumerate(items, start=1):
+        control = None if item.control_prompt is None else (item.control_prompt, item.control_answer)
+        analysis = stages.run("lens", analyse_prompt, ctx, item.prompt, item.answer, control)
+        analyses.append((item.prompt_id, analysis))
+        n_tokens = int(analysis.result.tokens.shape[1])
+        summary.append(prompt_sets.summary_row(item, n_tokens, analysis.blocks["diagnostics"],
+                                               analysis.result.pure_rows))
+        entries.append({"prompt_id": item.prompt_id, "prompt": item.prompt, "answer": item.answer,
+                        "n_tokens": n_tokens, **analysis.blocks})
+        _say(config, f"  [{index}/{len(items)}] {item.prompt_id}: "
+                     f"L_semantic={summary[-1]['L_semantic']} final top-1 {summary[-1]['final_top1']!r}")
+    document = {
+        "prompt_set": {"path": os.path.abspath(config.prompts_file), "count": len(items)},
+        "aggregate": prompt_sets.aggregate(summary),
+        "prompts": entries,
+        "model_stats": report.model_stats(ctx.model),
+        "provenance": _provenance(ctx, source, started_at, analyses[0][1].result),
+    }
+    stages.run("write", _write_outputs, output_files, analyses, source.clean_name, config)
+    stages.run("write", _write_summary, output_files, summary, ctx, config)
+    return _finish(document, stages, output_files["json"])
 
 
 def _bos_prepended(model, result) -> bool:
@@ -295,38 +374,63 @@ def _write_json(path: str, document: dict) -> None:
     atomic_write(path, to_strict_json(document) + "\n")
 
 
-def _write_outputs(output_files: dict[str, str], result, comparison, clean_name: str,
+def _with_prompt_id(rows, prompt_id: str):
+    return rows if not prompt_id else [{"prompt_id": prompt_id, **row} for row in rows]
+
+
+def _write_outputs(output_files: dict[str, str], analyses, clean_name: str,
                    config: ExperimentConfig) -> None:
+    """Records, pure and comparison CSVs; a prompt set gets a leading ``prompt_id`` column."""
     from layers_core.csv_io import write_csv_files, write_pure_csv
+    from layers_core.prompt_sets import PROMPT_ID_COLUMN
     from layers_core.run_dir import comparison_csv_path
 
-    write_csv_files(result.records, result.pure_rows, output_files["records"], output_files["pure"])
-    write_pure_csv(comparison.pure_rows,
-                   comparison_csv_path(output_files["dir"], clean_name, comparison.strategy))
-    if config.keep_residuals:
+    leading = [PROMPT_ID_COLUMN] if config.prompts_file else []
+    records = [row for pid, a in analyses for row in _with_prompt_id(a.result.records, pid)]
+    pure = [row for pid, a in analyses for row in _with_prompt_id(a.result.pure_rows, pid)]
+    other = [row for pid, a in analyses for row in _with_prompt_id(a.comparison.pure_rows, pid)]
+    write_csv_files(records, pure, output_files["records"], output_files["pure"],
+                    leading_columns=leading)
+    strategy = analyses[0][1].comparison.strategy
+    write_pure_csv(other, comparison_csv_path(output_files["dir"], clean_name, strategy),
+                   leading_columns=leading)
+    if config.keep_residuals and not config.prompts_file:
         import io
 
         import torch
 
         from layers_core.run_dir import atomic_write, residual_path
 
-        for layer, resid in enumerate(result.resid_normed):
+        for layer, resid in enumerate(analyses[0][1].result.resid_normed):
             buffer = io.BytesIO()
             torch.save(resid.detach().cpu().unsqueeze(0).clone(), buffer)
             atomic_write(residual_path(output_files["dir"], clean_name, layer), buffer.getvalue())
 
 
-def _write_plots(output_files: dict[str, str], result, comparison, document: dict,
-                 config: ExperimentConfig) -> None:
+def _write_summary(output_files: dict[str, str], summary: list[dict], ctx, config) -> None:
+    from layers_core.csv_io import render_csv
+    from layers_core.prompt_sets import SUMMARY_COLUMNS
+    from layers_core.run_dir import atomic_write
+
+    atomic_write(output_files["summary"], render_csv(summary, SUMMARY_COLUMNS))
+    if config.plots:
+        from layers_core import plots
+
+        title = f"{ctx.model_id} — {config.norm_strategy} lens — {len(summary)} prompts"
+        plots.save_figure(plots.prompt_set_summary(summary, int(ctx.model.cfg.n_layers), title),
+                          output_files["summary_png"])
+
+
+def _write_plots(output_files: dict[str, str], analysis, diag: dict, config: ExperimentConfig) -> None:
     from layers_core import plots
 
-    diag = document["diagnostics"]
-    model_name = document["diagnostics"]["model"]
     marks = {"L_copy": diag["L_copy"], "L_semantic": diag["L_semantic"]}
-    title = f"{model_name} — {config.norm_strategy} lens — {config.prompt!r}"
-    plots.save_figure(plots.lens_heatmap(result.records, title, marks), output_files["lens_png"])
+    title = f"{diag['model']} — {config.norm_strategy} lens — {config.prompt!r}"
+    plots.save_figure(plots.lens_heatmap(analysis.result.records, title, marks),
+                      output_files["lens_png"])
     curves = plots.layer_curves(
-        result.pure_rows, title, config.norm_strategy, comparison.pure_rows, comparison.strategy,
+        analysis.result.pure_rows, title, config.norm_strategy, analysis.comparison.pure_rows,
+        analysis.comparison.strategy,
         {**marks, "first_rank_le_5": diag["milestones"]["first_rank_le_5"]})
     plots.save_figure(curves, output_files["curves_png"])
 
@@ -383,10 +487,14 @@ def _forwarded_flags(config: ExperimentConfig) -> list[str]:
     switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
                 "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
                 "--self-test": config.self_test, "--quiet": config.quiet,
-                "--no-plots": not config.plots}
+                "--no-plots": not config.plots, "--no-control": not config.control}
     flags += [flag for flag, on in switches.items() if on]
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
         flags += ["--prompt", config.prompt, "--answer", config.answer]
+    if config.prompts_file is not None:
+        flags += ["--prompts", os.path.abspath(config.prompts_file)]
+    if config.control_prompt is not None:
+        flags += ["--control-prompt", config.control_prompt, "--control-answer", config.control_answer]
     return flags
 
 
@@ -438,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 ok, 1 run/self-test failure, 2 usage error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = _config_from_args(parser, args)
     _import_layers_core()
+    config = _config_from_args(parser, args)
     if len(args.model) >= 2:
         return _launch(args.model, config)
     _prepare_runtime(config.device)

@@ -21,13 +21,14 @@ FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "
          "--no-copy-entropy-fallback", "--norm", "--prompt", "--answer", "--out_dir",
          "--self-test", "--quiet", "--no-plots"]
 TOP_KEYS = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
-            "model_stats", "gold_answer", "provenance", "lens_comparison", "timing"]
+            "model_stats", "gold_answer", "provenance", "lens_comparison", "raw_lens_check",
+            "control_summary", "control_margins", "timing"]
 DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
              "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
              "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
              "target_prediction", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
              "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
-             "last_layer_consistency"]
+             "last_layer_consistency", "depth_fractions"]
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
                    "python_version", "platform", "device", "dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",

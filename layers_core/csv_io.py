@@ -87,9 +87,9 @@ def render_csv(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
 
 
 def write_pure_csv(pure_records: Iterable[Mapping[str, Any]], path: str,
-                   top_k: int = TOP_K_VERBOSE) -> None:
+                   top_k: int = TOP_K_VERBOSE, leading_columns: Sequence[str] = ()) -> None:
     """Writes one pure next-token CSV (e.g. the comparison lens's) atomically."""
-    atomic_write(path, render_csv(pure_records, pure_header(top_k)))
+    atomic_write(path, render_csv(pure_records, [*leading_columns, *pure_header(top_k)]))
 
 
 def write_csv_files(

@@ -154,6 +154,28 @@ def layer_curves(
     return fig
 
 
+def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int, title: str):
+    """Each prompt's L_semantic and first_rank_le_5 as fractions of depth (missing: not drawn)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.35 * len(summary_rows)))
+    labels = [display_token(str(row["prompt_id"]), 24) for row in summary_rows]
+    for key, marker, color in (("L_semantic", "o", "tab:blue"), ("first_rank_le_5", "s", "tab:orange")):
+        points = [(row[key] / n_layers, i) for i, row in enumerate(summary_rows) if row[key] is not None]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, color=color, label=key, zorder=3)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("depth fraction (layer / n)")
+    ax.grid(True, axis="x", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower left")
+    else:
+        ax.text(0.5, 0.5, "no prompt reached rank ≤ 5", ha="center", transform=ax.transAxes)
+    ax.set_title(title, fontsize=10)
+    fig.subplots_adjust(left=0.25, right=0.97, top=0.85, bottom=0.6 / (1.5 + 0.35 * len(summary_rows)) + 0.1)
+    return fig
+
+
 def save_figure(fig, path: str, dpi: int = 120) -> None:
     """Renders ``fig`` to PNG and writes it atomically; the figure is closed afterwards."""
     from layers_core.run_dir import atomic_write

@@ -24,3 +24,7 @@ TEMPERATURES = (0.1, 2.0)
 TEST_PROMPT_TOP_K = 10
 TEMPERATURE_TOP_K = 15
 FINAL_PREDICTION_TOP_K = 20
+
+# The control pass (same template, another country): a lens that "finds" Berlin here is suspect.
+DEFAULT_CONTROL_PROMPT = "Give the city name only, plain text. The capital of France is called simply"
+DEFAULT_CONTROL_ANSWER = "Paris"

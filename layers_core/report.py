@@ -183,7 +183,7 @@ def diagnostics(
 
 
 def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str) -> dict:
-    """The chosen lens vs the other standard view at the last position (issue: both lenses)."""
+    """The chosen lens vs the other standard view at the last position of every layer."""
     return {
         "chosen": chosen,
         "other": comparison.strategy,

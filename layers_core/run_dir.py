@@ -127,7 +127,8 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
     stem = os.path.join(directory, f"output-{clean_name}")
     return {"json": f"{stem}.json", "records": f"{stem}-records.csv",
             "pure": f"{stem}-pure-next-token.csv", "lens_png": f"{stem}-lens.png",
-            "curves_png": f"{stem}-curves.png", "dir": directory}
+            "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
+            "summary_png": f"{stem}-summary.png", "dir": directory}
 
 
 def comparison_csv_path(directory: str, clean_name: str, norm_strategy: str) -> str:

@@ -1,0 +1,94 @@
+"""Everything one prompt gets, as plain data: the sweep, the checks and the JSON blocks.
+
+Shared by the single-prompt run and prompt sets, so that a prompt in a set yields exactly the
+numbers it yields alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from layers_core import report
+from layers_core.lens_checks import (
+    LensComparison,
+    compare_lenses,
+    control_margins,
+    raw_lens_check,
+)
+from layers_core.numerics import get_post_unembed_transform
+from layers_core.sweep import (
+    SweepResult,
+    SweepSettings,
+    TokenDecoder,
+    UnembedPath,
+    last_layer_consistency,
+    run_sweep,
+)
+
+DEPTH_FRACTION_DECIMALS = 3
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The loaded model and the fixed settings every prompt of a run shares."""
+
+    model: Any
+    model_id: str
+    device: str
+    dtype: torch.dtype
+    unembed: UnembedPath
+    settings: SweepSettings
+    decoder: TokenDecoder
+
+
+@dataclass
+class PromptAnalysis:
+    """One prompt's sweep, its comparison lens and the JSON blocks derived from them."""
+
+    result: SweepResult
+    comparison: LensComparison
+    consistency: dict
+    blocks: dict  # diagnostics, gold_answer, lens_comparison, raw_lens_check, control_*
+
+
+def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
+    """Every collapse index and milestone as a fraction of depth (L / n, 3 decimals)."""
+    indices = {key: diagnostics[key] for key in ("L_copy", "L_copy_strict", "L_copy_H", "L_semantic")}
+    indices.update(diagnostics["milestones"])
+    return {key: None if value is None else round(value / n_layers, DEPTH_FRACTION_DECIMALS)
+            for key, value in indices.items()}
+
+
+def analyse_prompt(
+    ctx: RunContext,
+    prompt: str,
+    answer: str,
+    control: tuple[str, str] | None = None,
+) -> PromptAnalysis:
+    """Sweep one prompt, then the comparison lens, the raw-residual check and the control."""
+    model, settings = ctx.model, ctx.settings
+    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder)
+    consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
+                                         result.gold["first_id"], ctx.unembed, ctx.dtype)
+    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder)
+    diagnostics = report.diagnostics(
+        model, ctx.model_id, ctx.device, result, settings, ctx.unembed.W_U.dtype,
+        model.cfg.positional_embedding_type == "standard", consistency,
+        get_post_unembed_transform(model))
+    diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))
+    margins = None if control is None else control_margins(
+        model, control[0], control[1], answer, ctx.unembed, settings.norm_strategy)
+    blocks = {
+        "diagnostics": diagnostics,
+        "gold_answer": report.gold_answer_block(result.gold),
+        "lens_comparison": report.lens_comparison_block(result, comparison, settings.norm_strategy),
+        "raw_lens_check": raw_lens_check(model, result, ctx.unembed, settings.norm_strategy),
+        "control_summary": None if margins is None else {
+            key: margins[key] for key in ("control_prompt", "control_answer", "status",
+                                          "first_control_margin_pos", "max_control_margin")},
+        "control_margins": None if margins is None else margins["per_layer"],
+    }
+    return PromptAnalysis(result, comparison, consistency, blocks)

@@ -1,0 +1,148 @@
+"""Checks a researcher needs before believing a collapse layer: the other standard lens, the raw
+(un-normalised) residual, and a control prompt. All work from residuals the sweep already holds
+(the control needs one extra forward pass), at the last position of every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers_core.collapse_rules import resolve_gold_answer
+from layers_core.csv_io import TOP_K_VERBOSE
+from layers_core.lens import lens_statistics, normalise_layers
+from layers_core.norm_utils import lens_norm_plan
+from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.sweep import (
+    SweepResult,
+    SweepSettings,
+    TokenDecoder,
+    UnembedPath,
+    build_pure_rows,
+    forward_with_residuals,
+    prompt_token_ids,
+)
+
+RAW_CHECK_KL_HIGH_BITS = 1.0  # max KL(norm ‖ raw) at or above this: high lens-artifact risk
+RAW_CHECK_KL_MEDIUM_BITS = 0.5
+
+
+COMPARISON_STRATEGY = {"arch": "final", "final": "arch", "none": "final"}
+
+
+@dataclass
+class LensComparison:
+    """The other standard lens at the last position, and how it differs from the chosen one."""
+
+    strategy: str
+    pure_rows: list[dict]
+    per_layer: list[dict]  # {layer, top1_agree, kl_bits}: KL(chosen ‖ other) in bits
+
+
+def compare_lenses(
+    model: Any,
+    result: SweepResult,
+    unembed: UnembedPath,
+    settings: SweepSettings,
+    decoder: TokenDecoder,
+    strategy: str | None = None,
+) -> LensComparison:
+    """Decodes the last position of every layer with a second norm strategy (default: the other
+    standard view, arch ↔ final) from the residuals the sweep kept: no extra forward pass."""
+    other = strategy or COMPARISON_STRATEGY[settings.norm_strategy]
+    plan = lens_norm_plan(model, other)
+    final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
+    seq_last = int(result.tokens.shape[1]) - 1
+    with torch.inference_mode():
+        normed = normalise_layers([row.unsqueeze(0) for row in result.last_position_resid],
+                                  [m for m, _ in plan], [lb for _, lb in plan])
+        stats = lens_statistics(normed, unembed.W_U, unembed.b_U, unembed.transform, final_lp,
+                                result.gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
+                                settings.budget_bytes)
+        chosen_lp = last_position_log_probs(model, result.last_position_resid, unembed,
+                                            settings.norm_strategy)
+        other_lp = torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
+        kl = kl_bits_from_log_probs(chosen_lp, other_lp).tolist()
+        agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
+    vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
+    rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
+                           vocab, SweepSettings(**{**settings.__dict__, "norm_strategy": other}),
+                           position=seq_last)
+    per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_bits": k}
+                 for layer, (a, k) in enumerate(zip(agree, kl))]
+    return LensComparison(other, rows, per_layer)
+
+
+def last_position_log_probs(model: Any, last_resid: Tensor, unembed: UnembedPath,
+                            strategy: str) -> Tensor:
+    """Float32 lens log-probs ``[L, V]`` of each layer's last-position residual ``[L, d]``."""
+    plan = lens_norm_plan(model, strategy)
+    with torch.inference_mode():
+        normed = normalise_layers([row.unsqueeze(0) for row in last_resid],
+                                  [m for m, _ in plan], [lb for _, lb in plan])
+        return torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
+
+
+def raw_check_layers(n_layers: int) -> list[int]:
+    """The sampled layers {0, ⌊n/4⌋, ⌊n/2⌋, ⌊3n/4⌋, n}, without repeats."""
+    return sorted({0, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers})
+
+
+def _rank(log_probs: Tensor, answer_id: int | None) -> list[int | None]:
+    if answer_id is None:
+        return [None] * log_probs.shape[0]
+    return ((log_probs > log_probs[:, answer_id : answer_id + 1]).sum(-1) + 1).tolist()
+
+
+def raw_lens_check(model: Any, result: SweepResult, unembed: UnembedPath, strategy: str) -> dict:
+    """The chosen lens vs the raw residual at the sampled layers (SPEC-issue ``raw_lens_check``).
+
+    ``lens_artifact_risk`` is ``high`` if a sampled layer has the answer at rank 1 only under the
+    norm, or max KL(norm ‖ raw) ≥ 1 bit; ``medium`` if ≥ 0.5 bit; else ``low``.
+    """
+    layers = raw_check_layers(len(result.last_position_resid) - 1)
+    sampled = result.last_position_resid[layers]
+    norm_lp = last_position_log_probs(model, result.last_position_resid, unembed, strategy)[layers]
+    with torch.inference_mode():
+        raw_lp = torch.log_softmax(unembed.logits(sampled), dim=-1)  # no norm at all
+    kl = kl_bits_from_log_probs(norm_lp, raw_lp).tolist()
+    answer_id = result.gold["first_id"]
+    norm_rank, raw_rank = _rank(norm_lp, answer_id), _rank(raw_lp, answer_id)
+    agree = (norm_lp.argmax(-1) == raw_lp.argmax(-1)).tolist()
+    rows = [{"layer": layer, "kl_norm_vs_raw_bits": k, "top1_agree": bool(a),
+             "answer_rank_norm": nr, "answer_rank_raw": rr}
+            for layer, k, a, nr, rr in zip(layers, kl, agree, norm_rank, raw_rank)]
+    norm_only_semantic = any(r["answer_rank_norm"] == 1 and r["answer_rank_raw"] != 1 for r in rows)
+    max_kl = max(kl)
+    if norm_only_semantic or max_kl >= RAW_CHECK_KL_HIGH_BITS:
+        risk = "high"
+    elif max_kl >= RAW_CHECK_KL_MEDIUM_BITS:
+        risk = "medium"
+    else:
+        risk = "low"
+    return {"mode": "sample", "norm": strategy, "layers": rows, "max_kl_norm_vs_raw_bits": max_kl,
+            "norm_only_semantic_layer": norm_only_semantic, "lens_artifact_risk": risk}
+
+
+def control_margins(model: Any, control_prompt: str, control_answer: str, main_answer: str,
+                    unembed: UnembedPath, strategy: str) -> dict:
+    """A control pass: per layer, p(control answer) − p(main answer) at the control prompt's last
+    position under the chosen lens, and the first layer where the margin is positive."""
+    _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt))
+    last_resid = torch.stack([resid[-1] for resid in residuals])
+    probs = last_position_log_probs(model, last_resid, unembed, strategy).exp()
+    control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer)
+    main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer)
+    if control["first_id"] is None or main["first_id"] is None:
+        return {"control_prompt": control_prompt, "control_answer": control_answer,
+                "status": "unresolved", "per_layer": [], "first_control_margin_pos": None,
+                "max_control_margin": None}
+    margins = (probs[:, control["first_id"]] - probs[:, main["first_id"]]).tolist()
+    positive = [layer for layer, margin in enumerate(margins) if margin > 0]
+    return {"control_prompt": control_prompt, "control_answer": control_answer, "status": "ok",
+            "per_layer": [{"layer": layer, "control_margin": m} for layer, m in enumerate(margins)],
+            "first_control_margin_pos": positive[0] if positive else None,
+            "max_control_margin": max(margins)}

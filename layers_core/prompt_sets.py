@@ -1,0 +1,118 @@
+"""Prompt sets (``--prompts FILE.jsonl``): parsing, the per-prompt summary rows and the aggregate.
+
+Torch-free, so a malformed file is rejected before any model work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SUMMARY_COLUMNS = [
+    "prompt_id", "prompt", "answer", "n_tokens", "L_copy", "L_copy_strict", "L_semantic",
+    "first_rank_le_1", "first_rank_le_5", "first_rank_le_10", "first_kl_below_0.5",
+    "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status",
+]
+LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[4:12]
+PROMPT_ID_COLUMN = "prompt_id"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One fact to sweep; ``control_*`` optionally pairs it with a control prompt."""
+
+    prompt_id: str
+    prompt: str
+    answer: str
+    control_prompt: str | None = None
+    control_answer: str | None = None
+
+
+def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str | None:
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {key!r} must be a non-empty string")
+    return value
+
+
+def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
+    """Parses JSONL: one object per line with ``prompt``, ``answer`` and optional ``id``,
+    ``control_prompt``, ``control_answer``. Blank lines are skipped; ``id`` defaults to the line
+    number. Raises ``ValueError`` naming the file and line of the first problem."""
+    items: list[PromptItem] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer'")
+        prompt_id = str(record.get("id", number))
+        if prompt_id in seen:
+            raise ValueError(f"{where}: duplicate id {prompt_id!r}")
+        seen.add(prompt_id)
+        control_prompt = _text_field(record, "control_prompt", where, required=False)
+        control_answer = _text_field(record, "control_answer", where, required=False)
+        if (control_prompt is None) != (control_answer is None):
+            raise ValueError(f"{where}: 'control_prompt' and 'control_answer' go together")
+        items.append(PromptItem(prompt_id, _text_field(record, "prompt", where, True),
+                                _text_field(record, "answer", where, True),
+                                control_prompt, control_answer))
+    if not items:
+        raise ValueError(f"{source}: no prompts")
+    return items
+
+
+def load_prompt_set(path: str) -> list[PromptItem]:
+    """Reads and parses a JSONL prompt set (see ``parse_prompt_set``)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return parse_prompt_set(handle.read(), path)
+    except OSError as error:
+        raise ValueError(f"cannot read prompt set {path}: {error.strerror}") from None
+
+
+def summary_row(item: PromptItem, n_tokens: int, diagnostics: Mapping[str, Any],
+                pure_rows: Sequence[Mapping[str, Any]]) -> dict:
+    """One ``output-<name>-summary.csv`` row from a prompt's diagnostics and pure rows."""
+    milestones = diagnostics["milestones"]
+    last = pure_rows[-1]
+    return {
+        "prompt_id": item.prompt_id, "prompt": item.prompt, "answer": item.answer,
+        "n_tokens": n_tokens, "L_copy": diagnostics["L_copy"],
+        "L_copy_strict": diagnostics["L_copy_strict"], "L_semantic": diagnostics["L_semantic"],
+        **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[3:]},
+        "final_top1": last["top1"], "final_p_answer": last["p_answer"],
+        "gold_status": diagnostics["gold_alignment"]["status"],
+    }
+
+
+def _quartiles(values: list[int]) -> dict:
+    if not values:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None}
+    if len(values) == 1:
+        q1 = q3 = float(values[0])
+    else:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"n": len(values), "median": float(statistics.median(values)), "q1": q1, "q3": q3,
+            "iqr": q3 - q1}
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict:
+    """Count, fraction with a resolved gold answer, and median / quartiles / IQR of each layer
+    index over the prompts where it is not null."""
+    return {
+        "count": len(rows),
+        "fraction_resolved": sum(r["gold_status"] == "ok" for r in rows) / max(1, len(rows)),
+        "layer_indices": {key: _quartiles([int(r[key]) for r in rows if r[key] is not None])
+                          for key in LAYER_INDEX_COLUMNS},
+    }
