@@ -283,7 +283,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
     ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``). Failures are
     raised as ``StageError`` carrying the stage (load, forward, lens, write).
     """
-    from layers_core import report
+    from layers_core import outputs, report
     from layers_core.analysis import analyse_prompt
     from layers_core.sweep import self_test
 
@@ -323,9 +323,13 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                  f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
                  f"last-layer KL {analysis.consistency['kl_bits']:.2e} bits; "
                  f"lens-artifact risk {document['raw_lens_check']['lens_artifact_risk']}")
-    stages.run("write", _write_outputs, output_files, [("", analysis)], source.clean_name, config)
+    stages.run("write", outputs.write_tables, output_files, [("", analysis)], source.clean_name)
+    if config.keep_residuals:
+        stages.run("write", outputs.write_residuals, output_files["dir"], source.clean_name,
+                   result.resid_normed)
     if config.plots:
-        stages.run("write", _write_plots, output_files, analysis, diag, config)
+        title = f"{diag['model']} — {config.norm_strategy} lens — {config.prompt!r}"
+        stages.run("write", outputs.write_prompt_pictures, output_files, analysis, diag, title)
     _finish(document, stages, output_files["json"])
     _say(config, f"  write    {stages.timing['write_s']:6.2f} s  "
                  f"{os.path.basename(output_files['json'])} and its CSVs")
@@ -334,7 +338,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
 
 def _run_prompt_set(source, ctx, output_files, config, stages, started_at) -> dict:
     """Every prompt of ``--prompts`` through the one loaded model; per-prompt rows, a summary."""
-    from layers_core import prompt_sets, report
+    from layers_core import outputs, prompt_sets, report
     from layers_core.analysis import analyse_prompt
 
     items = prompt_sets.load_prompt_set(config.prompts_file)
@@ -357,8 +361,10 @@ def _run_prompt_set(source, ctx, output_files, config, stages, started_at) -> di
         "model_stats": report.model_stats(ctx.model),
         "provenance": _provenance(ctx, source, started_at, analyses[0][1].result),
     }
-    stages.run("write", _write_outputs, output_files, analyses, source.clean_name, config)
-    stages.run("write", _write_summary, output_files, summary, ctx, config)
+    stages.run("write", outputs.write_tables, output_files, analyses, source.clean_name)
+    title = f"{ctx.model_id} — {config.norm_strategy} lens — {len(summary)} prompts"
+    stages.run("write", outputs.write_summary, output_files, summary, int(ctx.model.cfg.n_layers),
+               title if config.plots else None)
     return _finish(document, stages, output_files["json"])
 
 
@@ -368,71 +374,9 @@ def _bos_prepended(model, result) -> bool:
 
 
 def _write_json(path: str, document: dict) -> None:
-    from layers_core.report import to_strict_json
-    from layers_core.run_dir import atomic_write
+    from layers_core.outputs import write_json
 
-    atomic_write(path, to_strict_json(document) + "\n")
-
-
-def _with_prompt_id(rows, prompt_id: str):
-    return rows if not prompt_id else [{"prompt_id": prompt_id, **row} for row in rows]
-
-
-def _write_outputs(output_files: dict[str, str], analyses, clean_name: str,
-                   config: ExperimentConfig) -> None:
-    """Records, pure and comparison CSVs; a prompt set gets a leading ``prompt_id`` column."""
-    from layers_core.csv_io import write_csv_files, write_pure_csv
-    from layers_core.prompt_sets import PROMPT_ID_COLUMN
-    from layers_core.run_dir import comparison_csv_path
-
-    leading = [PROMPT_ID_COLUMN] if config.prompts_file else []
-    records = [row for pid, a in analyses for row in _with_prompt_id(a.result.records, pid)]
-    pure = [row for pid, a in analyses for row in _with_prompt_id(a.result.pure_rows, pid)]
-    other = [row for pid, a in analyses for row in _with_prompt_id(a.comparison.pure_rows, pid)]
-    write_csv_files(records, pure, output_files["records"], output_files["pure"],
-                    leading_columns=leading)
-    strategy = analyses[0][1].comparison.strategy
-    write_pure_csv(other, comparison_csv_path(output_files["dir"], clean_name, strategy),
-                   leading_columns=leading)
-    if config.keep_residuals and not config.prompts_file:
-        import io
-
-        import torch
-
-        from layers_core.run_dir import atomic_write, residual_path
-
-        for layer, resid in enumerate(analyses[0][1].result.resid_normed):
-            buffer = io.BytesIO()
-            torch.save(resid.detach().cpu().unsqueeze(0).clone(), buffer)
-            atomic_write(residual_path(output_files["dir"], clean_name, layer), buffer.getvalue())
-
-
-def _write_summary(output_files: dict[str, str], summary: list[dict], ctx, config) -> None:
-    from layers_core.csv_io import render_csv
-    from layers_core.prompt_sets import SUMMARY_COLUMNS
-    from layers_core.run_dir import atomic_write
-
-    atomic_write(output_files["summary"], render_csv(summary, SUMMARY_COLUMNS))
-    if config.plots:
-        from layers_core import plots
-
-        title = f"{ctx.model_id} — {config.norm_strategy} lens — {len(summary)} prompts"
-        plots.save_figure(plots.prompt_set_summary(summary, int(ctx.model.cfg.n_layers), title),
-                          output_files["summary_png"])
-
-
-def _write_plots(output_files: dict[str, str], analysis, diag: dict, config: ExperimentConfig) -> None:
-    from layers_core import plots
-
-    marks = {"L_copy": diag["L_copy"], "L_semantic": diag["L_semantic"]}
-    title = f"{diag['model']} — {config.norm_strategy} lens — {config.prompt!r}"
-    plots.save_figure(plots.lens_heatmap(analysis.result.records, title, marks),
-                      output_files["lens_png"])
-    curves = plots.layer_curves(
-        analysis.result.pure_rows, title, config.norm_strategy, analysis.comparison.pure_rows,
-        analysis.comparison.strategy,
-        {**marks, "first_rank_le_5": diag["milestones"]["first_rank_le_5"]})
-    plots.save_figure(curves, output_files["curves_png"])
+    write_json(path, document)
 
 
 def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
