@@ -332,7 +332,7 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
         stages.run("write", outputs.write_prompt_pictures, output_files, analysis, diag, title)
     _finish(document, stages, output_files["json"])
     _say(config, f"  write    {stages.timing['write_s']:6.2f} s  "
-                 f"{os.path.basename(output_files['json'])} and its CSVs")
+                 f"{os.path.basename(output_files['json'])}, CSVs{', PNGs' if config.plots else ''}")
     return document
 
 

@@ -124,3 +124,10 @@ def test_csv_io_and_run_dir_import_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_every_lazy_export_resolves():
+    import layers_core
+
+    for name in layers_core.__all__:
+        assert getattr(layers_core, name) is not None, name

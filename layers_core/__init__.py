@@ -28,7 +28,12 @@ _EXPORTS = {
     "run_dir": ["setup_run_latest_directory", "rotate_run_latest", "create_staging_dir",
                 "publish_staging_dir", "atomic_write", "unique_path"],
     "lens": ["LensStats", "lens_statistics"],
-    "sweep": ["SweepSettings", "UnembedPath", "run_sweep", "last_layer_consistency"],
+    "sweep": ["SweepSettings", "UnembedPath", "TokenDecoder", "run_sweep", "last_layer_consistency",
+              "self_test"],
+    "lens_checks": ["compare_lenses", "raw_lens_check", "control_margins"],
+    "analysis": ["RunContext", "analyse_prompt"],
+    "prompt_sets": ["parse_prompt_set", "load_prompt_set"],
+    "plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_OWNER)
