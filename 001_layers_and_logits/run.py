@@ -451,9 +451,14 @@ def _launch(models: list[str], config: ExperimentConfig) -> int:
     directory = create_staging_dir(RUN_BASE_DIR) if managed else config.out_dir
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
+    from tqdm import tqdm
+
     outcomes = []
+    started = time.perf_counter()
     for index, model in enumerate(models, start=1):
-        _say(config, f"[{index}/{len(models)}] {model}")
+        bar = tqdm.format_meter(index - 1, len(models), time.perf_counter() - started, ncols=70,
+                                prefix="models")
+        _say(config, f"{bar}  next: {model}")
         command = [sys.executable, os.path.abspath(__file__), *_forwarded_flags(config)]
         if directory is not None:
             command += ["--out_dir", directory]

@@ -53,6 +53,7 @@ def write_prompt_pictures(paths: Mapping[str, str], analysis: Any, diagnostics: 
     """The lens heatmap and the layer curves (chosen lens and comparison lens) of one prompt."""
     from layers_core import plots
 
+    plots.use_non_interactive_backend()
     marks = {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
     plots.save_figure(plots.lens_heatmap(analysis.result.records, title, marks), paths["lens_png"])
     curves = plots.layer_curves(
@@ -69,4 +70,5 @@ def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]
     if title is not None:
         from layers_core import plots
 
+        plots.use_non_interactive_backend()
         plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])

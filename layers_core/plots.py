@@ -1,7 +1,7 @@
 """Pictures of a sweep: the logit-lens heatmap and per-layer curves (matplotlib, imported lazily).
 
 Every function takes the same row dicts the CSV writers take and returns a ``Figure``; notebooks
-display it, scripts save it with ``save_figure`` (Agg backend, atomic write). Colours use
+display it, scripts call ``use_non_interactive_backend`` and save it with ``save_figure``. Colours use
 ``viridis``, whose luminance rises monotonically, so the figures survive greyscale printing.
 """
 
@@ -25,11 +25,14 @@ def _printable(char: str) -> str:
     return char if char.isprintable() else f"\\x{ord(char):02x}"
 
 
-def _pyplot():
+def use_non_interactive_backend() -> None:
+    """For scripts: draw with Agg, never open a window. Notebooks keep their own backend."""
     import matplotlib
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")  # scripts and tests: never try to open a window
+    matplotlib.use("Agg")
+
+
+def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
