@@ -122,6 +122,8 @@ def _config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.prompts is not None:
         if args.prompt is not None:
             parser.error("--prompts and --prompt exclude each other")
+        if args.keep_residuals:
+            parser.error("--keep-residuals applies to single-prompt runs, not --prompts")
         try:  # a malformed set fails here, with its line number, before any model work
             from layers_core.prompt_sets import load_prompt_set
 
