@@ -219,7 +219,11 @@ def run_sweep(
         stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
                                 final_log_probs, gold["first_id"], TOP_K_VERBOSE,
                                 unembed.force_fp32, settings.budget_bytes)
-    vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
+    verbose = torch.tensor([is_verbose_position(tok, pos, len(str_tokens))
+                            for pos, tok in enumerate(str_tokens)])
+    needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
+                        stats.topk_ids[:, verbose].flatten()])  # only ids that reach a CSV cell
+    vocab = decoder.decode_many(torch.unique(needed).tolist())
     records = build_records(stats, str_tokens, vocab)
     pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings)
     finished = time.perf_counter()
