@@ -16,6 +16,7 @@ from layers_core.lens_checks import (
     LensComparison,
     compare_lenses,
     control_margins,
+    last_position_lens_log_probs,
     raw_lens_check,
 )
 from layers_core.numerics import get_post_unembed_transform
@@ -73,7 +74,9 @@ def analyse_prompt(
     result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder)
     consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
                                          result.gold["first_id"], ctx.unembed, ctx.dtype)
-    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder)
+    chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed,
+                                             settings.norm_strategy)
+    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp)
     diagnostics = report.diagnostics(
         model, ctx.model_id, ctx.device, result, settings, ctx.unembed.W_U.dtype,
         model.cfg.positional_embedding_type == "standard", consistency,
@@ -85,7 +88,7 @@ def analyse_prompt(
         "diagnostics": diagnostics,
         "gold_answer": report.gold_answer_block(result.gold),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.norm_strategy),
-        "raw_lens_check": raw_lens_check(model, result, ctx.unembed, settings.norm_strategy),
+        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.norm_strategy, chosen_lp),
         "control_summary": None if margins is None else {
             key: margins[key] for key in ("control_prompt", "control_answer", "status",
                                           "first_control_margin_pos", "max_control_margin")},

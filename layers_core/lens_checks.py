@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,41 +48,46 @@ def compare_lenses(
     unembed: UnembedPath,
     settings: SweepSettings,
     decoder: TokenDecoder,
+    chosen_log_probs: Tensor,
     strategy: str | None = None,
 ) -> LensComparison:
     """Decodes the last position of every layer with a second norm strategy (default: the other
-    standard view, arch ↔ final) from the residuals the sweep kept: no extra forward pass."""
+    standard view, arch ↔ final) from the residuals the sweep kept: no extra forward pass.
+
+    ``chosen_log_probs`` ``[L, V]`` is the chosen lens at the same rows
+    (``last_position_lens_log_probs``); the per-layer KL is KL(chosen ‖ other).
+    """
     other = strategy or COMPARISON_STRATEGY[settings.norm_strategy]
-    plan = lens_norm_plan(model, other)
     final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
-    seq_last = int(result.tokens.shape[1]) - 1
     with torch.inference_mode():
-        normed = normalise_layers([row.unsqueeze(0) for row in result.last_position_resid],
-                                  [m for m, _ in plan], [lb for _, lb in plan])
+        normed = _normalised_rows(model, result.last_position_resid, other)
         stats = lens_statistics(normed, unembed.W_U, unembed.b_U, unembed.transform, final_lp,
                                 result.gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
                                 settings.budget_bytes)
-        chosen_lp = last_position_log_probs(model, result.last_position_resid, unembed,
-                                            settings.norm_strategy)
         other_lp = torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
-        kl = kl_bits_from_log_probs(chosen_lp, other_lp).tolist()
-        agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
+        kl = kl_bits_from_log_probs(chosen_log_probs, other_lp).tolist()
+        agree = (chosen_log_probs.argmax(-1) == other_lp.argmax(-1)).tolist()
     vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
     rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
-                           vocab, SweepSettings(**{**settings.__dict__, "norm_strategy": other}),
-                           position=seq_last)
+                           vocab, replace(settings, norm_strategy=other),
+                           position=int(result.tokens.shape[1]) - 1)
     per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_bits": k}
                  for layer, (a, k) in enumerate(zip(agree, kl))]
     return LensComparison(other, rows, per_layer)
 
 
-def last_position_log_probs(model: Any, last_resid: Tensor, unembed: UnembedPath,
-                            strategy: str) -> Tensor:
-    """Float32 lens log-probs ``[L, V]`` of each layer's last-position residual ``[L, d]``."""
+def _normalised_rows(model: Any, last_resid: Tensor, strategy: str) -> list[Tensor]:
+    """Layer ℓ's norm (under ``strategy``) applied to row ℓ of ``last_resid`` ``[L, d]``."""
     plan = lens_norm_plan(model, strategy)
+    return normalise_layers([row.unsqueeze(0) for row in last_resid],
+                            [m for m, _ in plan], [lb for _, lb in plan])
+
+
+def last_position_lens_log_probs(model: Any, last_resid: Tensor, unembed: UnembedPath,
+                                 strategy: str) -> Tensor:
+    """Float32 lens log-probs ``[L, V]`` of each layer's last-position residual ``[L, d]``."""
     with torch.inference_mode():
-        normed = normalise_layers([row.unsqueeze(0) for row in last_resid],
-                                  [m for m, _ in plan], [lb for _, lb in plan])
+        normed = _normalised_rows(model, last_resid, strategy)
         return torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
 
 
@@ -97,15 +102,18 @@ def _rank(log_probs: Tensor, answer_id: int | None) -> list[int | None]:
     return ((log_probs > log_probs[:, answer_id : answer_id + 1]).sum(-1) + 1).tolist()
 
 
-def raw_lens_check(model: Any, result: SweepResult, unembed: UnembedPath, strategy: str) -> dict:
-    """The chosen lens vs the raw residual at the sampled layers (SPEC-issue ``raw_lens_check``).
+def raw_lens_check(result: SweepResult, unembed: UnembedPath, strategy: str,
+                   chosen_log_probs: Tensor) -> dict:
+    """The chosen lens vs the raw residual at the sampled layers (issue 5's ``raw_lens_check``).
+
+    ``chosen_log_probs`` ``[L, V]`` is the chosen lens at every layer's last position.
 
     ``lens_artifact_risk`` is ``high`` if a sampled layer has the answer at rank 1 only under the
     norm, or max KL(norm ‖ raw) ≥ 1 bit; ``medium`` if ≥ 0.5 bit; else ``low``.
     """
     layers = raw_check_layers(len(result.last_position_resid) - 1)
     sampled = result.last_position_resid[layers]
-    norm_lp = last_position_log_probs(model, result.last_position_resid, unembed, strategy)[layers]
+    norm_lp = chosen_log_probs[layers]
     with torch.inference_mode():
         raw_lp = torch.log_softmax(unembed.logits(sampled), dim=-1)  # no norm at all
     kl = kl_bits_from_log_probs(norm_lp, raw_lp).tolist()
@@ -133,7 +141,7 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
     position under the chosen lens, and the first layer where the margin is positive."""
     _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt))
     last_resid = torch.stack([resid[-1] for resid in residuals])
-    probs = last_position_log_probs(model, last_resid, unembed, strategy).exp()
+    probs = last_position_lens_log_probs(model, last_resid, unembed, strategy).exp()
     control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer)
     main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer)
     if control["first_id"] is None or main["first_id"] is None:

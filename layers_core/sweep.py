@@ -121,10 +121,16 @@ def _topk_cells(ids: Sequence[int], probs: Sequence[float], k: int, vocab: dict[
     return cells
 
 
-def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, str]) -> list[dict]:
+def verbose_positions(str_tokens: Sequence[str]) -> list[bool]:
+    """Which positions record the top-20 (SPEC §4.6)."""
+    return [is_verbose_position(tok, pos, len(str_tokens)) for pos, tok in enumerate(str_tokens)]
+
+
+def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, str],
+                  verbose: Sequence[bool] | None = None) -> list[dict]:
     """Records rows, layer-major: top-20 at verbose positions, top-5 elsewhere."""
     n_layers, seq_len = stats.entropy_bits.shape
-    verbose = [is_verbose_position(tok, pos, seq_len) for pos, tok in enumerate(str_tokens)]
+    verbose = verbose_positions(str_tokens) if verbose is None else verbose
     entropy, ids, probs = (stats.entropy_bits.tolist(), stats.topk_ids.tolist(),
                            stats.topk_probs.tolist())
     rows = []
@@ -175,12 +181,13 @@ def build_pure_rows(
     return rows
 
 
-def describe_norm_plan(model: Any, strategy: str) -> list[dict]:
-    """``[{layer, norm, kind}]`` for the JSON: which norm decodes each layer and with what maths."""
+def describe_norm_plan(plan: Sequence[tuple[Any, str | None]]) -> list[dict]:
+    """``[{layer, norm, kind}]`` for the JSON from a ``lens_norm_plan``: which norm decodes each
+    layer and with what maths."""
     return [
         {"layer": layer, "norm": label,
          "kind": None if module is None else classify_norm(module)}
-        for layer, (module, label) in enumerate(lens_norm_plan(model, strategy))
+        for layer, (module, label) in enumerate(plan)
     ]
 
 
@@ -219,18 +226,17 @@ def run_sweep(
         stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
                                 final_log_probs, gold["first_id"], TOP_K_VERBOSE,
                                 unembed.force_fp32, settings.budget_bytes)
-    verbose = torch.tensor([is_verbose_position(tok, pos, len(str_tokens))
-                            for pos, tok in enumerate(str_tokens)])
+    verbose = verbose_positions(str_tokens)
     needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
-                        stats.topk_ids[:, verbose].flatten()])  # only ids that reach a CSV cell
+                        stats.topk_ids[:, torch.tensor(verbose)].flatten()])  # ids in a CSV cell
     vocab = decoder.decode_many(torch.unique(needed).tolist())
-    records = build_records(stats, str_tokens, vocab)
+    records = build_records(stats, str_tokens, vocab, verbose)
     pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings)
     finished = time.perf_counter()
     return SweepResult(
         prompt=prompt, tokens=tokens, str_tokens=str_tokens, gold=gold, model_logits=model_logits,
         records=records, pure_rows=pure,
-        norm_per_layer=describe_norm_plan(model, settings.norm_strategy),
+        norm_per_layer=describe_norm_plan(plan),
         resid_normed=resid_normed, last_block_resid=last_block_resid,
         last_position_resid=last_position_resid, warnings=warnings,
         timing={"forward_s": forwarded - started, "lens_s": finished - forwarded},
