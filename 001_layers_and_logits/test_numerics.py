@@ -9,9 +9,11 @@ from layers_core.numerics import (
     answer_rank,
     apply_post_unembed_transform,
     bits_entropy_from_logits,
+    entropy_bits_from_log_probs,
     get_post_unembed_transform,
     kl_bits,
     safe_cast_for_unembed,
+    topk_last_dim,
     unembed_logits,
 )
 
@@ -48,6 +50,33 @@ def test_entropy_is_batched_and_bounded_property():
     p = torch.softmax(logits.double(), -1)
     reference = -(p * p.log()).sum(-1) / math.log(2)
     assert torch.allclose(h.double(), reference, atol=1e-4)
+
+
+def test_entropy_with_scratch_equals_without_and_only_scratch_is_overwritten():
+    gen = torch.Generator().manual_seed(1)
+    log_probs = torch.log_softmax(torch.randn(5, 300, generator=gen) * 4, dim=-1)
+    log_probs[2, :150] = -math.inf  # p = 0 terms on the nan-repair path
+    log_probs[2] = torch.log_softmax(log_probs[2], dim=-1)
+    kept, scratch = log_probs.clone(), torch.randn(5, 300)
+    with_scratch = entropy_bits_from_log_probs(log_probs, scratch)
+    assert torch.equal(log_probs, kept)
+    assert torch.equal(with_scratch, entropy_bits_from_log_probs(log_probs))
+    assert torch.isfinite(with_scratch).all()
+
+
+@pytest.mark.parametrize("width", [50, 64 * 80, 64 * 80 + 37, 49_152])
+def test_topk_last_dim_equals_torch_topk_property(width):
+    gen = torch.Generator().manual_seed(width)
+    for scale in (0.1, 3.0, 30.0):
+        x = torch.log_softmax(torch.randn(7, width, generator=gen) * scale, dim=-1)
+        x[0, -5:] = 10.0  # the winners sit in the ragged tail
+        x[1, :64] = 9.0  # one chunk holds them all
+        values, ids = topk_last_dim(x, 20)
+        reference = torch.topk(x, 20, dim=-1)
+        assert torch.equal(values, reference.values)
+        assert torch.equal(x.gather(1, ids), values)
+        untied = (values[:, :-1] != values[:, 1:]).all(dim=-1)
+        assert torch.equal(ids[untied], reference.indices[untied])
 
 
 def test_entropy_of_bf16_logits_is_float32():
@@ -123,6 +152,15 @@ def test_unembed_logits_matmul_bias_and_callable_transform():
     assert torch.allclose(out, x @ W + b, atol=1e-6) and out.dtype == torch.float32
     capped = unembed_logits(x * 100, W, None, lambda z: 2.0 * torch.tanh(z / 2.0))
     assert capped.abs().max() <= 2.0
+
+
+def test_unembed_logits_writes_into_a_matching_buffer_only():
+    x, W, b = torch.randn(3, 4), torch.randn(4, 6), torch.randn(6)
+    buffer = torch.empty(3, 6)
+    out = unembed_logits(x, W, b, NO_TRANSFORM, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and torch.allclose(out, x @ W + b, atol=1e-6)
+    fp16_out = unembed_logits(x.half(), W.half(), None, NO_TRANSFORM, out=buffer)
+    assert fp16_out.data_ptr() != buffer.data_ptr() and fp16_out.dtype == torch.float32
 
 
 def test_unembed_logits_fp16_weights_return_float32():

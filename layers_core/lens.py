@@ -18,11 +18,12 @@ from layers_core.norm_utils import apply_norm_or_skip
 from layers_core.numerics import (
     entropy_bits_from_log_probs,
     kl_bits_from_log_probs,
+    topk_last_dim,
     unembed_logits,
 )
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # peak [rows, V] float32 working set of one block
-_LIVE_ROW_COPIES = 3  # logits, log-probs and exp(log-probs) may be alive at once, per row
+_LIVE_ROW_COPIES = 3  # the logits and log-probs buffers, and a post-unembed transform's temporaries
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,12 @@ def normalise_layers(
 
 
 def _block_stats(
-    log_probs: Tensor, top_k: int, answer_id: int | None
+    log_probs: Tensor, scratch: Tensor, top_k: int, answer_id: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    entropy = entropy_bits_from_log_probs(log_probs)
-    top = torch.topk(log_probs, k=top_k, dim=-1)
+    entropy = entropy_bits_from_log_probs(log_probs, scratch)
+    top_values, top_ids = topk_last_dim(log_probs, top_k)
     p_answer = None if answer_id is None else log_probs[:, answer_id].exp()
-    return entropy, top.indices, top.values.exp(), p_answer
+    return entropy, top_ids, top_values.exp(), p_answer
 
 
 def _last_position_stats(
@@ -80,6 +81,7 @@ def _last_position_stats(
     return kl, rank
 
 
+@torch.inference_mode()
 def lens_statistics(
     resid_normed: Sequence[Tensor],
     W_U: Tensor,
@@ -99,16 +101,20 @@ def lens_statistics(
     """
     n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
-    block = rows_per_block(W_U.shape[-1], budget_bytes)
+    block = min(rows_per_block(W_U.shape[-1], budget_bytes), rows.shape[0])
     last_rows = torch.arange(n_layers, device=rows.device) * seq_len + (seq_len - 1)
+    # Two [block, V] buffers serve every block: the logits (later the entropy's scratch) and
+    # the log-probs. Fresh [rows, V] allocations cost as much as the arithmetic on them.
+    logits_buffer = torch.empty((block, W_U.shape[-1]), dtype=torch.float32, device=rows.device)
+    log_probs_buffer = torch.empty_like(logits_buffer)
     parts: list[tuple] = []
     last_parts: list[tuple] = []
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
-        logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        del logits
-        parts.append(_block_stats(log_probs, top_k, answer_id))
+        logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed,
+                                out=logits_buffer[: stop - start])
+        log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
+        parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start
         if in_block.numel():
             last_parts.append(_last_position_stats(log_probs[in_block], final_log_probs, answer_id))

