@@ -21,6 +21,7 @@ RUN_BASE_DIR = HERE  # managed run-latest/ and run-*/ live next to run.py
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
 LEGACY_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 
 
 def _import_layers_core() -> None:
@@ -271,26 +272,26 @@ def _provenance(ctx, source, started_at, result):
 
 
 def _finish(document: dict, stages: "_Stages", json_path: str) -> dict:
-    document["timing"] = {key: round(stages.timing.get(key, 0.0), 4)
-                          for key in ("load_s", "forward_s", "lens_s", "write_s")}
+    document["timing"] = {key: round(stages.timing.get(key, 0.0), 4) for key in TIMING_KEYS}
     document["timing"]["total_s"] = round(stages.total(), 4)
     stages.run("write", _write_json, json_path, document)
     return document
 
 
 def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None,
-                             config: ExperimentConfig) -> dict:
+                             config: ExperimentConfig, stages: _Stages | None = None) -> dict:
     """Runs the sweep for one model and writes its files; returns the JSON document.
 
-    ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``). Failures are
-    raised as ``StageError`` carrying the stage (load, forward, lens, write).
+    ``output_files`` comes from ``run_dir.output_paths`` (None with ``self_test``); ``stages``
+    carries timings taken before the call (``main``'s start-up). Failures are raised as
+    ``StageError`` carrying the stage (load, forward, lens, plots, write).
     """
     from layers_core import outputs, report
     from layers_core.analysis import analyse_prompt
     from layers_core.sweep import self_test
 
     started_at = datetime.now()
-    stages = _Stages()
+    stages = stages or _Stages()
     source, ctx = _prepare(model_id, config, stages)
     if config.self_test:
         return {"last_layer_consistency": stages.run(
@@ -331,10 +332,12 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
                    result.resid_normed)
     if config.plots:
         title = f"{diag['model']} — {config.norm_strategy} lens — {config.prompt!r}"
-        stages.run("write", outputs.write_prompt_pictures, output_files, analysis, diag, title)
+        stages.run("plots", outputs.write_prompt_pictures, output_files, analysis, diag, title)
     _finish(document, stages, output_files["json"])
+    if config.plots:
+        _say(config, f"  plots    {stages.timing['plots_s']:6.2f} s  lens heatmap, layer curves")
     _say(config, f"  write    {stages.timing['write_s']:6.2f} s  "
-                 f"{os.path.basename(output_files['json'])}, CSVs{', PNGs' if config.plots else ''}")
+                 f"{os.path.basename(output_files['json'])}, CSVs")
     return document
 
 
@@ -365,8 +368,10 @@ def _run_prompt_set(source, ctx, output_files, config, stages, started_at) -> di
     }
     stages.run("write", outputs.write_tables, output_files, analyses, source.clean_name)
     title = f"{ctx.model_id} — {config.norm_strategy} lens — {len(summary)} prompts"
-    stages.run("write", outputs.write_summary, output_files, summary, int(ctx.model.cfg.n_layers),
-               title if config.plots else None)
+    stages.run("write", outputs.write_summary, output_files, summary)
+    if config.plots:
+        stages.run("plots", outputs.write_summary_picture, output_files, summary,
+                   int(ctx.model.cfg.n_layers), title)
     return _finish(document, stages, output_files["json"])
 
 
@@ -381,7 +386,7 @@ def _write_json(path: str, document: dict) -> None:
     write_json(path, document)
 
 
-def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
+def _run_single(model_id: str | None, config: ExperimentConfig, stages: _Stages) -> int:
     """One model in-process: staging → sweep → publish (or the error document)."""
     from layers_core import report
     from layers_core.models import resolve_model_source
@@ -398,7 +403,7 @@ def _run_single(model_id: str | None, config: ExperimentConfig) -> int:
         directory = config.out_dir
     files = None if directory is None else output_paths(directory, source.clean_name)
     try:
-        document = run_experiment_for_model(model_id, files, config)
+        document = run_experiment_for_model(model_id, files, config, stages)
     except StageError as failure:
         print(f"❌ {source.clean_name}: {failure.stage} failed: "
               f"{type(failure.error).__name__}: {report.first_line(failure.error)}", file=sys.stderr)
@@ -501,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     config = _config_from_args(parser, args)
     if len(args.model) >= 2:
         return _launch(args.model, config)
-    _prepare_runtime(config.device)
-    return _run_single(args.model[0] if args.model else None, config)
+    stages = _Stages()
+    stages.run("startup", _prepare_runtime, config.device)
+    return _run_single(args.model[0] if args.model else None, config, stages)
 
 
 if __name__ == "__main__":

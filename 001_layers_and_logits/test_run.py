@@ -367,6 +367,14 @@ def test_bundled_default_model_run(bundled_run):
     assert (lens_entropy > 12).all() and (lens_entropy < 15.6).all()  # arch lens: near-uniform
 
 
+def test_timing_block_splits_the_whole_run(bundled_run):
+    doc = _strict_json(_outputs(bundled_run[1], "SmolLM2-135M-Instruct")[0])
+    timing = doc["timing"]
+    assert list(timing) == [*run.TIMING_KEYS, "total_s"]
+    assert all(timing[key] > 0 for key in run.TIMING_KEYS)
+    assert sum(timing[key] for key in run.TIMING_KEYS) <= timing["total_s"] + 0.01
+
+
 def test_bundled_final_lens_ranks(bundled_model_dir, tmp_path):
     assert run.main(["--out_dir", str(tmp_path), "--norm", "final", "--quiet"]) == 0
     frame = pd.read_csv(_outputs(tmp_path, "SmolLM2-135M-Instruct")[2])

@@ -63,12 +63,15 @@ def write_prompt_pictures(paths: Mapping[str, str], analysis: Any, diagnostics: 
     plots.save_figure(curves, paths["curves_png"])
 
 
-def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]],
-                  n_layers: int, title: str | None) -> None:
-    """The prompt-set summary CSV and, when ``title`` is given, its picture."""
+def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]) -> None:
+    """The prompt-set summary CSV."""
     atomic_write(paths["summary"], render_csv(summary, SUMMARY_COLUMNS))
-    if title is not None:
-        from layers_core import plots
 
-        plots.use_non_interactive_backend()
-        plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
+
+def write_summary_picture(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]],
+                          n_layers: int, title: str) -> None:
+    """The prompt-set summary picture: each prompt's milestones as fractions of depth."""
+    from layers_core import plots
+
+    plots.use_non_interactive_backend()
+    plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])

