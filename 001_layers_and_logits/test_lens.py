@@ -132,6 +132,20 @@ def test_row_blocks_give_identical_results(load_bridge):
                               atol=1e-6), name
 
 
+def test_half_precision_unembedding_matches_float32(load_bridge):
+    """bf16 W_U (the GPU policy without --fp32-unembed) takes the path without a logits buffer."""
+    model = load_bridge("llama")
+    result = _ours(model, "arch")
+    final_lp = torch.log_softmax(result.model_logits[-1], -1)
+    args = (output_logits_transform(model), final_lp, result.gold["first_id"])
+    full = lens_statistics(result.resid_normed, model.unembed.W_U, None, *args)
+    half = lens_statistics(result.resid_normed, model.unembed.W_U.detach().to(torch.bfloat16),
+                           None, *args, budget_bytes=1)
+    assert half.entropy_bits.dtype == torch.float32
+    assert torch.allclose(half.entropy_bits, full.entropy_bits, atol=0.05)
+    assert torch.allclose(half.topk_probs[..., 0], full.topk_probs[..., 0], atol=0.02)
+
+
 def test_peak_logit_memory_respects_the_budget(load_bridge, monkeypatch):
     """The largest [rows, V] float32 block ever built stays within the budget's row count."""
     from layers_core import lens as lens_module

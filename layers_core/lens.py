@@ -103,16 +103,16 @@ def lens_statistics(
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
     block = min(rows_per_block(W_U.shape[-1], budget_bytes), rows.shape[0])
     last_rows = torch.arange(n_layers, device=rows.device) * seq_len + (seq_len - 1)
-    # Two [block, V] buffers serve every block: the logits (later the entropy's scratch) and
-    # the log-probs. Fresh [rows, V] allocations cost as much as the arithmetic on them.
-    logits_buffer = torch.empty((block, W_U.shape[-1]), dtype=torch.float32, device=rows.device)
-    log_probs_buffer = torch.empty_like(logits_buffer)
+    # Buffers reused by every block: the log-probs, and the float32 matmul's logits (later the
+    # entropy's scratch). Fresh [rows, V] allocations cost as much as the arithmetic on them.
+    log_probs_buffer = torch.empty((block, W_U.shape[-1]), dtype=torch.float32, device=rows.device)
+    logits_buffer = torch.empty_like(log_probs_buffer) if W_U.dtype == torch.float32 else None
     parts: list[tuple] = []
     last_parts: list[tuple] = []
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
         logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed,
-                                out=logits_buffer[: stop - start])
+                                out=None if logits_buffer is None else logits_buffer[: stop - start])
         log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
         parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start
