@@ -304,8 +304,9 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
     result = analysis.result
     stages.timing.update(forward_s=result.timing["forward_s"],
                          lens_s=stages.timing["lens_s"] - result.timing["forward_s"])
-    _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens")
     test_prompts = stages.run("forward", report.test_prompt_entries, ctx.model, ctx.decoder)
+    _say(config, f"  forward  {stages.timing['forward_s']:6.2f} s  {result.tokens.shape[1]} tokens, "
+                 f"then {len(test_prompts)} test prompts in one batch")
     model_last = result.model_logits[-1]
     blocks = analysis.blocks
     document = {
