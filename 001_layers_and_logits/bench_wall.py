@@ -31,7 +31,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_PY = os.path.join(HERE, "run.py")
 MODEL_NAME = "SmolLM2-135M-Instruct"
-PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 
 _HF_FLOOR = """
 import gc
@@ -72,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     from layers_core.models import ensure_default_model
+    from layers_core.prompts import DEFAULT_PROMPT
 
     path = ensure_default_model()
     python = sys.executable
     with tempfile.TemporaryDirectory() as out_dir:
         run = [python, RUN_PY, "--quiet", "--out_dir", out_dir]
         contenders = {
-            "hf_floor_s": [python, "-c", _HF_FLOOR.format(path=path, prompt=PROMPT)],
-            "tl_floor_s": [python, "-c", _TL_FLOOR.format(path=path, prompt=PROMPT)],
+            "hf_floor_s": [python, "-c", _HF_FLOOR.format(path=path, prompt=DEFAULT_PROMPT)],
+            "tl_floor_s": [python, "-c", _TL_FLOOR.format(path=path, prompt=DEFAULT_PROMPT)],
             "run_no_plots_s": run + ["--no-plots"],
             "run_s": run,
         }
