@@ -8,7 +8,7 @@ round-robin after a warm-up, all in one process:
 
 - ``floor_s``: HF forward with hidden states + one batched unembedding of all (n+1)·T rows + one
   log-softmax: the arithmetic no logit lens can avoid;
-- ``sweep_s``: ``layers_core.sweep.run_sweep`` exactly as run.py calls it (hooks, norms, unembedding,
+- ``sweep_s``: ``layers_core.pipeline.run_sweep`` exactly as run.py calls it (hooks, norms, unembedding,
   post-unembed transform, every metric of the records and pure rows, token decoding);
 - ``loop_s``: a legacy-style implementation of the same outputs (per-layer unembedding, then a
   Python loop per position with its own softmaxes, top-k, one ``decode`` and ``.item()`` per value).
@@ -105,7 +105,7 @@ def legacy_loop(model, prompt, answer, unembed, norms):
     from layers_core.csv_io import TOP_K_RECORD, TOP_K_VERBOSE, is_verbose_position
     from layers_core.norm_utils import apply_norm_or_skip
     from layers_core.numerics import bits_entropy_from_logits, kl_bits
-    from layers_core.sweep import forward_with_residuals
+    from layers_core.pipeline import forward_with_residuals
 
     tokens = model.to_tokens(prompt)
     str_tokens = model.to_str_tokens(prompt)
@@ -173,7 +173,7 @@ def _sweep_setup(model):
     from layers_core.device_policy import unembed_weights_for_analysis
     from layers_core.norm_utils import lens_norm_plan
     from layers_core.numerics import output_logits_transform
-    from layers_core.sweep import UnembedPath
+    from layers_core.pipeline import UnembedPath
 
     W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
     unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
@@ -185,7 +185,7 @@ def bench_model(name: str, path: str, runs: int) -> dict:
 
     from layers_core.models import load_model, resolve_model_source
     from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
-    from layers_core.sweep import TokenDecoder, run_sweep
+    from layers_core.pipeline import TokenDecoder, run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, norms = _sweep_setup(model)
@@ -216,7 +216,7 @@ def bench_scaling(path: str, runs: int) -> list[dict]:
     import torch
 
     from layers_core.models import load_model, resolve_model_source
-    from layers_core.sweep import run_sweep
+    from layers_core.pipeline import run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, _ = _sweep_setup(model)
@@ -236,7 +236,7 @@ def long_prompt_child(path: str) -> None:
     import torch
 
     from layers_core.models import load_model, resolve_model_source
-    from layers_core.sweep import forward_with_residuals, run_sweep
+    from layers_core.pipeline import forward_with_residuals, run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, _ = _sweep_setup(model)

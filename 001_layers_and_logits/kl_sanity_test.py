@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from layers_core.models import ModelLoadError, load_model, resolve_model_source
     from layers_core.numerics import output_logits_transform
     from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
-    from layers_core.sweep import UnembedPath, self_test, self_test_verdict
+    from layers_core.pipeline import UnembedPath, self_test, self_test_verdict
 
     try:
         model = load_model(resolve_model_source(args.model), resolve_device(args.device), torch.float32)

@@ -15,7 +15,7 @@ from tiny_models import FAMILIES
 
 from layers_core.lens import lens_statistics, normalise_layers, rows_per_block
 from layers_core.numerics import output_logits_transform
-from layers_core.sweep import SweepSettings, UnembedPath, run_sweep
+from layers_core.pipeline import SweepSettings, UnembedPath, run_sweep
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 TOLERANCE_BITS = 2e-3

@@ -52,7 +52,8 @@ def test_malformed_set_fails_before_any_model_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "x", "--answer", "y"], "--prompts and --prompt exclude each other"),
-    (["--keep-residuals"], "--keep-residuals applies to single-prompt runs"),
+    (["--keep-residuals"], "--prompts and --keep-residuals exclude each other"),
+    (["--self-test"], "--prompts and --self-test exclude each other"),
 ])
 def test_prompt_set_flag_conflicts_are_usage_errors(tmp_path, capsys, extra, message):
     good = tmp_path / "set.jsonl"
@@ -153,11 +154,12 @@ def test_control_flags(tiny_dirs, load_bridge, tmp_path):
 
 
 def test_bundled_three_facts_one_model_load(bundled_model_dir, tmp_path, monkeypatch):
-    from layers_core import models
+    from layers_core import lens_model
 
     loads = []
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = lens_model.load_model_with_report
+    monkeypatch.setattr(lens_model, "load_model_with_report",
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
     facts = tmp_path / "facts.jsonl"
     template = "Give the city name only, plain text. The capital of {} is called simply"
     facts.write_text("\n".join(json.dumps({"id": c, "prompt": template.format(c), "answer": a})

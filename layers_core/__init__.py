@@ -1,5 +1,8 @@
 """layers_core: the reusable pieces of the layer-by-layer logit lens.
 
+    import layers_core as lc
+    s = lc.sweep(lc.load(), "The capital of France is", "Paris")   # s.pure, s.lens_figure(), s.save(dir)
+
 The public API is served lazily (PEP 562), so ``import layers_core`` loads no torch and
 ``from layers_core import kl_bits`` imports only the module that defines it.
 """
@@ -10,6 +13,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "lens_model": ["LensModel", "load"],
+    "api": ["Sweep", "SweepSet", "sweep", "sweep_set"],
+    "tables": ["read_csv", "frame_from_rows"],
     "norm_utils": ["apply_norm_or_skip", "classify_norm", "unwrap_norm", "detect_model_architecture",
                    "get_correct_norm_module", "norm_module_label", "lens_norm_plan"],
     "numerics": ["bits_entropy_from_logits", "safe_cast_for_unembed", "kl_bits", "answer_rank",
@@ -28,11 +34,11 @@ _EXPORTS = {
     "run_dir": ["setup_run_latest_directory", "rotate_run_latest", "create_staging_dir",
                 "publish_staging_dir", "atomic_write", "unique_path"],
     "lens": ["LensStats", "lens_statistics"],
-    "sweep": ["SweepSettings", "UnembedPath", "TokenDecoder", "run_sweep", "last_layer_consistency",
-              "self_test"],
+    "pipeline": ["SweepSettings", "UnembedPath", "TokenDecoder", "run_sweep", "last_layer_consistency",
+                 "self_test"],
     "lens_checks": ["compare_lenses", "raw_lens_check", "control_margins"],
-    "analysis": ["RunContext", "analyse_prompt"],
-    "prompt_sets": ["parse_prompt_set", "load_prompt_set"],
+    "analysis": ["analyse_prompt"],
+    "prompt_sets": ["PromptItem", "parse_prompt_set", "load_prompt_set"],
     "plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from layers_core import report
 from layers_core.lens_checks import (
     LensComparison,
@@ -20,29 +18,10 @@ from layers_core.lens_checks import (
     raw_lens_check,
 )
 from layers_core.numerics import get_post_unembed_transform
-from layers_core.sweep import (
-    SweepResult,
-    SweepSettings,
-    TokenDecoder,
-    UnembedPath,
-    last_layer_consistency,
-    run_sweep,
-)
+from layers_core.lens_model import LensModel
+from layers_core.pipeline import SweepResult, SweepSettings, last_layer_consistency, run_sweep
 
 DEPTH_FRACTION_DECIMALS = 3
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """The loaded model and the fixed settings every prompt of a run shares."""
-
-    model: Any
-    model_id: str
-    device: str
-    dtype: torch.dtype
-    unembed: UnembedPath
-    settings: SweepSettings
-    decoder: TokenDecoder
 
 
 @dataclass
@@ -64,13 +43,14 @@ def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
 
 
 def analyse_prompt(
-    ctx: RunContext,
+    ctx: LensModel,
+    settings: SweepSettings,
     prompt: str,
     answer: str,
     control: tuple[str, str] | None = None,
 ) -> PromptAnalysis:
     """Sweep one prompt, then the comparison lens, the raw-residual check and the control."""
-    model, settings = ctx.model, ctx.settings
+    model = ctx.bridge
     result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder)
     consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
                                          result.gold["first_id"], ctx.unembed, ctx.dtype)

@@ -53,6 +53,19 @@ def choose_dtype(device: str, model_id: str, model_type: str | None = None) -> t
     return torch.float16
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A ``torch.dtype`` from itself or its name (``float32``, ``bfloat16``, ``float16``)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def should_auto_promote_unembed(compute_dtype: torch.dtype) -> bool:
     """True only for float32 compute: the analysis unembedding is then float32 anyway."""
     return compute_dtype == torch.float32

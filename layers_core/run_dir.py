@@ -1,14 +1,18 @@
 """Run directories: staging, rotation of ``run-latest/``, and atomic writes (no torch import).
 
-Managed mode (SPEC §5.5): every file of an invocation is written into a staging directory. Only if
-at least one model succeeded is the old ``run-latest/`` renamed to ``run-<its timestamp>`` and the
-staging directory renamed to ``run-latest/``; otherwise the staging directory becomes
-``run-<now>-failed`` and ``run-latest/`` is left byte-identical (legacy defect 9).
+Managed mode: every file of an invocation is written into a staging directory
+``.staging-<stamp>-<host>-<pid>``. Only if every model succeeded is the old ``run-latest/``
+renamed to ``run-<its timestamp>`` and the staging directory renamed to ``run-latest/``; a batch
+with some failures becomes ``run-<now>-partial``, one with none ``run-<now>-failed``, and
+``run-latest/`` is left byte-identical (the legacy script rotated before knowing the outcome).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
@@ -16,6 +20,9 @@ from datetime import datetime
 RUN_LATEST = "run-latest"
 TIMESTAMP_PREFIX = "timestamp-"
 STAGING_PREFIX = ".staging-"
+DEFAULT_KEEP_RUNS = 20
+_STAGING_NAME = re.compile(r"\.staging-\d{8}-\d{6}-(?P<host>.+)-(?P<pid>\d+)(-\d+)?$")
+_RUN_NAME = re.compile(r"run-\d{8}-\d{4}.*$")
 MINUTE_FORMAT = "%Y%m%d-%H%M"
 SECOND_FORMAT = "%Y%m%d-%H%M%S"
 
@@ -94,10 +101,65 @@ def setup_run_latest_directory(base_dir: str, now_fn: Clock = datetime.now) -> s
     return latest
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_staging(base_dir: str) -> list[str]:
+    """Removes staging directories left by dead processes of this host; returns their paths.
+
+    Another host's staging directories are never touched (shards of one battery may share a
+    filesystem), nor are those of live processes.
+    """
+    if not os.path.isdir(base_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(base_dir)):
+        match = _STAGING_NAME.match(name)
+        if match and match["host"] == _host() and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
+            removed.append(os.path.join(base_dir, name))
+    return removed
+
+
+def prune_runs(base_dir: str, keep: int, current: str | None = None) -> list[str]:
+    """Deletes all but the newest ``keep`` ``run-<stamp>*`` directories (by name, which sorts by
+    time); never ``run-latest/`` or ``current``. Returns the deleted paths."""
+    runs = sorted(name for name in os.listdir(base_dir)
+                  if _RUN_NAME.match(name) and os.path.isdir(os.path.join(base_dir, name))
+                  and os.path.join(base_dir, name) != current)
+    doomed = runs[: max(0, len(runs) - keep)]
+    for name in doomed:
+        shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
+    return [os.path.join(base_dir, name) for name in doomed]
+
+
+def check_writable_dir(path: str) -> str | None:
+    """None if ``path`` is (or can be made) a directory this process can write; else why not."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--out_dir {path}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out_dir {path}: {existing} is not writable"
+    return None
+
+
 def create_staging_dir(base_dir: str, now_fn: Clock = datetime.now) -> str:
-    """Creates ``.staging-<%Y%m%d-%H%M%S>-<pid>`` with its timestamp file; returns its path."""
+    """Creates ``.staging-<%Y%m%d-%H%M%S>-<host>-<pid>`` with its timestamp file; returns its path."""
     os.makedirs(base_dir, exist_ok=True)
-    name = f"{STAGING_PREFIX}{now_fn().strftime(SECOND_FORMAT)}-{os.getpid()}"
+    name = f"{STAGING_PREFIX}{now_fn().strftime(SECOND_FORMAT)}-{_host()}-{os.getpid()}"
     staging = unique_path(os.path.join(base_dir, name))
     os.makedirs(staging)
     write_timestamp_file(staging, now_fn)
@@ -105,17 +167,20 @@ def create_staging_dir(base_dir: str, now_fn: Clock = datetime.now) -> str:
 
 
 def publish_staging_dir(
-    staging_dir: str, base_dir: str, success: bool, now_fn: Clock = datetime.now
+    staging_dir: str, base_dir: str, success: bool, now_fn: Clock = datetime.now,
+    partial: bool = False,
 ) -> str:
     """Publishes a finished staging dir and returns where it now lives.
 
     Success: rotate the old ``run-latest/`` away, then rename staging to ``run-latest/``.
-    Failure: rename staging to ``run-<now>-failed`` (collision-safe); ``run-latest/`` untouched.
+    Otherwise rename staging to ``run-<now>-partial`` (some models succeeded) or
+    ``run-<now>-failed`` (collision-safe); ``run-latest/`` untouched.
     """
     if not success:
-        failed = unique_path(os.path.join(base_dir, f"run-{now_fn().strftime(MINUTE_FORMAT)}-failed"))
-        os.rename(staging_dir, failed)
-        return failed
+        suffix = "partial" if partial else "failed"
+        target = unique_path(os.path.join(base_dir, f"run-{now_fn().strftime(MINUTE_FORMAT)}-{suffix}"))
+        os.rename(staging_dir, target)
+        return target
     rotate_run_latest(base_dir, now_fn)
     latest = os.path.join(base_dir, RUN_LATEST)
     os.rename(staging_dir, latest)
@@ -128,7 +193,7 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
     return {"json": f"{stem}.json", "records": f"{stem}-records.csv",
             "pure": f"{stem}-pure-next-token.csv", "lens_png": f"{stem}-lens.png",
             "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
-            "summary_png": f"{stem}-summary.png", "dir": directory}
+            "summary_png": f"{stem}-summary.png", "dir": directory, "name": clean_name}
 
 
 def comparison_csv_path(directory: str, clean_name: str, norm_strategy: str) -> str:
@@ -139,3 +204,53 @@ def comparison_csv_path(directory: str, clean_name: str, norm_strategy: str) -> 
 def residual_path(directory: str, clean_name: str, layer: int) -> str:
     """``<clean>_<LL>_resid.pt`` for ``--keep-residuals`` (LL two digits)."""
     return os.path.join(directory, f"{clean_name}_{layer:02d}_resid.pt")
+
+
+OUTPUT_ROLES = ("json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png")
+NORM_NAMES = ("arch", "final", "none")
+
+
+def model_output_files(directory: str, clean_name: str) -> set[str]:
+    """Every file a run of model ``clean_name`` can write into ``directory`` that exists there.
+
+    Exact names only, so ``llama`` never claims the files of ``llama-2``.
+    """
+    paths = output_paths(directory, clean_name)
+    candidates = {paths[role] for role in OUTPUT_ROLES}
+    candidates |= {comparison_csv_path(directory, clean_name, norm) for norm in NORM_NAMES}
+    resid = re.compile(re.escape(clean_name) + r"_\d{2,}_resid\.pt$")
+    candidates |= {os.path.join(directory, n) for n in os.listdir(directory) if resid.match(n)}
+    return {path for path in candidates if os.path.isfile(path)}
+
+
+def publish_model_files(staging_dir: str, directory: str, clean_name: str) -> list[str]:
+    """Replaces model ``clean_name``'s files in ``directory`` as a whole by those in
+    ``staging_dir``: its old files are deleted (other models' stay), the new ones renamed in, and
+    the staging directory removed. Returns the published paths."""
+    for path in model_output_files(directory, clean_name):
+        os.unlink(path)
+    published = []
+    for name in sorted(os.listdir(staging_dir)):
+        if name.startswith(TIMESTAMP_PREFIX):
+            continue
+        target = os.path.join(directory, name)
+        os.replace(os.path.join(staging_dir, name), target)
+        published.append(target)
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    return published
+
+
+def distinct_names(model_ids: list[str], clean_names: list[str]) -> list[str]:
+    """File-name stems that differ for every model: a clean name shared by several models gets
+    its parent folder (``org1-llama``), and a still-shared one a numeric suffix (``-2``)."""
+    names = list(clean_names)
+    for index, name in enumerate(clean_names):
+        if clean_names.count(name) > 1:
+            parent = os.path.basename(os.path.dirname(model_ids[index].rstrip("/")))
+            names[index] = f"{parent}-{name}" if parent else name
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[index] = f"{name}-{seen[name]}"
+    return names

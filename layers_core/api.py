@@ -1,0 +1,287 @@
+"""The notebook API: ``sweep`` one prompt or ``sweep_set`` a prompt set through a ``LensModel``.
+
+    import layers_core as lc
+    lm = lc.load()                                   # the bundled model; or a hub id, a dir, a model
+    s = lc.sweep(lm, "The capital of France is", "Paris")
+    s.pure                                           # one row per layer at the next-token position
+    s.lens_figure()
+
+A ``Sweep`` holds what ``run.py`` writes for one prompt, as DataFrames, dicts and figures, and
+``save`` writes exactly run.py's files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+
+from layers_core import outputs, prompt_sets, report
+from layers_core.analysis import PromptAnalysis, analyse_prompt
+from layers_core.csv_io import pure_header, records_header
+from layers_core.document import (
+    prompt_entry,
+    prompt_set_document,
+    provenance,
+    single_prompt_document,
+    with_timing,
+)
+from layers_core.lens_model import LensModel
+from layers_core.pipeline import SweepSettings
+from layers_core.prompt_sets import PromptItem
+from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_CONTROL_ANSWER, DEFAULT_CONTROL_PROMPT, DEFAULT_PROMPT
+from layers_core.run_dir import output_paths
+from layers_core.tables import frame_from_rows
+
+LENSES = ("logit",)
+Control = tuple[str, str] | bool | None
+
+
+def default_control(prompt: str, control: Control) -> tuple[str, str] | None:
+    """None → France → Paris for the legacy prompt (no control otherwise); False → none."""
+    if control is None:
+        return (DEFAULT_CONTROL_PROMPT, DEFAULT_CONTROL_ANSWER) if prompt == DEFAULT_PROMPT else None
+    if control is False:
+        return None
+    if control is True:
+        raise ValueError("control=True is ambiguous: pass (control_prompt, control_answer)")
+    return tuple(control)
+
+
+def _answer_for(prompt: str, answer: str | None) -> str:
+    if answer is not None:
+        return answer
+    if prompt == DEFAULT_PROMPT:
+        return DEFAULT_ANSWER
+    raise ValueError("an answer is required for a prompt other than the default one")
+
+
+@dataclass
+class Sweep:
+    """One prompt through the lens: tables, diagnostics, the run document and pictures."""
+
+    lens_model: LensModel
+    analysis: PromptAnalysis
+    prompt: str
+    answer: str
+    settings: SweepSettings
+    started_at: datetime = field(default_factory=datetime.now)
+    timing: dict = field(default_factory=dict)
+    clock_start: float | None = None  # perf_counter() at the start of the run, for total_s
+
+    @cached_property
+    def pure(self) -> pd.DataFrame:
+        """The pure next-token table: one row per layer at the last position (CSV columns)."""
+        return frame_from_rows(self.analysis.result.pure_rows, pure_header())
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        """The records table: one row per (layer, position), layer-major (CSV columns)."""
+        return frame_from_rows(self.analysis.result.records, records_header())
+
+    @cached_property
+    def comparison(self) -> pd.DataFrame:
+        """The pure rows under the other standard lens (``final`` for ``arch``, else ``arch``)."""
+        return frame_from_rows(self.analysis.comparison.pure_rows, pure_header())
+
+    @property
+    def diagnostics(self) -> dict:
+        """The ``diagnostics`` block: collapse layers, milestones, norms, last-layer check."""
+        return self.analysis.blocks["diagnostics"]
+
+    @cached_property
+    def test_prompts(self) -> list[dict]:
+        """The 14 legacy test prompts through the model (one batched forward, on first use)."""
+        started = time.perf_counter()
+        entries = report.test_prompt_entries(self.lens_model.bridge, self.lens_model.decoder)
+        self.timing["forward_s"] = self.timing.get("forward_s", 0.0) + time.perf_counter() - started
+        return entries
+
+    @property
+    def document(self) -> dict:
+        """The whole JSON document of a run of this prompt (``timing`` as measured so far)."""
+        body = single_prompt_document(self.lens_model, self.analysis, self.prompt, self.answer,
+                                      self.test_prompts, provenance(self.lens_model, self.analysis,
+                                                                    self.started_at))
+        return with_timing(body, self.timing, _total(self))
+
+    def title(self) -> str:
+        """Model name, lens and prompt, for pictures."""
+        return (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
+                f"{self.prompt!r}")
+
+    def lens_figure(self):
+        """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""
+        return outputs.prompt_lens_figure(self.analysis, self.title())
+
+    def curves_figure(self):
+        """Entropy, p(answer), answer rank and KL per layer, both lenses, as a ``Figure``."""
+        return outputs.prompt_curves_figure(self.analysis, self.title())
+
+    def save(self, directory: str, *, name: str | None = None, plots: bool = True,
+             keep_residuals: bool = False) -> dict[str, str]:
+        """Writes run.py's files for this prompt into ``directory``; returns their paths."""
+        os.makedirs(directory, exist_ok=True)
+        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        document = self.document  # the test prompts' forward counts before the writes
+        with _timed(self.timing, "write_s"):
+            outputs.write_tables(paths, [("", self.analysis)], paths["name"])
+            if keep_residuals:
+                outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
+        if plots:
+            with _timed(self.timing, "plots_s"):
+                outputs.write_prompt_pictures(paths, self.analysis, self.title())
+        with _timed(self.timing, "write_s"):
+            outputs.write_json(paths["json"], with_timing(document, self.timing, _total(self)))
+        return paths
+
+
+def _total(result: Sweep | SweepSet) -> float:
+    """Seconds since ``clock_start`` (a ``perf_counter`` value) if set, else the stages' sum."""
+    if result.clock_start is not None:
+        return time.perf_counter() - result.clock_start
+    return sum(result.timing.values())
+
+
+class _timed:
+    """Adds the seconds spent inside the block to ``timing[key]``."""
+
+    def __init__(self, timing: dict, key: str):
+        self.timing, self.key = timing, key
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
+
+
+def _settings(lens_model: LensModel, norm: str, lens: str, settings: SweepSettings | None) -> SweepSettings:
+    if lens not in LENSES:
+        raise ValueError(f"unknown lens {lens!r}; expected one of {LENSES}")
+    base = settings or SweepSettings()
+    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32)
+
+
+def sweep(
+    lens_model: LensModel,
+    prompt: str = DEFAULT_PROMPT,
+    answer: str | None = None,
+    *,
+    norm: str = "arch",
+    lens: str = "logit",
+    control: Control = None,
+    settings: SweepSettings | None = None,
+) -> Sweep:
+    """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
+
+    Args:
+        answer: the gold answer; may be omitted only for the default prompt (``Berlin``).
+        norm: ``arch`` (the norm the model applies next), ``final`` (``ln_final`` everywhere, the
+            standard logit lens) or ``none`` (raw residual).
+        control: None = France → Paris for the legacy prompt, none otherwise; False = none;
+            or a ``(control_prompt, control_answer)`` pair.
+        settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).
+    """
+    settings = _settings(lens_model, norm, lens, settings)
+    answer = _answer_for(prompt, answer)
+    started = time.perf_counter()
+    analysis = analyse_prompt(lens_model, settings, prompt, answer, default_control(prompt, control))
+    forward_s = analysis.result.timing["forward_s"]
+    timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
+    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)
+
+
+def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:
+    parsed = [item if isinstance(item, PromptItem) else prompt_sets.item_from_record(dict(item), f"item {i}", i)
+              for i, item in enumerate(items, start=1)]
+    prompt_sets.check_unique_ids(parsed)
+    return parsed
+
+
+@dataclass
+class SweepSet:
+    """A prompt set through the lens: one ``Sweep`` per prompt and the summary table."""
+
+    lens_model: LensModel
+    sweeps: dict[str, Sweep]
+    summary_rows: list[dict]
+    settings: SweepSettings
+    source_path: str | None = None
+    started_at: datetime = field(default_factory=datetime.now)
+    timing: dict = field(default_factory=dict)
+    clock_start: float | None = None
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        """One row per prompt: collapse layers, milestones, final top-1 and p(answer)."""
+        return frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
+
+    @property
+    def document(self) -> dict:
+        """The JSON document of a prompt-set run."""
+        first = next(iter(self.sweeps.values()))
+        entries = [prompt_entry(pid, s.prompt, s.answer, s.analysis) for pid, s in self.sweeps.items()]
+        body = prompt_set_document(self.lens_model, entries, prompt_sets.aggregate(self.summary_rows),
+                                   self.source_path, provenance(self.lens_model, first.analysis,
+                                                                self.started_at))
+        return with_timing(body, self.timing, _total(self))
+
+    def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
+        """Writes run.py's prompt-set files into ``directory``; returns their paths."""
+        os.makedirs(directory, exist_ok=True)
+        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        with _timed(self.timing, "write_s"):
+            analyses = [(pid, s.analysis) for pid, s in self.sweeps.items()]
+            outputs.write_tables(paths, analyses, paths["name"])
+            outputs.write_summary(paths, self.summary_rows)
+        if plots:
+            title = (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
+                     f"{len(self.sweeps)} prompts")
+            with _timed(self.timing, "plots_s"):
+                outputs.write_summary_picture(paths, self.summary_rows, self.lens_model.n_layers, title)
+        document = self.document
+        with _timed(self.timing, "write_s"):
+            outputs.write_json(paths["json"], document)
+        return paths
+
+
+def sweep_set(
+    lens_model: LensModel,
+    items: Iterable[PromptItem | Mapping[str, Any]],
+    *,
+    norm: str = "arch",
+    lens: str = "logit",
+    settings: SweepSettings | None = None,
+    source_path: str | None = None,
+    progress: Any = None,
+) -> SweepSet:
+    """Sweeps every prompt of a set through one loaded model.
+
+    ``items`` are ``PromptItem``s or dicts with ``prompt``, ``answer`` and optional ``id``,
+    ``control_prompt``, ``control_answer``. ``progress(index, count, item, sweep)`` is called
+    after each prompt. Each prompt gets exactly the numbers it gets alone.
+    """
+    settings = _settings(lens_model, norm, lens, settings)
+    parsed = _items(items)
+    sweeps: dict[str, Sweep] = {}
+    summary: list[dict] = []
+    timing: dict[str, float] = {}
+    for index, item in enumerate(parsed, start=1):
+        control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
+        result = sweep(lens_model, item.prompt, item.answer, norm=norm, lens=lens, control=control,
+                       settings=settings)
+        for key, seconds in result.timing.items():
+            timing[key] = timing.get(key, 0.0) + seconds
+        sweeps[item.prompt_id] = result
+        summary.append(prompt_sets.summary_row(item, int(result.analysis.result.tokens.shape[1]),
+                                               result.diagnostics, result.analysis.result.pure_rows))
+        if progress is not None:
+            progress(index, len(parsed), item, result)
+    return SweepSet(lens_model, sweeps, summary, settings, source_path, timing=timing)

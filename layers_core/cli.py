@@ -1,0 +1,194 @@
+"""The command line of ``run.py``: flags → a validated, frozen ``ExperimentConfig`` (no torch).
+
+Every usage error is found here, before any model work: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
+from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
+
+DESCRIPTION = "Layer-by-layer logit-lens sweep"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+NORM_CHOICES = ("arch", "final", "none")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one invocation; the single home of the defaults."""
+
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    fp32_unembed: bool = False  # float32 shadow copy of W_U/b_U for the analysis
+    keep_residuals: bool = False  # dump each layer's normalised residual as .pt
+    copy_threshold: float = COPY_THRESHOLD
+    copy_margin: float = COPY_MARGIN
+    copy_entropy_fallback: bool = True  # entropy < 1 bit also counts as copy collapse
+    norm_strategy: str = "arch"  # arch | final | none
+    out_dir: str | None = None  # None = managed run-latest/ next to run.py
+    self_test: bool = False  # last-layer consistency gate only; writes nothing
+    prompt: str = DEFAULT_PROMPT
+    answer: str = DEFAULT_ANSWER
+    quiet: bool = False  # only errors and verdicts on the console
+    plots: bool = True  # lens heatmap and layer curves beside the CSVs
+    prompts_file: str | None = None  # JSONL prompt set: one model load, a summary CSV
+    control: bool = True  # a control pass (France → Paris for the legacy prompt)
+    control_prompt: str | None = None  # None = the default control for the legacy prompt
+    control_answer: str | None = None
+    allow_lens_mismatch: bool = False  # publish even if the last-layer check fails
+    keep_runs: int = DEFAULT_KEEP_RUNS  # managed mode keeps this many run-<stamp>* directories
+    threads: int | None = None  # None = torch's default thread count
+    output_name: str | None = None  # file-name stem; None = the model's folder name
+
+
+_DEFAULTS = ExperimentConfig()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr and exit 2, without the usage block or a traceback."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; defaults come from ``ExperimentConfig``."""
+    p = _OneLineParser(prog="run.py", description=DESCRIPTION)
+    p.add_argument("model", nargs="*", help="Hugging Face model id or local model directory; "
+                   "none = bundled default model; several = one subprocess each")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default=_DEFAULTS.device,
+                   help="compute device to run on (default: auto = cuda, then mps, then cpu)")
+    p.add_argument("--fp32-unembed", action="store_true",
+                   help="Up-cast the model's un-embedding matrix to float32")
+    p.add_argument("--keep-residuals", action="store_true",
+                   help="Dump full residual tensors; if absent, keep only per-layer logits")
+    p.add_argument("--copy-threshold", type=float, default=_DEFAULTS.copy_threshold,
+                   help="Minimum P(top-1) for copy collapse")
+    p.add_argument("--copy-margin", type=float, default=_DEFAULTS.copy_margin,
+                   help="Require P(top-1) − P(top-2) > margin for copy collapse")
+    p.add_argument("--no-copy-entropy-fallback", action="store_true",
+                   help="Do not count entropy < 1 bit as copy collapse")
+    p.add_argument("--norm", choices=NORM_CHOICES, default=_DEFAULTS.norm_strategy,
+                   help="Norm applied before unembedding each layer")
+    p.add_argument("--prompt", help="Override the prompt (requires --answer)")
+    p.add_argument("--answer", help=f"Gold answer of --prompt (default prompt: {_DEFAULTS.answer})")
+    p.add_argument("--out_dir", "--out-dir", dest="out_dir",
+                   help="Output directory to save CSV & JSON results "
+                        "(default: managed run-latest next to run.py)")
+    p.add_argument("--name", dest="output_name", metavar="NAME",
+                   help="File-name stem of the outputs (default: the model's folder name)")
+    p.add_argument("--self-test", action="store_true",
+                   help="Check that the last-layer lens reproduces the model's logits "
+                        "(KL <= 1e-6 bits, float32); writes nothing")
+    p.add_argument("--allow-lens-mismatch", action="store_true",
+                   help="Publish the results even if the last-layer check fails")
+    p.add_argument("--quiet", action="store_true", help="Print only errors and the final verdict")
+    p.add_argument("--no-plots", action="store_true",
+                   help="Do not draw the lens heatmap and layer-curve PNGs")
+    p.add_argument("--prompts", metavar="FILE.jsonl",
+                   help="Prompt set: one JSON object per line with prompt, answer and an "
+                        "optional id (and control_prompt/control_answer)")
+    p.add_argument("--control-prompt", help="Control prompt (requires --control-answer; "
+                   "default: the France → Paris version of the legacy prompt)")
+    p.add_argument("--control-answer", help="Gold answer of the control prompt")
+    p.add_argument("--no-control", action="store_true", help="Skip the control pass")
+    p.add_argument("--keep-runs", type=int, default=_DEFAULTS.keep_runs, metavar="N",
+                   help=f"Keep the newest N run-<stamp> directories (default {DEFAULT_KEEP_RUNS})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's own choice)")
+    return p
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """The first usage error in ``args``, or None."""
+    if args.prompt is not None and args.answer is None:
+        return "--prompt requires --answer"
+    if args.answer is not None and args.prompt is None:
+        return "--answer requires --prompt (it is the gold answer of that prompt)"
+    for flag, value in (("--prompt", args.prompt), ("--answer", args.answer)):
+        if value is not None and not value.strip():
+            return f"{flag} must not be empty"
+    if not 0.0 < args.copy_threshold <= 1.0:
+        return f"--copy-threshold must be in (0, 1], got {args.copy_threshold}"
+    if not 0.0 <= args.copy_margin < 1.0:
+        return f"--copy-margin must be in [0, 1), got {args.copy_margin}"
+    if (args.control_prompt is None) != (args.control_answer is None):
+        return "--control-prompt and --control-answer go together"
+    if args.no_control and args.control_prompt is not None:
+        return "--no-control and --control-prompt exclude each other"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be at least 1, got {args.threads}"
+    if args.keep_runs < 0:
+        return f"--keep-runs must be at least 0, got {args.keep_runs}"
+    if args.output_name is not None and len(args.model) > 1:
+        return "--name applies to one model; several models get distinct names automatically"
+    if args.prompts is not None:
+        for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test),
+                         ("--keep-residuals", args.keep_residuals)):
+            if on:
+                return f"--prompts and {flag} exclude each other"
+        from layers_core.prompt_sets import load_prompt_set
+
+        try:  # a malformed set fails here, with its line number, before any model work
+            load_prompt_set(args.prompts)
+        except ValueError as error:
+            return str(error)
+    if args.out_dir is not None and not args.self_test:
+        return check_writable_dir(args.out_dir)
+    return None
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentConfig]:
+    """``(models, config)`` from the command line; usage errors exit 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        parser.error(problem)
+    config = ExperimentConfig(
+        device=args.device, fp32_unembed=args.fp32_unembed, keep_residuals=args.keep_residuals,
+        copy_threshold=args.copy_threshold, copy_margin=args.copy_margin,
+        copy_entropy_fallback=not args.no_copy_entropy_fallback, norm_strategy=args.norm,
+        out_dir=args.out_dir, self_test=args.self_test,
+        prompt=_DEFAULTS.prompt if args.prompt is None else args.prompt,
+        answer=_DEFAULTS.answer if args.answer is None else args.answer, quiet=args.quiet,
+        plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
+        control_prompt=args.control_prompt, control_answer=args.control_answer,
+        allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
+        threads=args.threads, output_name=args.output_name,
+    )
+    return list(args.model), config
+
+
+def child_argv(config: ExperimentConfig) -> list[str]:
+    """Every setting as flags, for a launcher child (the device is always passed)."""
+    flags = ["--device", config.device, "--norm", config.norm_strategy,
+             "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin),
+             "--keep-runs", str(config.keep_runs)]
+    switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
+                "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
+                "--self-test": config.self_test, "--quiet": config.quiet,
+                "--no-plots": not config.plots, "--no-control": not config.control,
+                "--allow-lens-mismatch": config.allow_lens_mismatch}
+    flags += [flag for flag, on in switches.items() if on]
+    optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
+                "--control-answer": config.control_answer,
+                "--threads": None if config.threads is None else str(config.threads)}
+    if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
+        optional.update({"--prompt": config.prompt, "--answer": config.answer})
+    for flag, value in optional.items():
+        if value is not None:
+            flags += [flag, value]
+    return flags
+
+
+def replace_config(config: ExperimentConfig, **changes: object) -> ExperimentConfig:
+    """A copy of ``config`` with ``changes`` (the only way a config varies)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,83 @@
+"""The JSON document of a run, assembled from analysed prompts (plain dicts; no I/O).
+
+A single-prompt document has the legacy blocks in their legacy order, then the checks; a
+prompt-set document has the set, its aggregate and one entry per prompt.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from layers_core import report
+from layers_core.analysis import PromptAnalysis
+from layers_core.lens_model import LensModel
+
+TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
+CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
+
+
+def _bos_prepended(lm: LensModel, analysis: PromptAnalysis) -> bool:
+    bos = lm.bridge.tokenizer.bos_token_id
+    return bos is not None and int(analysis.result.tokens[0, 0]) == bos
+
+
+def provenance(lm: LensModel, analysis: PromptAnalysis, started_at: datetime,
+               argv: Sequence[str] | None = None) -> dict:
+    """Versions, platform and the facts of this run (device, dtype, source, tokens, argv)."""
+    source = lm.source
+    return report.provenance(
+        device=lm.device, dtype=lm.dtype, model_source=source.kind,
+        model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
+        bos_prepended=_bos_prepended(lm, analysis), n_tokens=int(analysis.result.tokens.shape[1]),
+        started_at=started_at, argv=list(sys.argv if argv is None else argv))
+
+
+def timing_block(timing: Mapping[str, float], total_s: float) -> dict:
+    """Every stage's seconds in a fixed order (0 for stages that did not run), then the total."""
+    block = {key: round(timing.get(key, 0.0), 4) for key in TIMING_KEYS}
+    block["total_s"] = round(total_s, 4)
+    return block
+
+
+def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str, answer: str,
+                           test_prompts: list[dict], provenance_block: dict) -> dict:
+    """The document of a single-prompt run (without ``timing``, which the caller appends)."""
+    model_last = analysis.result.model_logits[-1]
+    blocks = analysis.blocks
+    return {
+        "prompt": {"type": "prompt", "context_prompt": prompt, "ground_truth": answer},
+        "test_prompts": test_prompts,
+        "temperature_exploration": report.temperature_entries(model_last, lm.decoder),
+        "diagnostics": blocks["diagnostics"],
+        "final_prediction": report.final_prediction(model_last, lm.decoder),
+        "model_stats": report.model_stats(lm.bridge),
+        "gold_answer": blocks["gold_answer"],
+        "provenance": provenance_block,
+        **{key: blocks[key] for key in CHECK_BLOCKS},
+    }
+
+
+def prompt_set_document(lm: LensModel, entries: Sequence[dict], aggregate: dict, source_path: str | None,
+                        provenance_block: dict) -> dict:
+    """The document of a prompt-set run (without ``timing``)."""
+    return {
+        "prompt_set": {"path": source_path, "count": len(entries)},
+        "aggregate": aggregate,
+        "prompts": list(entries),
+        "model_stats": report.model_stats(lm.bridge),
+        "provenance": provenance_block,
+    }
+
+
+def prompt_entry(prompt_id: str, prompt: str, answer: str, analysis: PromptAnalysis) -> dict:
+    """One prompt of a set in the document: its id, text, length and every analysis block."""
+    return {"prompt_id": prompt_id, "prompt": prompt, "answer": answer,
+            "n_tokens": int(analysis.result.tokens.shape[1]), **analysis.blocks}
+
+
+def with_timing(document: dict, timing: Mapping[str, Any], total_s: float) -> dict:
+    """``document`` with its ``timing`` block last."""
+    return {**{k: v for k, v in document.items() if k != "timing"}, "timing": timing_block(timing, total_s)}

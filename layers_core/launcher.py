@@ -1,0 +1,97 @@
+"""Several models: one child ``run.py`` process each, all writing into one directory.
+
+Every flag is forwarded. Models whose folder names collide get distinct file names
+(``org1-llama``, ``org2-llama``). In managed mode the batch replaces ``run-latest/`` only if every
+model succeeded; otherwise it is published as ``run-<stamp>-partial`` (or ``-failed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from layers_core.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig, child_argv
+from layers_core.models import clean_model_name
+from layers_core.run_dir import (
+    create_staging_dir,
+    distinct_names,
+    output_paths,
+    prune_runs,
+    publish_staging_dir,
+    sweep_stale_staging,
+)
+
+RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "001_layers_and_logits", "run.py")
+
+
+def _has_valid_json(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            json.load(handle)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _ensure_error_document(path: str, model: str, rc: int) -> None:
+    """A child that died without leaving valid JSON gets an error document written for it."""
+    if _has_valid_json(path):
+        return
+    from layers_core.runner import write_error_document
+
+    error = RuntimeError(f"child process exited with code {rc} without writing its results")
+    write_error_document(path, error, "load", model, {"argv": sys.argv})
+
+
+def _progress_line(done: int, total: int, started: float, model: str) -> str:
+    from tqdm import tqdm
+
+    bar = tqdm.format_meter(done, total, time.perf_counter() - started, ncols=70, prefix="models")
+    return f"{bar}  next: {model}"
+
+
+def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
+    """Runs each model in a child process, in order; prints one verdict line per model."""
+    managed = config.out_dir is None and not config.self_test
+    directory = None
+    if managed:
+        sweep_stale_staging(base_dir)
+        directory = create_staging_dir(base_dir)
+    elif not config.self_test:
+        directory = config.out_dir
+        os.makedirs(directory, exist_ok=True)
+    names = distinct_names(models, [clean_model_name(m) for m in models])
+    outcomes = []
+    started = time.perf_counter()
+    try:
+        for index, (model, name) in enumerate(zip(models, names)):
+            if not config.quiet:
+                print(_progress_line(index, len(models), started, model), flush=True)
+            command = [sys.executable, RUN_PY, *child_argv(config), "--name", name]
+            if directory is not None:
+                command += ["--out_dir", directory]
+            rc = subprocess.call(command + [model])
+            if rc != EXIT_OK and directory is not None:
+                _ensure_error_document(output_paths(directory, name)["json"], model, rc)
+            outcomes.append((name, rc))
+    except KeyboardInterrupt:
+        if managed:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    for name, rc in outcomes:
+        mark, word = ("✅", "SUCCESS") if rc == EXIT_OK else ("❌", "FAILED")
+        print(f"{mark} {name}: {word} (exit {rc})")
+    succeeded = [rc == EXIT_OK for _, rc in outcomes]
+    if managed:
+        where = publish_staging_dir(directory, base_dir, success=all(succeeded), partial=any(succeeded))
+        if all(succeeded):
+            prune_runs(base_dir, config.keep_runs, current=where)
+            print(f"results in {where}")
+        else:
+            print(f"some models failed: results in {where}; run-latest/ left as it was")
+    return EXIT_OK if all(succeeded) else EXIT_FAILED

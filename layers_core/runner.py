@@ -1,0 +1,301 @@
+"""One model, in-process, as ``run.py`` runs it: stages, staging, publishing, the exit code.
+
+Owns the console of a run (progress lines, the one-line verdicts) and turns every failure into a
+strict-JSON error document and exit code 1; nothing here parses flags.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from layers_core.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ExperimentConfig
+from layers_core.models import resolve_model_source
+from layers_core.run_dir import (
+    create_staging_dir,
+    output_paths,
+    prune_runs,
+    publish_model_files,
+    publish_staging_dir,
+    sweep_stale_staging,
+)
+
+CUBLAS_WORKSPACE = ":4096:8"  # deterministic cuBLAS without the 1 MiB-workspace warning of :16:8
+
+
+class StageError(RuntimeError):
+    """A failure tagged with the pipeline stage it happened in."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(str(error))
+        self.stage, self.error = stage, error
+
+
+class LensMismatchError(RuntimeError):
+    """The last-layer lens does not reproduce the model's own logits."""
+
+
+class Stages:
+    """Times named stages (``<stage>_s``) and tags exceptions with the stage they came from."""
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = {}
+        self.clock_start = time.perf_counter()
+
+    def run(self, stage: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except (StageError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise StageError(stage, error) from error
+        finally:
+            self.timing[f"{stage}_s"] = self.timing.get(f"{stage}_s", 0.0) + time.perf_counter() - started
+
+
+def say(config: ExperimentConfig, line: str) -> None:
+    """A progress line on stdout, unless ``--quiet``."""
+    if not config.quiet:
+        print(line, flush=True)
+
+
+def prefetch_plotting() -> None:
+    """Imports matplotlib on a background thread, so that it overlaps torch and the model load."""
+    def _import() -> None:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+
+    threading.Thread(target=_import, name="prefetch-matplotlib", daemon=True).start()
+
+
+def prepare_runtime(device: str, threads: int | None) -> None:
+    """Seeds (316) and deterministic algorithms; the thread count only when asked for."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from layers_core.report import SEED
+
+    if device in ("auto", "cuda"):
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(SEED)
+    torch.use_deterministic_algorithms(True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _load(config: ExperimentConfig, model_id: str | None) -> Any:
+    import torch
+
+    from layers_core.lens_model import load
+
+    dtype = torch.float32 if config.self_test else "auto"
+    return load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed)
+
+
+def _sweep_settings(config: ExperimentConfig) -> Any:
+    from layers_core.pipeline import SweepSettings
+
+    return SweepSettings(copy_threshold=config.copy_threshold, copy_margin=config.copy_margin,
+                         copy_entropy_fallback=config.copy_entropy_fallback)
+
+
+def _control(config: ExperimentConfig) -> Any:
+    if not config.control:
+        return False
+    return None if config.control_prompt is None else (config.control_prompt, config.control_answer)
+
+
+def _gate(config: ExperimentConfig, consistency: dict) -> None:
+    if consistency["passed"] or config.allow_lens_mismatch:
+        return
+    raise LensMismatchError(
+        f"the last-layer lens does not reproduce the model's logits: KL {consistency['kl_bits']:.3e} "
+        f"bits > {consistency['tolerance_bits']:g} ({consistency['compute_dtype']}); "
+        "no result is trustworthy (--allow-lens-mismatch publishes anyway)")
+
+
+def _lens_line(config: ExperimentConfig, result: Any) -> str:
+    diag = result.diagnostics
+    return (f"  lens     {result.timing['lens_s']:6.2f} s  norm={config.norm_strategy}; "
+            f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
+            f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
+            f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
+            f"last-layer KL {diag['last_layer_consistency']['kl_bits']:.2e} bits; "
+            f"lens-artifact risk {result.analysis.blocks['raw_lens_check']['lens_artifact_risk']}")
+
+
+def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
+    from layers_core.api import sweep
+
+    result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
+                        control=_control(config), settings=_sweep_settings(config))
+    _gate(config, result.analysis.consistency)
+    result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
+    result.clock_start = stages.clock_start
+    stages.run("forward", lambda: result.test_prompts)
+    say(config, f"  forward  {result.timing['forward_s']:6.2f} s  {result.analysis.result.tokens.shape[1]} "
+                f"tokens, then {len(result.test_prompts)} test prompts in one batch")
+    say(config, _lens_line(config, result))
+    stages.run("write", result.save, directory, name=name, plots=config.plots,
+               keep_residuals=config.keep_residuals)
+    if config.plots:
+        say(config, f"  plots    {result.timing['plots_s']:6.2f} s  lens heatmap, layer curves")
+    say(config, f"  write    {result.timing['write_s']:6.2f} s  output-{name}.json, CSVs")
+    return result.document
+
+
+def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
+    from tqdm import tqdm
+
+    from layers_core.api import sweep_set
+    from layers_core.prompt_sets import load_prompt_set
+
+    items = load_prompt_set(config.prompts_file)
+    with tqdm(total=len(items), unit="prompt", disable=config.quiet, file=sys.stdout) as bar:
+        def progress(index: int, count: int, item: Any, result: Any) -> None:
+            _gate(config, result.analysis.consistency)
+            bar.set_postfix_str(f"{item.prompt_id}: L_semantic={result.diagnostics['L_semantic']}")
+            bar.update(1)
+
+        result = stages.run("lens", sweep_set, lm, items, norm=config.norm_strategy,
+                            settings=_sweep_settings(config),
+                            source_path=os.path.abspath(config.prompts_file), progress=progress)
+    result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
+    result.timing["lens_s"] = stages.timing["lens_s"] - result.timing.get("forward_s", 0.0)
+    result.clock_start = stages.clock_start
+    stages.run("write", result.save, directory, name=name, plots=config.plots)
+    return result.document
+
+
+def run_model(model_id: str | None, config: ExperimentConfig, directory: str | None, name: str,
+              stages: Stages | None = None) -> dict:
+    """Loads one model and runs the sweep (or set, or self-test); writes into ``directory``.
+
+    Returns the JSON document (for ``--self-test``: ``{"last_layer_consistency": …}``). Failures
+    are raised as ``StageError`` carrying the stage (load, forward, lens, write).
+    """
+    stages = stages or Stages()
+    from layers_core.device_policy import resolve_device
+
+    device_warnings: list[str] = []
+    resolve_device(config.device, device_warnings)
+    for warning in device_warnings:
+        print(warning, file=sys.stderr)
+    source = resolve_model_source(model_id)
+    say(config, f"▶ {source.clean_name} ({source.kind})")
+    lm = stages.run("load", _load, config, model_id)
+    for warning in lm.load_report.warnings():
+        print(warning, file=sys.stderr)
+    cfg = lm.bridge.cfg
+    say(config, f"  load     {stages.timing['load_s']:6.2f} s  {cfg.n_layers} layers, d_model {cfg.d_model}, "
+                f"vocab {cfg.d_vocab}, {lm.device}, {lm.dtype}")
+    if config.self_test:
+        from layers_core.pipeline import self_test
+
+        return {"last_layer_consistency": stages.run("forward", self_test, lm.bridge, config.prompt,
+                                                     config.answer, lm.unembed)}
+    run = _sweep_set if config.prompts_file is not None else _sweep_one
+    return run(config, lm, stages, directory, name)
+
+
+def _error_line(name: str, failure: StageError) -> str:
+    from layers_core.report import first_line
+
+    return f"❌ {name}: {failure.stage} failed: {type(failure.error).__name__}: {first_line(failure.error)}"
+
+
+def write_error_document(path: str, error: BaseException, stage: str, model: str,
+                         known_provenance: dict) -> None:
+    """The strict-JSON failure document of one model."""
+    from layers_core.outputs import write_json
+    from layers_core.report import error_document
+
+    write_json(path, error_document(error, stage, model, datetime.now(), known_provenance))
+
+
+def self_test_exit(consistency: dict) -> int:
+    """Prints the self-test verdict; its exit code."""
+    from layers_core.pipeline import self_test_verdict
+
+    passed, line = self_test_verdict(consistency)
+    print(line)
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, stages: Stages) -> int:
+    """One model: staging → run → publish, or the error document; returns the exit code."""
+    source = resolve_model_source(model_id)
+    name = config.output_name or source.clean_name
+    if config.self_test:
+        try:
+            return self_test_exit(run_model(model_id, config, None, name, stages)["last_layer_consistency"])
+        except StageError as failure:
+            print(_error_line(name, failure), file=sys.stderr)
+            return EXIT_FAILED
+    managed = config.out_dir is None
+    home = base_dir if managed else config.out_dir
+    os.makedirs(home, exist_ok=True)
+    sweep_stale_staging(home)
+    staging = create_staging_dir(home)
+    try:
+        run_model(model_id, config, staging, name, stages)
+    except StageError as failure:
+        write_error_document(output_paths(staging, name)["json"], failure.error, failure.stage,
+                             source.model_id, {"model_source": source.kind, "model_path": source.path,
+                                               "argv": sys.argv})
+        where = _publish(staging, home, name, managed, success=False)
+        print(f"{_error_line(name, failure)} (error document in {where})", file=sys.stderr)
+        return EXIT_FAILED
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    where = _publish(staging, home, name, managed, success=True)
+    if managed:
+        prune_runs(base_dir, config.keep_runs, current=where)
+    print(f"✅ {name}: results in {where}")
+    return EXIT_OK
+
+
+def _publish(staging: str, home: str, name: str, managed: bool, success: bool) -> str:
+    if managed:
+        return publish_staging_dir(staging, home, success=success)
+    publish_model_files(staging, home, name)
+    return home
+
+
+def run(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
+    """Runs the invocation (one model in-process, several through the launcher); exit code.
+
+    Ctrl-C ends it with one line, exit 130, no staging directory left behind.
+    """
+    try:
+        if len(models) >= 2:
+            from layers_core.launcher import launch
+
+            return launch(models, config, base_dir)
+        if config.plots and not config.self_test:
+            prefetch_plotting()
+        stages = Stages()
+        stages.run("startup", prepare_runtime, config.device, config.threads)
+        return run_single(models[0] if models else None, config, base_dir, stages)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
