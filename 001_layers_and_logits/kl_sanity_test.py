@@ -1,6 +1,6 @@
 """Standalone last-layer sanity check: ``python 001_layers_and_logits/kl_sanity_test.py [MODEL]``.
 
-The same gate as ``run.py --self-test`` (SPEC §4.8): in float32, the lens at the last layer
+The same gate as ``run.py --self-test``: in float32, the lens at the last layer
 (``ln_final`` → unembedding → the model's post-unembed transform) must reproduce the model's own
 last-position distribution within 1e-6 bits of KL. Exit 0 on pass, 1 on failure, 2 on bad usage.
 Imports only from ``layers_core``; writes nothing.

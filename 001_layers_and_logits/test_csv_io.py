@@ -84,7 +84,7 @@ def test_round_trip_with_csv_reader_and_pandas(tmp_path):
 
 
 def test_backslash_is_not_escaped_regression_defect_10(tmp_path):
-    """SPEC §7 defect 10: escapechar='\\\\' doubled backslashes; default readers broke."""
+    """Legacy defect 10: escapechar='\\\\' doubled backslashes; default readers broke."""
     rows, pure = _rows(["\\core"])
     write_csv_files(rows, pure, str(tmp_path / "r.csv"), str(tmp_path / "p.csv"))
     text = (tmp_path / "r.csv").read_text(encoding="utf-8")

@@ -65,7 +65,7 @@ def test_unavailable_device_falls_back_with_legacy_warning(monkeypatch):
 
 
 def test_shadow_unembed_never_touches_the_model_regression_defect_3(load_bridge):
-    """SPEC §7 defect 3: --fp32-unembed cast W_U in place, breaking the fp16/bf16 forward."""
+    """Legacy defect 3: --fp32-unembed cast W_U in place, breaking the fp16/bf16 forward."""
     model = load_bridge("phi")  # a real, non-zero unembedding bias
     half = type("Half", (), {})()
     half.unembed = type("U", (), {})()

@@ -79,7 +79,7 @@ def test_layernorm_matches_functional_layer_norm_with_gamma_and_beta():
 
 
 def test_class_named_layernorm_gets_layernorm_maths_regression_defect_5():
-    """SPEC §7 defect 5: isinstance(nn.LayerNorm) gave TL's LayerNorm RMS maths (no centring, β)."""
+    """Legacy defect 5: isinstance(nn.LayerNorm) gave TL's LayerNorm RMS maths (no centring, β)."""
     ln = LayerNorm(16)
     x = torch.randn(4, 16) + 5.0
     expected = torch.nn.functional.layer_norm(x, (16,), ln.w, ln.b, 1e-5)
@@ -111,7 +111,7 @@ def test_bridge_wrapper_is_unwrapped():
 
 
 def test_fp16_large_residual_stays_finite_regression_defect_4():
-    """SPEC §7 defect 4: x² in fp16 overflows above |x| ≈ 256, giving NaN/0 distributions."""
+    """Legacy defect 4: x² in fp16 overflows above |x| ≈ 256, giving NaN/0 distributions."""
     x = torch.full((2, 64), 1e4, dtype=torch.float16)
     x[:, ::2] = -1e4
     out = apply_norm_or_skip(x, MockRMSNorm(64))

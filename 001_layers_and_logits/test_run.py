@@ -66,10 +66,10 @@ def family_runs(tiny_dirs, tmp_path_factory):
     return results
 
 
-# ---- CLI and import discipline (SPEC §7 defect 7) -------------------------------------------
+# ---- CLI and import discipline (Legacy defect 7) -------------------------------------------
 
 def test_help_lists_every_flag_without_torch_regression_defect_7():
-    """SPEC §7 defect 7: argparse ran at import and --help loaded torch and probed CUDA."""
+    """Legacy defect 7: argparse ran at import and --help loaded torch and probed CUDA."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, RUN_PY, "--help"], capture_output=True, text=True)
     elapsed = time.perf_counter() - started
@@ -152,7 +152,7 @@ def test_family_outputs_schema_and_consistency(family_runs, load_bridge, family)
 
 
 def test_gemma2_softcap_is_applied_regression_defect_6(family_runs):
-    """SPEC §7 defect 6: without the final softcap the last lens row differs from the head."""
+    """Legacy defect 6: without the final softcap the last lens row differs from the head."""
     doc = _strict_json(_outputs(family_runs["gemma2"][1], "gemma2")[0])
     consistency = doc["diagnostics"]["last_layer_consistency"]
     assert consistency["post_unembed_transform"]["softcap"] == 5.0
@@ -210,7 +210,7 @@ def test_none_differs_from_final(tiny_dirs, tmp_path):
 
 def test_self_test_passes_and_writes_nothing_regression_defect_1(tiny_dirs, tmp_path, capsys,
                                                                   monkeypatch):
-    """SPEC §7 defect 1: --self-test crashed (undefined tokenizer), then was skipped silently."""
+    """Legacy defect 1: --self-test crashed (undefined tokenizer), then was skipped silently."""
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
     assert run.main([tiny_dirs["gemma2"], "--self-test"]) == 0
     out = capsys.readouterr().out
@@ -229,7 +229,7 @@ def test_self_test_fails_when_the_lens_is_wrong(tiny_dirs, tmp_path, capsys, mon
 
 
 def test_keep_residuals_writes_n_plus_1_files_regression_defect_2(tiny_dirs, load_bridge, tmp_path):
-    """SPEC §7 defect 2: --keep-residuals crashed on a path used before assignment."""
+    """Legacy defect 2: --keep-residuals crashed on a path used before assignment."""
     assert run.main([tiny_dirs["qwen3"], "--out_dir", str(tmp_path), "--keep-residuals",
                      "--quiet"]) == 0
     n = load_bridge("qwen3").cfg.n_layers
@@ -240,7 +240,7 @@ def test_keep_residuals_writes_n_plus_1_files_regression_defect_2(tiny_dirs, loa
 
 
 def test_thread_count_unchanged_regression_defect_11(tiny_dirs, tmp_path):
-    """SPEC §7 defect 11: torch.set_num_threads(1) made CPU runs single-threaded."""
+    """Legacy defect 11: torch.set_num_threads(1) made CPU runs single-threaded."""
     before = torch.get_num_threads()
     run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet"])
     assert torch.get_num_threads() == before
@@ -273,7 +273,7 @@ def test_managed_mode_rotates_run_latest(tiny_dirs, tmp_path, monkeypatch):
 
 def test_missing_model_dir_error_document_and_untouched_run_latest_regression_defect_8(
         tiny_dirs, tmp_path, monkeypatch, capsys):
-    """SPEC §7 defect 8: a failure wrote plain text into output-<model>.json."""
+    """Legacy defect 8: a failure wrote plain text into output-<model>.json."""
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
     assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
     latest = tmp_path / "run-latest"
@@ -334,7 +334,7 @@ def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
     assert done.stdout.count("Self-test passed") == 2
 
 
-# ---- the bundled real model (SPEC §8.2) ------------------------------------------------------
+# ---- the bundled real model  (README: the bundled model) ------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def bundled_run(bundled_model_dir, tmp_path_factory):

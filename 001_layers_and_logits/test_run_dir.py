@@ -46,7 +46,7 @@ def test_timestampless_run_latest_is_rotated_with_suffix(tmp_path):
 
 
 def test_existing_rotation_target_gets_a_suffix_regression_defect_9(tmp_path):
-    """SPEC §7 defect 9: rotation crashed (or overwrote) when run-<ts> already existed."""
+    """Legacy defect 9: rotation crashed (or overwrote) when run-<ts> already existed."""
     (tmp_path / "run-20250101-1200").mkdir()
     (tmp_path / "run-20250101-1200" / "keep").write_text("old")
     setup_run_latest_directory(str(tmp_path), clock(2025, 1, 1, 12, 0))

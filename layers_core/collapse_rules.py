@@ -56,7 +56,7 @@ def detect_copy_collapse(
     entropy_fallback_threshold: float = ENTROPY_COLLAPSE_BITS,
     use_entropy_fallback: bool = True,
 ) -> bool:
-    """Copy collapse for one row of logits ``[V]`` (SPEC §4.4).
+    """Copy collapse for one row of logits ``[V]``.
 
     The entropy fallback needs ``entropy_bits``: without it (the legacy contract) only the strict
     rule applies.
@@ -89,7 +89,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str) -> dict:
-    """Resolves the answer to token ids as the continuation of ``prompt`` (SPEC §4.5).
+    """Resolves the answer to token ids as the continuation of ``prompt``.
 
     Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer`` (``no_space``); a
     variant counts only if its ids start with the prompt's ids. Returns ``{string, pieces,
@@ -119,7 +119,7 @@ def _le(value: Any, bound: float) -> bool:
 
 
 def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]]) -> dict:
-    """First layers of each collapse over pure rows ordered by layer (SPEC §4.7).
+    """First layers of each collapse over pure rows ordered by layer.
 
     Rows carry ``layer``, ``copy_collapse``, ``copy_strict``, ``entropy_collapse``, ``is_answer``.
     Returns ``L_copy``, ``L_copy_strict``, ``L_copy_H``, ``L_semantic`` and ``delta_layers``.

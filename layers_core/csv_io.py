@@ -1,6 +1,6 @@
 """CSV schemas and writers for the records and pure next-token files (no torch import).
 
-Dialect (SPEC §5.1): UTF-8, ``,`` delimiter, ``"`` quote char, QUOTE_MINIMAL with doubled quotes,
+Dialect (README, "Output files"): UTF-8, ``,`` delimiter, ``"`` quote char, QUOTE_MINIMAL with doubled quotes,
 no escapechar (legacy defect 10), ``\\n`` line terminator; what ``csv.reader`` and ``pandas.read_csv``
 read back by default. Floats are written with ``repr`` so they
 parse back bit-exact; booleans as ``True``/``False``; absent values as empty strings.

@@ -123,7 +123,7 @@ def _topk_cells(ids: Sequence[int], probs: Sequence[float], k: int, vocab: dict[
 
 
 def verbose_positions(str_tokens: Sequence[str]) -> list[bool]:
-    """Which positions record the top-20 (SPEC §4.6)."""
+    """Which positions record the top-20."""
     return [is_verbose_position(tok, pos, len(str_tokens)) for pos, tok in enumerate(str_tokens)]
 
 
@@ -153,7 +153,7 @@ def build_pure_rows(
     settings: SweepSettings,
     position: int | None = None,
 ) -> list[dict]:
-    """One row per layer at the last position: top-5, flags and metrics (SPEC §4.2, §4.4, §4.5).
+    """One row per layer at the last position: top-5, flags and metrics .
 
     ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position.
     """

@@ -1,4 +1,4 @@
-"""The legacy prompts (SPEC §6.3), verbatim."""
+"""The legacy prompts, verbatim."""
 
 DEFAULT_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 DEFAULT_ANSWER = "Berlin"

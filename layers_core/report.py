@@ -1,4 +1,4 @@
-"""The JSON document of a run (SPEC §5.4): plain dicts, assembled here and written elsewhere."""
+"""The blocks of a run's JSON document (README, "Output files"): plain dicts, no I/O."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def diagnostics(
     consistency: dict,
     transform_record: dict,
 ) -> dict:
-    """The legacy diagnostics keys in order, then the new ones (SPEC §5.4)."""
+    """The legacy diagnostics keys in order, then the new ones."""
     summary = summarize_collapse(result.pure_rows)
     gold = result.gold
     document = {
@@ -255,7 +255,7 @@ def first_line(error: BaseException) -> str:
 def error_document(
     error: BaseException, stage: str, model_id: str, now: datetime, known_provenance: dict
 ) -> dict:
-    """The strict-JSON failure document (SPEC §5.4)."""
+    """The strict-JSON failure document: ``{"error": {type, message, stage, model, timestamp}, "provenance"}``."""
     return {
         "error": {"type": type(error).__name__, "message": first_line(error), "stage": stage,
                   "model": model_id, "timestamp": now.strftime(TIMESTAMP_FORMAT)},
