@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core import outputs, prompt_sets, report
+from layers_core import outputs, pictures, prompt_sets, report
 from layers_core.analysis import PromptAnalysis, analyse_prompt
 from layers_core.csv_io import pure_header, records_header
 from layers_core.document import (
@@ -118,25 +118,42 @@ class Sweep:
 
     def lens_figure(self):
         """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""
-        return outputs.prompt_lens_figure(self.analysis, self.title())
+        return pictures.prompt_lens_figure(pictures.picture_rows(self.analysis), self.title())
 
     def curves_figure(self):
         """Entropy, p(answer), answer rank and KL per layer, both lenses, as a ``Figure``."""
-        return outputs.prompt_curves_figure(self.analysis, self.title())
+        return pictures.prompt_curves_figure(pictures.picture_rows(self.analysis), self.title())
+
+    def draw_pictures(self, directory: str, name: str | None = None,
+                      worker: pictures.PictureWorker | None = None) -> None:
+        """Draws the two PNGs into ``directory``: in ``worker`` if given (then ``save`` waits
+        for it), else now."""
+        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        args = (paths, pictures.picture_rows(self.analysis), self.title())
+        if worker is None:
+            pictures.write_prompt_pictures(*args)
+        else:
+            worker.submit(pictures.write_prompt_pictures, *args)
 
     def save(self, directory: str, *, name: str | None = None, plots: bool = True,
-             keep_residuals: bool = False) -> dict[str, str]:
-        """Writes run.py's files for this prompt into ``directory``; returns their paths."""
+             keep_residuals: bool = False, worker: pictures.PictureWorker | None = None) -> dict[str, str]:
+        """Writes run.py's files for this prompt into ``directory``; returns their paths.
+
+        ``worker``: a picture worker already drawing them (``draw_pictures``); ``save`` waits for it.
+        """
         os.makedirs(directory, exist_ok=True)
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        if plots and worker is None:
+            with _timed(self.timing, "plots_s"):
+                self.draw_pictures(directory, name)
         document = self.document  # the test prompts' forward counts before the writes
         with _timed(self.timing, "write_s"):
             outputs.write_tables(paths, [("", self.analysis)], paths["name"])
             if keep_residuals:
                 outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
-        if plots:
-            with _timed(self.timing, "plots_s"):
-                outputs.write_prompt_pictures(paths, self.analysis, self.title())
+        if worker is not None:
+            with _timed(self.timing, "plots_s"):  # only the wait the pictures add to the run
+                worker.wait()
         with _timed(self.timing, "write_s"):
             outputs.write_json(paths["json"], with_timing(document, self.timing, _total(self)))
         return paths

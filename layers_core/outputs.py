@@ -48,36 +48,6 @@ def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]
         atomic_write(residual_path(directory, clean_name, layer), buffer.getvalue())
 
 
-def _marks(diagnostics: Mapping[str, Any]) -> dict:
-    return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
-
-
-def prompt_lens_figure(analysis: Any, title: str):
-    """The logit-lens heatmap of one analysed prompt, collapse layers marked."""
-    from layers_core import plots
-
-    return plots.lens_heatmap(analysis.result.records, title, _marks(analysis.blocks["diagnostics"]))
-
-
-def prompt_curves_figure(analysis: Any, title: str):
-    """Entropy, p(answer), rank and KL per layer, for the chosen and the comparison lens."""
-    from layers_core import plots
-
-    diagnostics = analysis.blocks["diagnostics"]
-    return plots.layer_curves(
-        analysis.result.pure_rows, title, diagnostics["norm_strategy"]["name"],
-        analysis.comparison.pure_rows, analysis.comparison.strategy,
-        {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"]})
-
-
-def write_prompt_pictures(paths: Mapping[str, str], analysis: Any, title: str) -> None:
-    """The lens heatmap and the layer curves of one prompt, as PNGs."""
-    from layers_core import plots
-
-    plots.save_figure(prompt_lens_figure(analysis, title), paths["lens_png"])
-    plots.save_figure(prompt_curves_figure(analysis, title), paths["curves_png"])
-
-
 def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]) -> None:
     """The prompt-set summary CSV."""
     atomic_write(paths["summary"], render_csv(summary, SUMMARY_COLUMNS))

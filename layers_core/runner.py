@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from layers_core import threads
 from layers_core.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ExperimentConfig
 from layers_core.models import resolve_model_source
+from layers_core.pictures import PictureWorker
 from layers_core.run_dir import (
     create_staging_dir,
     output_paths,
@@ -65,17 +66,8 @@ def say(config: ExperimentConfig, line: str) -> None:
         print(line, flush=True)
 
 
-def prefetch_plotting() -> None:
-    """Imports matplotlib on a background thread, so that it overlaps torch and the model load."""
-    def _import() -> None:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-
-    threading.Thread(target=_import, name="prefetch-matplotlib", daemon=True).start()
-
-
-def prepare_runtime(device: str, threads: int | None) -> None:
-    """Seeds (316) and deterministic algorithms; the thread count only when asked for."""
+def prepare_runtime(device: str) -> None:
+    """Seeds (316) and deterministic algorithms; imports torch."""
     import random
 
     import numpy as np
@@ -92,11 +84,23 @@ def prepare_runtime(device: str, threads: int | None) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(SEED)
     torch.use_deterministic_algorithms(True)
-    if threads is not None:
-        torch.set_num_threads(threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def _thread_count(config: ExperimentConfig, before: threads.CpuSnapshot | None) -> int | None:
+    """``--threads``, else torch's default minus the cores other processes kept busy while torch
+    was imported (None: leave torch's choice)."""
+    if config.threads is not None:
+        return config.threads
+    import torch
+
+    busy = threads.busy_cores_of_others(before, threads.snapshot())
+    chosen = threads.threads_for(busy, threads.available_cores(), torch.get_num_threads())
+    if chosen != torch.get_num_threads():
+        say(config, f"  threads  {chosen} (other processes keep {busy:.1f} cores busy; --threads overrides)")
+    return chosen
 
 
 def _load(config: ExperimentConfig, model_id: str | None) -> Any:
@@ -140,7 +144,8 @@ def _lens_line(config: ExperimentConfig, result: Any) -> str:
             f"lens-artifact risk {result.analysis.blocks['raw_lens_check']['lens_artifact_risk']}")
 
 
-def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
+def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str,
+               pictures: Any = None) -> dict:
     from layers_core.api import sweep
 
     result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
@@ -148,14 +153,21 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     _gate(config, result.analysis.consistency)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
-    stages.run("forward", lambda: result.test_prompts)
-    say(config, f"  forward  {result.timing['forward_s']:6.2f} s  {result.analysis.result.tokens.shape[1]} "
-                f"tokens, then {len(result.test_prompts)} test prompts in one batch")
+    if pictures is not None:
+        result.draw_pictures(directory, name, pictures)
+    # the picture worker now holds a core: torch's spinning threads must not wait for it
+    spare = None if pictures is None or lm.device != "cpu" else max(1, _torch_threads() - 1)
+    with threads.torch_threads(spare):
+        stages.run("forward", lambda: result.test_prompts)
+    say(config, f"  forward  {result.timing['forward_s']:6.2f} s  "
+                f"{result.analysis.result.tokens.shape[1]} tokens, then "
+                f"{len(result.test_prompts)} test prompts in one batch")
     say(config, _lens_line(config, result))
     stages.run("write", result.save, directory, name=name, plots=config.plots,
-               keep_residuals=config.keep_residuals)
+               keep_residuals=config.keep_residuals, worker=pictures)
     if config.plots:
-        say(config, f"  plots    {result.timing['plots_s']:6.2f} s  lens heatmap, layer curves")
+        say(config, f"  plots    {result.timing['plots_s']:6.2f} s  lens heatmap, layer curves "
+                    "(drawn while the test prompts ran; the wait they added)")
     say(config, f"  write    {result.timing['write_s']:6.2f} s  output-{name}.json, CSVs")
     return result.document
 
@@ -184,7 +196,7 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 
 
 def run_model(model_id: str | None, config: ExperimentConfig, directory: str | None, name: str,
-              stages: Stages | None = None) -> dict:
+              stages: Stages | None = None, pictures: Any = None) -> dict:
     """Loads one model and runs the sweep (or set, or self-test); writes into ``directory``.
 
     Returns the JSON document (for ``--self-test``: ``{"last_layer_consistency": …}``). Failures
@@ -210,8 +222,15 @@ def run_model(model_id: str | None, config: ExperimentConfig, directory: str | N
 
         return {"last_layer_consistency": stages.run("forward", self_test, lm.bridge, config.prompt,
                                                      config.answer, lm.unembed)}
-    run = _sweep_set if config.prompts_file is not None else _sweep_one
-    return run(config, lm, stages, directory, name)
+    if config.prompts_file is not None:
+        return _sweep_set(config, lm, stages, directory, name)
+    return _sweep_one(config, lm, stages, directory, name, pictures)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _error_line(name: str, failure: StageError) -> str:
@@ -238,7 +257,8 @@ def self_test_exit(consistency: dict) -> int:
     return EXIT_OK if passed else EXIT_FAILED
 
 
-def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, stages: Stages) -> int:
+def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, stages: Stages,
+               pictures: Any = None) -> int:
     """One model: staging → run → publish, or the error document; returns the exit code."""
     source = resolve_model_source(model_id)
     name = config.output_name or source.clean_name
@@ -254,7 +274,7 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     sweep_stale_staging(home)
     staging = create_staging_dir(home)
     try:
-        run_model(model_id, config, staging, name, stages)
+        run_model(model_id, config, staging, name, stages, pictures)
     except StageError as failure:
         write_error_document(output_paths(staging, name)["json"], failure.error, failure.stage,
                              source.model_id, {"model_source": source.kind, "model_path": source.path,
@@ -291,11 +311,17 @@ def run(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
             from layers_core.launcher import launch
 
             return launch(models, config, base_dir)
-        if config.plots and not config.self_test:
-            prefetch_plotting()
-        stages = Stages()
-        stages.run("startup", prepare_runtime, config.device, config.threads)
-        return run_single(models[0] if models else None, config, base_dir, stages)
+        single_prompt = config.prompts_file is None and not config.self_test
+        pictures = PictureWorker() if config.plots and single_prompt else None
+        try:
+            stages = Stages()
+            before = threads.snapshot()
+            stages.run("startup", prepare_runtime, config.device)
+            with threads.torch_threads(_thread_count(config, before)):
+                return run_single(models[0] if models else None, config, base_dir, stages, pictures)
+        finally:
+            if pictures is not None:
+                pictures.close()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,0 +1,118 @@
+"""The pictures of one prompt, and a worker process that draws them off the critical path.
+
+Torch-free: the worker is forked before torch is imported and must never import it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def _marks(diagnostics: Mapping[str, Any]) -> dict:
+    return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
+
+
+def picture_rows(analysis: Any) -> dict:
+    """The plain data the two pictures of one prompt are drawn from (no tensors: picklable)."""
+    return {"records": analysis.result.records, "pure_rows": analysis.result.pure_rows,
+            "comparison_rows": analysis.comparison.pure_rows,
+            "comparison_strategy": analysis.comparison.strategy,
+            "diagnostics": analysis.blocks["diagnostics"]}
+
+
+def prompt_lens_figure(rows: Mapping[str, Any], title: str):
+    """The logit-lens heatmap of one prompt (``picture_rows``), collapse layers marked."""
+    from layers_core import plots
+
+    return plots.lens_heatmap(rows["records"], title, _marks(rows["diagnostics"]))
+
+
+def prompt_curves_figure(rows: Mapping[str, Any], title: str):
+    """Entropy, p(answer), rank and KL per layer, for the chosen and the comparison lens."""
+    from layers_core import plots
+
+    diagnostics = rows["diagnostics"]
+    return plots.layer_curves(
+        rows["pure_rows"], title, diagnostics["norm_strategy"]["name"], rows["comparison_rows"],
+        rows["comparison_strategy"],
+        {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"]})
+
+
+def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
+    """The lens heatmap and the layer curves of one prompt, as PNGs."""
+    from layers_core import plots
+
+    plots.save_figure(prompt_lens_figure(rows, title), paths["lens_png"])
+    plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
+
+
+def _serve_pictures(connection: Any) -> None:
+    """The picture worker: import matplotlib and warm its font cache, then draw one request."""
+    try:
+        from layers_core import plots
+
+        plots.save_figure  # noqa: B018 - the import is the point
+        figure = plots.new_figure((1, 1))
+        figure.text(0.5, 0.5, "warm-up")
+        figure.canvas.draw()  # loads the font manager and the Agg renderer
+        request = connection.recv()
+        if request is None:
+            return
+        fn, args = request
+        fn(*args)
+        connection.send(None)
+    except BaseException as error:  # reported to the parent, which owns the console
+        connection.send(f"{type(error).__name__}: {error}")
+
+
+class PictureWorker:
+    """A forked process that draws a run's pictures while the parent works on (Linux only).
+
+    Start it before torch is imported: the import is single-threaded, so matplotlib's import and
+    font cache load on the other core for free; the parent later hands it plain rows
+    (``picture_rows``), never tensors. Where ``fork`` is unavailable, ``submit`` draws inline.
+    """
+
+    def __init__(self) -> None:
+        self._connection = self._process = self._pending = None
+        if sys.platform.startswith("linux"):
+            context = multiprocessing.get_context("fork")
+            self._connection, child = context.Pipe()
+            self._process = context.Process(target=_serve_pictures, args=(child,), daemon=True,
+                                            name="layers-core-pictures")
+            self._process.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Starts ``fn(*args)`` in the worker (or runs it now without one)."""
+        if self._process is None:
+            fn(*args)
+            return
+        self._connection.send((fn, args))
+        self._pending = True
+
+    def wait(self) -> None:
+        """Blocks until the submitted work is done; ``RuntimeError`` if it failed."""
+        if not self._pending:
+            return
+        self._pending = False
+        try:
+            problem = self._connection.recv()
+        except EOFError:
+            problem = f"the picture process exited with code {self._process.exitcode}"
+        self._process.join()
+        if problem is not None:
+            raise RuntimeError(f"drawing the pictures failed: {problem}")
+
+    def close(self) -> None:
+        """Ends the worker whether or not it drew anything."""
+        if self._process is None or not self._process.is_alive():
+            return
+        if not self._pending:
+            self._connection.send(None)
+        self._process.join(timeout=1.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
