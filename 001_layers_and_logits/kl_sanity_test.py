@@ -25,20 +25,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
 
-    from layers_core.device_policy import resolve_device, unembed_weights_for_analysis
-    from layers_core.models import ModelLoadError, load_model, resolve_model_source
-    from layers_core.numerics import output_logits_transform
+    from layers_core.lens_model import load
+    from layers_core.models import ModelLoadError
+    from layers_core.pipeline import self_test, self_test_verdict
     from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
-    from layers_core.pipeline import UnembedPath, self_test, self_test_verdict
+    from layers_core.runner import prepare_runtime
 
+    prepare_runtime(args.device)  # seeded and deterministic, exactly like run.py
     try:
-        model = load_model(resolve_model_source(args.model), resolve_device(args.device), torch.float32)
+        lens_model = load(args.model, device=args.device, dtype=torch.float32)
     except ModelLoadError as error:
         print(f"❌ {error}", file=sys.stderr)
         return 1
-    W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
-    unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
-    passed, line = self_test_verdict(self_test(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed))
+    consistency = self_test(lens_model.bridge, DEFAULT_PROMPT, DEFAULT_ANSWER, lens_model.unembed)
+    passed, line = self_test_verdict(consistency)
     print(line)
     return 0 if passed else 1
 

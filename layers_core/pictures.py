@@ -6,6 +6,7 @@ Torch-free: the worker is forked before torch is imported and must never import 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +52,7 @@ def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], tit
 
 def _serve_pictures(connection: Any) -> None:
     """The picture worker: import matplotlib and warm its font cache, then draw one request."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         from layers_core import plots
 
@@ -64,7 +66,7 @@ def _serve_pictures(connection: Any) -> None:
         fn, args = request
         fn(*args)
         connection.send(None)
-    except BaseException as error:  # reported to the parent, which owns the console
+    except Exception as error:  # reported to the parent, which owns the console
         connection.send(f"{type(error).__name__}: {error}")
 
 

@@ -1,0 +1,391 @@
+"""No run may succeed with wrong numbers, and no run may lose or mix results.
+
+Every failure here ends the same way: at most three non-empty stderr lines, no traceback, no ✅,
+exit 2 for usage errors found before any model work and 1 for failed runs.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import run
+import torch
+
+from conftest import RUN_PY
+from layers_core import threads
+from layers_core.run_dir import prune_runs, sweep_stale_staging
+
+PROMPT = "The capital of Germany is called simply"
+
+
+def _assert_clean_failure(captured, code, expected_code):
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == expected_code
+    assert len(err_lines) <= 3, err_lines
+    assert "Traceback" not in captured.err and "✅" not in captured.out
+
+
+def _snapshot(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(directory) for f in files}
+
+
+@pytest.fixture
+def managed(tmp_path, monkeypatch, tiny_dirs):
+    """A managed base directory holding a published run-latest/ of the tiny Llama."""
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main([tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
+    return tmp_path
+
+
+def _tiny_copy(tiny_dirs, family, destination):
+    shutil.copytree(tiny_dirs[family], destination)
+    return str(destination)
+
+
+def _rewrite_weights(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# ---- 1. weights, architectures, the last-layer gate ------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoder_dirs(tmp_path_factory):
+    from tiny_models import train_tokenizer
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("encoders")
+    bert, t5 = str(root / "bert"), str(root / "t5")
+    BertModel(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert)
+    T5ForConditionalGeneration(T5Config(vocab_size=320, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                        num_heads=2)).save_pretrained(t5)
+    for directory in (bert, t5):
+        train_tokenizer(directory)
+    return {"bert": bert, "t5": t5}
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_encoder_models_are_refused_before_loading(managed, encoder_dirs, capsys, kind):
+    before = _snapshot(managed / "run-latest")
+    capsys.readouterr()
+    code = run.main([encoder_dirs[kind], "--quiet"])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, code, 1)
+    assert "is not a decoder-only causal LM" in captured.err
+    assert _snapshot(managed / "run-latest") == before
+
+
+def test_missing_weights_fail_at_load_naming_them(tiny_dirs, tmp_path, capsys):
+    model = _tiny_copy(tiny_dirs, "llama", tmp_path / "llama-no-head")
+    _rewrite_weights(model, lambda tensors: tensors.pop("lm_head.weight"))
+    code = run.main([model, "--out_dir", str(tmp_path / "out"), "--quiet"])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, code, 1)
+    assert "randomly initialised: lm_head.weight" in captured.err
+    document = json.loads((tmp_path / "out" / "output-llama-no-head.json").read_text())
+    assert document["error"]["stage"] == "load" and "lm_head.weight" in document["error"]["message"]
+
+
+def test_unused_checkpoint_keys_are_a_warning(tiny_dirs, tmp_path, capsys):
+    model = _tiny_copy(tiny_dirs, "llama", tmp_path / "llama-extra")
+    _rewrite_weights(model, lambda tensors: tensors.update({"extra.probe.weight": torch.zeros(2)}))
+    assert run.main([model, "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 0
+    assert "checkpoint keys not used by the model: extra.probe.weight" in capsys.readouterr().err
+
+
+def _break_the_lens(monkeypatch):
+    from layers_core import numerics
+
+    monkeypatch.setattr(numerics, "output_logits_transform", lambda model: lambda z: z * 0.5)
+
+
+def test_failed_last_layer_check_fails_the_run(managed, tiny_dirs, monkeypatch, capsys):
+    before = _snapshot(managed / "run-latest")
+    _break_the_lens(monkeypatch)
+    capsys.readouterr()
+    code = run.main([tiny_dirs["llama"], "--quiet", "--no-plots"])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, code, 1)
+    assert "last-layer lens does not reproduce the model's logits" in captured.err
+    assert _snapshot(managed / "run-latest") == before
+    failed = [d for d in os.listdir(managed) if d.endswith("-failed")]
+    document = json.loads((managed / failed[0] / "output-llama.json").read_text())
+    assert document["error"]["stage"] == "lens" and document["error"]["type"] == "LensMismatchError"
+
+
+def test_allow_lens_mismatch_publishes_with_the_check_recorded(tiny_dirs, tmp_path, monkeypatch):
+    _break_the_lens(monkeypatch)
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+                     "--allow-lens-mismatch"]) == 0
+    check = json.loads((tmp_path / "output-llama.json").read_text())["diagnostics"]["last_layer_consistency"]
+    assert check["passed"] is False and check["kl_bits"] > 1e-3
+
+
+def test_half_precision_gate_tolerance(load_bridge):
+    """The gate is 1e-6 bits in float32 and 1e-2 bits when the model computes in half precision."""
+    from layers_core.pipeline import UnembedPath, last_layer_consistency
+
+    bridge = load_bridge("llama")
+    unembed = UnembedPath(bridge.unembed.W_U, None, lambda z: z)
+    resid = torch.randn(bridge.cfg.d_model)
+    logits = unembed.logits(bridge.ln_final(resid.unsqueeze(0)))[0] + 0.01 * torch.randn(bridge.cfg.d_vocab)
+    exact = last_layer_consistency(bridge, resid, logits, None, unembed, torch.float32)
+    half = last_layer_consistency(bridge, resid, logits, None, unembed, torch.bfloat16)
+    assert exact["tolerance_bits"] == 1e-6 and exact["passed"] is False
+    assert half["tolerance_bits"] == 1e-2 and half["passed"] is True
+
+
+def test_kl_sanity_script_is_seeded_like_run_py(tiny_dirs):
+    import kl_sanity_test
+
+    torch.use_deterministic_algorithms(False)
+    assert kl_sanity_test.main([tiny_dirs["llama"]]) == 0
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.initial_seed() == 316
+
+
+# ---- 2. same folder names, 3. --answer alone ----------------------------------------------------
+
+def test_models_with_the_same_folder_name_keep_distinct_files(tiny_dirs, tmp_path):
+    first = _tiny_copy(tiny_dirs, "llama", tmp_path / "org1" / "final")
+    second = _tiny_copy(tiny_dirs, "gpt2", tmp_path / "org2" / "final")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, RUN_PY, first, second, "--out_dir", str(out), "--quiet",
+                           "--no-plots", "--no-control"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "✅ org1-final: SUCCESS" in done.stdout and "✅ org2-final: SUCCESS" in done.stdout
+    for name, path in (("org1-final", first), ("org2-final", second)):
+        document = json.loads((out / f"output-{name}.json").read_text())
+        assert document["provenance"]["model_path"] == path
+    assert not (out / "output-final.json").exists()
+
+
+def test_distinct_names_rule():
+    from layers_core.run_dir import distinct_names
+
+    ids = ["a/final", "b/final", "gpt2", "x/y/gpt2", "gpt2"]
+    names = distinct_names(ids, ["final", "final", "gpt2", "gpt2", "gpt2"])
+    assert names == ["a-final", "b-final", "gpt2", "y-gpt2", "gpt2-2"]
+
+
+def test_answer_without_prompt_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        run.main(["--answer", "Paris"])
+    _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
+
+
+# ---- 4. reusing --out_dir, 5. partial batches -------------------------------------------------
+
+def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
+    assert run.main([tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    assert (out / "output-llama-lens.png").exists() and (out / "llama_00_resid.pt").exists()
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",
+                     "--norm", "final"]) == 0
+    names = sorted(os.listdir(out))
+    assert "output-llama-lens.png" not in names and "llama_00_resid.pt" not in names
+    assert "output-llama-pure-next-token-final.csv" not in names  # the comparison lens is now arch
+    assert "output-llama-pure-next-token-arch.csv" in names
+    assert "output-gpt2.json" in names and "output-gpt2-records.csv" in names  # others stay
+    assert not [n for n in names if n.startswith(".")]
+
+
+def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, capsys):
+    before = _snapshot(managed / "run-latest")
+    capsys.readouterr()
+    code = run.main([tiny_dirs["gpt2"], str(managed / "missing-model"), "--quiet", "--no-plots"])
+    captured = capsys.readouterr()
+    assert code == 1 and "run-latest/ left as it was" in captured.out
+    assert _snapshot(managed / "run-latest") == before
+    partial = [d for d in os.listdir(managed) if d.endswith("-partial")]
+    assert len(partial) == 1
+    inside = os.listdir(managed / partial[0])
+    assert "output-gpt2.json" in inside and "output-missing-model.json" in inside
+
+
+# ---- 6. bad --out_dir -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda p: p / "a-file", lambda p: p / "a-file" / "below"])
+def test_unusable_out_dir_is_a_usage_error_before_loading(tmp_path, capsys, make):
+    (tmp_path / "a-file").write_text("x")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        run.main([str(tmp_path / "never-loaded"), "--out_dir", str(make(tmp_path))])
+    _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
+    assert time.perf_counter() - started < 5
+
+
+def test_read_only_out_dir_is_refused(tmp_path, monkeypatch):
+    """Root ignores permission bits, so the check's own verdict is tested."""
+    from layers_core import run_dir
+
+    monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)
+    assert "is not writable" in run_dir.check_writable_dir(str(tmp_path))
+
+
+# ---- 7. Ctrl-C, stale staging, pruning ---------------------------------------------------------
+
+def test_interrupt_leaves_no_staging_and_run_latest_untouched(managed, tiny_dirs, monkeypatch, capsys):
+    from layers_core import api
+
+    before = _snapshot(managed / "run-latest")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "analyse_prompt", interrupted)
+    capsys.readouterr()
+    code = run.main([tiny_dirs["llama"], "--quiet"])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, code, 130)
+    assert captured.err.strip() == "interrupted"
+    assert not [d for d in os.listdir(managed) if d.startswith(".staging")]
+    assert _snapshot(managed / "run-latest") == before
+
+
+def test_sigint_of_a_real_run_exits_130_in_one_line(tiny_dirs, tmp_path):
+    process = subprocess.Popen([sys.executable, RUN_PY, tiny_dirs["llama"], "--out_dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("▶")  # printed as loading starts (TL's import: > 1 s)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging") or n.startswith("output-")]
+
+
+def test_stale_staging_of_dead_processes_on_this_host_is_swept(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine_dead = tmp_path / f".staging-20250101-000000-{host}-{dead.pid}"
+    mine_alive = tmp_path / f".staging-20250101-000000-{host}-{os.getpid()}"
+    other_host = tmp_path / f".staging-20250101-000000-elsewhere-{dead.pid}"
+    for directory in (mine_dead, mine_alive, other_host):
+        directory.mkdir()
+    assert sweep_stale_staging(str(tmp_path)) == [str(mine_dead)]
+    assert mine_alive.exists() and other_host.exists()
+
+
+def test_keep_runs_prunes_the_oldest_runs_only(tmp_path):
+    for name in ("run-20250101-1200", "run-20250102-1200-failed", "run-20250103-1200",
+                 "run-20250104-1200-partial", "run-latest", "notes"):
+        (tmp_path / name).mkdir()
+    deleted = prune_runs(str(tmp_path), keep=2, current=str(tmp_path / "run-20250101-1200"))
+    assert sorted(os.path.basename(p) for p in deleted) == ["run-20250102-1200-failed"]
+    assert sorted(os.listdir(tmp_path)) == ["notes", "run-20250101-1200", "run-20250103-1200",
+                                            "run-20250104-1200-partial", "run-latest"]
+
+
+def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
+    for _ in range(3):
+        assert run.main([tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
+    rotated = [d for d in os.listdir(managed) if d.startswith("run-") and d != "run-latest"]
+    assert len(rotated) == 1
+
+
+# ---- 8. the hub without network ---------------------------------------------------------------
+
+def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
+    from layers_core import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    started = time.perf_counter()
+    code = run.main(["no-such-org/no-such-model", "--out_dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, code, 1)
+    assert "the hub could not be reached" in captured.err and time.perf_counter() - started < 10
+
+
+def test_hub_probe_gives_up_within_its_timeout():
+    from layers_core import models
+
+    started = time.perf_counter()
+    models._hub_reachable(timeout_s=0.5)  # no network here: refused, unresolvable or timed out
+    assert time.perf_counter() - started < 5
+
+
+# ---- 9. threads ---------------------------------------------------------------------------------
+
+def test_thread_rule_gives_busy_cores_back():
+    assert threads.threads_for(0.0, cores=2, default_threads=2) == 2
+    assert threads.threads_for(0.3, cores=2, default_threads=2) == 2
+    assert threads.threads_for(0.9, cores=2, default_threads=2) == 1
+    assert threads.threads_for(3.0, cores=2, default_threads=2) == 1
+    assert threads.threads_for(1.0, cores=16, default_threads=16) == 15
+
+
+def test_busy_cores_of_others_subtracts_our_own_time():
+    start = threads.CpuSnapshot(machine_busy_s=100.0, own_busy_s=10.0, wall_s=0.0)
+    end = threads.CpuSnapshot(machine_busy_s=104.0, own_busy_s=12.0, wall_s=2.0)
+    assert threads.busy_cores_of_others(start, end) == pytest.approx(1.0)
+    assert threads.busy_cores_of_others(None, end) == 0.0
+
+
+def test_busy_core_is_detected_on_this_machine():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        start = threads.snapshot()
+        time.sleep(1.0)
+        busy = threads.busy_cores_of_others(start, threads.snapshot())
+    finally:
+        hog.kill()
+    assert busy > 0.6
+
+
+def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkeypatch):
+    seen = []
+    from layers_core import api
+
+    real = api.analyse_prompt
+    monkeypatch.setattr(api, "analyse_prompt",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+                     "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+
+
+# ---- 10. smaller usage errors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--no-control", "--control-prompt", "a", "--control-answer", "b"], "exclude each other"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--keep-runs", "-1"], "--keep-runs must be at least 0"),
+])
+def test_conflicting_flags_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, info.value.code, 2)
+    assert message in captured.err
+
+
+def test_prompt_set_key_typo_and_byte_order_mark(tmp_path, capsys):
+    from layers_core.prompt_sets import load_prompt_set
+
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text('{"prompt": "a", "answer": "b", "control_promt": "c"}\n')
+    with pytest.raises(SystemExit) as info:
+        run.main(["--prompts", str(typo)])
+    captured = capsys.readouterr()
+    _assert_clean_failure(captured, info.value.code, 2)
+    assert "unknown key 'control_promt' (did you mean 'control_prompt'?)" in captured.err
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes('{"id": "x", "prompt": "a", "answer": "b"}\n'.encode("utf-8-sig"))
+    assert [item.prompt_id for item in load_prompt_set(str(bom))] == ["x"]
