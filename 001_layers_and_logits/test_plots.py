@@ -73,3 +73,45 @@ def test_run_writes_both_pngs_and_no_plots_writes_none(tiny_dirs, tmp_path):
     assert run.main([tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "without"), "--quiet",
                      "--no-plots"]) == 0
     assert not [f for f in os.listdir(tmp_path / "without") if f.endswith(".png")]
+
+
+def _all_text_inside(figure):
+    """Every drawn label, tick label, colour bar and title lies inside the figure (nothing clipped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = figure.bbox
+    extents = [ax.get_tightbbox(renderer) for ax in figure.axes]
+    extents += [text.get_window_extent(renderer) for text in figure.texts if text.get_text()]
+    for extent in extents:
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, (extent, box)
+        assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, (extent, box)
+
+
+@pytest.mark.parametrize("n_layers,tokens", [(2, ["<bos>", "Hi"]), (3, ["x"])])
+def test_small_figures_clip_no_label(n_layers, tokens):
+    records, pure = _synthetic(n_layers, tokens)
+    _all_text_inside(lens_heatmap(records, "tiny-model — arch lens — 'Hi'", {"L_semantic": 1}))
+    _all_text_inside(layer_curves(pure, "tiny-model — arch lens — 'Hi'", "arch", pure, "final"))
+
+
+def test_probability_axis_stops_at_one_and_underflow_is_marked():
+    records, pure = _synthetic(4, ["a", "b"])
+    pure[0]["p_answer"] = 0.0  # underflowed: cannot sit on a log axis
+    pure[-1]["p_answer"] = 0.999
+    figure = layer_curves(pure, "t", "arch")
+    p_axis = figure.axes[1]
+    assert p_axis.get_ylabel() == "p(answer)" and p_axis.get_ylim()[1] <= 1.0
+    labels = p_axis.get_legend_handles_labels()[1]
+    assert "arch lens: p = 0 (underflow)" in labels
+    ticks = [t for t in figure.axes[2].get_xticks() if 0 <= t <= 4]
+    assert all(float(t).is_integer() for t in ticks)  # layers are whole numbers
+
+
+def test_titles_name_the_model_not_its_path(tiny_dirs, tmp_path):
+    import layers_core as lc
+
+    result = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), "Hi", "x", control=False)
+    assert result.title().startswith("llama — arch lens") and tiny_dirs["llama"] not in result.title()

@@ -16,7 +16,7 @@ from typing import Any
 HEATMAP_MAX_ROWS = 36  # deeper models are strided to this many layer rows (the last always shown)
 TOKEN_LABEL_CHARS = 10
 CELL_LABEL_CHARS = 7
-COLOR_BY = {"p_top1": ("prob1", "top-1 probability"), "entropy": ("entropy", "entropy (bits)")}
+COLOR_BY = {"p_top1": ("prob1", "p(top-1)"), "entropy": ("entropy", "entropy (bits)")}
 _ESCAPES = {"\n": "⏎", "\r": "␍", "\t": "⇥", "$": r"\$"}
 
 
@@ -31,7 +31,7 @@ def new_figure(figsize: tuple[float, float]):
     has to be closed."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize)
+    return Figure(figsize=figsize, layout="constrained")  # labels and colour bars never clipped
 
 
 def display_token(text: str, limit: int = TOKEN_LABEL_CHARS) -> str:
@@ -87,7 +87,7 @@ def lens_heatmap(
             texts[row_of[layer]][pos] = display_token(str(record["top1"]), CELL_LABEL_CHARS)
 
     width = min(40.0, 2.5 + 0.85 * n_pos)
-    height = min(30.0, 1.8 + 0.34 * len(layers))
+    height = min(30.0, max(3.6, 1.8 + 0.34 * len(layers)))  # room for the colour bar's label
     fig = new_figure((width, height))
     ax = fig.subplots()
     vmax = 1.0 if color_by == "p_top1" else max(1.0, float(np.nanmax(values)))
@@ -108,15 +108,29 @@ def lens_heatmap(
     ax.set_xlabel("prompt position (input token)")
     ax.set_ylabel("layer (0 = embeddings)" + (", strided" if len(layers) < n_rows else ""))
     ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label=f"{label} of the top-1 token" if color_by == "p_top1" else label,
-                 fraction=0.03, pad=0.01)
-    fig.subplots_adjust(left=0.1, right=0.94, bottom=1.1 / height, top=1 - 0.45 / height)
+    fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
     return fig
 
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(int(r["layer"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def _plot_series(ax, rows: Sequence[Mapping[str, Any]], key: str, log: bool, name: str, style: str) -> None:
+    """One lens's curve; on a log axis, values that underflowed to 0 are drawn as ▼ on the floor."""
+    xs, ys = _series(rows, key)
+    if not log:
+        ax.plot(xs, ys, style, marker=".", markersize=4, label=f"{name} lens")
+        return
+    positive = [(x, y) for x, y in zip(xs, ys) if y > 0]
+    line = ax.plot(*zip(*positive), style, marker=".", markersize=4, label=f"{name} lens")[0] if positive \
+        else None
+    zeros = [x for x, y in zip(xs, ys) if y <= 0]
+    if zeros:
+        color = line.get_color() if line is not None else None
+        ax.plot(zeros, [0.0] * len(zeros), "v", color=color, clip_on=False, transform=ax.get_xaxis_transform(),
+                label=f"{name} lens: p = 0 (underflow)")
 
 
 def layer_curves(
@@ -127,7 +141,12 @@ def layer_curves(
     comparison_name: str | None = None,
     marks: Mapping[str, int | None] | None = None,
 ):
-    """Entropy, p_answer (log), answer rank (log) and KL to the final layer against layer."""
+    """Entropy, p_answer (log, ≤ 1), answer rank (log) and KL to the final layer against layer.
+
+    A probability that underflowed to 0 cannot sit on a log axis: it is drawn as ▼ on the floor.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     panels = [("entropy", "entropy (bits)", "linear"), ("p_answer", "p(answer)", "log"),
               ("answer_rank", "answer rank", "log"), ("kl_to_final_bits", "KL to final (bits)", "linear")]
     fig = new_figure((11, 7.5))
@@ -135,21 +154,24 @@ def layer_curves(
     for ax, (key, label, scale) in zip(axes.flat, panels):
         for rows, name, style in ((pure_rows, lens_name, "-"), (comparison_rows, comparison_name, "--")):
             if rows:
-                xs, ys = _series(rows, key)
-                if scale == "log":
-                    xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if ys else ((), ())
-                ax.plot(xs, ys, style, marker=".", markersize=4, label=f"{name} lens")
+                _plot_series(ax, rows, key, scale == "log", name, style)
         ax.set_yscale(scale)
+        if key == "p_answer":
+            bottom, top = ax.get_ylim()
+            ax.set_ylim(bottom, min(top, 1.0))  # a probability axis never goes above 1
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for (name, layer), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple")):
             if layer is not None:
                 ax.axvline(layer, color=color, linestyle=":", linewidth=1.2, label=name)
     for ax in axes[1]:
         ax.set_xlabel("layer (0 = embeddings)")
     axes[0][0].legend(fontsize=8, loc="best")
+    if any(text.startswith(("arch lens: p = 0", "final lens: p = 0", "none lens: p = 0"))
+           for text in axes[0][1].get_legend_handles_labels()[1]):
+        axes[0][1].legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.93, hspace=0.08, wspace=0.2)
     return fig
 
 
@@ -171,7 +193,6 @@ def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int,
     else:
         ax.text(0.5, 0.5, "no prompt reached rank ≤ 5", ha="center", transform=ax.transAxes)
     ax.set_title(title, fontsize=10)
-    fig.subplots_adjust(left=0.25, right=0.97, top=0.85, bottom=0.6 / (1.5 + 0.35 * len(summary_rows)) + 0.1)
     return fig
 
 
