@@ -28,7 +28,7 @@ def bundled_sweep(bundled_model_dir):
 @pytest.fixture(scope="module")
 def bundled_cli_run(bundled_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    assert run.main(["--device", "cpu", "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    assert run.main(["--device", "cpu", "--device", "cpu", "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
     return str(out)
 
 

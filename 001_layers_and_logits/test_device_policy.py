@@ -24,23 +24,39 @@ from layers_core.models import (
 )
 
 
-@pytest.mark.parametrize("device,model_id,model_type,dtype", [
-    ("cpu", "google/gemma-2-9b", None, torch.float32),
-    ("mps", "mistralai/Mistral-7B-v0.1", None, torch.float16),
-    ("cuda", "mistralai/Mistral-7B-v0.1", None, torch.float16),
-    ("cuda", "google/gemma-2-9b", None, torch.bfloat16),
-    ("cuda", "GEMMA-2-27B", None, torch.bfloat16),
-    ("cuda", "/models/local-checkpoint", "gemma2", torch.bfloat16),
-    ("cuda", "/models/local-checkpoint", "llama", torch.float16),
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@pytest.mark.parametrize("device,declared,bf16,fits,dtype", [
+    ("cpu", BF16, True, True, FP32),          # CPU: float32 (bf16 only on request)
+    ("cpu", FP16, True, True, FP32),
+    ("cuda", BF16, True, True, BF16),         # Llama-3, Qwen2.5, Mistral, Gemma-2 ship in bf16
+    ("cuda", BF16, False, True, FP32),        # never fp16 for a bf16 checkpoint
+    ("cuda", FP16, True, True, FP16),
+    ("cuda", FP32, True, True, FP32),         # a float32 checkpoint that fits stays float32
+    ("cuda", FP32, True, False, BF16),
+    ("cuda", FP32, False, False, FP16),
+    ("cuda", None, True, True, FP32),         # undeclared: stored as float32
+    ("mps", BF16, True, True, BF16),
 ])
-def test_dtype_table(device, model_id, model_type, dtype):
-    assert choose_dtype(device, model_id, model_type) == dtype
+def test_auto_dtype_policy(device, declared, bf16, fits, dtype):
+    assert choose_dtype(device, declared, bf16_supported=bf16, float32_fits=fits) == dtype
 
 
-def test_auto_promote_only_float32():
-    assert should_auto_promote_unembed(torch.float32)
-    assert not should_auto_promote_unembed(torch.float16)
-    assert not should_auto_promote_unembed(torch.bfloat16)
+@pytest.mark.parametrize("value,dtype", [("bfloat16", BF16), ("torch.float16", FP16), (FP32, FP32),
+                                         (None, None), ("int8", None)])
+def test_declared_dtype_from_config(value, dtype):
+    from types import SimpleNamespace
+
+    from layers_core.device_policy import declared_dtype
+
+    assert declared_dtype(SimpleNamespace(dtype=value)) == dtype
+    assert declared_dtype(SimpleNamespace(torch_dtype=value)) == dtype
+
+
+def test_lens_statistics_are_always_float32():
+    """Every floating compute dtype decodes through float32 W_U (a copy, or chunked upcasts)."""
+    assert all(should_auto_promote_unembed(d) for d in (FP32, FP16, BF16))
 
 
 def _available(monkeypatch, cuda, mps):

@@ -66,11 +66,11 @@ def test_display_token_escapes_and_truncates():
 
 
 def test_run_writes_both_pngs_and_no_plots_writes_none(tiny_dirs, tmp_path):
-    assert run.main([tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "with"), "--quiet"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "with"), "--quiet"]) == 0
     for suffix in ("lens", "curves"):
         width, _ = _png_size(tmp_path / "with" / f"output-gemma2-{suffix}.png")
         assert width > 300
-    assert run.main([tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "without"), "--quiet",
+    assert run.main(["--device", "cpu", tiny_dirs["gemma2"], "--out_dir", str(tmp_path / "without"), "--quiet",
                      "--no-plots"]) == 0
     assert not [f for f in os.listdir(tmp_path / "without") if f.endswith(".png")]
 

@@ -42,7 +42,7 @@ def test_malformed_set_fails_before_any_model_work(tmp_path, capsys):
     bad = tmp_path / "set.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": 3}\n')
     with pytest.raises(SystemExit) as info:
-        run.main([str(tmp_path / "no-such-model"), "--prompts", str(bad), "--out_dir",
+        run.main(["--device", "cpu", str(tmp_path / "no-such-model"), "--prompts", str(bad), "--out_dir",
                   str(tmp_path / "out")])
     assert info.value.code == 2
     err = capsys.readouterr().err
@@ -59,7 +59,7 @@ def test_prompt_set_flag_conflicts_are_usage_errors(tmp_path, capsys, extra, mes
     good = tmp_path / "set.jsonl"
     good.write_text('{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(SystemExit) as info:
-        run.main(["--prompts", str(good), *extra])
+        run.main(["--device", "cpu", "--prompts", str(good), *extra])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -86,7 +86,7 @@ def tiny_set_run(tiny_dirs, tmp_path_factory):
         {"prompt": 'Quotes " and, commas', "answer": "x"},
     ]) + "\n")
     out = root / "out"
-    assert run.main([tiny_dirs["qwen3"], "--prompts", str(path), "--out_dir", str(out),
+    assert run.main(["--device", "cpu", tiny_dirs["qwen3"], "--prompts", str(path), "--out_dir", str(out),
                      "--quiet"]) == 0
     return out
 
@@ -109,7 +109,7 @@ def test_prompt_set_outputs(tiny_set_run, load_bridge):
 
 
 def test_a_prompt_in_a_set_gives_the_numbers_it_gives_alone(tiny_set_run, tiny_dirs, tmp_path):
-    assert run.main([tiny_dirs["qwen3"], "--prompt", "The capital of France is called simply",
+    assert run.main(["--device", "cpu", tiny_dirs["qwen3"], "--prompt", "The capital of France is called simply",
                      "--answer", "Paris", "--out_dir", str(tmp_path), "--quiet",
                      "--no-plots"]) == 0
     alone = pd.read_csv(tmp_path / "output-qwen3-pure-next-token.csv", dtype=str,
@@ -121,7 +121,7 @@ def test_a_prompt_in_a_set_gives_the_numbers_it_gives_alone(tiny_set_run, tiny_d
 
 
 def test_raw_lens_check_and_depth_fractions(tiny_dirs, load_bridge, tmp_path):
-    assert run.main([tiny_dirs["gpt2"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
                      "--prompt", PROMPT, "--answer", "Berlin"]) == 0
     doc = _json(tmp_path / "output-gpt2.json")
     n = load_bridge("gpt2").cfg.n_layers
@@ -139,7 +139,7 @@ def test_raw_lens_check_and_depth_fractions(tiny_dirs, load_bridge, tmp_path):
 
 
 def test_control_flags(tiny_dirs, load_bridge, tmp_path):
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path / "a"), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "a"), "--quiet", "--no-plots",
                      "--control-prompt", "The capital of France is called simply",
                      "--control-answer", "Paris"]) == 0
     doc = _json(tmp_path / "a" / "output-llama.json")
@@ -148,7 +148,7 @@ def test_control_flags(tiny_dirs, load_bridge, tmp_path):
     positive = [i for i, m in enumerate(margins) if m > 0]
     assert doc["control_summary"]["first_control_margin_pos"] == (positive[0] if positive else None)
     assert doc["control_summary"]["max_control_margin"] == max(margins)
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path / "b"), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "b"), "--quiet", "--no-plots",
                      "--no-control"]) == 0
     assert _json(tmp_path / "b" / "output-llama.json")["control_summary"] is None
 
@@ -165,7 +165,7 @@ def test_bundled_three_facts_one_model_load(bundled_model_dir, tmp_path, monkeyp
     facts.write_text("\n".join(json.dumps({"id": c, "prompt": template.format(c), "answer": a})
                                for c, a in (("Germany", "Berlin"), ("France", "Paris"),
                                             ("Japan", "Tokyo"))))
-    assert run.main(["--prompts", str(facts), "--out_dir", str(tmp_path / "out"), "--quiet"]) == 0
+    assert run.main(["--device", "cpu", "--prompts", str(facts), "--out_dir", str(tmp_path / "out"), "--quiet"]) == 0
     assert len(loads) == 1
     name = "SmolLM2-135M-Instruct"
     summary = pd.read_csv(tmp_path / "out" / f"output-{name}-summary.csv")
@@ -177,7 +177,7 @@ def test_bundled_three_facts_one_model_load(bundled_model_dir, tmp_path, monkeyp
 
 
 def test_bundled_default_run_has_control_and_raw_check(bundled_model_dir, tmp_path):
-    assert run.main(["--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
     doc = _json(tmp_path / "output-SmolLM2-135M-Instruct.json")
     assert doc["control_summary"]["control_answer"] == "Paris"
     assert doc["control_summary"]["status"] == "ok"

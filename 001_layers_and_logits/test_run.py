@@ -30,7 +30,7 @@ DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "un
              "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
              "last_layer_consistency", "depth_fractions"]
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
-                   "python_version", "platform", "device", "dtype", "seed",
+                   "python_version", "platform", "device", "dtype", "declared_dtype", "unembed_dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",
                    "n_tokens", "started_at", "argv"]
 ANSWER = "Berlin"
@@ -60,7 +60,7 @@ def family_runs(tiny_dirs, tmp_path_factory):
     results = {}
     for family, path in tiny_dirs.items():
         out = tmp_path_factory.mktemp(f"out-{family}")
-        code = run.main([path, "--out_dir", str(out), "--prompt", PROMPT, "--answer", ANSWER,
+        code = run.main(["--device", "cpu", path, "--out_dir", str(out), "--prompt", PROMPT, "--answer", ANSWER,
                          "--quiet", "--no-plots"])  # plots: test_plots.py and the bundled run
         results[family] = (code, str(out))
     return results
@@ -189,7 +189,7 @@ def test_json_values_are_consistent_with_pure_rows(family_runs):
     ("none", "no_normalization", None),
 ])
 def test_norm_strategies(tiny_dirs, tmp_path, strategy, layer0_norm, label):
-    assert run.main([tiny_dirs["gpt2"], "--out_dir", str(tmp_path), "--norm", strategy,
+    assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(tmp_path), "--norm", strategy,
                      "--quiet"]) == 0
     doc = _strict_json(_outputs(tmp_path, "gpt2")[0])
     diag = doc["diagnostics"]
@@ -201,7 +201,7 @@ def test_norm_strategies(tiny_dirs, tmp_path, strategy, layer0_norm, label):
 
 def test_none_differs_from_final(tiny_dirs, tmp_path):
     for strategy in ("final", "none"):
-        run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path / strategy), "--norm", strategy,
+        run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / strategy), "--norm", strategy,
                   "--quiet"])
     final = pd.read_csv(_outputs(tmp_path / "final", "llama")[2])
     raw = pd.read_csv(_outputs(tmp_path / "none", "llama")[2])
@@ -212,7 +212,7 @@ def test_self_test_passes_and_writes_nothing_regression_defect_1(tiny_dirs, tmp_
                                                                   monkeypatch):
     """Legacy defect 1: --self-test crashed (undefined tokenizer), then was skipped silently."""
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main([tiny_dirs["gemma2"], "--self-test"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["gemma2"], "--self-test"]) == 0
     out = capsys.readouterr().out
     assert "✅ Self-test passed: KL(model‖lens) =" in out and "(tolerance 1e-06)" in out
     assert os.listdir(tmp_path) == []
@@ -224,13 +224,13 @@ def test_self_test_fails_when_the_lens_is_wrong(tiny_dirs, tmp_path, capsys, mon
 
     monkeypatch.setattr(numerics, "output_logits_transform", lambda model: lambda z: z * 0.5)
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main([tiny_dirs["llama"], "--self-test"]) == 1
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--self-test"]) == 1
     assert "❌ Self-test FAILED" in capsys.readouterr().out
 
 
 def test_keep_residuals_writes_n_plus_1_files_regression_defect_2(tiny_dirs, load_bridge, tmp_path):
     """Legacy defect 2: --keep-residuals crashed on a path used before assignment."""
-    assert run.main([tiny_dirs["qwen3"], "--out_dir", str(tmp_path), "--keep-residuals",
+    assert run.main(["--device", "cpu", tiny_dirs["qwen3"], "--out_dir", str(tmp_path), "--keep-residuals",
                      "--quiet"]) == 0
     n = load_bridge("qwen3").cfg.n_layers
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt"))
@@ -242,13 +242,13 @@ def test_keep_residuals_writes_n_plus_1_files_regression_defect_2(tiny_dirs, loa
 def test_thread_count_unchanged_regression_defect_11(tiny_dirs, tmp_path):
     """Legacy defect 11: torch.set_num_threads(1) made CPU runs single-threaded."""
     before = torch.get_num_threads()
-    run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet"])
+    run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet"])
     assert torch.get_num_threads() == before
 
 
 def test_nasty_prompt_round_trips_through_both_csvs(tiny_dirs, tmp_path):
     prompt = 'Quotes " and commas, back\\slashes and\nnew lines'
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--prompt", prompt,
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--prompt", prompt,
                      "--answer", "x", "--quiet"]) == 0
     _, records_path, pure_path = _outputs(tmp_path, "llama")
     frame = pd.read_csv(records_path, dtype=str, keep_default_na=False)
@@ -263,10 +263,10 @@ def test_nasty_prompt_round_trips_through_both_csvs(tiny_dirs, tmp_path):
 
 def test_managed_mode_rotates_run_latest(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet"]) == 0
     first = sorted(os.listdir(tmp_path / "run-latest"))
     assert "output-llama.json" in first and any(f.startswith("timestamp-") for f in first)
-    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet"]) == 0
     assert len([d for d in os.listdir(tmp_path) if d.startswith("run-2")]) == 1
     assert not [d for d in os.listdir(tmp_path) if d.startswith(".staging")]
 
@@ -275,11 +275,11 @@ def test_missing_model_dir_error_document_and_untouched_run_latest_regression_de
         tiny_dirs, tmp_path, monkeypatch, capsys):
     """Legacy defect 8: a failure wrote plain text into output-<model>.json."""
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main([tiny_dirs["llama"], "--quiet"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet"]) == 0
     latest = tmp_path / "run-latest"
     before = {f: (latest / f).read_bytes() for f in os.listdir(latest)}
     capsys.readouterr()
-    assert run.main([str(tmp_path / "no-such-model")]) == 1
+    assert run.main(["--device", "cpu", str(tmp_path / "no-such-model")]) == 1
     err = capsys.readouterr().err
     assert "model directory not found" in err and "Traceback" not in err
     assert {f: (latest / f).read_bytes() for f in os.listdir(latest)} == before
@@ -301,21 +301,21 @@ def test_bad_model_dirs_fail_with_one_line(tmp_path, capsys, make_dir, needle):
     model_dir.mkdir()
     make_dir(model_dir)
     out = tmp_path / "out"
-    assert run.main([str(model_dir), "--out_dir", str(out)]) == 1
+    assert run.main(["--device", "cpu", str(model_dir), "--out_dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert needle in err and err.strip().count("\n") == 0
     assert _strict_json(out / "output-model.json")["error"]["stage"] == "load"
 
 
 def test_uncached_hub_id_offline_fails_cleanly(tmp_path, capsys):
-    assert run.main(["no-such-org/no-such-model", "--out_dir", str(tmp_path)]) == 1
+    assert run.main(["--device", "cpu", "no-such-org/no-such-model", "--out_dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "not in the local Hugging Face cache" in err and "Traceback" not in err
 
 
 def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
     done = subprocess.run(
-        [sys.executable, RUN_PY, tiny_dirs["llama"], str(tmp_path / "missing"), "--norm", "final",
+        [sys.executable, RUN_PY, "--device", "cpu", tiny_dirs["llama"], str(tmp_path / "missing"), "--norm", "final",
          "--prompt", PROMPT, "--answer", ANSWER, "--out_dir", str(tmp_path / "out"), "--quiet"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 1
@@ -328,7 +328,7 @@ def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
 
 
 def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
-    done = subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], tiny_dirs["gpt2"],
+    done = subprocess.run([sys.executable, RUN_PY, "--device", "cpu", tiny_dirs["llama"], tiny_dirs["gpt2"],
                            "--self-test", "--quiet", "--no-plots"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("Self-test passed") == 2
@@ -339,7 +339,7 @@ def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
 @pytest.fixture(scope="module")
 def bundled_run(bundled_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundled")
-    code = run.main(["--out_dir", str(out), "--quiet"])
+    code = run.main(["--device", "cpu", "--out_dir", str(out), "--quiet"])
     return code, str(out)
 
 
@@ -376,7 +376,7 @@ def test_timing_block_splits_the_whole_run(bundled_run):
 
 
 def test_bundled_final_lens_ranks(bundled_model_dir, tmp_path):
-    assert run.main(["--out_dir", str(tmp_path), "--norm", "final", "--quiet"]) == 0
+    assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--norm", "final", "--quiet"]) == 0
     frame = pd.read_csv(_outputs(tmp_path, "SmolLM2-135M-Instruct")[2])
     ranks = frame["answer_rank"].tolist()
     assert ranks[28:] == [185, 31, 1]

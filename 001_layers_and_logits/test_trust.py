@@ -40,7 +40,7 @@ def _snapshot(directory):
 def managed(tmp_path, monkeypatch, tiny_dirs):
     """A managed base directory holding a published run-latest/ of the tiny Llama."""
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main([tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
     return tmp_path
 
 
@@ -80,7 +80,7 @@ def encoder_dirs(tmp_path_factory):
 def test_encoder_models_are_refused_before_loading(managed, encoder_dirs, capsys, kind):
     before = _snapshot(managed / "run-latest")
     capsys.readouterr()
-    code = run.main([encoder_dirs[kind], "--quiet"])
+    code = run.main(["--device", "cpu", encoder_dirs[kind], "--quiet"])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, code, 1)
     assert "is not a decoder-only causal LM" in captured.err
@@ -90,7 +90,7 @@ def test_encoder_models_are_refused_before_loading(managed, encoder_dirs, capsys
 def test_missing_weights_fail_at_load_naming_them(tiny_dirs, tmp_path, capsys):
     model = _tiny_copy(tiny_dirs, "llama", tmp_path / "llama-no-head")
     _rewrite_weights(model, lambda tensors: tensors.pop("lm_head.weight"))
-    code = run.main([model, "--out_dir", str(tmp_path / "out"), "--quiet"])
+    code = run.main(["--device", "cpu", model, "--out_dir", str(tmp_path / "out"), "--quiet"])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, code, 1)
     assert "randomly initialised: lm_head.weight" in captured.err
@@ -101,7 +101,7 @@ def test_missing_weights_fail_at_load_naming_them(tiny_dirs, tmp_path, capsys):
 def test_unused_checkpoint_keys_are_a_warning(tiny_dirs, tmp_path, capsys):
     model = _tiny_copy(tiny_dirs, "llama", tmp_path / "llama-extra")
     _rewrite_weights(model, lambda tensors: tensors.update({"extra.probe.weight": torch.zeros(2)}))
-    assert run.main([model, "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 0
+    assert run.main(["--device", "cpu", model, "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 0
     assert "checkpoint keys not used by the model: extra.probe.weight" in capsys.readouterr().err
 
 
@@ -115,7 +115,7 @@ def test_failed_last_layer_check_fails_the_run(managed, tiny_dirs, monkeypatch, 
     before = _snapshot(managed / "run-latest")
     _break_the_lens(monkeypatch)
     capsys.readouterr()
-    code = run.main([tiny_dirs["llama"], "--quiet", "--no-plots"])
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, code, 1)
     assert "last-layer lens does not reproduce the model's logits" in captured.err
@@ -127,7 +127,7 @@ def test_failed_last_layer_check_fails_the_run(managed, tiny_dirs, monkeypatch, 
 
 def test_allow_lens_mismatch_publishes_with_the_check_recorded(tiny_dirs, tmp_path, monkeypatch):
     _break_the_lens(monkeypatch)
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
                      "--allow-lens-mismatch"]) == 0
     check = json.loads((tmp_path / "output-llama.json").read_text())["diagnostics"]["last_layer_consistency"]
     assert check["passed"] is False and check["kl_bits"] > 1e-3
@@ -162,7 +162,7 @@ def test_models_with_the_same_folder_name_keep_distinct_files(tiny_dirs, tmp_pat
     first = _tiny_copy(tiny_dirs, "llama", tmp_path / "org1" / "final")
     second = _tiny_copy(tiny_dirs, "gpt2", tmp_path / "org2" / "final")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, RUN_PY, first, second, "--out_dir", str(out), "--quiet",
+    done = subprocess.run([sys.executable, RUN_PY, "--device", "cpu", first, second, "--out_dir", str(out), "--quiet",
                            "--no-plots", "--no-control"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "✅ org1-final: SUCCESS" in done.stdout and "✅ org2-final: SUCCESS" in done.stdout
@@ -182,7 +182,7 @@ def test_distinct_names_rule():
 
 def test_answer_without_prompt_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
-        run.main(["--answer", "Paris"])
+        run.main(["--device", "cpu", "--answer", "Paris"])
     _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
 
 
@@ -190,10 +190,10 @@ def test_answer_without_prompt_is_a_usage_error(capsys):
 
 def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path):
     out = tmp_path / "out"
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
-    assert run.main([tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
     assert (out / "output-llama-lens.png").exists() and (out / "llama_00_resid.pt").exists()
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",
                      "--norm", "final"]) == 0
     names = sorted(os.listdir(out))
     assert "output-llama-lens.png" not in names and "llama_00_resid.pt" not in names
@@ -206,7 +206,7 @@ def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path
 def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, capsys):
     before = _snapshot(managed / "run-latest")
     capsys.readouterr()
-    code = run.main([tiny_dirs["gpt2"], str(managed / "missing-model"), "--quiet", "--no-plots"])
+    code = run.main(["--device", "cpu", tiny_dirs["gpt2"], str(managed / "missing-model"), "--quiet", "--no-plots"])
     captured = capsys.readouterr()
     assert code == 1 and "run-latest/ left as it was" in captured.out
     assert _snapshot(managed / "run-latest") == before
@@ -223,7 +223,7 @@ def test_unusable_out_dir_is_a_usage_error_before_loading(tmp_path, capsys, make
     (tmp_path / "a-file").write_text("x")
     started = time.perf_counter()
     with pytest.raises(SystemExit) as info:
-        run.main([str(tmp_path / "never-loaded"), "--out_dir", str(make(tmp_path))])
+        run.main(["--device", "cpu", str(tmp_path / "never-loaded"), "--out_dir", str(make(tmp_path))])
     _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
     assert time.perf_counter() - started < 5
 
@@ -248,7 +248,7 @@ def test_interrupt_leaves_no_staging_and_run_latest_untouched(managed, tiny_dirs
 
     monkeypatch.setattr(api, "analyse_prompt", interrupted)
     capsys.readouterr()
-    code = run.main([tiny_dirs["llama"], "--quiet"])
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet"])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, code, 130)
     assert captured.err.strip() == "interrupted"
@@ -292,7 +292,7 @@ def test_keep_runs_prunes_the_oldest_runs_only(tmp_path):
 
 def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
     for _ in range(3):
-        assert run.main([tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
+        assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
     rotated = [d for d in os.listdir(managed) if d.startswith("run-") and d != "run-latest"]
     assert len(rotated) == 1
 
@@ -305,7 +305,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
     started = time.perf_counter()
-    code = run.main(["no-such-org/no-such-model", "--out_dir", str(tmp_path)])
+    code = run.main(["--device", "cpu", "no-such-org/no-such-model", "--out_dir", str(tmp_path)])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, code, 1)
     assert "the hub could not be reached" in captured.err and time.perf_counter() - started < 10
@@ -356,7 +356,7 @@ def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkey
     monkeypatch.setattr(api, "analyse_prompt",
                         lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     before = torch.get_num_threads()
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
                      "--threads", "1"]) == 0
     assert seen == [1] and torch.get_num_threads() == before
 
@@ -382,7 +382,7 @@ def test_prompt_set_key_typo_and_byte_order_mark(tmp_path, capsys):
     typo = tmp_path / "typo.jsonl"
     typo.write_text('{"prompt": "a", "answer": "b", "control_promt": "c"}\n')
     with pytest.raises(SystemExit) as info:
-        run.main(["--prompts", str(typo)])
+        run.main(["--device", "cpu", "--prompts", str(typo)])
     captured = capsys.readouterr()
     _assert_clean_failure(captured, info.value.code, 2)
     assert "unknown key 'control_promt' (did you mean 'control_prompt'?)" in captured.err

@@ -177,3 +177,22 @@ def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
     model.save_pretrained(out_dir)
     train_tokenizer(out_dir)
     return out_dir
+
+
+def build_llama_1b_shape(out_dir: str, seed: int = 0) -> str:
+    """A random-weight Llama-3.2-1B-shape checkpoint saved in bfloat16 (≈ 2.5 GB), tied
+    embeddings, with a small locally trained tokenizer: big enough to measure memory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=True, **_common(128256))
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.config.dtype = "bfloat16"
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    train_tokenizer(out_dir)
+    return out_dir

@@ -58,7 +58,7 @@ def analyse_prompt(
                                              settings.norm_strategy)
     comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp)
     diagnostics = report.diagnostics(
-        model, ctx.model_id, ctx.device, result, settings, ctx.unembed.W_U.dtype,
+        model, ctx.model_id, ctx.device, result, settings, ctx.unembed.matmul_dtype,
         model.cfg.positional_embedding_type == "standard", consistency,
         get_post_unembed_transform(model))
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))

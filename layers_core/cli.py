@@ -17,6 +17,8 @@ from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAP_CHOICES = ("auto", "balanced", "sequential")
 NORM_CHOICES = ("arch", "final", "none")
 
 
@@ -45,6 +47,9 @@ class ExperimentConfig:
     keep_runs: int = DEFAULT_KEEP_RUNS  # managed mode keeps this many run-<stamp>* directories
     threads: int | None = None  # None = torch's default thread count
     output_name: str | None = None  # file-name stem; None = the model's folder name
+    dtype: str = "auto"  # auto = float32 on CPU, the checkpoint's half dtype on GPUs
+    device_map: str | None = None  # auto | balanced | sequential: spread over several GPUs
+    max_memory: str | None = None  # per-GPU budget, e.g. "0=70GiB,1=70GiB"
 
 
 _DEFAULTS = ExperimentConfig()
@@ -65,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "none = bundled default model; several = one subprocess each")
     p.add_argument("--device", choices=DEVICE_CHOICES, default=_DEFAULTS.device,
                    help="compute device to run on (default: auto = cuda, then mps, then cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=_DEFAULTS.dtype,
+                   help="compute dtype (default: auto = float32 on CPU; on GPUs the checkpoint's "
+                        "declared bf16/fp16, never fp16 for a bf16 checkpoint)")
+    p.add_argument("--device-map", choices=DEVICE_MAP_CHOICES,
+                   help="spread the model over several CUDA GPUs (accelerate's device map)")
+    p.add_argument("--max-memory", metavar="GPU=SIZE,...",
+                   help="per-GPU memory budget for --device-map, e.g. 0=70GiB,1=70GiB (GPUs only)")
     p.add_argument("--fp32-unembed", action="store_true",
                    help="Up-cast the model's un-embedding matrix to float32")
     p.add_argument("--keep-residuals", action="store_true",
@@ -125,6 +137,15 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--no-control and --control-prompt exclude each other"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
+    if args.max_memory is not None:
+        if args.device_map is None:
+            return "--max-memory goes with --device-map"
+        try:
+            parse_max_memory(args.max_memory)
+        except ValueError as error:
+            return str(error)
+    if args.device_map is not None and args.device in ("cpu", "mps"):
+        return f"--device-map spreads a model over CUDA GPUs, not --device {args.device}"
     if args.keep_runs < 0:
         return f"--keep-runs must be at least 0, got {args.keep_runs}"
     if args.output_name is not None and len(args.model) > 1:
@@ -162,14 +183,15 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
         control_prompt=args.control_prompt, control_answer=args.control_answer,
         allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
-        threads=args.threads, output_name=args.output_name,
+        threads=args.threads, output_name=args.output_name, dtype=args.dtype,
+        device_map=args.device_map, max_memory=args.max_memory,
     )
     return list(args.model), config
 
 
 def child_argv(config: ExperimentConfig) -> list[str]:
     """Every setting as flags, for a launcher child (the device is always passed)."""
-    flags = ["--device", config.device, "--norm", config.norm_strategy,
+    flags = ["--device", config.device, "--dtype", config.dtype, "--norm", config.norm_strategy,
              "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin),
              "--keep-runs", str(config.keep_runs)]
     switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
@@ -180,13 +202,32 @@ def child_argv(config: ExperimentConfig) -> list[str]:
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
                 "--control-answer": config.control_answer,
-                "--threads": None if config.threads is None else str(config.threads)}
+                "--threads": None if config.threads is None else str(config.threads),
+                "--device-map": config.device_map, "--max-memory": config.max_memory}
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
         optional.update({"--prompt": config.prompt, "--answer": config.answer})
     for flag, value in optional.items():
         if value is not None:
             flags += [flag, value]
     return flags
+
+
+def parse_max_memory(text: str) -> dict[int, str]:
+    """``"0=70GiB,1=70GiB"`` → ``{0: "70GiB", 1: "70GiB"}``. GPU entries only: the Bridge rejects
+    device maps that mix CPU or disk with GPUs."""
+    budget: dict[int, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        key, _, size = entry.partition("=")
+        key = key.strip().lower().removeprefix("cuda:")
+        if key in ("cpu", "disk", "mps"):
+            raise ValueError(f"--max-memory {entry}: GPU entries only (TransformerLens rejects device "
+                             "maps that mix CPU or disk with GPUs)")
+        if not key.isdigit() or not size.strip():
+            raise ValueError(f"--max-memory {entry}: expected GPU=SIZE, e.g. 0=70GiB")
+        budget[int(key)] = size.strip()
+    if not budget:
+        raise ValueError("--max-memory: expected GPU=SIZE entries, e.g. 0=70GiB,1=70GiB")
+    return budget
 
 
 def replace_config(config: ExperimentConfig, **changes: object) -> ExperimentConfig:

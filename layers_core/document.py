@@ -29,7 +29,8 @@ def provenance(lm: LensModel, analysis: PromptAnalysis, started_at: datetime,
     """Versions, platform and the facts of this run (device, dtype, source, tokens, argv)."""
     source = lm.source
     return report.provenance(
-        device=lm.device, dtype=lm.dtype, model_source=source.kind,
+        device=lm.device, dtype=lm.dtype, declared_dtype=lm.declared_dtype,
+        unembed_dtype=lm.unembed.matmul_dtype, model_source=source.kind,
         model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
         bos_prepended=_bos_prepended(lm, analysis), n_tokens=int(analysis.result.tokens.shape[1]),
         started_at=started_at, argv=list(sys.argv if argv is None else argv))

@@ -17,15 +17,17 @@ def residual_hook_names(n_layers: int) -> list[str]:
     return [RESID_PRE_0] + [RESID_POST.format(i) for i in range(n_layers)]
 
 
-def build_cache_hook(cache: MutableMapping[str, Any], key: str) -> Callable:
-    """A forward hook storing ``tensor.detach()`` (same device and dtype) under ``key``.
+def build_cache_hook(cache: MutableMapping[str, Any], key: str, device: Any = None) -> Callable:
+    """A forward hook storing ``tensor.detach()`` (same dtype) under ``key``.
 
     The key is fixed here, never taken from ``hook.name``: the Bridge reports canonical aliases
-    there (e.g. ``blocks.1.hook_out``).
+    there (e.g. ``blocks.1.hook_out``). With ``device`` the tensor is moved there as it is
+    captured (the lens device of a model split over several GPUs); without, it stays where it is.
     """
 
     def cache_hook(tensor, hook=None):
-        cache[key] = tensor.detach()
+        captured = tensor.detach()
+        cache[key] = captured if device is None else captured.to(device, non_blocking=True)
         return None
 
     return cache_hook
@@ -51,7 +53,7 @@ class ResidualHookHandle:
 
 
 def attach_residual_hooks(
-    model: Any, cache: MutableMapping[str, Any]
+    model: Any, cache: MutableMapping[str, Any], device: Any = None
 ) -> tuple[list[ResidualHookHandle], bool]:
     """Attaches exactly the n+1 residual hooks; returns (handles, has_pos_embed).
 
@@ -67,7 +69,7 @@ def attach_residual_hooks(
     try:
         for name in names:
             point = hook_points[name]
-            handles.append(ResidualHookHandle(point, point.add_hook(build_cache_hook(cache, name))))
+            handles.append(ResidualHookHandle(point, point.add_hook(build_cache_hook(cache, name, device))))
     except BaseException:
         detach_hooks(handles)
         raise
@@ -82,13 +84,14 @@ def detach_hooks(handles: list[ResidualHookHandle]) -> None:
 
 
 @contextmanager
-def residual_cache(model: Any) -> Iterator[tuple[dict[str, Any], bool]]:
+def residual_cache(model: Any, device: Any = None) -> Iterator[tuple[dict[str, Any], bool]]:
     """Context manager: ``with residual_cache(model) as (cache, has_pos_embed): model(tokens)``.
 
-    The hooks are removed on exit, also after an exception.
+    Residuals are moved to ``device`` as they are captured (None: left where they are). The hooks
+    are removed on exit, also after an exception.
     """
     cache: dict[str, Any] = {}
-    handles, has_pos_embed = attach_residual_hooks(model, cache)
+    handles, has_pos_embed = attach_residual_hooks(model, cache, device)
     try:
         yield cache, has_pos_embed
     finally:

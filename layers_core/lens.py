@@ -92,12 +92,14 @@ def lens_statistics(
     top_k: int = 20,
     force_fp32_unembed: bool = False,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    chunk_columns: int | None = None,
 ) -> LensStats:
     """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``).
 
     ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL
     and the answer rank are taken at position T−1 of each layer (the pure next-token rows).
-    Memory: at most ``budget_bytes`` of ``[rows, V]`` work.
+    Memory: at most ``budget_bytes`` of ``[rows, V]`` work. ``chunk_columns``: see
+    ``numerics.unembed_logits`` (float32 maths over a half-precision ``W_U``).
     """
     n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
@@ -106,13 +108,15 @@ def lens_statistics(
     # Buffers reused by every block: the log-probs, and the float32 matmul's logits (later the
     # entropy's scratch). Fresh [rows, V] allocations cost as much as the arithmetic on them.
     log_probs_buffer = torch.empty((block, W_U.shape[-1]), dtype=torch.float32, device=rows.device)
-    logits_buffer = torch.empty_like(log_probs_buffer) if W_U.dtype == torch.float32 else None
+    fp32_matmul = W_U.dtype == torch.float32 or (chunk_columns and force_fp32_unembed)
+    logits_buffer = torch.empty_like(log_probs_buffer) if fp32_matmul else None
     parts: list[tuple] = []
     last_parts: list[tuple] = []
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
         logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed,
-                                out=None if logits_buffer is None else logits_buffer[: stop - start])
+                                out=None if logits_buffer is None else logits_buffer[: stop - start],
+                                chunk_columns=chunk_columns)
         log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
         parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start

@@ -63,7 +63,7 @@ def compare_lenses(
         normed = _normalised_rows(model, result.last_position_resid, other)
         stats = lens_statistics(normed, unembed.W_U, unembed.b_U, unembed.transform, final_lp,
                                 result.gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
-                                settings.budget_bytes)
+                                settings.budget_bytes, unembed.chunk_columns)
         other_lp = torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
         kl = kl_bits_from_log_probs(chosen_log_probs, other_lp).tolist()
         agree = (chosen_log_probs.argmax(-1) == other_lp.argmax(-1)).tolist()
@@ -139,7 +139,7 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
                     unembed: UnembedPath, strategy: str) -> dict:
     """A control pass: per layer, p(control answer) − p(main answer) at the control prompt's last
     position under the chosen lens, and the first layer where the margin is positive."""
-    _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt))
+    _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt), device=unembed.W_U.device)
     last_resid = torch.stack([resid[-1] for resid in residuals])
     probs = last_position_lens_log_probs(model, last_resid, unembed, strategy).exp()
     control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer)

@@ -11,21 +11,28 @@ from typing import Any
 
 import torch
 
+from layers_core import footprint
 from layers_core.device_policy import (
+    bf16_supported,
     choose_dtype,
+    declared_dtype,
+    fp32_unembed_copy_fits,
     parse_dtype,
     resolve_device,
     should_auto_promote_unembed,
     unembed_weights_for_analysis,
+    upcast_chunk_columns,
 )
 from layers_core.models import (
     LoadReport,
+    ModelLoadError,
     ModelSource,
     bridge_for,
     clean_model_name,
     load_model_with_report,
-    peek_model_type,
+    peek_config,
     resolve_model_source,
+    source_path,
 )
 from layers_core import numerics
 from layers_core.pipeline import TokenDecoder, UnembedPath
@@ -46,6 +53,7 @@ class LensModel:
     unembed: UnembedPath
     decoder: TokenDecoder
     load_report: LoadReport = field(default_factory=LoadReport)
+    declared_dtype: torch.dtype | None = None  # what the checkpoint's config says it stores
 
     @property
     def model_id(self) -> str:
@@ -77,6 +85,45 @@ def _is_bridge(model: Any) -> bool:
     return type(model).__name__ == "TransformerBridge" or hasattr(model, "original_model")
 
 
+def _auto_dtype(source: ModelSource, config: Any, device: str, max_memory: dict | None) -> torch.dtype:
+    declared = declared_dtype(config)
+    file_bytes = footprint.checkpoint_weight_bytes(source_path(source))
+    float32_fits = file_bytes is None or footprint.fits(
+        footprint.estimate(config, file_bytes, declared, torch.float32),
+        footprint.available_bytes(device, max_memory))
+    return choose_dtype(device, declared, bf16_supported=bf16_supported(device), float32_fits=float32_fits)
+
+
+def check_fits(source: ModelSource, config: Any, device: str, dtype: torch.dtype,
+               max_memory: dict | None = None) -> None:
+    """``ModelLoadError`` (one line) when the estimated footprint exceeds the free memory."""
+    file_bytes = footprint.checkpoint_weight_bytes(source_path(source))
+    if file_bytes is None:
+        return
+    needed = footprint.estimate(config, file_bytes, declared_dtype(config), dtype)
+    available = footprint.available_bytes(device, max_memory)
+    if not footprint.fits(needed, available):
+        raise ModelLoadError(
+            f"{source.model_id} in {dtype} needs {needed.describe()} but {device} has "
+            f"{available / footprint.GIB:.1f} GiB free; try --dtype bfloat16, more GPUs with "
+            "--device-map auto, or a smaller model")
+
+
+def analysis_unembedding(bridge: Any, dtype: torch.dtype, fp32_unembed: bool = False) -> UnembedPath:
+    """The lens's decoding path: float32 maths for every float compute dtype — a float32 shadow
+    copy of W_U/b_U where it fits on W_U's device, else the model's own W_U upcast in chunks."""
+    use_fp32 = fp32_unembed or should_auto_promote_unembed(dtype)
+    W_U = bridge.unembed.W_U
+    chunk = None
+    if use_fp32 and W_U.is_floating_point() and W_U.dtype != torch.float32 and not fp32_unembed_copy_fits(W_U):
+        chunk = upcast_chunk_columns(int(W_U.shape[0]))
+    W_U, b_U = unembed_weights_for_analysis(bridge, use_fp32 and chunk is None)
+    if chunk is not None and b_U is not None:
+        b_U = b_U.float()  # [V]: small
+    return UnembedPath(W_U, b_U, numerics.output_logits_transform(bridge), force_fp32=use_fp32,
+                       chunk_columns=chunk)
+
+
 def load(
     model: Any = None,
     *,
@@ -84,6 +131,8 @@ def load(
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     fp32_unembed: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
     cache_dir: str | None = None,
 ) -> LensModel:
     """Loads a model for the lens in one call.
@@ -94,21 +143,26 @@ def load(
             ``name_or_path``), or a ``TransformerBridge`` (used as it is).
         device: ``auto`` (cuda, then mps, then cpu), ``cuda``, ``mps`` or ``cpu``; ignored for
             model objects, which stay where they are.
-        dtype: ``auto`` (the device's default policy) or a dtype / its name; ignored for objects.
-        fp32_unembed: decode through float32 shadow copies of W_U/b_U even in float32 compute.
+        dtype: ``auto`` (CPU: float32; GPU: the checkpoint's declared half dtype, never fp16 for
+            a bf16 checkpoint) or a dtype / its name; ignored for model objects.
+        fp32_unembed: decode through float32 W_U even in float32 compute (it always is in half).
+        device_map: ``auto``, ``balanced``, ``sequential`` or a dict: spread the model over
+            several GPUs (default: the whole model on ``device``). ``max_memory``: per-GPU budget.
 
     Raises:
-        ModelLoadError: the model cannot be found or loaded (one-line message).
+        ModelLoadError: the model cannot be found, fits nowhere, or cannot be loaded (one line).
     """
-    report = LoadReport()
+    report, declared = LoadReport(), None
     if model is None or isinstance(model, str):
         source = resolve_model_source(model)
         device = resolve_device(device)
-        if dtype == "auto":
-            dtype = choose_dtype(device, source.model_id,
-                                 peek_model_type(source) if device != "cpu" else None)
-        dtype = parse_dtype(dtype)
-        bridge, report = load_model_with_report(source, device, dtype, cache_dir)
+        if device_map is not None and device != "cuda":
+            raise ModelLoadError(f"a device map spreads a model over CUDA GPUs; the device is {device}")
+        config = peek_config(source)
+        declared = declared_dtype(config)
+        dtype = _auto_dtype(source, config, device, max_memory) if dtype == "auto" else parse_dtype(dtype)
+        check_fits(source, config, device, dtype, max_memory)
+        bridge, report = load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory)
     elif _is_bridge(model):
         bridge, source = model, _source_of_object(model.original_model)
         dtype, device = _param_dtype_and_device(bridge)
@@ -116,7 +170,6 @@ def load(
         source = _source_of_object(model)
         dtype, device = _param_dtype_and_device(model)
         bridge = bridge_for(model.eval(), source.path, dtype, tokenizer)
-    use_fp32 = fp32_unembed or should_auto_promote_unembed(dtype)
-    W_U, b_U = unembed_weights_for_analysis(bridge, use_fp32)
-    unembed = UnembedPath(W_U, b_U, numerics.output_logits_transform(bridge), force_fp32=use_fp32)
-    return LensModel(bridge, source, device, dtype, unembed, TokenDecoder(bridge.tokenizer), report)
+    unembed = analysis_unembedding(bridge, dtype, fp32_unembed)
+    return LensModel(bridge, source, device, dtype, unembed, TokenDecoder(bridge.tokenizer), report,
+                     declared)

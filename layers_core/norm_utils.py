@@ -100,9 +100,9 @@ def _layernorm_f32(x: Tensor, eps: float, center_scale_only: bool, module: nn.Mo
         return y
     weight, bias = _affine_params(module)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(device=x.device, dtype=torch.float32)  # the block may sit on another GPU
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(device=x.device, dtype=torch.float32)
     return y
 
 
@@ -113,7 +113,7 @@ def _rmsnorm_f32(x: Tensor, eps: float, kind: str, module: nn.Module) -> Tensor:
     scale = _get_rms_scale(module)
     if scale is None:
         return y
-    scale = scale.float()
+    scale = scale.to(device=x.device, dtype=torch.float32)  # the block may sit on another GPU
     return y * (1.0 + scale if kind == RMSNORM_ONE_PLUS else scale)
 
 

@@ -157,6 +157,7 @@ def unembed_logits(
     transform: PostUnembedTransform | Any,
     force_fp32_unembed: bool = False,
     out: Tensor | None = None,
+    chunk_columns: int | None = None,
 ) -> Tensor:
     """Lens logits ``[..., V]`` float32 from a normalised residual ``[..., d]``.
 
@@ -164,17 +165,33 @@ def unembed_logits(
     ``transform`` is either a ``PostUnembedTransform`` dict or a callable (a TransformerLens
     adapter's ``apply_output_logits_transform``), which is then preferred as the model's own rule.
     ``out``, a reusable buffer of the result's shape, receives the product when its dtype is the
-    matmul's (the result may still be a new tensor if the transform allocates).
+    matmul's (the result may still be a new tensor if the transform allocates). With
+    ``chunk_columns`` and ``force_fp32_unembed``, a half-precision ``W_U`` is upcast ``chunk_columns``
+    vocabulary columns at a time (float32 maths without a full float32 copy of ``W_U``).
     """
-    x = safe_cast_for_unembed(resid_normed, W_U, force_fp32_unembed)
-    use_out = out is not None and out.dtype == x.dtype == W_U.dtype
-    logits = torch.matmul(x, W_U, out=out) if use_out else x @ W_U
+    if chunk_columns and force_fp32_unembed and W_U.is_floating_point() and W_U.dtype != torch.float32:
+        logits = _chunked_fp32_matmul(resid_normed.float(), W_U, chunk_columns, out)
+    else:
+        x = safe_cast_for_unembed(resid_normed, W_U, force_fp32_unembed)
+        use_out = out is not None and out.dtype == x.dtype == W_U.dtype
+        logits = torch.matmul(x, W_U, out=out) if use_out else x @ W_U
     if b_U is not None:
         logits += b_U.to(logits.dtype)
     logits = logits.float()
     if callable(transform):
         return transform(logits).float()
     return apply_post_unembed_transform(logits, transform)
+
+
+def _chunked_fp32_matmul(x: Tensor, W_U: Tensor, chunk_columns: int, out: Tensor | None) -> Tensor:
+    """``x @ W_U.float()`` ``[..., V]`` float32, upcasting ``chunk_columns`` columns at a time."""
+    shape = (*x.shape[:-1], W_U.shape[-1])
+    usable = out is not None and out.dtype == torch.float32 and tuple(out.shape) == shape
+    logits = out if usable else torch.empty(shape, dtype=torch.float32, device=x.device)
+    for start in range(0, W_U.shape[-1], chunk_columns):
+        stop = min(start + chunk_columns, W_U.shape[-1])
+        logits[..., start:stop] = x @ W_U[:, start:stop].to(torch.float32)
+    return logits
 
 
 def output_logits_transform(model: Any) -> Any:

@@ -58,10 +58,19 @@ class UnembedPath:
     b_U: Tensor | None
     transform: Callable[[Tensor], Tensor]
     force_fp32: bool = False
+    chunk_columns: int | None = None  # upcast a half-precision W_U this many columns at a time
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype the unembedding's matmul runs in."""
+        if self.force_fp32 and self.W_U.is_floating_point():
+            return torch.float32
+        return self.W_U.dtype
 
     def logits(self, resid_normed: Tensor) -> Tensor:
         """``[..., d]`` → float32 lens logits ``[..., V]``."""
-        return unembed_logits(resid_normed, self.W_U, self.b_U, self.transform, self.force_fp32)
+        return unembed_logits(resid_normed, self.W_U, self.b_U, self.transform, self.force_fp32,
+                              chunk_columns=self.chunk_columns)
 
 
 @dataclass
@@ -83,18 +92,39 @@ class SweepResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
+class NonFiniteError(ValueError):
+    """The model produced inf/NaN: usually fp16 overflow."""
+
+
+def check_finite(model_logits: Tensor, residuals: Sequence[Tensor], dtype: torch.dtype) -> None:
+    """Raises ``NonFiniteError`` naming the first layer whose residual holds inf/NaN (one sync)."""
+    finite = torch.stack([torch.isfinite(resid).all() for resid in residuals]
+                         + [torch.isfinite(model_logits).all()]).tolist()
+    if all(finite):
+        return
+    first = finite.index(False)
+    where = "the model's logits" if first == len(residuals) else f"the residual stream at layer {first}"
+    raise NonFiniteError(f"non-finite values (inf/NaN) in {where} computing in {dtype}; "
+                         "try --dtype bfloat16 or --dtype float32")
+
+
 def forward_with_residuals(
-    model: Any, tokens: Tensor, last_logits_only: bool = True
+    model: Any, tokens: Tensor, last_logits_only: bool = True, device: Any = None
 ) -> tuple[Tensor, list[Tensor]]:
     """One forward pass with the n+1 residual hooks → (model logits float32, L × ``[T, d]``).
 
     The logits are the model's own, ``[1, V]`` at the last position when ``last_logits_only``
-    (HF's ``logits_to_keep=1`` skips T−1 rows of the head's matmul), else ``[T, V]``.
+    (HF's ``logits_to_keep=1`` skips T−1 rows of the head's matmul), else ``[T, V]``. With
+    ``device`` (the lens device) residuals move there as they are captured, and the logits too.
+    Raises ``NonFiniteError`` if any of them holds inf/NaN.
     """
     names = residual_hook_names(int(model.cfg.n_layers))
-    with torch.inference_mode(), residual_cache(model) as (cache, _):
+    with torch.inference_mode(), residual_cache(model, device) as (cache, _):
         logits = model(tokens, logits_to_keep=1) if last_logits_only else model(tokens)
-    return logits[0].float(), [cache.pop(name)[0] for name in names]
+    logits = logits[0].float() if device is None else logits[0].to(device=device, dtype=torch.float32)
+    residuals = [cache.pop(name)[0] for name in names]
+    check_finite(logits, residuals, residuals[0].dtype)
+    return logits, residuals
 
 
 class TokenDecoder:
@@ -212,7 +242,7 @@ def run_sweep(
     tokens = model.to_tokens(prompt)
     str_tokens = list(model.to_str_tokens(prompt))
     gold = resolve_gold_answer(tokenizer, prompt, answer)
-    model_logits, residuals = forward_with_residuals(model, tokens)
+    model_logits, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
     forwarded = time.perf_counter()
 
     warnings: list[str] = []
@@ -226,7 +256,7 @@ def run_sweep(
         final_log_probs = torch.log_softmax(model_logits[-1], dim=-1)
         stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
                                 final_log_probs, gold["first_id"], TOP_K_VERBOSE,
-                                unembed.force_fp32, settings.budget_bytes)
+                                unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
     verbose = verbose_positions(str_tokens)
     needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
                         stats.topk_ids[:, torch.tensor(verbose)].flatten()])  # ids in a CSV cell
@@ -265,7 +295,7 @@ def last_layer_consistency(
         lens_lp = torch.log_softmax(lens_logits, dim=-1)
         model_lp = torch.log_softmax(model_last_logits.float(), dim=-1)
         kl = float(kl_bits_from_log_probs(model_lp, lens_lp))
-    exact = compute_dtype == torch.float32 and unembed.W_U.dtype == torch.float32
+    exact = compute_dtype == torch.float32 and unembed.matmul_dtype == torch.float32
     if tolerance_bits is None:
         tolerance_bits = CONSISTENCY_TOLERANCE_BITS if exact else HALF_PRECISION_TOLERANCE_BITS
     return {
@@ -285,7 +315,7 @@ def last_layer_consistency(
 def self_test(model: Any, prompt: str, answer: str, unembed: UnembedPath) -> dict:
     """The self-test gate: one forward, then ``last_layer_consistency`` in the model's dtype."""
     tokens = model.to_tokens(prompt)
-    model_logits, residuals = forward_with_residuals(model, tokens)
+    model_logits, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer)
     return last_layer_consistency(model, residuals[-1][-1], model_logits[-1], gold["first_id"],
                                   unembed, _param_dtype(model))

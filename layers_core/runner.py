@@ -104,12 +104,13 @@ def _thread_count(config: ExperimentConfig, before: threads.CpuSnapshot | None) 
 
 
 def _load(config: ExperimentConfig, model_id: str | None) -> Any:
-    import torch
-
+    from layers_core.cli import parse_max_memory
     from layers_core.lens_model import load
 
-    dtype = torch.float32 if config.self_test else "auto"
-    return load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed)
+    dtype = "float32" if config.self_test and config.dtype == "auto" else config.dtype
+    max_memory = None if config.max_memory is None else parse_max_memory(config.max_memory)
+    return load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed,
+                device_map=config.device_map, max_memory=max_memory)
 
 
 def _sweep_settings(config: ExperimentConfig) -> Any:
