@@ -86,8 +86,9 @@ def tiny_set_run(tiny_dirs, tmp_path_factory):
         {"prompt": 'Quotes " and, commas', "answer": "x"},
     ]) + "\n")
     out = root / "out"
+    # one prompt per forward and every position decoded: exactly the single-prompt path
     assert run.main(["--device", "cpu", tiny_dirs["qwen3"], "--prompts", str(path), "--out_dir", str(out),
-                     "--quiet"]) == 0
+                     "--quiet", "--records", "--batch-size", "1"]) == 0
     return out
 
 
@@ -106,6 +107,7 @@ def test_prompt_set_outputs(tiny_set_run, load_bridge):
     assert doc["prompts"][1]["control_summary"]["control_answer"] == "Berlin"
     assert doc["prompts"][0]["control_summary"] is None
     assert (out / "output-qwen3-summary.png").stat().st_size > 10_000
+    assert (out / "output-qwen3-curves.png").stat().st_size > 10_000  # every prompt's curves
 
 
 def test_a_prompt_in_a_set_gives_the_numbers_it_gives_alone(tiny_set_run, tiny_dirs, tmp_path):

@@ -14,7 +14,8 @@ from typing import Any
 
 _EXPORTS = {
     "lens_model": ["LensModel", "load"],
-    "api": ["Sweep", "SweepSet", "sweep", "sweep_set"],
+    "api": ["Sweep", "sweep"],
+    "battery": ["SweepSet", "sweep_set"],
     "tables": ["read_csv", "frame_from_rows"],
     "norm_utils": ["apply_norm_or_skip", "classify_norm", "unwrap_norm", "detect_model_architecture",
                    "get_correct_norm_module", "norm_module_label", "lens_norm_plan"],

@@ -9,17 +9,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from layers_core import report
 from layers_core.lens_checks import (
     LensComparison,
     compare_lenses,
     control_margins,
     last_position_lens_log_probs,
+    last_position_views,
     raw_lens_check,
 )
 from layers_core.numerics import get_post_unembed_transform
 from layers_core.lens_model import LensModel
-from layers_core.pipeline import SweepResult, SweepSettings, last_layer_consistency, run_sweep
+from layers_core.pipeline import (
+    Forwarded,
+    SweepResult,
+    SweepSettings,
+    forward_prompt,
+    last_layer_consistency,
+    run_sweep,
+)
 
 DEPTH_FRACTION_DECIMALS = 3
 
@@ -48,15 +58,32 @@ def analyse_prompt(
     prompt: str,
     answer: str,
     control: tuple[str, str] | None = None,
+    forwarded: Forwarded | None = None,
+    records: bool = True,
 ) -> PromptAnalysis:
-    """Sweep one prompt, then the comparison lens, the raw-residual check and the control."""
+    """Sweep one prompt, then the comparison lens, the raw-residual check and the control.
+
+    ``forwarded``: the prompt's forward pass if already done (a batch); ``records``: decode every
+    position (else only the last: the same pure rows, no records).
+    """
     model = ctx.bridge
-    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder)
+    views: dict = {}
+    if not records:  # every last-position view in one unembedding
+        forwarded = forwarded or forward_prompt(model, prompt, ctx.unembed.W_U.device)
+        residuals = forwarded.residuals
+        views = last_position_views(model, torch.stack([r[-1] for r in residuals]), residuals[-1][-1],
+                                    ctx.unembed, settings.norm_strategy)
+    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records,
+                       views.get("chosen"))
     consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
-                                         result.gold["first_id"], ctx.unembed, ctx.dtype)
-    chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed,
-                                             settings.norm_strategy)
-    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp)
+                                         result.gold["first_id"], ctx.unembed, ctx.dtype,
+                                         lens_log_probs=views.get("consistency"))
+    chosen_lp = views.get("chosen")
+    if chosen_lp is None:
+        chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed,
+                                                 settings.norm_strategy)
+    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp,
+                                other_log_probs=views.get("other"))
     diagnostics = report.diagnostics(
         model, ctx.model_id, ctx.device, result, settings, ctx.unembed.matmul_dtype,
         model.cfg.positional_embedding_type == "standard", consistency,
@@ -68,7 +95,8 @@ def analyse_prompt(
         "diagnostics": diagnostics,
         "gold_answer": report.gold_answer_block(result.gold),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.norm_strategy),
-        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.norm_strategy, chosen_lp),
+        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.norm_strategy, chosen_lp,
+                                         views.get("raw")),
         "control_summary": None if margins is None else {
             key: margins[key] for key in ("control_prompt", "control_answer", "status",
                                           "first_control_margin_pos", "max_control_margin")},

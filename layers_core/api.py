@@ -1,4 +1,4 @@
-"""The notebook API: ``sweep`` one prompt or ``sweep_set`` a prompt set through a ``LensModel``.
+"""The notebook API: ``sweep`` one prompt through a ``LensModel`` (prompt sets: ``battery``).
 
     import layers_core as lc
     lm = lc.load()                                   # the bundled model; or a hub id, a dir, a model
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
@@ -22,19 +21,12 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core import outputs, pictures, prompt_sets, report
+from layers_core import outputs, pictures, report
 from layers_core.analysis import PromptAnalysis, analyse_prompt
 from layers_core.csv_io import pure_header, records_header
-from layers_core.document import (
-    prompt_entry,
-    prompt_set_document,
-    provenance,
-    single_prompt_document,
-    with_timing,
-)
+from layers_core.document import provenance, single_prompt_document, with_timing
 from layers_core.lens_model import LensModel
 from layers_core.pipeline import SweepSettings
-from layers_core.prompt_sets import PromptItem
 from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_CONTROL_ANSWER, DEFAULT_CONTROL_PROMPT, DEFAULT_PROMPT
 from layers_core.run_dir import output_paths
 from layers_core.tables import frame_from_rows
@@ -213,92 +205,3 @@ def sweep(
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)
-
-
-def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:
-    parsed = [item if isinstance(item, PromptItem) else prompt_sets.item_from_record(dict(item), f"item {i}", i)
-              for i, item in enumerate(items, start=1)]
-    prompt_sets.check_unique_ids(parsed)
-    return parsed
-
-
-@dataclass
-class SweepSet:
-    """A prompt set through the lens: one ``Sweep`` per prompt and the summary table."""
-
-    lens_model: LensModel
-    sweeps: dict[str, Sweep]
-    summary_rows: list[dict]
-    settings: SweepSettings
-    source_path: str | None = None
-    started_at: datetime = field(default_factory=datetime.now)
-    timing: dict = field(default_factory=dict)
-    clock_start: float | None = None
-
-    @cached_property
-    def summary(self) -> pd.DataFrame:
-        """One row per prompt: collapse layers, milestones, final top-1 and p(answer)."""
-        return frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
-
-    @property
-    def document(self) -> dict:
-        """The JSON document of a prompt-set run."""
-        first = next(iter(self.sweeps.values()))
-        entries = [prompt_entry(pid, s.prompt, s.answer, s.analysis) for pid, s in self.sweeps.items()]
-        body = prompt_set_document(self.lens_model, entries, prompt_sets.aggregate(self.summary_rows),
-                                   self.source_path, provenance(self.lens_model, first.analysis,
-                                                                self.started_at))
-        return with_timing(body, self.timing, _total(self))
-
-    def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
-        """Writes run.py's prompt-set files into ``directory``; returns their paths."""
-        os.makedirs(directory, exist_ok=True)
-        paths = output_paths(directory, name or self.lens_model.source.clean_name)
-        with _timed(self.timing, "write_s"):
-            analyses = [(pid, s.analysis) for pid, s in self.sweeps.items()]
-            outputs.write_tables(paths, analyses, paths["name"])
-            outputs.write_summary(paths, self.summary_rows)
-        if plots:
-            title = (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
-                     f"{len(self.sweeps)} prompts")
-            with _timed(self.timing, "plots_s"):
-                outputs.write_summary_picture(paths, self.summary_rows, self.lens_model.n_layers, title)
-        document = self.document
-        with _timed(self.timing, "write_s"):
-            outputs.write_json(paths["json"], document)
-        return paths
-
-
-def sweep_set(
-    lens_model: LensModel,
-    items: Iterable[PromptItem | Mapping[str, Any]],
-    *,
-    norm: str = "arch",
-    lens: str = "logit",
-    settings: SweepSettings | None = None,
-    source_path: str | None = None,
-    progress: Any = None,
-) -> SweepSet:
-    """Sweeps every prompt of a set through one loaded model.
-
-    ``items`` are ``PromptItem``s or dicts with ``prompt``, ``answer`` and optional ``id``,
-    ``control_prompt``, ``control_answer``. ``progress(index, count, item, sweep)`` is called
-    after each prompt. Each prompt gets exactly the numbers it gets alone.
-    """
-    settings = _settings(lens_model, norm, lens, settings)
-    parsed = _items(items)
-    sweeps: dict[str, Sweep] = {}
-    summary: list[dict] = []
-    timing: dict[str, float] = {}
-    for index, item in enumerate(parsed, start=1):
-        control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
-        result = sweep(lens_model, item.prompt, item.answer, norm=norm, lens=lens, control=control,
-                       settings=settings)
-        for key, seconds in result.timing.items():
-            timing[key] = timing.get(key, 0.0) + seconds
-        sweeps[item.prompt_id] = result
-        summary.append(prompt_sets.summary_row(item, int(result.analysis.result.tokens.shape[1]),
-                                               result.diagnostics, result.analysis.result.pure_rows))
-        if progress is not None:
-            progress(index, len(parsed), item, result)
-    return SweepSet(lens_model, sweeps, summary, settings, source_path, timing=timing)

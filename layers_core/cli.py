@@ -50,6 +50,10 @@ class ExperimentConfig:
     dtype: str = "auto"  # auto = float32 on CPU, the checkpoint's half dtype on GPUs
     device_map: str | None = None  # auto | balanced | sequential: spread over several GPUs
     max_memory: str | None = None  # per-GPU budget, e.g. "0=70GiB,1=70GiB"
+    batch_size: int | None = None  # prompts per forward in a set; None = chosen from memory
+    records: bool = False  # a set's per-position records CSV (single prompts always write it)
+    shard: str | None = None  # "K/N": the prompts whose position in the file is ≡ K mod N
+    resume: bool = False  # skip the prompts already checkpointed in --out_dir
 
 
 _DEFAULTS = ExperimentConfig()
@@ -107,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="FILE.jsonl",
                    help="Prompt set: one JSON object per line with prompt, answer and an "
                         "optional id (and control_prompt/control_answer)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="prompts per forward pass in a prompt set (default: chosen from memory; "
+                        "1 = one prompt at a time)")
+    p.add_argument("--records", action="store_true",
+                   help="also write the per-position records CSV for a prompt set")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only the prompts whose 0-based position in the file is K mod N "
+                        "(requires --out_dir; join shards with merge.py)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the prompts of a set already finished in --out_dir (checkpointed "
+                        "per batch)")
     p.add_argument("--control-prompt", help="Control prompt (requires --control-answer; "
                    "default: the France → Paris version of the legacy prompt)")
     p.add_argument("--control-answer", help="Gold answer of the control prompt")
@@ -150,6 +165,22 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--keep-runs must be at least 0, got {args.keep_runs}"
     if args.output_name is not None and len(args.model) > 1:
         return "--name applies to one model; several models get distinct names automatically"
+    for flag, value in (("--batch-size", args.batch_size), ("--shard", args.shard),
+                        ("--resume", args.resume or None), ("--records", args.records or None)):
+        if value is not None and args.prompts is None:
+            return f"{flag} applies to a prompt set (--prompts)"
+    if args.batch_size is not None and args.batch_size < 1:
+        return f"--batch-size must be at least 1, got {args.batch_size}"
+    for flag, on in (("--shard", args.shard is not None), ("--resume", args.resume)):
+        if on and args.out_dir is None:
+            return f"{flag} requires --out_dir"
+    if args.shard is not None:
+        from layers_core.prompt_sets import parse_shard
+
+        try:
+            parse_shard(args.shard)
+        except ValueError as error:
+            return str(error)
     if args.prompts is not None:
         for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test),
                          ("--keep-residuals", args.keep_residuals)):
@@ -184,7 +215,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         control_prompt=args.control_prompt, control_answer=args.control_answer,
         allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
-        device_map=args.device_map, max_memory=args.max_memory,
+        device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
+        records=args.records, shard=args.shard, resume=args.resume,
     )
     return list(args.model), config
 
@@ -198,12 +230,15 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
                 "--self-test": config.self_test, "--quiet": config.quiet,
                 "--no-plots": not config.plots, "--no-control": not config.control,
-                "--allow-lens-mismatch": config.allow_lens_mismatch}
+                "--allow-lens-mismatch": config.allow_lens_mismatch, "--records": config.records,
+                "--resume": config.resume}
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
                 "--control-answer": config.control_answer,
                 "--threads": None if config.threads is None else str(config.threads),
-                "--device-map": config.device_map, "--max-memory": config.max_memory}
+                "--device-map": config.device_map, "--max-memory": config.max_memory,
+                "--batch-size": None if config.batch_size is None else str(config.batch_size),
+                "--shard": config.shard}
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
         optional.update({"--prompt": config.prompt, "--answer": config.answer})
     for flag, value in optional.items():

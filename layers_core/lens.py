@@ -137,3 +137,26 @@ def lens_statistics(
 
 def _cat_cpu(pieces: Sequence[Tensor | None]) -> Tensor | None:
     return None if pieces[0] is None else torch.cat(list(pieces)).cpu()
+
+
+@torch.inference_mode()
+def row_log_probs(rows: Tensor, W_U: Tensor, b_U: Tensor | None, transform: Callable[[Tensor], Tensor],
+                  force_fp32_unembed: bool = False, chunk_columns: int | None = None) -> Tensor:
+    """Float32 lens log-probs ``[R, V]`` of already normalised rows ``[R, d]`` (one matmul: the
+    unembedding is read once for all of them)."""
+    logits = unembed_logits(rows, W_U, b_U, transform, force_fp32_unembed, chunk_columns=chunk_columns)
+    return torch.log_softmax(logits, dim=-1, out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
+
+
+@torch.inference_mode()
+def stats_from_log_probs(log_probs: Tensor, final_log_probs: Tensor, answer_id: int | None,
+                         top_k: int = 20) -> LensStats:
+    """``LensStats`` of L last-position rows (``[L, V]`` float32 log-probs) as ``[L, 1]`` tables."""
+    entropy, ids, probs, p_answer = _block_stats(log_probs, None, top_k, answer_id)
+    kl, rank = _last_position_stats(log_probs, final_log_probs, answer_id)
+    n_layers = log_probs.shape[0]
+    return LensStats(
+        entropy_bits=entropy.cpu().reshape(n_layers, 1), topk_ids=ids.cpu().reshape(n_layers, 1, top_k),
+        topk_probs=probs.cpu().reshape(n_layers, 1, top_k),
+        p_answer=None if p_answer is None else p_answer.cpu().reshape(n_layers, 1),
+        answer_rank=None if rank is None else rank.cpu(), kl_to_final_bits=kl.cpu())

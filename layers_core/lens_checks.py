@@ -13,8 +13,8 @@ from torch import Tensor
 
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.csv_io import TOP_K_VERBOSE
-from layers_core.lens import lens_statistics, normalise_layers
-from layers_core.norm_utils import lens_norm_plan
+from layers_core.lens import normalise_layers, row_log_probs, stats_from_log_probs
+from layers_core.norm_utils import apply_norm_or_skip, lens_norm_plan
 from layers_core.numerics import kl_bits_from_log_probs
 from layers_core.pipeline import (
     SweepResult,
@@ -50,21 +50,24 @@ def compare_lenses(
     decoder: TokenDecoder,
     chosen_log_probs: Tensor,
     strategy: str | None = None,
+    other_log_probs: Tensor | None = None,
 ) -> LensComparison:
     """Decodes the last position of every layer with a second norm strategy (default: the other
     standard view, arch ↔ final) from the residuals the sweep kept: no extra forward pass.
 
     ``chosen_log_probs`` ``[L, V]`` is the chosen lens at the same rows
-    (``last_position_lens_log_probs``); the per-layer KL is KL(chosen ‖ other).
+    (``last_position_lens_log_probs``); the per-layer KL is KL(chosen ‖ other). ``other_log_probs``
+    ``[L, V]``: the other lens's rows if already decoded (``last_position_views``).
     """
     other = strategy or COMPARISON_STRATEGY[settings.norm_strategy]
     final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
     with torch.inference_mode():
-        normed = _normalised_rows(model, result.last_position_resid, other)
-        stats = lens_statistics(normed, unembed.W_U, unembed.b_U, unembed.transform, final_lp,
-                                result.gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
-                                settings.budget_bytes, unembed.chunk_columns)
-        other_lp = torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
+        if other_log_probs is None:
+            normed = _normalised_rows(model, result.last_position_resid, other)
+            other_log_probs = row_log_probs(torch.cat(normed), unembed.W_U, unembed.b_U, unembed.transform,
+                                            unembed.force_fp32, unembed.chunk_columns)
+        other_lp = other_log_probs
+        stats = stats_from_log_probs(other_lp, final_lp, result.gold["first_id"], TOP_K_VERBOSE)
         kl = kl_bits_from_log_probs(chosen_log_probs, other_lp).tolist()
         agree = (chosen_log_probs.argmax(-1) == other_lp.argmax(-1)).tolist()
     vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
@@ -102,8 +105,27 @@ def _rank(log_probs: Tensor, answer_id: int | None) -> list[int | None]:
     return ((log_probs > log_probs[:, answer_id : answer_id + 1]).sum(-1) + 1).tolist()
 
 
+def last_position_views(model: Any, last_resid: Tensor, last_block_resid: Tensor, unembed: UnembedPath,
+                        strategy: str) -> dict[str, Tensor]:
+    """Every last-position view the checks need, decoded in one unembedding (W_U read once):
+    ``chosen`` and ``other`` ``[L, V]`` (the chosen and the comparison lens), ``raw`` (the raw
+    residual at ``raw_check_layers``) and ``consistency`` ``[1, V]`` (``ln_final`` of the last
+    block's output); float32 log-probs."""
+    other = COMPARISON_STRATEGY[strategy]
+    n_rows = last_resid.shape[0]
+    with torch.inference_mode():
+        rows = [*_normalised_rows(model, last_resid, strategy), *_normalised_rows(model, last_resid, other),
+                last_resid[raw_check_layers(n_rows - 1)],
+                apply_norm_or_skip(last_block_resid.unsqueeze(0), model.ln_final)]
+        log_probs = row_log_probs(torch.cat(rows), unembed.W_U, unembed.b_U, unembed.transform,
+                                  unembed.force_fp32, unembed.chunk_columns)
+    raw_stop = 2 * n_rows + len(raw_check_layers(n_rows - 1))
+    return {"chosen": log_probs[:n_rows], "other": log_probs[n_rows : 2 * n_rows],
+            "raw": log_probs[2 * n_rows : raw_stop], "consistency": log_probs[raw_stop:]}
+
+
 def raw_lens_check(result: SweepResult, unembed: UnembedPath, strategy: str,
-                   chosen_log_probs: Tensor) -> dict:
+                   chosen_log_probs: Tensor, raw_log_probs: Tensor | None = None) -> dict:
     """The chosen lens vs the raw residual at the sampled layers (issue 5's ``raw_lens_check``).
 
     ``chosen_log_probs`` ``[L, V]`` is the chosen lens at every layer's last position.
@@ -112,10 +134,11 @@ def raw_lens_check(result: SweepResult, unembed: UnembedPath, strategy: str,
     norm, or max KL(norm ‖ raw) ≥ 1 bit; ``medium`` if ≥ 0.5 bit; else ``low``.
     """
     layers = raw_check_layers(len(result.last_position_resid) - 1)
-    sampled = result.last_position_resid[layers]
     norm_lp = chosen_log_probs[layers]
-    with torch.inference_mode():
-        raw_lp = torch.log_softmax(unembed.logits(sampled), dim=-1)  # no norm at all
+    if raw_log_probs is None:
+        with torch.inference_mode():  # no norm at all
+            raw_log_probs = torch.log_softmax(unembed.logits(result.last_position_resid[layers]), dim=-1)
+    raw_lp = raw_log_probs
     kl = kl_bits_from_log_probs(norm_lp, raw_lp).tolist()
     answer_id = result.gold["first_id"]
     norm_rank, raw_rank = _rank(norm_lp, answer_id), _rank(raw_lp, answer_id)

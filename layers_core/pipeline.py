@@ -29,7 +29,13 @@ from layers_core.csv_io import (
     is_verbose_position,
 )
 from layers_core.hooks import residual_cache, residual_hook_names
-from layers_core.lens import DEFAULT_BUDGET_BYTES, LensStats, lens_statistics, normalise_layers
+from layers_core.lens import (
+    DEFAULT_BUDGET_BYTES,
+    LensStats,
+    lens_statistics,
+    normalise_layers,
+    stats_from_log_probs,
+)
 from layers_core.norm_utils import apply_norm_or_skip, classify_norm, lens_norm_plan
 from layers_core.numerics import kl_bits_from_log_probs, unembed_logits
 
@@ -212,6 +218,14 @@ def build_pure_rows(
     return rows
 
 
+def classify_plan_warnings(plan: Sequence[tuple[Any, str | None]], warnings: list[str]) -> None:
+    """The warnings ``normalise_layers`` would append for this plan (unknown norm kinds)."""
+    for module, label in plan:
+        if module is not None and classify_norm(module) == "unknown":
+            warnings.append(f"unknown norm type {type(module).__name__} at {label or '?'}: "
+                            "normalisation skipped")
+
+
 def describe_norm_plan(plan: Sequence[tuple[Any, str | None]]) -> list[dict]:
     """``[{layer, norm, kind}]`` for the JSON from a ``lens_norm_plan``: which norm decodes each
     layer and with what maths."""
@@ -227,6 +241,56 @@ def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+@dataclass
+class Forwarded:
+    """One prompt's forward pass: tokens ``[1, T]``, the model's own last-position logits
+    ``[1, V]`` float32 and the n+1 residuals ``L × [T, d]``, both on the lens device."""
+
+    tokens: Tensor
+    model_logits: Tensor
+    residuals: list[Tensor]
+    forward_s: float = 0.0
+
+
+def forward_prompt(model: Any, prompt: str, device: Any = None) -> Forwarded:
+    """One prompt through the model with the residual hooks."""
+    started = time.perf_counter()
+    tokens = model.to_tokens(prompt)
+    model_logits, residuals = forward_with_residuals(model, tokens, device=device)
+    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started)
+
+
+def forward_batch(model: Any, prompts: Sequence[str], device: Any = None) -> list[Forwarded]:
+    """Several prompts in one right-padded forward pass; each prompt's residuals are cut to its
+    own length and its logits read at its own last real position (never at a pad).
+
+    Under causal attention a real token never attends to the padding after it and positions
+    are unchanged, so each prompt gets its single-prompt numbers up to float32 reordering.
+    """
+    started = time.perf_counter()
+    rows = [model.to_tokens(prompt)[0] for prompt in prompts]
+    lengths = torch.tensor([len(row) for row in rows])
+    pad_id = model.tokenizer.pad_token_id
+    batch = torch.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id,
+                       dtype=rows[0].dtype, device=rows[0].device)
+    for index, row in enumerate(rows):
+        batch[index, : len(row)] = row
+    last_positions = torch.unique(lengths - 1)  # sorted; the head runs only at these positions
+    names = residual_hook_names(int(model.cfg.n_layers))
+    with torch.inference_mode(), residual_cache(model, device) as (cache, _):
+        logits = model(batch, logits_to_keep=last_positions.to(batch.device))
+    column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
+    last = logits[torch.arange(len(rows), device=logits.device), column].to(device=device, dtype=torch.float32)
+    layers = [cache.pop(name) for name in names]
+    share = (time.perf_counter() - started) / len(rows)
+    forwarded = []
+    for index, length in enumerate(lengths.tolist()):
+        residuals = [layer[index, :length] for layer in layers]
+        check_finite(last[index], residuals, residuals[0].dtype)
+        forwarded.append(Forwarded(rows[index].unsqueeze(0), last[index : index + 1], residuals, share))
+    return forwarded
+
+
 def run_sweep(
     model: Any,
     prompt: str,
@@ -234,43 +298,56 @@ def run_sweep(
     unembed: UnembedPath,
     settings: SweepSettings = SweepSettings(),
     decoder: TokenDecoder | None = None,
+    forwarded: Forwarded | None = None,
+    records: bool = True,
+    last_log_probs: Tensor | None = None,
 ) -> SweepResult:
-    """Forward once with hooks, decode every layer and build the records and pure rows."""
-    started = time.perf_counter()
+    """Forward once with hooks (unless ``forwarded`` is given), decode every layer and build the
+    records and pure rows. Without ``records`` only the last position is decoded: the pure rows
+    are the same, the records empty; ``last_log_probs`` ``[L, V]`` are those rows if already
+    decoded (``lens_checks.last_position_views``)."""
     tokenizer = model.tokenizer
     decoder = decoder or TokenDecoder(tokenizer)
-    tokens = model.to_tokens(prompt)
+    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device)
+    started = time.perf_counter()
+    tokens, model_logits, residuals = forwarded.tokens, forwarded.model_logits, forwarded.residuals
     str_tokens = list(model.to_str_tokens(prompt))
     gold = resolve_gold_answer(tokenizer, prompt, answer)
-    model_logits, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
-    forwarded = time.perf_counter()
 
     warnings: list[str] = []
     plan = lens_norm_plan(model, settings.norm_strategy)
     last_block_resid = residuals[-1][-1]
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
+    decoded = residuals if records else [resid[-1:] for resid in residuals]
     with torch.inference_mode():
-        resid_normed = normalise_layers(residuals, [m for m, _ in plan], [lb for _, lb in plan],
-                                        warnings)
-        del residuals
         final_log_probs = torch.log_softmax(model_logits[-1], dim=-1)
-        stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
-                                final_log_probs, gold["first_id"], TOP_K_VERBOSE,
-                                unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
-    verbose = verbose_positions(str_tokens)
-    needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
-                        stats.topk_ids[:, torch.tensor(verbose)].flatten()])  # ids in a CSV cell
+        if last_log_probs is not None and not records:
+            resid_normed: list[Tensor] = []
+            classify_plan_warnings(plan, warnings)
+            stats = stats_from_log_probs(last_log_probs, final_log_probs, gold["first_id"], TOP_K_VERBOSE)
+        else:
+            resid_normed = normalise_layers(decoded, [m for m, _ in plan], [lb for _, lb in plan], warnings)
+            stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
+                                    final_log_probs, gold["first_id"], TOP_K_VERBOSE,
+                                    unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
+    if records:
+        verbose = verbose_positions(str_tokens)
+        needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
+                            stats.topk_ids[:, torch.tensor(verbose)].flatten()])  # ids in a CSV cell
+    else:
+        needed = stats.topk_ids[:, :, :TOP_K_RECORD].flatten()
     vocab = decoder.decode_many(torch.unique(needed).tolist())
-    records = build_records(stats, str_tokens, vocab, verbose)
-    pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings)
+    record_rows = build_records(stats, str_tokens, vocab, verbose) if records else []
+    pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings,
+                           position=int(tokens.shape[1]) - 1)
     finished = time.perf_counter()
     return SweepResult(
         prompt=prompt, tokens=tokens, str_tokens=str_tokens, gold=gold, model_logits=model_logits,
-        records=records, pure_rows=pure,
+        records=record_rows, pure_rows=pure,
         norm_per_layer=describe_norm_plan(plan),
         resid_normed=resid_normed, last_block_resid=last_block_resid,
         last_position_resid=last_position_resid, warnings=warnings,
-        timing={"forward_s": forwarded - started, "lens_s": finished - forwarded},
+        timing={"forward_s": forwarded.forward_s, "lens_s": finished - started},
     )
 
 
@@ -282,17 +359,21 @@ def last_layer_consistency(
     unembed: UnembedPath,
     compute_dtype: torch.dtype,
     tolerance_bits: float | None = None,
+    lens_log_probs: Tensor | None = None,
 ) -> dict:
     """Lens at the last layer through ``ln_final`` vs the model's own logits.
 
     ``last_block_resid`` ``[d]`` is ``blocks.{n-1}.hook_resid_post`` at the last position and
     ``model_last_logits`` ``[V]`` the model's own logits there. ``passed`` = KL(model ‖ lens) ≤
     the tolerance: 1e-6 bits when both the compute dtype and the unembedding are float32 (the
-    pipeline must then be exact), 1e-2 bits in half precision.
+    pipeline must then be exact), 1e-2 bits in half precision. ``lens_log_probs`` ``[V]``: the
+    lens row if already decoded.
     """
     with torch.inference_mode():
-        lens_logits = unembed.logits(apply_norm_or_skip(last_block_resid, model.ln_final))
-        lens_lp = torch.log_softmax(lens_logits, dim=-1)
+        if lens_log_probs is None:
+            lens_logits = unembed.logits(apply_norm_or_skip(last_block_resid, model.ln_final))
+            lens_log_probs = torch.log_softmax(lens_logits, dim=-1)
+        lens_lp = lens_log_probs.reshape(-1)
         model_lp = torch.log_softmax(model_last_logits.float(), dim=-1)
         kl = float(kl_bits_from_log_probs(model_lp, lens_lp))
     exact = compute_dtype == torch.float32 and unembed.matmul_dtype == torch.float32

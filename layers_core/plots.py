@@ -175,24 +175,96 @@ def layer_curves(
     return fig
 
 
+MAX_SMALL_MULTIPLES = 120  # prompts drawn in the small-multiples page (the first ones)
+
+
 def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int, title: str):
-    """Each prompt's L_semantic and first_rank_le_5 as fractions of depth (missing: not drawn)."""
-    fig = new_figure((8, 1.5 + 0.35 * len(summary_rows)))
+    """Each prompt's L_semantic (●) and first rank ≤ 5 (■) as fractions of depth, side by side
+    within the prompt's row; a prompt that reaches neither is marked ✕ at the right edge."""
+    height = 1.6 + 0.32 * len(summary_rows)
+    fig = new_figure((8.5, height))
     ax = fig.subplots()
     labels = [display_token(str(row["prompt_id"]), 24) for row in summary_rows]
-    for key, marker, color in (("L_semantic", "o", "tab:blue"), ("first_rank_le_5", "s", "tab:orange")):
-        points = [(row[key] / n_layers, i) for i, row in enumerate(summary_rows) if row[key] is not None]
+    for key, marker, color, dodge in (("L_semantic", "o", "tab:blue", -0.17),
+                                      ("first_rank_le_5", "s", "tab:orange", 0.17)):
+        points = [(row[key] / n_layers, i + dodge) for i, row in enumerate(summary_rows)
+                  if row[key] is not None]
         if points:
-            ax.scatter(*zip(*points), marker=marker, color=color, label=key, zorder=3)
+            ax.scatter(*zip(*points), marker=marker, s=28, facecolors="none", edgecolors=color,
+                       linewidths=1.4, label=key, zorder=3)
+    neither = [i for i, row in enumerate(summary_rows)
+               if row["L_semantic"] is None and row["first_rank_le_5"] is None]
+    if neither:
+        ax.scatter([1.04] * len(neither), neither, marker="x", color="0.45", clip_on=False,
+                   label="neither (answer never in the top 5)", zorder=3)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xlim(-0.02, 1.02)
+    for i in neither:
+        ax.get_yticklabels()[i].set_color("0.45")
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # the first prompt on top, as in the file
+    ax.set_xlim(-0.02, 1.08)
     ax.set_xlabel("depth fraction (layer / n)")
     ax.grid(True, axis="x", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower left")
-    else:
-        ax.text(0.5, 0.5, "no prompt reached rank ≤ 5", ha="center", transform=ax.transAxes)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / height * 2.2), ncols=3)
     ax.set_title(title, fontsize=10)
+    return fig
+
+
+def prompt_set_curves(curves: Mapping[str, tuple], title: str, max_panels: int = MAX_SMALL_MULTIPLES):
+    """Small multiples: each prompt's answer rank (log) per layer, chosen lens solid and the
+    comparison lens dashed. ``curves`` maps prompt id → (pure rows, comparison rows, its name)."""
+    from matplotlib.ticker import MaxNLocator
+
+    shown = list(curves.items())[:max_panels]
+    columns = min(6, max(1, len(shown)))
+    rows = -(-len(shown) // columns)
+    fig = new_figure((2.3 * columns + 0.6, 1.9 * rows + 1.0))
+    axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    for ax, (prompt_id, (pure, comparison, other)) in zip(axes.flat, shown):
+        for series, style, name in ((pure, "-", "chosen lens"), (comparison, "--", f"{other} lens")):
+            xs, ys = _series(series, "answer_rank")
+            if ys:
+                ax.plot(xs, ys, style, linewidth=1.1, label=name)
+        ax.set_yscale("log")
+        ax.set_title(display_token(str(prompt_id), 22), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+        ax.grid(True, alpha=0.3)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    axes[0][0].invert_yaxis()  # rank 1 on top (shared by every panel)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.supxlabel("layer (0 = embeddings)", fontsize=9)
+    fig.supylabel("answer rank (log; 1 on top)", fontsize=9)
+    more = f" — first {len(shown)} of {len(curves)} prompts" if len(curves) > len(shown) else ""
+    fig.suptitle(title + more, fontsize=10)
+    return fig
+
+
+def comparison_figure(stats: Mapping[str, Mapping[str, Mapping[str, Any]]], milestones: Sequence[str]):
+    """One panel per milestone: each model's median depth fraction over prompts, with its
+    interquartile range, models side by side (``merge.comparison_stats``)."""
+    models = list(stats)
+    columns = min(4, len(milestones))
+    rows = -(-len(milestones) // columns)
+    fig = new_figure((3.2 * columns, 0.6 + max(2.2, 0.45 * len(models)) * rows))
+    axes = fig.subplots(rows, columns, sharex=True, squeeze=False)
+    for ax, key in zip(axes.flat, milestones):
+        for y, model in enumerate(models):
+            cell = stats[model][key]
+            if cell["median"] is None:
+                ax.text(0.5, y, "never", ha="center", va="center", fontsize=7, color="0.45")
+                continue
+            ax.errorbar([cell["median"]], [y], xerr=[[cell["median"] - cell["q1"]], [cell["q3"] - cell["median"]]],
+                        fmt="o", capsize=3, color=f"C{y % 10}")
+            ax.text(1.02, y, f"n={cell['n']}", fontsize=6, va="center", transform=ax.get_yaxis_transform())
+        ax.set_yticks(range(len(models)), [display_token(m, 28) for m in models], fontsize=7)
+        ax.set_ylim(len(models) - 0.5, -0.5)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_title(key, fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes.flat[len(milestones):]:
+        ax.set_visible(False)
+    fig.supxlabel("depth fraction (layer / n): median and interquartile range over prompts", fontsize=9)
     return fig
 
 

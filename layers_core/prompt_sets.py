@@ -140,3 +140,18 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict:
         "layer_indices": {key: _quartiles([int(r[key]) for r in rows if r[key] is not None])
                           for key in LAYER_INDEX_COLUMNS},
     }
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` with 0 ≤ K < N; ``ValueError`` otherwise."""
+    k, slash, n = text.partition("/")
+    if not slash or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n):
+        raise ValueError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 0/3")
+    return int(k), int(n)
+
+
+def shard_of(items: Sequence[PromptItem], shard: tuple[int, int] | None) -> tuple[list[int], list[PromptItem]]:
+    """The 0-based file positions and items of shard K of N: the items whose position ≡ K mod N."""
+    k, n = shard or (0, 1)
+    chosen = [(index, item) for index, item in enumerate(items) if index % n == k]
+    return [index for index, _ in chosen], [item for _, item in chosen]

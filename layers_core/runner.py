@@ -173,26 +173,51 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     return result.document
 
 
+def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
+    """What a prompt set's checkpoints depend on (a resumed run must match it)."""
+    import hashlib
+
+    with open(config.prompts_file, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype),
+            "norm": config.norm_strategy, "copy_threshold": config.copy_threshold,
+            "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
+            "records": config.records, "shard": config.shard, "prompts_sha256": digest}
+
+
 def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
     from tqdm import tqdm
 
-    from layers_core.api import sweep_set
-    from layers_core.prompt_sets import load_prompt_set
+    from layers_core.battery import sweep_set
+    from layers_core.progress import ProgressStore
+    from layers_core.prompt_sets import load_prompt_set, parse_shard, shard_of
 
     items = load_prompt_set(config.prompts_file)
-    with tqdm(total=len(items), unit="prompt", disable=config.quiet, file=sys.stdout) as bar:
-        def progress(index: int, count: int, item: Any, result: Any) -> None:
-            _gate(config, result.analysis.consistency)
-            bar.set_postfix_str(f"{item.prompt_id}: L_semantic={result.diagnostics['L_semantic']}")
-            bar.update(1)
+    indices, chosen = shard_of(items, None if config.shard is None else parse_shard(config.shard))
+    store = None if config.out_dir is None else ProgressStore(config.out_dir, name, _fingerprint(config, lm))
+    done = {} if store is None else stages.run("lens", store.start, config.resume)
+    resumed = sum(index in done for index in indices)
+    if resumed:
+        say(config, f"  resume   {resumed} of {len(chosen)} prompts already done in {config.out_dir}")
+    with tqdm(total=len(chosen), initial=resumed, unit="prompt", disable=config.quiet, file=sys.stdout,
+              dynamic_ncols=True) as bar:
+        def on_batch(outcomes: list[dict], sweeps: list[Any]) -> None:
+            for result in sweeps:
+                _gate(config, result.analysis.consistency)
+            if store is not None:
+                store.record(outcomes)
+            bar.update(len(outcomes))
 
-        result = stages.run("lens", sweep_set, lm, items, norm=config.norm_strategy,
-                            settings=_sweep_settings(config),
-                            source_path=os.path.abspath(config.prompts_file), progress=progress)
+        result = stages.run("lens", sweep_set, lm, chosen, norm=config.norm_strategy,
+                            settings=_sweep_settings(config), batch_size=config.batch_size,
+                            records=config.records, indices=indices, done=done, on_batch=on_batch,
+                            source_path=os.path.abspath(config.prompts_file), shard=config.shard)
+    result.total = len(items)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
-    result.timing["lens_s"] = stages.timing["lens_s"] - result.timing.get("forward_s", 0.0)
     result.clock_start = stages.clock_start
     stages.run("write", result.save, directory, name=name, plots=config.plots)
+    say(config, f"  forward  {result.timing['forward_s']:6.2f} s, lens {result.timing['lens_s']:6.2f} s, "
+                f"{len(chosen)} prompts")
     return result.document
 
 

@@ -1,0 +1,210 @@
+"""Prompt sets at speed and at scale: batched forwards, plain-data outcomes, shards and resume.
+
+Prompts are sorted by length and forwarded in right-padded batches; each is then decoded alone
+from its own slice of the batch. Without records only the last position is decoded (the pure
+rows, both standard lenses, the raw check and the control need nothing else). Every prompt's
+result is also kept as a plain, JSON-serialisable *outcome*, so that finished batches can be
+checkpointed (``progress``) and the set's files written from outcomes alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+
+from layers_core import outputs, prompt_sets
+from layers_core.analysis import analyse_prompt
+from layers_core.api import Sweep, _settings, _timed, _total
+from layers_core.document import prompt_entry, prompt_set_document, provenance
+from layers_core.lens_model import LensModel
+from layers_core.pipeline import SweepSettings, forward_batch
+from layers_core.prompt_sets import PromptItem
+from layers_core.run_dir import output_paths
+from layers_core.tables import frame_from_rows
+
+MAX_BATCH = 32
+BATCH_MEMORY_BYTES = 1 * 2**30  # residuals and activations of one batch, at most
+ACTIVATION_FACTOR = 4  # activations of a forward per residual-stream copy (attention, MLP, cache)
+
+
+def default_batch_size(lens_model: LensModel, items: Sequence[PromptItem]) -> int:
+    """As many prompts as keep a batch's residuals and activations under ``BATCH_MEMORY_BYTES``
+    (at most ``MAX_BATCH``): (n+1) layers × longest prompt × d_model × dtype size × factor each."""
+    cfg = lens_model.bridge.cfg
+    longest = max(len(item.prompt) for item in items) // 2 + 2  # ≥ tokens for BPE vocabularies
+    per_prompt = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lens_model.dtype.itemsize
+    return max(1, min(MAX_BATCH, BATCH_MEMORY_BYTES // (per_prompt * ACTIVATION_FACTOR)))
+
+
+def outcome_of(index: int, item: PromptItem, result: Sweep, records: bool) -> dict:
+    """A prompt's result as plain data: everything the set's files and JSON are written from."""
+    analysis = result.analysis
+    return {
+        "index": index,
+        "prompt_id": item.prompt_id,
+        "entry": prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
+        "summary": prompt_sets.summary_row(item, int(analysis.result.tokens.shape[1]),
+                                           result.diagnostics, analysis.result.pure_rows),
+        "pure": analysis.result.pure_rows,
+        "comparison": analysis.comparison.pure_rows,
+        "comparison_strategy": analysis.comparison.strategy,
+        "records": analysis.result.records if records else [],
+    }
+
+
+@dataclass
+class SweepSet:
+    """A prompt set through the lens: plain outcomes in file order, and the ``Sweep`` of every
+    prompt computed in this process (prompts resumed from a checkpoint have outcomes only)."""
+
+    lens_model: LensModel
+    outcomes: list[dict]
+    sweeps: dict[str, Sweep]
+    settings: SweepSettings
+    records: bool = False
+    source_path: str | None = None
+    shard: str | None = None
+    total: int | None = None  # prompts in the whole set (a shard holds some of them)
+    started_at: datetime = field(default_factory=datetime.now)
+    timing: dict = field(default_factory=dict)
+    clock_start: float | None = None
+
+    @property
+    def summary_rows(self) -> list[dict]:
+        return [outcome["summary"] for outcome in self.outcomes]
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        """One row per prompt: collapse layers, milestones, final top-1 and p(answer)."""
+        return frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
+
+    @property
+    def document(self) -> dict:
+        """The JSON document of a prompt-set run."""
+        from layers_core.document import with_timing
+
+        first = next(iter(self.sweeps.values()), None)
+        body = prompt_set_document(
+            self.lens_model, [o["entry"] for o in self.outcomes], prompt_sets.aggregate(self.summary_rows),
+            self.source_path, provenance(self.lens_model, first.analysis, self.started_at) if first else {})
+        body["prompt_set"].update(total=self.total or len(self.outcomes), shard=self.shard,
+                                  indices=[o["index"] for o in self.outcomes], records=self.records,
+                                  settings=settings_record(self.settings))
+        return with_timing(body, self.timing, _total(self))
+
+    def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
+        """Writes run.py's prompt-set files into ``directory``; returns their paths."""
+        import os
+
+        os.makedirs(directory, exist_ok=True)
+        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        with _timed(self.timing, "write_s"):
+            outputs.write_set_tables(paths, self.outcomes, self.records)
+            outputs.write_summary(paths, self.summary_rows)
+        if plots:
+            title = (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
+                     f"{len(self.outcomes)} prompts")
+            with _timed(self.timing, "plots_s"):
+                outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title)
+        document = self.document
+        with _timed(self.timing, "write_s"):
+            outputs.write_json(paths["json"], document)
+        return paths
+
+
+def settings_record(settings: SweepSettings) -> dict:
+    """The settings a merge must find equal across shards."""
+    return {"norm": settings.norm_strategy, "copy_threshold": settings.copy_threshold,
+            "copy_margin": settings.copy_margin, "copy_entropy_fallback": settings.copy_entropy_fallback}
+
+
+def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:
+    parsed = [item if isinstance(item, PromptItem) else prompt_sets.item_from_record(dict(item), f"item {i}", i)
+              for i, item in enumerate(items, start=1)]
+    prompt_sets.check_unique_ids(parsed)
+    return parsed
+
+
+def _batches(lens_model: LensModel, todo: list[tuple[int, PromptItem]], batch_size: int):
+    """Batches of (index, item), prompts of similar length together (sorted by token count)."""
+    lengths = {index: len(lens_model.bridge.tokenizer(item.prompt)["input_ids"]) for index, item in todo}
+    ordered = sorted(todo, key=lambda pair: (lengths[pair[0]], pair[0]))
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def sweep_set(
+    lens_model: LensModel,
+    items: Iterable[PromptItem | Mapping[str, Any]],
+    *,
+    norm: str = "arch",
+    lens: str = "logit",
+    settings: SweepSettings | None = None,
+    batch_size: int | None = None,
+    records: bool = False,
+    indices: Sequence[int] | None = None,
+    done: Mapping[int, dict] | None = None,
+    on_batch: Callable[[list[dict], list[Sweep]], None] | None = None,
+    source_path: str | None = None,
+    shard: str | None = None,
+) -> SweepSet:
+    """Sweeps every prompt of a set through one loaded model, in batches.
+
+    Args:
+        items: ``PromptItem``s or dicts with ``prompt``, ``answer`` and optional ``id``,
+            ``control_prompt``, ``control_answer``.
+        batch_size: prompts per forward pass (None: chosen from memory; 1: one forward per
+            prompt, exactly ``sweep``'s numbers).
+        records: also decode every position (the records table); else the last position only.
+        indices: each item's position in its file (default 0, 1, …): outcomes are kept in this order.
+        done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
+        on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
+    """
+    settings = _settings(lens_model, norm, lens, settings)
+    parsed = _items(items)
+    indices = list(range(len(parsed))) if indices is None else list(indices)
+    outcomes = dict(done or {})
+    todo = [(index, item) for index, item in zip(indices, parsed) if index not in outcomes]
+    batch_size = batch_size or default_batch_size(lens_model, parsed)
+    sweeps: dict[str, Sweep] = {}
+    timing = {"forward_s": 0.0, "lens_s": 0.0}
+    device = lens_model.unembed.W_U.device
+    for batch in _batches(lens_model, todo, batch_size):
+        started = time.perf_counter()
+        forwarded = (forward_batch(lens_model.bridge, [item.prompt for _, item in batch], device)
+                     if batch_size > 1 else [None])  # batch size 1: sweep's own forward
+        forward_s = time.perf_counter() - started
+        finished = []
+        for (index, item), passed in zip(batch, forwarded):
+            control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
+            # batch size 1 is the single-prompt path exactly (every position decoded)
+            result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1)
+            if passed is None:
+                forward_s += result.timing["forward_s"]
+            sweeps[item.prompt_id] = result
+            outcomes[index] = outcome_of(index, item, result, records)
+            finished.append(outcomes[index])
+        timing["forward_s"] += forward_s
+        timing["lens_s"] += time.perf_counter() - started - forward_s
+        if on_batch is not None:
+            on_batch(finished, [sweeps[o["prompt_id"]] for o in finished])
+    ordered = [outcomes[index] for index in sorted(outcomes)]
+    return SweepSet(lens_model, ordered, sweeps, settings, records, source_path, shard,
+                    timing=timing)
+
+
+def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
+                     forwarded: Any, records: bool) -> Sweep:
+    from layers_core.api import default_control
+
+    started = time.perf_counter()
+    analysis = analyse_prompt(lens_model, settings, item.prompt, item.answer,
+                              default_control(item.prompt, control), forwarded, records)
+    forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
+    return Sweep(lens_model, analysis, item.prompt, item.answer, replace(settings),
+                 timing={"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s})

@@ -1,0 +1,71 @@
+"""Checkpoints of a prompt set in progress: one file per finished batch, in a dot-directory.
+
+``<out_dir>/.progress-<name>/`` holds ``settings.json`` (what the results depend on) and
+``batch-<first index>.json`` files, each written atomically: a killed run (even SIGKILL) loses at
+most the batch in flight and never leaves a truncated row. ``--resume`` reads them back; a run
+without it starts the store afresh. Stale-staging sweeps never touch it (it is no staging dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from layers_core.run_dir import atomic_write
+
+PROGRESS_PREFIX = ".progress-"
+SETTINGS_FILE = "settings.json"
+BATCH_PREFIX = "batch-"
+
+
+class ProgressMismatch(ValueError):
+    """The checkpoints were made with other settings than this run's."""
+
+
+class ProgressStore:
+    """Finished batches of one model's prompt set inside an output directory."""
+
+    def __init__(self, out_dir: str, name: str, fingerprint: Mapping[str, Any]):
+        self.directory = os.path.join(out_dir, PROGRESS_PREFIX + name)
+        self.fingerprint = dict(fingerprint)
+
+    def start(self, resume: bool) -> dict[int, dict]:
+        """Opens the store: with ``resume``, the outcomes already finished (by index), checked
+        against this run's settings; without, an empty store. Returns the finished outcomes."""
+        if resume and os.path.isdir(self.directory):
+            self._check_settings()
+            return self._load()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        os.makedirs(self.directory)
+        atomic_write(os.path.join(self.directory, SETTINGS_FILE), json.dumps(self.fingerprint, indent=1))
+        return {}
+
+    def _check_settings(self) -> None:
+        try:
+            with open(os.path.join(self.directory, SETTINGS_FILE), encoding="utf-8") as handle:
+                recorded = json.load(handle)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != self.fingerprint:
+            changed = sorted(key for key in set(self.fingerprint) | set(recorded or {})
+                             if (recorded or {}).get(key) != self.fingerprint.get(key))
+            raise ProgressMismatch(f"the checkpoints in {self.directory} were made with other "
+                                   f"settings ({', '.join(changed)}); run without --resume to start over")
+
+    def _load(self) -> dict[int, dict]:
+        done: dict[int, dict] = {}
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith(BATCH_PREFIX) and name.endswith(".json"):
+                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                    for outcome in json.load(handle):
+                        done[int(outcome["index"])] = outcome
+        return done
+
+    def record(self, outcomes: Sequence[Mapping[str, Any]]) -> None:
+        """Checkpoints one finished batch (atomically)."""
+        first = min(int(o["index"]) for o in outcomes)
+        path = os.path.join(self.directory, f"{BATCH_PREFIX}{first:07d}.json")
+        atomic_write(path, json.dumps(list(outcomes), ensure_ascii=False))
