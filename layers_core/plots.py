@@ -204,7 +204,7 @@ def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int,
     ax.set_xlim(-0.02, 1.08)
     ax.set_xlabel("depth fraction (layer / n)")
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / height * 2.2), ncols=3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     ax.set_title(title, fontsize=10)
     return fig
 

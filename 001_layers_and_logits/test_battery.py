@@ -1,0 +1,208 @@
+"""Fact batteries: batched sets equal one-at-a-time, shards merge to the unsharded run, a killed
+run resumes to the uninterrupted result, cross-model comparison, the bundled battery."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import run
+from tiny_models import FAMILIES
+
+import layers_core as lc
+from conftest import RUN_PY
+from layers_core.battery import sweep_set
+from layers_core.prompt_sets import load_prompt_set
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
+FACTS = [  # different lengths, so that a batch pads
+    {"id": "de", "prompt": "The capital of Germany is called simply", "answer": "Berlin"},
+    {"id": "fr", "prompt": "Give the city name only, plain text. The capital of France is called simply",
+     "answer": "Paris"},
+    {"id": "jp", "prompt": "Tokyo", "answer": "Japan"},
+    {"id": "q", "prompt": 'Quotes " and, commas, back\\slashes', "answer": "x"},
+    {"id": "it", "prompt": "In Germany the capital city is known as", "answer": "Berlin"},
+]
+
+
+def _facts_file(tmp_path, facts):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(f) for f in facts) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_batched_set_equals_one_prompt_at_a_time(load_bridge, family):
+    lens_model = lc.load(load_bridge(family))
+    batched = sweep_set(lens_model, FACTS, batch_size=4)
+    alone = sweep_set(lens_model, FACTS, batch_size=1)
+    assert [o["prompt_id"] for o in batched.outcomes] == [f["id"] for f in FACTS]  # input order
+    for fact in FACTS:
+        ours, theirs = batched.sweeps[fact["id"]].pure, alone.sweeps[fact["id"]].pure
+        assert (ours["entropy"] - theirs["entropy"]).abs().max() <= 1e-4
+        assert (ours["kl_to_final_bits"] - theirs["kl_to_final_bits"]).abs().max() <= 1e-4
+        decided = (np.log(theirs["prob1"]) - np.log(theirs["prob2"])) > 1e-4  # top-1/top-2 log-prob gap
+        assert (ours["top1"][decided] == theirs["top1"][decided]).all()
+        assert len(batched.sweeps[fact["id"]].records) == 0  # records only on request
+
+
+def test_batch_of_one_is_the_single_prompt_path_bit_for_bit(load_bridge):
+    lens_model = lc.load(load_bridge("llama"))
+    in_set = sweep_set(lens_model, FACTS[:2], batch_size=1, records=True)
+    for fact in FACTS[:2]:
+        alone = lc.sweep(lens_model, fact["prompt"], fact["answer"], control=False)
+        pd.testing.assert_frame_equal(in_set.sweeps[fact["id"]].pure, alone.pure, check_exact=True)
+        pd.testing.assert_frame_equal(in_set.sweeps[fact["id"]].records, alone.records, check_exact=True)
+
+
+def test_set_mode_writes_records_only_when_asked(tiny_dirs, tmp_path):
+    facts = _facts_file(tmp_path, FACTS)
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--out_dir",
+                     str(tmp_path / "a"), "--quiet", "--no-plots"]) == 0
+    names = os.listdir(tmp_path / "a")
+    assert "output-llama-records.csv" not in names and "output-llama-pure-next-token.csv" in names
+    timing = json.loads((tmp_path / "a" / "output-llama.json").read_text())["timing"]
+    assert timing["forward_s"] > 0 and timing["lens_s"] > 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--out_dir",
+                     str(tmp_path / "b"), "--quiet", "--no-plots", "--records"]) == 0
+    records = pd.read_csv(tmp_path / "b" / "output-llama-records.csv", keep_default_na=False)
+    assert records.columns[0] == "prompt_id" and list(dict.fromkeys(records["prompt_id"])) == \
+        [f["id"] for f in FACTS]
+
+
+def _summary(directory, name="llama"):
+    return pd.read_csv(os.path.join(directory, f"output-{name}-summary.csv"), dtype=str, keep_default_na=False)
+
+
+def test_three_shards_merged_equal_the_unsharded_run(tiny_dirs, tmp_path):
+    facts = _facts_file(tmp_path, FACTS * 1 + [{**f, "id": f["id"] + "2"} for f in FACTS[:2]])
+    base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--batch-size", "3"]
+    assert run.main([*base, "--out_dir", str(tmp_path / "whole")]) == 0
+    for k in range(3):
+        assert run.main([*base, "--shard", f"{k}/3", "--out_dir", str(tmp_path / f"shard{k}")]) == 0
+    merge = os.path.join(HERE, "merge.py")
+    done = subprocess.run([sys.executable, merge, *(str(tmp_path / f"shard{k}") for k in range(3)),
+                           "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    whole, merged = _summary(tmp_path / "whole"), _summary(tmp_path / "merged")
+    assert list(merged["prompt_id"]) == list(whole["prompt_id"])
+    numeric = [c for c in whole.columns if c not in ("prompt_id", "prompt", "answer", "final_top1", "gold_status")]
+    for column in numeric:
+        a = pd.to_numeric(whole[column].replace("", None))
+        b = pd.to_numeric(merged[column].replace("", None))
+        assert ((a - b).abs().fillna(0) <= 1e-5).all() and (a.isna() == b.isna()).all(), column
+    assert (whole[["final_top1", "gold_status"]] == merged[["final_top1", "gold_status"]]).all().all()
+    pure_whole = pd.read_csv(tmp_path / "whole" / "output-llama-pure-next-token.csv")
+    pure_merged = pd.read_csv(tmp_path / "merged" / "output-llama-pure-next-token.csv")
+    assert (pure_whole["entropy"] - pure_merged["entropy"]).abs().max() <= 1e-5
+    doc = json.loads((tmp_path / "merged" / "output-llama.json").read_text())
+    assert doc["aggregate"] == json.loads((tmp_path / "whole" / "output-llama.json").read_text())["aggregate"]
+    assert os.path.exists(tmp_path / "merged" / "output-llama-summary.png")
+
+
+def test_merge_refuses_conflicts(tiny_dirs, tmp_path):
+    from layers_core.merge import MergeError, merge
+
+    facts = _facts_file(tmp_path, FACTS[:3])
+    base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--no-plots"]
+    assert run.main([*base, "--shard", "0/2", "--out_dir", str(tmp_path / "a")]) == 0
+    assert run.main([*base, "--shard", "0/2", "--out_dir", str(tmp_path / "b")]) == 0
+    assert run.main([*base, "--shard", "1/2", "--norm", "final", "--out_dir", str(tmp_path / "c")]) == 0
+    with pytest.raises(MergeError, match="prompt id 'de' appears in both"):
+        merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
+    with pytest.raises(MergeError, match="differ in settings"):
+        merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "out"))
+    with pytest.raises(MergeError, match="hold 2 of the set's 3 prompts"):
+        merge([str(tmp_path / "a")], str(tmp_path / "out"))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dirs, tmp_path):
+    facts = _facts_file(tmp_path, [{**f, "id": f"{f['id']}{i}"} for i in range(8) for f in FACTS])
+    argv = [sys.executable, RUN_PY, "--device", "cpu", tiny_dirs["llama"], "--prompts", facts,
+            "--quiet", "--no-plots", "--batch-size", "1"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen([*argv, "--out_dir", str(out)])
+    progress = out / ".progress-llama"
+    deadline = time.time() + 120
+    while time.time() < deadline and len([n for n in os.listdir(progress) if n.startswith("batch-")]
+                                         if progress.exists() else []) < 3:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    batches = sorted(n for n in os.listdir(progress) if n.startswith("batch-"))
+    assert 3 <= len(batches) < 40 and not (out / "output-llama.json").exists()
+    for name in batches:  # every checkpoint is whole
+        json.loads((progress / name).read_text())
+    assert subprocess.run([*argv, "--out_dir", str(out), "--resume"]).returncode == 0
+    assert subprocess.run([*argv, "--out_dir", str(tmp_path / "whole")]).returncode == 0
+    for name in ("output-llama-summary.csv", "output-llama-pure-next-token.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    resumed = json.loads((out / "output-llama.json").read_text())
+    assert resumed["aggregate"]["count"] == 40
+
+
+def test_resume_refuses_checkpoints_made_with_other_settings(tiny_dirs, tmp_path, capsys):
+    facts = _facts_file(tmp_path, FACTS[:2])
+    base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--no-plots",
+            "--out_dir", str(tmp_path / "out")]
+    assert run.main(base) == 0
+    assert run.main([*base, "--resume", "--norm", "final"]) == 1
+    assert "made with other settings (norm)" in capsys.readouterr().err
+
+
+def test_comparison_across_models(tiny_dirs, tmp_path):
+    from layers_core.merge import COMPARISON_COLUMNS
+
+    facts = _facts_file(tmp_path, FACTS[:3])
+    for family in ("llama", "gpt2"):
+        assert run.main(["--device", "cpu", tiny_dirs[family], "--prompts", facts, "--quiet", "--no-plots",
+                         "--out_dir", str(tmp_path / family)]) == 0
+    done = subprocess.run([sys.executable, os.path.join(HERE, "merge.py"), str(tmp_path / "llama"),
+                           str(tmp_path / "gpt2"), "--out", str(tmp_path / "both")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(tmp_path / "both" / "comparison.csv")
+    assert list(table.columns) == COMPARISON_COLUMNS and len(table) == 6
+    assert set(table["model"]) == {"llama", "gpt2"}
+    with_value = table.dropna(subset=["L_semantic"])
+    assert ((with_value["L_semantic"] / with_value["n_layers"]).round(3) == with_value["L_semantic_fraction"]).all()
+    assert os.path.getsize(tmp_path / "both" / "comparison.png") > 10_000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shard", "0/2"], "--shard applies to a prompt set"),
+    (["--prompts", BATTERY, "--shard", "0/2"], "--shard requires --out_dir"),
+    (["--prompts", BATTERY, "--shard", "2/2", "--out_dir", "x"], "expected K/N with 0 <= K < N"),
+    (["--prompts", BATTERY, "--resume"], "--resume requires --out_dir"),
+    (["--prompts", BATTERY, "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--records"], "--records applies to a prompt set"),
+])
+def test_set_flags_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_bundled_battery():
+    facts = load_prompt_set(BATTERY)
+    assert len(facts) >= 150 and len({f.prompt_id for f in facts}) == len(facts)
+    for fact in facts:
+        assert fact.prompt == f"Give the city name only, plain text. The capital of {fact.prompt_id} is called simply"
+        assert fact.control_answer != fact.answer and fact.control_prompt != fact.prompt
+    capitals = {f.prompt_id: f.answer for f in facts}
+    assert (capitals["Germany"], capitals["France"], capitals["Japan"], capitals["Australia"]) == \
+        ("Berlin", "Paris", "Tokyo", "Canberra")
+
+
+def test_bench_prompts_stays_runnable(tiny_dirs, capsys):
+    import bench_prompts
+
+    assert bench_prompts.main(["--prompts", "6", "--model", tiny_dirs["llama"]]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompts"] == 6 and result["set_s"] > 0 and result["sequential_over_set"] > 0
