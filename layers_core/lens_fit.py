@@ -1,0 +1,110 @@
+"""Fitting and evaluating a tuned lens on a loaded model: capture residuals in batches, solve,
+and compare with the logit lens on held-out text (what ``fit_lens.py`` runs)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.lens_model import LensModel
+from layers_core.norm_utils import apply_norm_or_skip
+from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.tuned_lens import NormalEquations, TunedLens, solve_translators
+
+EVAL_ROWS_PER_BLOCK = 256
+METRICS = ("kl_bits", "kl_bpb", "ce_bits", "top1_agree")
+
+
+def capture(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
+            progress: Callable[[int], None] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """For each batch of equal-length chunks: (residuals ``[L+1, B, T, d]`` float32 on the lens
+    device, tokens ``[B, T]``). ``progress(n)`` is called with the tokens done."""
+    bridge = lens_model.bridge
+    names = residual_hook_names(lens_model.n_layers)
+    device = lens_model.unembed.W_U.device
+    for start in range(0, len(chunks), batch_size):
+        tokens = torch.tensor(chunks[start : start + batch_size], device=bridge.cfg.device)
+        with torch.inference_mode(), residual_cache(bridge, device) as (cache, _):
+            bridge(tokens, logits_to_keep=1)
+        yield torch.stack([cache.pop(name).float() for name in names]), tokens
+        if progress is not None:
+            progress(int(tokens.numel()))
+
+
+def fit(lens_model: LensModel, train: Sequence[list[int]], heldout: Sequence[list[int]], batch_size: int = 8,
+        progress: Callable[[int], None] | None = None) -> tuple[TunedLens, list[float]]:
+    """The closed-form tuned lens (position 0 excluded) and the ridge chosen for each layer."""
+    n_layers, d_model = lens_model.n_layers, int(lens_model.bridge.cfg.d_model)
+    statistics = {"train": NormalEquations(n_layers, d_model), "heldout": NormalEquations(n_layers, d_model)}
+    for split, chunks in (("train", train), ("heldout", heldout)):
+        for residuals, _ in capture(lens_model, chunks, batch_size, progress):
+            statistics[split].add(residuals[:, :, 1:].reshape(n_layers + 1, -1, d_model).cpu())
+    weights, biases, ridges = solve_translators(statistics["train"], statistics["heldout"])
+    return TunedLens(weights, biases, lens_model.source.path or lens_model.model_id), ridges
+
+
+def _token_bytes(tokenizer: Any, ids: Tensor) -> int:
+    return sum(len(text.encode("utf-8")) for text in tokenizer.batch_decode([[i] for i in ids.tolist()]))
+
+
+def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]], batch_size: int = 8,
+             progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Per layer ℓ < L on held-out text, for the logit lens (``ln_final``) and the tuned lens:
+    KL(final ‖ lens) in bits per token and per byte, cross-entropy to the next token in bits, and
+    top-1 agreement with the model. Positions 1..T−2 (the next token is known there)."""
+    n_layers = lens_model.n_layers
+    unembed, ln_final = lens_model.unembed, lens_model.bridge.ln_final
+    sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in ("logit", "tuned")}
+    rows_total, bytes_total = 0, 0
+    for residuals, tokens in capture(lens_model, chunks, batch_size, progress):
+        d_model = residuals.shape[-1]
+        resid = residuals[:, :, 1:-1].reshape(n_layers + 1, -1, d_model)  # [L+1, rows, d]
+        targets = tokens[:, 2:].reshape(-1).to(resid.device)
+        rows_total += len(targets)
+        bytes_total += _token_bytes(lens_model.bridge.tokenizer, targets)
+        for start in range(0, len(targets), EVAL_ROWS_PER_BLOCK):
+            block = slice(start, start + EVAL_ROWS_PER_BLOCK)
+            with torch.inference_mode():
+                final = torch.log_softmax(unembed.logits(apply_norm_or_skip(resid[n_layers, block], ln_final)), -1)
+                final_top1 = final.argmax(-1)
+                for layer in range(n_layers):
+                    for kind, rows in (("logit", resid[layer, block]),
+                                       ("tuned", lens.translate(resid[layer, block], layer))):
+                        log_probs = torch.log_softmax(unembed.logits(apply_norm_or_skip(rows, ln_final)), -1)
+                        kl = kl_bits_from_log_probs(final, log_probs).sum()
+                        ce = -log_probs.gather(-1, targets[block].unsqueeze(-1)).sum() / math.log(2)
+                        agree = (log_probs.argmax(-1) == final_top1).sum()
+                        sums[kind][layer] += torch.stack([kl, ce, agree]).double().cpu()
+    return [{"layer": layer, **{kind: {"kl_bits": float(sums[kind][layer, 0]) / rows_total,
+                                       "kl_bpb": float(sums[kind][layer, 0]) / bytes_total,
+                                       "ce_bits": float(sums[kind][layer, 1]) / rows_total,
+                                       "top1_agree": float(sums[kind][layer, 2]) / rows_total}
+                                for kind in ("logit", "tuned")}}
+            for layer in range(n_layers)]
+
+
+def eval_figure(layers: Sequence[dict], title: str):
+    """Held-out KL(final ‖ lens) and top-1 agreement per layer, logit vs tuned lens."""
+    from layers_core.plots import new_figure
+
+    fig = new_figure((10, 4))
+    axes = fig.subplots(1, 2)
+    xs = [row["layer"] for row in layers]
+    for kind, style in (("logit", "--"), ("tuned", "-")):
+        axes[0].plot(xs, [row[kind]["kl_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
+        axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(final ‖ lens), bits/token")
+    axes[1].set_ylabel("top-1 agreement with the model")
+    axes[1].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
