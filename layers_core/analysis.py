@@ -72,7 +72,7 @@ def analyse_prompt(
         forwarded = forwarded or forward_prompt(model, prompt, ctx.unembed.W_U.device)
         residuals = forwarded.residuals
         views = last_position_views(model, torch.stack([r[-1] for r in residuals]), residuals[-1][-1],
-                                    ctx.unembed, settings.norm_strategy)
+                                    ctx.unembed, settings)
     result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records,
                        views.get("chosen"))
     consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
@@ -80,8 +80,7 @@ def analyse_prompt(
                                          lens_log_probs=views.get("consistency"))
     chosen_lp = views.get("chosen")
     if chosen_lp is None:
-        chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed,
-                                                 settings.norm_strategy)
+        chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed, settings)
     comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp,
                                 other_log_probs=views.get("other"))
     diagnostics = report.diagnostics(
@@ -90,12 +89,12 @@ def analyse_prompt(
         get_post_unembed_transform(model))
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))
     margins = None if control is None else control_margins(
-        model, control[0], control[1], answer, ctx.unembed, settings.norm_strategy)
+        model, control[0], control[1], answer, ctx.unembed, settings)
     blocks = {
         "diagnostics": diagnostics,
         "gold_answer": report.gold_answer_block(result.gold),
-        "lens_comparison": report.lens_comparison_block(result, comparison, settings.norm_strategy),
-        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.norm_strategy, chosen_lp,
+        "lens_comparison": report.lens_comparison_block(result, comparison, settings.view),
+        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.view, chosen_lp,
                                          views.get("raw")),
         "control_summary": None if margins is None else {
             key: margins[key] for key in ("control_prompt", "control_answer", "status",

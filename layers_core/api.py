@@ -31,7 +31,7 @@ from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_CONTROL_ANSWER, DEFAULT_
 from layers_core.run_dir import output_paths
 from layers_core.tables import frame_from_rows
 
-LENSES = ("logit",)
+LENSES = ("logit", "tuned")
 Control = tuple[str, str] | bool | None
 
 
@@ -105,7 +105,7 @@ class Sweep:
 
     def title(self) -> str:
         """Model name, lens and prompt, for pictures."""
-        return (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
+        return (f"{self.lens_model.source.clean_name} — {self.settings.view} lens — "
                 f"{self.prompt!r}")
 
     def lens_figure(self):
@@ -171,11 +171,24 @@ class _timed:
         self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
 
 
-def _settings(lens_model: LensModel, norm: str, lens: str, settings: SweepSettings | None) -> SweepSettings:
-    if lens not in LENSES:
-        raise ValueError(f"unknown lens {lens!r}; expected one of {LENSES}")
+def _settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
+              lens_path: str | None = None) -> SweepSettings:
+    """The sweep's settings; ``lens`` is ``logit``, ``tuned`` (read from ``lens_path``, default
+    the model's lens cache) or a ``TunedLens``."""
+    from layers_core.tuned_lens import TunedLens, default_lens_dir
+
+    if isinstance(lens, TunedLens):
+        tuned = lens
+    elif lens == "tuned":
+        tuned = TunedLens.load(lens_path or default_lens_dir(lens_model.source.clean_name))
+    elif lens == "logit":
+        tuned = None
+    else:
+        raise ValueError(f"unknown lens {lens!r}; expected one of {LENSES} or a TunedLens")
+    if tuned is not None:
+        tuned.check_fits(lens_model.n_layers, int(lens_model.bridge.cfg.d_model))
     base = settings or SweepSettings()
-    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32)
+    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32, tuned_lens=tuned)
 
 
 def sweep(
@@ -184,9 +197,10 @@ def sweep(
     answer: str | None = None,
     *,
     norm: str = "arch",
-    lens: str = "logit",
+    lens: Any = "logit",
     control: Control = None,
     settings: SweepSettings | None = None,
+    lens_path: str | None = None,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
@@ -194,11 +208,14 @@ def sweep(
         answer: the gold answer; may be omitted only for the default prompt (``Berlin``).
         norm: ``arch`` (the norm the model applies next), ``final`` (``ln_final`` everywhere, the
             standard logit lens) or ``none`` (raw residual).
+        lens: ``logit``, or ``tuned`` (a lens fitted by ``fit_lens.py``, read from ``lens_path`` or
+            the model's lens cache; a ``TunedLens`` object works too). With ``tuned`` the logit
+            lens under ``norm`` is the comparison lens.
         control: None = France → Paris for the legacy prompt, none otherwise; False = none;
             or a ``(control_prompt, control_answer)`` pair.
         settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).
     """
-    settings = _settings(lens_model, norm, lens, settings)
+    settings = _settings(lens_model, norm, lens, settings, lens_path)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
     analysis = analyse_prompt(lens_model, settings, prompt, answer, default_control(prompt, control))

@@ -108,7 +108,7 @@ class SweepSet:
             outputs.write_set_tables(paths, self.outcomes, self.records)
             outputs.write_summary(paths, self.summary_rows)
         if plots:
-            title = (f"{self.lens_model.source.clean_name} — {self.settings.norm_strategy} lens — "
+            title = (f"{self.lens_model.source.clean_name} — {self.settings.view} lens — "
                      f"{len(self.outcomes)} prompts")
             with _timed(self.timing, "plots_s"):
                 outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title)
@@ -120,7 +120,7 @@ class SweepSet:
 
 def settings_record(settings: SweepSettings) -> dict:
     """The settings a merge must find equal across shards."""
-    return {"norm": settings.norm_strategy, "copy_threshold": settings.copy_threshold,
+    return {"norm": settings.norm_strategy, "lens": settings.view, "copy_threshold": settings.copy_threshold,
             "copy_margin": settings.copy_margin, "copy_entropy_fallback": settings.copy_entropy_fallback}
 
 
@@ -143,8 +143,9 @@ def sweep_set(
     items: Iterable[PromptItem | Mapping[str, Any]],
     *,
     norm: str = "arch",
-    lens: str = "logit",
+    lens: Any = "logit",
     settings: SweepSettings | None = None,
+    lens_path: str | None = None,
     batch_size: int | None = None,
     records: bool = False,
     indices: Sequence[int] | None = None,
@@ -165,7 +166,7 @@ def sweep_set(
         done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
         on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
     """
-    settings = _settings(lens_model, norm, lens, settings)
+    settings = _settings(lens_model, norm, lens, settings, lens_path)
     parsed = _items(items)
     indices = list(range(len(parsed))) if indices is None else list(indices)
     outcomes = dict(done or {})

@@ -54,6 +54,8 @@ class ExperimentConfig:
     records: bool = False  # a set's per-position records CSV (single prompts always write it)
     shard: str | None = None  # "K/N": the prompts whose position in the file is ≡ K mod N
     resume: bool = False  # skip the prompts already checkpointed in --out_dir
+    lens: str = "logit"  # logit | tuned (a lens fitted by fit_lens.py)
+    lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
 
 
 _DEFAULTS = ExperimentConfig()
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Do not count entropy < 1 bit as copy collapse")
     p.add_argument("--norm", choices=NORM_CHOICES, default=_DEFAULTS.norm_strategy,
                    help="Norm applied before unembedding each layer")
+    p.add_argument("--lens", choices=("logit", "tuned"), default=_DEFAULTS.lens,
+                   help="logit lens, or a tuned lens fitted by fit_lens.py (then the logit lens under "
+                        "--norm is written beside it)")
+    p.add_argument("--lens-path", metavar="DIR",
+                   help="the tuned lens's directory (default: fit_lens.py's cache for the model)")
     p.add_argument("--prompt", help="Override the prompt (requires --answer)")
     p.add_argument("--answer", help=f"Gold answer of --prompt (default prompt: {_DEFAULTS.answer})")
     p.add_argument("--out_dir", "--out-dir", dest="out_dir",
@@ -150,6 +157,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--control-prompt and --control-answer go together"
     if args.no_control and args.control_prompt is not None:
         return "--no-control and --control-prompt exclude each other"
+    if args.lens_path is not None and args.lens != "tuned":
+        return "--lens-path goes with --lens tuned"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
     if args.max_memory is not None:
@@ -216,7 +225,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
-        records=args.records, shard=args.shard, resume=args.resume,
+        records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
+        lens_path=args.lens_path,
     )
     return list(args.model), config
 
@@ -224,6 +234,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
 def child_argv(config: ExperimentConfig) -> list[str]:
     """Every setting as flags, for a launcher child (the device is always passed)."""
     flags = ["--device", config.device, "--dtype", config.dtype, "--norm", config.norm_strategy,
+             "--lens", config.lens,
              "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin),
              "--keep-runs", str(config.keep_runs)]
     switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
@@ -238,7 +249,7 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--threads": None if config.threads is None else str(config.threads),
                 "--device-map": config.device_map, "--max-memory": config.max_memory,
                 "--batch-size": None if config.batch_size is None else str(config.batch_size),
-                "--shard": config.shard}
+                "--shard": config.shard, "--lens-path": config.lens_path}
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
         optional.update({"--prompt": config.prompt, "--answer": config.answer})
     for flag, value in optional.items():

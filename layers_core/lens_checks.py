@@ -33,6 +33,12 @@ RAW_CHECK_KL_MEDIUM_BITS = 0.5
 COMPARISON_STRATEGY = {"arch": "final", "final": "arch", "none": "final"}
 
 
+def comparison_view(settings: SweepSettings) -> str:
+    """The lens shown beside the chosen one: the other standard view (arch ↔ final, none → final),
+    or, beside a tuned lens, the logit lens under the chosen ``--norm``."""
+    return settings.norm_strategy if settings.view == "tuned" else COMPARISON_STRATEGY[settings.norm_strategy]
+
+
 @dataclass
 class LensComparison:
     """The other standard lens at the last position, and how it differs from the chosen one."""
@@ -59,11 +65,11 @@ def compare_lenses(
     (``last_position_lens_log_probs``); the per-layer KL is KL(chosen ‖ other). ``other_log_probs``
     ``[L, V]``: the other lens's rows if already decoded (``last_position_views``).
     """
-    other = strategy or COMPARISON_STRATEGY[settings.norm_strategy]
+    other = strategy or comparison_view(settings)
     final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
     with torch.inference_mode():
         if other_log_probs is None:
-            normed = _normalised_rows(model, result.last_position_resid, other)
+            normed = _normalised_rows(model, result.last_position_resid, other, settings)
             other_log_probs = row_log_probs(torch.cat(normed), unembed.W_U, unembed.b_U, unembed.transform,
                                             unembed.force_fp32, unembed.chunk_columns)
         other_lp = other_log_probs
@@ -79,18 +85,21 @@ def compare_lenses(
     return LensComparison(other, rows, per_layer)
 
 
-def _normalised_rows(model: Any, last_resid: Tensor, strategy: str) -> list[Tensor]:
-    """Layer ℓ's norm (under ``strategy``) applied to row ℓ of ``last_resid`` ``[L, d]``."""
-    plan = lens_norm_plan(model, strategy)
-    return normalise_layers([row.unsqueeze(0) for row in last_resid],
-                            [m for m, _ in plan], [lb for _, lb in plan])
+def _normalised_rows(model: Any, last_resid: Tensor, view: str, settings: SweepSettings) -> list[Tensor]:
+    """Layer ℓ's norm (under ``view``) applied to row ℓ of ``last_resid`` ``[L, d]``; the tuned
+    view translates each row first."""
+    plan = lens_norm_plan(model, view)
+    rows = [row.unsqueeze(0) for row in last_resid]
+    if view == "tuned":
+        rows = settings.translated(rows)
+    return normalise_layers(rows, [m for m, _ in plan], [lb for _, lb in plan])
 
 
 def last_position_lens_log_probs(model: Any, last_resid: Tensor, unembed: UnembedPath,
-                                 strategy: str) -> Tensor:
-    """Float32 lens log-probs ``[L, V]`` of each layer's last-position residual ``[L, d]``."""
+                                 settings: SweepSettings) -> Tensor:
+    """Float32 chosen-lens log-probs ``[L, V]`` of each layer's last-position residual ``[L, d]``."""
     with torch.inference_mode():
-        normed = _normalised_rows(model, last_resid, strategy)
+        normed = _normalised_rows(model, last_resid, settings.view, settings)
         return torch.log_softmax(unembed.logits(torch.cat(normed)), dim=-1)
 
 
@@ -106,15 +115,15 @@ def _rank(log_probs: Tensor, answer_id: int | None) -> list[int | None]:
 
 
 def last_position_views(model: Any, last_resid: Tensor, last_block_resid: Tensor, unembed: UnembedPath,
-                        strategy: str) -> dict[str, Tensor]:
+                        settings: SweepSettings) -> dict[str, Tensor]:
     """Every last-position view the checks need, decoded in one unembedding (W_U read once):
     ``chosen`` and ``other`` ``[L, V]`` (the chosen and the comparison lens), ``raw`` (the raw
     residual at ``raw_check_layers``) and ``consistency`` ``[1, V]`` (``ln_final`` of the last
     block's output); float32 log-probs."""
-    other = COMPARISON_STRATEGY[strategy]
     n_rows = last_resid.shape[0]
     with torch.inference_mode():
-        rows = [*_normalised_rows(model, last_resid, strategy), *_normalised_rows(model, last_resid, other),
+        rows = [*_normalised_rows(model, last_resid, settings.view, settings),
+                *_normalised_rows(model, last_resid, comparison_view(settings), settings),
                 last_resid[raw_check_layers(n_rows - 1)],
                 apply_norm_or_skip(last_block_resid.unsqueeze(0), model.ln_final)]
         log_probs = row_log_probs(torch.cat(rows), unembed.W_U, unembed.b_U, unembed.transform,
@@ -159,12 +168,12 @@ def raw_lens_check(result: SweepResult, unembed: UnembedPath, strategy: str,
 
 
 def control_margins(model: Any, control_prompt: str, control_answer: str, main_answer: str,
-                    unembed: UnembedPath, strategy: str) -> dict:
+                    unembed: UnembedPath, settings: SweepSettings) -> dict:
     """A control pass: per layer, p(control answer) − p(main answer) at the control prompt's last
     position under the chosen lens, and the first layer where the margin is positive."""
     _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt), device=unembed.W_U.device)
     last_resid = torch.stack([resid[-1] for resid in residuals])
-    probs = last_position_lens_log_probs(model, last_resid, unembed, strategy).exp()
+    probs = last_position_lens_log_probs(model, last_resid, unembed, settings).exp()
     control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer)
     main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer)
     if control["first_id"] is None or main["first_id"] is None:

@@ -54,6 +54,18 @@ class SweepSettings:
     copy_entropy_fallback: bool = True
     fp32_unembed: bool = False
     budget_bytes: int = DEFAULT_BUDGET_BYTES
+    tuned_lens: Any = field(default=None, compare=False)  # a TunedLens: decode translated residuals
+
+    @property
+    def view(self) -> str:
+        """The chosen lens: ``tuned``, or the logit lens's norm strategy."""
+        return "tuned" if self.tuned_lens is not None else self.norm_strategy
+
+    def translated(self, residuals: Sequence[Tensor]) -> list[Tensor]:
+        """Layer ℓ's rows through the tuned lens's translator ℓ (unchanged for the logit lens)."""
+        if self.tuned_lens is None:
+            return list(residuals)
+        return [self.tuned_lens.translate(resid, layer) for layer, resid in enumerate(residuals)]
 
 
 @dataclass
@@ -315,10 +327,10 @@ def run_sweep(
     gold = resolve_gold_answer(tokenizer, prompt, answer)
 
     warnings: list[str] = []
-    plan = lens_norm_plan(model, settings.norm_strategy)
+    plan = lens_norm_plan(model, settings.view)
     last_block_resid = residuals[-1][-1]
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
-    decoded = residuals if records else [resid[-1:] for resid in residuals]
+    decoded = settings.translated(residuals if records else [resid[-1:] for resid in residuals])
     with torch.inference_mode():
         final_log_probs = torch.log_softmax(model_logits[-1], dim=-1)
         if last_log_probs is not None and not records:

@@ -124,7 +124,7 @@ def _legacy_norm_labels(model: Any, strategy: str) -> dict:
     else:
         alignment = "fallback_to_ln1"
     layer0 = {"arch": "using_real_ln1_on_embeddings", "final": "using_ln_final_on_embeddings",
-              "none": "no_normalization"}[strategy]
+              "none": "no_normalization", "tuned": "using_tuned_translator_then_ln_final"}[strategy]
     return {
         "first_block_ln1_type": _norm_class(ln1),
         "final_ln_type": _norm_class(getattr(model, "ln_final", None)),
@@ -153,10 +153,10 @@ def diagnostics(
         "type": "diagnostics",
         "model": model_id,
         "device": device,
-        "use_norm_lens": settings.norm_strategy != "none",
+        "use_norm_lens": settings.view != "none",
         "use_fp32_unembed": settings.fp32_unembed,
         "unembed_dtype": str(unembed_dtype),
-        **_legacy_norm_labels(model, settings.norm_strategy),
+        **_legacy_norm_labels(model, settings.view),
         "mixed_precision_fix": "casting_to_fp32_before_unembed",
         "layer0_position_info": ("additive_pos_embed_included" if has_pos_embed
                                  else "token_only_rotary_model"),
@@ -171,7 +171,7 @@ def diagnostics(
                       "entropy_fallback": settings.copy_entropy_fallback,
                       "entropy_fallback_threshold_bits": ENTROPY_COLLAPSE_BITS,
                       "match": "id_in_prompt_set"},
-        "norm_strategy": {"name": settings.norm_strategy,
+        "norm_strategy": {"name": settings.view,
                           "architecture": detect_model_architecture(model),
                           "per_layer": result.norm_per_layer, "warnings": result.warnings},
         "gold_alignment": {key: gold[key] for key in

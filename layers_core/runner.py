@@ -137,7 +137,7 @@ def _gate(config: ExperimentConfig, consistency: dict) -> None:
 
 def _lens_line(config: ExperimentConfig, result: Any) -> str:
     diag = result.diagnostics
-    return (f"  lens     {result.timing['lens_s']:6.2f} s  norm={config.norm_strategy}; "
+    return (f"  lens     {result.timing['lens_s']:6.2f} s  {result.settings.view} lens; "
             f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
             f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
             f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
@@ -150,7 +150,8 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     from layers_core.api import sweep
 
     result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
-                        control=_control(config), settings=_sweep_settings(config))
+                        lens=config.lens, lens_path=config.lens_path, control=_control(config),
+                        settings=_sweep_settings(config))
     stages.run("lens", _gate, config, result.analysis.consistency)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
@@ -180,7 +181,8 @@ def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
     with open(config.prompts_file, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
     return {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype),
-            "norm": config.norm_strategy, "copy_threshold": config.copy_threshold,
+            "norm": config.norm_strategy, "lens": config.lens, "lens_path": config.lens_path,
+            "copy_threshold": config.copy_threshold,
             "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
             "records": config.records, "shard": config.shard, "prompts_sha256": digest}
 
@@ -208,8 +210,9 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
                 store.record(outcomes)
             bar.update(len(outcomes))
 
-        result = stages.run("lens", sweep_set, lm, chosen, norm=config.norm_strategy,
-                            settings=_sweep_settings(config), batch_size=config.batch_size,
+        result = stages.run("lens", sweep_set, lm, chosen, norm=config.norm_strategy, lens=config.lens,
+                            lens_path=config.lens_path, settings=_sweep_settings(config),
+                            batch_size=config.batch_size,
                             records=config.records, indices=indices, done=done, on_batch=on_batch,
                             source_path=os.path.abspath(config.prompts_file), shard=config.shard)
     result.total = len(items)

@@ -1,0 +1,158 @@
+"""The tuned lens: the closed-form solver, the library's file format, fit_lens.py, --lens tuned."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import run
+import torch
+
+import layers_core as lc
+from layers_core.tuned_lens import (
+    NormalEquations,
+    TunedLens,
+    read_corpus,
+    solve_translators,
+    split_heldout,
+    token_chunks,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPT = "The capital of Germany is called simply"
+TUNED_LENS_CONFIG_FIELDS = ["base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
+                            "base_model_revision", "unembed_hash", "lens_type"]
+
+
+def test_solver_recovers_a_known_affine_map():
+    """Y = X A + b (+ tiny noise) in the residual parametrisation h_L = h + h W.T + b."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 8, 4000
+    a_true = torch.randn(d, d, generator=gen) * 0.3
+    b_true = torch.randn(d, generator=gen)
+    train, held = NormalEquations(1, d), NormalEquations(1, d)
+    for stats in (train, held):
+        x = torch.randn(n, d, generator=gen) * 2 + 1
+        final = x + x @ a_true + b_true + 1e-3 * torch.randn(n, d, generator=gen)
+        stats.add(torch.stack([x, final]))
+    weights, biases, ridges = solve_translators(train, held)
+    torch.testing.assert_close(weights[0], a_true.T, atol=2e-3, rtol=0)
+    torch.testing.assert_close(biases[0], b_true, atol=2e-3, rtol=0)
+    assert ridges[0] <= 1e-3  # almost no noise: the smallest ridges win on held-out error
+
+
+def test_ridge_is_chosen_on_held_out_error():
+    """Noise much larger than the signal: the held-out split picks a strong ridge."""
+    gen = torch.Generator().manual_seed(1)
+    d = 16
+    train, held = NormalEquations(1, d), NormalEquations(1, d)
+    for stats, n in ((train, 40), (held, 2000)):
+        x = torch.randn(n, d, generator=gen)
+        stats.add(torch.stack([x, x + 5 * torch.randn(n, d, generator=gen)]))
+    _, _, ridges = solve_translators(train, held)
+    assert ridges[0] >= 1e-2
+
+
+def test_save_uses_the_tuned_lens_library_layout(tmp_path):
+    lens = TunedLens(torch.randn(3, 4, 4), torch.randn(3, 4), "some/model")
+    lens.save(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert list(config) == TUNED_LENS_CONFIG_FIELDS
+    assert (config["d_model"], config["num_hidden_layers"], config["lens_type"]) == (4, 3, "linear_tuned_lens")
+    state = torch.load(tmp_path / "params.pt", weights_only=True)
+    assert sorted(state) == sorted(f"{i}.{p}" for i in range(3) for p in ("weight", "bias"))
+    loaded = TunedLens.load(str(tmp_path))
+    torch.testing.assert_close(loaded.weights, lens.weights, rtol=0, atol=0)
+    h = torch.randn(2, 4)
+    torch.testing.assert_close(loaded.translate(h, 1), h + h @ lens.weights[1].T + lens.biases[1])
+    assert loaded.translate(h, 3) is h  # the last layer needs no translator
+
+
+def test_corpus_chunks_are_deterministic_with_a_held_out_split(load_bridge, tmp_path):
+    tokenizer = load_bridge("llama").tokenizer
+    texts = list(read_corpus([str(_corpus(tmp_path))]))
+    first = token_chunks(tokenizer, texts, 32, 1024)
+    assert first == token_chunks(tokenizer, texts, 32, 1024)
+    assert all(len(chunk) == 32 and chunk[0] == tokenizer.bos_token_id for chunk in first)
+    train, held = split_heldout(first)
+    assert len(held) == len(first) // 8 and not set(map(tuple, held)) & set(map(tuple, train))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object with a 'text' string"):
+        list(read_corpus([str(bad)]))
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    from pydoc_data.topics import topics
+
+    path.write_text("\n\n".join(topics[key] for key in sorted(topics)[:40]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted_lens(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lens")
+    out = root / "lens"
+    done = subprocess.run([sys.executable, os.path.join(HERE, "fit_lens.py"), tiny_dirs["llama"], "--device",
+                           "cpu", "--corpus", str(_corpus(root)), "--tokens", "4096", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+def test_fit_lens_writes_the_lens_and_its_evaluation(fitted_lens, load_bridge):
+    names = sorted(os.listdir(fitted_lens))
+    assert names == ["config.json", "eval.json", "eval.png", "params.pt"]
+    report = json.loads((fitted_lens / "eval.json").read_text())
+    n = load_bridge("llama").cfg.n_layers
+    assert [row["layer"] for row in report["layers"]] == list(range(n))
+    assert set(report["tokens"]) >= {"train", "heldout"} and report["tokens"]["train"] >= 4096
+    for row in report["layers"]:
+        for kind in ("logit", "tuned"):
+            assert set(row[kind]) == {"kl_bits", "kl_bpb", "ce_bits", "top1_agree"}
+            assert row[kind]["kl_bits"] >= 0 and 0 <= row[kind]["top1_agree"] <= 1
+    mean = {kind: sum(r[kind]["kl_bits"] for r in report["layers"]) / n for kind in ("logit", "tuned")}
+    assert mean["tuned"] < mean["logit"]
+
+
+def test_a_zero_tuned_lens_is_the_final_logit_lens(load_bridge):
+    bridge = load_bridge("gpt2")
+    lens_model = lc.load(bridge)
+    d, n = int(bridge.cfg.d_model), int(bridge.cfg.n_layers)
+    zero = TunedLens(torch.zeros(n, d, d), torch.zeros(n, d))
+    tuned = lc.sweep(lens_model, PROMPT, "Berlin", lens=zero, control=False)
+    final = lc.sweep(lens_model, PROMPT, "Berlin", norm="final", control=False)
+    pd.testing.assert_frame_equal(tuned.pure, final.pure)
+    assert tuned.diagnostics["norm_strategy"]["name"] == "tuned"
+    assert tuned.analysis.comparison.strategy == "arch"  # the logit lens under --norm beside it
+
+
+def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(fitted_lens),
+                     "--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    document = json.loads((tmp_path / "output-llama.json").read_text())
+    check = document["diagnostics"]["last_layer_consistency"]
+    assert check["passed"] is True and check["kl_bits"] <= 1e-6
+    assert document["diagnostics"]["norm_strategy"]["name"] == "tuned"
+    assert (tmp_path / "output-llama-pure-next-token-arch.csv").exists()  # the logit lens, --norm arch
+    tuned = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv")
+    logit = pd.read_csv(tmp_path / "output-llama-pure-next-token-arch.csv")
+    assert tuned["kl_to_final_bits"].iloc[-1] == pytest.approx(logit["kl_to_final_bits"].iloc[-1], abs=1e-6)
+    assert (tuned["entropy"].iloc[:-1] - logit["entropy"].iloc[:-1]).abs().max() > 1e-3
+
+
+def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        run.main(["--lens-path", str(tmp_path)])
+    assert info.value.code == 2 and "--lens-path goes with --lens tuned" in capsys.readouterr().err
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
+                     "--out_dir", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no tuned lens in" in err and "fit_lens.py" in err and err.count("\n") == 1
+    wrong = TunedLens(torch.zeros(2, 8, 8), torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="the model has 3 layers of width 64"):
+        lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), PROMPT, "Berlin", lens=wrong)
