@@ -108,15 +108,16 @@ def test_gold_on_the_bundled_tokenizer(bundled_bridge):
     assert (gold["variant"], gold["first_id"], gold["answer_ids"]) == ("with_space", 11452, [11452])
 
 
-def _pure(layer, copy=False, strict=False, ent=False, ans=False, rank=None, kl=None):
+def _pure(layer, copy=False, strict=False, ent=False, ans=False, rank=None, kl=None, prompt=None):
     return {"layer": layer, "copy_collapse": copy, "copy_strict": strict, "entropy_collapse": ent,
-            "is_answer": ans, "answer_rank": rank, "kl_to_final_bits": kl}
+            "is_answer": ans, "answer_rank": rank, "kl_to_final_bits": kl,
+            "copy_collapse_prompt": copy if prompt is None else prompt}
 
 
 def test_summary_with_negative_delta_and_nulls():
     rows = [_pure(0), _pure(1, ans=True, rank=1), _pure(2, copy=True, ent=True), _pure(3)]
     assert summarize_collapse(rows) == {"L_copy": 2, "L_copy_strict": None, "L_copy_H": 2,
-                                        "L_semantic": 1, "delta_layers": -1}
+                                        "L_semantic": 1, "delta_layers": -1, "L_copy_prompt": 2}
     empty = summarize_collapse([_pure(0), _pure(1)])
     assert empty["L_copy"] is None and empty["delta_layers"] is None
 
@@ -129,3 +130,34 @@ def test_milestones_first_layers_and_nulls():
                                         "first_kl_below_1.0": 1}
     unresolved = compute_milestones([_pure(0, kl=2.0)])
     assert unresolved["first_rank_le_1"] is None and unresolved["first_kl_below_0.5"] is None
+
+
+def test_tied_embeddings_exclude_layer_0_from_copy_collapse():
+    """With tied embeddings layer 0 decodes to the input token itself: not a copy by the model."""
+    rows = [_pure(0, copy=True, strict=True), _pure(1), _pure(2, copy=True, strict=True), _pure(3, ans=True)]
+    assert summarize_collapse(rows)["L_copy"] == 0
+    tied = summarize_collapse(rows, skip_layer0_copy=True)
+    assert (tied["L_copy"], tied["L_copy_strict"], tied["L_copy_prompt"], tied["delta_layers"]) == (2, 2, 2, 1)
+
+
+def test_copy_collapse_prompt_requires_a_prompt_token():
+    """The seed's entropy fallback fires on any confident top-1; the _prompt variant does not."""
+    import torch
+
+    from layers_core.collapse_rules import copy_collapse_flags
+
+    top1 = torch.tensor([4, 9, 4])
+    p1, p2 = torch.tensor([0.95, 0.98, 0.5]), torch.tensor([0.01, 0.01, 0.4])
+    entropy = torch.tensor([0.3, 0.2, 3.0])
+    copy, strict, copy_prompt = copy_collapse_flags(top1, p1, p2, entropy, [4, 5])
+    assert copy.tolist() == [True, True, False]  # id 9 is not in the prompt: fallback only
+    assert strict.tolist() == [True, False, False]
+    assert copy_prompt.tolist() == [True, False, False]
+
+
+def test_ambiguous_first_pieces():
+    from layers_core.collapse_rules import ambiguous_first_pieces
+
+    golds = [{"first_id": 7, "answer_ids": [7, 8]}, {"first_id": 7, "answer_ids": [7]},
+             {"first_id": 9, "answer_ids": [9, 3]}, {"first_id": None, "answer_ids": []}]
+    assert ambiguous_first_pieces(golds) == [True, False, False, False]

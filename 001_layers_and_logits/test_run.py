@@ -28,7 +28,8 @@ DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "un
              "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
              "target_prediction", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
              "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
-             "last_layer_consistency", "depth_fractions"]
+             "last_layer_consistency", "L_copy_prompt", "tied_embeddings",
+             "copy_collapse_excludes_layer0", "depth_fractions"]
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
                    "python_version", "platform", "device", "dtype", "declared_dtype", "unembed_dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",
@@ -134,7 +135,7 @@ def test_family_outputs_schema_and_consistency(family_runs, load_bridge, family)
     n_tokens = doc["provenance"]["n_tokens"]
     assert records[0] == records_header() and pure[0] == pure_header()
     assert len(records) - 1 == (n + 1) * n_tokens and len(pure) - 1 == n + 1
-    assert all(len(row) == 45 for row in records) and all(len(row) == 53 for row in pure)
+    assert all(len(row) == 45 for row in records) and all(len(row) == 54 for row in pure)
     assert list(doc) == TOP_KEYS
     assert list(doc["diagnostics"]) == DIAG_KEYS
     assert list(doc["provenance"]) == PROVENANCE_KEYS
@@ -256,7 +257,7 @@ def test_nasty_prompt_round_trips_through_both_csvs(tiny_dirs, tmp_path):
     assert "".join(tokens).replace("<|bos|>", "") == prompt
     assert any('"' in t for t in tokens) and any("\n" in t for t in tokens)
     assert any("\\" in t for t in tokens) and any("," in t for t in tokens)
-    assert len(pd.read_csv(pure_path, dtype=str, keep_default_na=False).columns) == 53
+    assert len(pd.read_csv(pure_path, dtype=str, keep_default_na=False).columns) == 54
 
 
 # ---- managed directories and errors ----------------------------------------------------------

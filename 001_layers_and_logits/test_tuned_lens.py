@@ -156,3 +156,39 @@ def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
     wrong = TunedLens(torch.zeros(2, 8, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="the model has 3 layers of width 64"):
         lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), PROMPT, "Berlin", lens=wrong)
+
+
+# ---- fidelity fixes found beside the tuned lens -------------------------------------------------
+
+def test_tied_embeddings_no_longer_make_layer_0_a_copy(bundled_model_dir):
+    """The bundled model ties its embeddings: under the final lens layer 0 is the input token."""
+    result = lc.sweep(lc.load(device="cpu"), norm="final", control=False)
+    assert result.diagnostics["tied_embeddings"] is True
+    assert result.pure.loc[0, "copy_collapse"]  # the raw flag stays in the CSV
+    assert result.diagnostics["L_copy"] != 0 and result.diagnostics["copy_collapse_excludes_layer0"]
+
+
+def test_untied_models_keep_layer_0(load_bridge):
+    assert lc.sweep(lc.load(load_bridge("llama")), PROMPT, "Berlin").diagnostics["tied_embeddings"] is False
+
+
+def test_multi_token_answers_report_length_sequence_probability_and_ambiguity(load_bridge):
+    from transformers import AutoTokenizer  # noqa: F401  (the bridge's tokenizer is used)
+
+    bridge = load_bridge("llama")
+    lens_model = lc.load(bridge)
+    result = lc.sweep(lens_model, PROMPT, "Berlinqz", control=False)
+    gold = result.document["gold_answer"]
+    assert gold["n_tokens"] == len(gold["answer_ids"]) > 1
+    tokens = bridge.to_tokens(PROMPT)
+    full = torch.cat([tokens, torch.tensor([gold["answer_ids"]])], dim=1)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(bridge.original_model(full).logits[0].float(), -1)
+    start = tokens.shape[1] - 1
+    expected = sum(float(log_probs[start + k, token]) for k, token in enumerate(gold["answer_ids"]))
+    assert gold["p_sequence"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-4)
+    assert gold["p_sequence"] < result.pure["p_answer"].iloc[-1]  # the first piece alone is likelier
+    facts = [{"id": "a", "prompt": PROMPT, "answer": "Berlinqz"}, {"id": "b", "prompt": PROMPT, "answer": "Berlinxv"},
+             {"id": "c", "prompt": PROMPT, "answer": "Paris"}]
+    flags = [o["entry"]["gold_answer"]["first_piece_ambiguous"] for o in lc.sweep_set(lens_model, facts).outcomes]
+    assert flags == [True, True, False]

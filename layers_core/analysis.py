@@ -14,6 +14,7 @@ import torch
 from layers_core import report
 from layers_core.lens_checks import (
     LensComparison,
+    answer_sequence_probability,
     compare_lenses,
     control_margins,
     last_position_lens_log_probs,
@@ -92,8 +93,13 @@ def analyse_prompt(
         model, control[0], control[1], answer, ctx.unembed, settings)
     blocks = {
         "diagnostics": diagnostics,
-        "gold_answer": report.gold_answer_block(result.gold),
-        "lens_comparison": report.lens_comparison_block(result, comparison, settings.view),
+        "gold_answer": {**report.gold_answer_block(result.gold),
+                        "n_tokens": len(result.gold["answer_ids"]),
+                        "p_sequence": answer_sequence_probability(model, result.tokens, result.gold["answer_ids"],
+                                                                  result.model_logits[-1]),
+                        "first_piece_ambiguous": False},
+        "lens_comparison": report.lens_comparison_block(result, comparison, settings.view,
+                                                        diagnostics["tied_embeddings"]),
         "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.view, chosen_lp,
                                          views.get("raw")),
         "control_summary": None if margins is None else {

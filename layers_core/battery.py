@@ -20,6 +20,7 @@ import pandas as pd
 
 from layers_core import outputs, prompt_sets
 from layers_core.analysis import analyse_prompt
+from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.api import Sweep, _settings, _timed, _total
 from layers_core.document import prompt_entry, prompt_set_document, provenance
 from layers_core.lens_model import LensModel
@@ -194,9 +195,18 @@ def sweep_set(
         timing["lens_s"] += time.perf_counter() - started - forward_s
         if on_batch is not None:
             on_batch(finished, [sweeps[o["prompt_id"]] for o in finished])
-    ordered = [outcomes[index] for index in sorted(outcomes)]
+    ordered = _flag_ambiguous_answers([outcomes[index] for index in sorted(outcomes)])
     return SweepSet(lens_model, ordered, sweeps, settings, records, source_path, shard,
                     timing=timing)
+
+
+def _flag_ambiguous_answers(outcomes: list[dict]) -> list[dict]:
+    """Outcomes whose multi-token answer shares its first token with another answer of the set
+    get ``gold_answer.first_piece_ambiguous`` (new dicts; the inputs stay as they are)."""
+    flags = ambiguous_first_pieces([o["entry"]["gold_answer"] for o in outcomes])
+    return [o if flag == o["entry"]["gold_answer"]["first_piece_ambiguous"] else
+            {**o, "entry": {**o["entry"], "gold_answer": {**o["entry"]["gold_answer"], "first_piece_ambiguous": flag}}}
+            for o, flag in zip(outcomes, flags)]
 
 
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,

@@ -30,11 +30,13 @@ def copy_collapse_flags(
     copy_margin: float = COPY_MARGIN,
     use_entropy_fallback: bool = True,
     entropy_fallback_threshold: float = ENTROPY_COLLAPSE_BITS,
-) -> tuple[Tensor, Tensor]:
-    """Vectorised copy rule over rows ``[R]``; returns (copy_collapse, strict) bool tensors.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Vectorised copy rule over rows ``[R]``; returns (copy_collapse, strict, copy_collapse_prompt)
+    bool tensors.
 
     strict = top-1 ∈ prompt ids ∧ p1 > threshold ∧ p1 − p2 > margin;
-    copy_collapse = strict ∨ (fallback ∧ entropy < fallback threshold).
+    copy_collapse = strict ∨ (fallback ∧ entropy < fallback threshold) (the seed's rule: the
+    fallback fires whatever the top-1 is); copy_collapse_prompt = copy_collapse ∧ top-1 ∈ prompt ids.
     """
     import torch
 
@@ -43,8 +45,9 @@ def copy_collapse_flags(
     in_prompt = torch.isin(top1_ids, ids)
     strict = in_prompt & (p_top1 > copy_threshold) & ((p_top1 - p_top2) > copy_margin)
     if not use_entropy_fallback:
-        return strict, strict
-    return strict | (entropy_bits < entropy_fallback_threshold), strict
+        return strict, strict, strict
+    copy = strict | (entropy_bits < entropy_fallback_threshold)
+    return copy, strict, copy & in_prompt
 
 
 def detect_copy_collapse(
@@ -67,7 +70,7 @@ def detect_copy_collapse(
     top = torch.topk(probs, k=2)
     use_fallback = use_entropy_fallback and entropy_bits is not None
     entropy = torch.tensor([entropy_bits if use_fallback else float("inf")])
-    flag, _ = copy_collapse_flags(
+    flag, _, _ = copy_collapse_flags(
         top.indices[:1], top.values[:1], top.values[1:2], entropy, prompt_ids,
         copy_threshold, copy_margin, use_fallback, entropy_fallback_threshold,
     )
@@ -118,20 +121,24 @@ def _le(value: Any, bound: float) -> bool:
     return value is not None and value <= bound
 
 
-def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]]) -> dict:
+def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]], skip_layer0_copy: bool = False) -> dict:
     """First layers of each collapse over pure rows ordered by layer.
 
-    Rows carry ``layer``, ``copy_collapse``, ``copy_strict``, ``entropy_collapse``, ``is_answer``.
-    Returns ``L_copy``, ``L_copy_strict``, ``L_copy_H``, ``L_semantic`` and ``delta_layers``.
+    Rows carry ``layer``, ``copy_collapse``, ``copy_strict``, ``copy_collapse_prompt``,
+    ``entropy_collapse``, ``is_answer``. Returns ``L_copy``, ``L_copy_strict``, ``L_copy_H``,
+    ``L_semantic``, ``delta_layers`` and ``L_copy_prompt``. With ``skip_layer0_copy`` (tied
+    embeddings: layer 0 decodes to the input token itself) the copy indices start at layer 1.
     """
-    l_copy = _first_layer(pure_rows, lambda r: bool(r["copy_collapse"]))
+    copy_rows = [r for r in pure_rows if not (skip_layer0_copy and int(r["layer"]) == 0)]
+    l_copy = _first_layer(copy_rows, lambda r: bool(r["copy_collapse"]))
     l_semantic = _first_layer(pure_rows, lambda r: bool(r["is_answer"]))
     return {
         "L_copy": l_copy,
-        "L_copy_strict": _first_layer(pure_rows, lambda r: bool(r.get("copy_strict"))),
+        "L_copy_strict": _first_layer(copy_rows, lambda r: bool(r.get("copy_strict"))),
         "L_copy_H": _first_layer(pure_rows, lambda r: bool(r["entropy_collapse"])),
         "L_semantic": l_semantic,
         "delta_layers": None if l_copy is None or l_semantic is None else l_semantic - l_copy,
+        "L_copy_prompt": _first_layer(copy_rows, lambda r: bool(r.get("copy_collapse_prompt"))),
     }
 
 
@@ -145,3 +152,13 @@ def compute_milestones(pure_rows: Sequence[Mapping[str, Any]]) -> dict:
         milestones[f"first_kl_below_{bound}"] = _first_layer(
             pure_rows, lambda r, b=bound: _le(r.get("kl_to_final_bits"), b))
     return milestones
+
+
+def ambiguous_first_pieces(golds: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """For each gold answer of a set: it has several tokens and another answer starts with the
+    same first token id, so a first-piece rank of 1 cannot tell the two apart."""
+    counts: dict[int, int] = {}
+    for gold in golds:
+        if gold.get("first_id") is not None:
+            counts[gold["first_id"]] = counts.get(gold["first_id"], 0) + 1
+    return [len(gold.get("answer_ids") or ()) > 1 and counts.get(gold.get("first_id"), 0) > 1 for gold in golds]

@@ -186,3 +186,20 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
             "per_layer": [{"layer": layer, "control_margin": m} for layer, m in enumerate(margins)],
             "first_control_margin_pos": positive[0] if positive else None,
             "max_control_margin": max(margins)}
+
+
+def answer_sequence_probability(model: Any, tokens: Tensor, answer_ids: list[int], model_last_logits: Tensor) -> float | None:
+    """The model's teacher-forced probability of the whole answer after the prompt ``[1, T]``:
+    Π_k p(answer_k | prompt, answer_<k) at the final layer (one extra forward for answers of
+    several tokens; None for an unresolved answer)."""
+    if not answer_ids:
+        return None
+    first = float(torch.log_softmax(model_last_logits.float(), dim=-1)[answer_ids[0]])
+    if len(answer_ids) == 1:
+        return float(torch.tensor(first).exp())
+    follow = torch.tensor([answer_ids[:-1]], dtype=tokens.dtype, device=tokens.device)
+    with torch.inference_mode():
+        logits = model(torch.cat([tokens, follow], dim=1))[0, tokens.shape[1] :].float()
+    rest = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(answer_ids[1:], device=logits.device)
+                                                     .unsqueeze(-1)).sum()
+    return float((first + rest.cpu()).exp())

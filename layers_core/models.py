@@ -343,3 +343,15 @@ def load_model_with_report(
         device_map = {"": "cuda:0" if device == "cuda" else device}
     hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir)
     return bridge_for(hf_model, source_path(source, cache_dir), dtype), report
+
+
+def tied_embeddings(bridge: Any) -> bool:
+    """Whether the unembedding is the embedding matrix (tied): then layer 0 decoded through any
+    norm predicts the current input token itself."""
+    hf_model = getattr(bridge, "original_model", bridge)
+    config = getattr(hf_model, "config", None)
+    if getattr(config, "tie_word_embeddings", None) is False:
+        return False
+    embedding, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+    return bool(embedding is not None and head is not None
+                and embedding.weight.data_ptr() == head.weight.data_ptr())

@@ -208,7 +208,7 @@ def build_pure_rows(
     last = stats.entropy_bits.shape[1] - 1
     entropy = stats.entropy_bits[:, last]
     ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
-    copy, strict = copy_collapse_flags(
+    copy, strict, copy_prompt = copy_collapse_flags(
         ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids, settings.copy_threshold,
         settings.copy_margin, settings.copy_entropy_fallback, ENTROPY_COLLAPSE_BITS)
     resolved = gold["first_id"] is not None
@@ -223,6 +223,7 @@ def build_pure_rows(
         rank = ranks[layer]
         is_answer = rank == 1 if resolved else is_semantic_top1(vocab[top_ids[0]], gold["string"])
         row.update(copy_collapse=bool(copy[layer]), copy_strict=bool(strict[layer]),
+                   copy_collapse_prompt=bool(copy_prompt[layer]),
                    entropy_collapse=h <= ENTROPY_COLLAPSE_BITS, is_answer=is_answer,
                    p_top1=top_p[0], p_top5=sum(top_p[:TOP_K_RECORD]), p_answer=p_answer[layer],
                    answer_rank=rank, kl_to_final_bits=kl)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones, summarize_collapse
+from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
 from layers_core.prompts import (
@@ -147,7 +148,8 @@ def diagnostics(
     transform_record: dict,
 ) -> dict:
     """The legacy diagnostics keys in order, then the new ones."""
-    summary = summarize_collapse(result.pure_rows)
+    tied = tied_embeddings(model)
+    summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied)
     gold = result.gold
     document = {
         "type": "diagnostics",
@@ -178,11 +180,14 @@ def diagnostics(
                            ("ok", "status", "variant", "first_id", "answer_ids", "pieces")},
         "milestones": compute_milestones(result.pure_rows),
         "last_layer_consistency": {**consistency, "post_unembed_transform": transform_record},
+        "L_copy_prompt": summary["L_copy_prompt"],
+        "tied_embeddings": tied,
+        "copy_collapse_excludes_layer0": tied,
     }
     return document
 
 
-def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str) -> dict:
+def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, skip_layer0_copy: bool) -> dict:
     """The chosen lens vs the other standard view at the last position of every layer."""
     return {
         "chosen": chosen,
@@ -192,8 +197,8 @@ def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str) -> 
                                     / max(1, len(comparison.per_layer))),
         "milestones": {chosen: compute_milestones(result.pure_rows),
                        comparison.strategy: compute_milestones(comparison.pure_rows)},
-        "summary": {chosen: summarize_collapse(result.pure_rows),
-                    comparison.strategy: summarize_collapse(comparison.pure_rows)},
+        "summary": {chosen: summarize_collapse(result.pure_rows, skip_layer0_copy),
+                    comparison.strategy: summarize_collapse(comparison.pure_rows, skip_layer0_copy)},
     }
 
 
