@@ -184,8 +184,8 @@ def bench_model(name: str, path: str, runs: int) -> dict:
     import torch
 
     from layers_core.models import load_model, resolve_model_source
-    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
     from layers_core.pipeline import TokenDecoder, run_sweep
+    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, norms = _sweep_setup(model)

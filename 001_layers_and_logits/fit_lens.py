@@ -11,7 +11,6 @@ printed is DIR. Exit 0 on success, 1 on failure, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

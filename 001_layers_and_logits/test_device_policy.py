@@ -23,7 +23,6 @@ from layers_core.models import (
     resolve_model_source,
 )
 
-
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 

@@ -7,7 +7,6 @@ numbers it yields alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -21,8 +20,8 @@ from layers_core.lens_checks import (
     last_position_views,
     raw_lens_check,
 )
-from layers_core.numerics import get_post_unembed_transform
 from layers_core.lens_model import LensModel
+from layers_core.numerics import get_post_unembed_transform
 from layers_core.pipeline import (
     Forwarded,
     SweepResult,

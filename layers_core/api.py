@@ -101,7 +101,7 @@ class Sweep:
         body = single_prompt_document(self.lens_model, self.analysis, self.prompt, self.answer,
                                       self.test_prompts, provenance(self.lens_model, self.analysis,
                                                                     self.started_at))
-        return with_timing(body, self.timing, _total(self))
+        return with_timing(body, self.timing, total_seconds(self))
 
     def title(self) -> str:
         """Model name, lens and prompt, for pictures."""
@@ -136,29 +136,30 @@ class Sweep:
         os.makedirs(directory, exist_ok=True)
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
         if plots and worker is None:
-            with _timed(self.timing, "plots_s"):
+            with timed(self.timing, "plots_s"):
                 self.draw_pictures(directory, name)
         document = self.document  # the test prompts' forward counts before the writes
-        with _timed(self.timing, "write_s"):
+        with timed(self.timing, "write_s"):
             outputs.write_tables(paths, [("", self.analysis)], paths["name"])
             if keep_residuals:
                 outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
         if worker is not None:
-            with _timed(self.timing, "plots_s"):  # only the wait the pictures add to the run
+            with timed(self.timing, "plots_s"):  # only the wait the pictures add to the run
                 worker.wait()
-        with _timed(self.timing, "write_s"):
-            outputs.write_json(paths["json"], with_timing(document, self.timing, _total(self)))
+        with timed(self.timing, "write_s"):
+            outputs.write_json(paths["json"], with_timing(document, self.timing, total_seconds(self)))
         return paths
 
 
-def _total(result: Sweep | SweepSet) -> float:
-    """Seconds since ``clock_start`` (a ``perf_counter`` value) if set, else the stages' sum."""
+def total_seconds(result: Any) -> float:
+    """A ``Sweep``'s or ``SweepSet``'s seconds since ``clock_start`` (a ``perf_counter`` value) if
+    set, else the sum of its stages."""
     if result.clock_start is not None:
         return time.perf_counter() - result.clock_start
     return sum(result.timing.values())
 
 
-class _timed:
+class timed:  # noqa: N801 - used as a context manager, like contextlib's lower-case helpers
     """Adds the seconds spent inside the block to ``timing[key]``."""
 
     def __init__(self, timing: dict, key: str):
@@ -171,7 +172,7 @@ class _timed:
         self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
 
 
-def _settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
+def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
               lens_path: str | None = None) -> SweepSettings:
     """The sweep's settings; ``lens`` is ``logit``, ``tuned`` (read from ``lens_path``, default
     the model's lens cache) or a ``TunedLens``."""
@@ -215,7 +216,7 @@ def sweep(
             or a ``(control_prompt, control_answer)`` pair.
         settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).
     """
-    settings = _settings(lens_model, norm, lens, settings, lens_path)
+    settings = resolve_settings(lens_model, norm, lens, settings, lens_path)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
     analysis = analyse_prompt(lens_model, settings, prompt, answer, default_control(prompt, control))

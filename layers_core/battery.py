@@ -20,8 +20,8 @@ import pandas as pd
 
 from layers_core import outputs, prompt_sets
 from layers_core.analysis import analyse_prompt
+from layers_core.api import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import ambiguous_first_pieces
-from layers_core.api import Sweep, _settings, _timed, _total
 from layers_core.document import prompt_entry, prompt_set_document, provenance
 from layers_core.lens_model import LensModel
 from layers_core.pipeline import SweepSettings, forward_batch
@@ -97,7 +97,7 @@ class SweepSet:
         body["prompt_set"].update(total=self.total or len(self.outcomes), shard=self.shard,
                                   indices=[o["index"] for o in self.outcomes], records=self.records,
                                   settings=settings_record(self.settings))
-        return with_timing(body, self.timing, _total(self))
+        return with_timing(body, self.timing, total_seconds(self))
 
     def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
         """Writes run.py's prompt-set files into ``directory``; returns their paths."""
@@ -105,16 +105,16 @@ class SweepSet:
 
         os.makedirs(directory, exist_ok=True)
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
-        with _timed(self.timing, "write_s"):
+        with timed(self.timing, "write_s"):
             outputs.write_set_tables(paths, self.outcomes, self.records)
             outputs.write_summary(paths, self.summary_rows)
         if plots:
             title = (f"{self.lens_model.source.clean_name} — {self.settings.view} lens — "
                      f"{len(self.outcomes)} prompts")
-            with _timed(self.timing, "plots_s"):
+            with timed(self.timing, "plots_s"):
                 outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title)
         document = self.document
-        with _timed(self.timing, "write_s"):
+        with timed(self.timing, "write_s"):
             outputs.write_json(paths["json"], document)
         return paths
 
@@ -167,7 +167,7 @@ def sweep_set(
         done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
         on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
     """
-    settings = _settings(lens_model, norm, lens, settings, lens_path)
+    settings = resolve_settings(lens_model, norm, lens, settings, lens_path)
     parsed = _items(items)
     indices = list(range(len(parsed))) if indices is None else list(indices)
     outcomes = dict(done or {})

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from layers_core import footprint
+from layers_core import footprint, numerics
 from layers_core.device_policy import (
     bf16_supported,
     choose_dtype,
@@ -34,7 +34,6 @@ from layers_core.models import (
     resolve_model_source,
     source_path,
 )
-from layers_core import numerics
 from layers_core.pipeline import TokenDecoder, UnembedPath
 
 

@@ -17,6 +17,7 @@ from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones
 from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
+from layers_core.pipeline import SweepResult, SweepSettings, TokenDecoder
 from layers_core.prompts import (
     FINAL_PREDICTION_TOP_K,
     TARGET_PREDICTION,
@@ -25,7 +26,6 @@ from layers_core.prompts import (
     TEST_PROMPT_TOP_K,
     TEST_PROMPTS,
 )
-from layers_core.pipeline import SweepResult, SweepSettings, TokenDecoder
 
 SEED = 316
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"

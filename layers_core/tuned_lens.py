@@ -169,7 +169,6 @@ def stdlib_documentation() -> Iterator[str]:
     then long docstrings of a fixed list of standard-library modules (in a fixed order)."""
     import importlib
     import inspect
-
     from pydoc_data.topics import topics
 
     for key in sorted(topics):
