@@ -3,7 +3,8 @@
 ``<out_dir>/.progress-<name>/`` holds ``settings.json`` (what the results depend on) and
 ``batch-<first index>.json`` files, each written atomically: a killed run (even SIGKILL) loses at
 most the batch in flight and never leaves a truncated row. ``--resume`` reads them back; a run
-without it starts the store afresh. Stale-staging sweeps never touch it (it is no staging dir).
+without it starts the store afresh; a set that completes removes it (its results are then in the
+output files). Stale-staging sweeps never touch it (it is no staging dir).
 """
 
 from __future__ import annotations
@@ -69,3 +70,7 @@ class ProgressStore:
         first = min(int(o["index"]) for o in outcomes)
         path = os.path.join(self.directory, f"{BATCH_PREFIX}{first:07d}.json")
         atomic_write(path, json.dumps(list(outcomes), ensure_ascii=False))
+
+    def finish(self) -> None:
+        """Removes the checkpoints once the set's outputs are published."""
+        shutil.rmtree(self.directory, ignore_errors=True)

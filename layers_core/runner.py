@@ -219,6 +219,8 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
     stages.run("write", result.save, directory, name=name, plots=config.plots)
+    if store is not None:
+        store.finish()  # the outputs are written (staged); a later --resume has nothing to skip
     say(config, f"  forward  {result.timing['forward_s']:6.2f} s, lens {result.timing['lens_s']:6.2f} s, "
                 f"{len(chosen)} prompts")
     return result.document
