@@ -273,14 +273,13 @@ def forward_prompt(model: Any, prompt: str, device: Any = None) -> Forwarded:
     return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started)
 
 
-def forward_batch(model: Any, prompts: Sequence[str], device: Any = None) -> list[Forwarded]:
-    """Several prompts in one right-padded forward pass; each prompt's residuals are cut to its
-    own length and its logits read at its own last real position (never at a pad).
+def right_padded_batch(model: Any, prompts: Sequence[str]) -> tuple[list[Tensor], Tensor, Tensor]:
+    """(each prompt's tokens, the right-padded batch ``[B, T_max]``, lengths ``[B]``).
 
-    Under causal attention a real token never attends to the padding after it and positions
-    are unchanged, so each prompt gets its single-prompt numbers up to float32 reordering.
+    Under causal attention a real token never attends to the padding after it and positions are
+    unchanged, so each prompt's real positions get its single-prompt numbers (up to float32
+    reordering); read each prompt at its own last real position, never at a pad.
     """
-    started = time.perf_counter()
     rows = [model.to_tokens(prompt)[0] for prompt in prompts]
     lengths = torch.tensor([len(row) for row in rows])
     pad_id = model.tokenizer.pad_token_id
@@ -288,12 +287,26 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None) -> lis
                        dtype=rows[0].dtype, device=rows[0].device)
     for index, row in enumerate(rows):
         batch[index, : len(row)] = row
-    last_positions = torch.unique(lengths - 1)  # sorted; the head runs only at these positions
+    return rows, batch, lengths
+
+
+def last_position_logits(model: Any, batch: Tensor, lengths: Tensor) -> Tensor:
+    """The model's logits ``[B, V]`` at each row's last real position; the head runs only at the
+    distinct last positions (``logits_to_keep``)."""
+    last_positions = torch.unique(lengths - 1)  # sorted
+    logits = model(batch, logits_to_keep=last_positions.to(batch.device))
+    column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
+    return logits[torch.arange(len(lengths), device=logits.device), column]
+
+
+def forward_batch(model: Any, prompts: Sequence[str], device: Any = None) -> list[Forwarded]:
+    """Several prompts in one right-padded forward pass (``right_padded_batch``); each prompt's
+    residuals are cut to its own length and its logits read at its own last real position."""
+    started = time.perf_counter()
+    rows, batch, lengths = right_padded_batch(model, prompts)
     names = residual_hook_names(int(model.cfg.n_layers))
     with torch.inference_mode(), residual_cache(model, device) as (cache, _):
-        logits = model(batch, logits_to_keep=last_positions.to(batch.device))
-    column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
-    last = logits[torch.arange(len(rows), device=logits.device), column].to(device=device, dtype=torch.float32)
+        last = last_position_logits(model, batch, lengths).to(device=device, dtype=torch.float32)
     layers = [cache.pop(name) for name in names]
     share = (time.perf_counter() - started) / len(rows)
     forwarded = []

@@ -17,7 +17,13 @@ from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones
 from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
-from layers_core.pipeline import SweepResult, SweepSettings, TokenDecoder
+from layers_core.pipeline import (
+    SweepResult,
+    SweepSettings,
+    TokenDecoder,
+    last_position_logits,
+    right_padded_batch,
+)
 from layers_core.prompts import (
     FINAL_PREDICTION_TOP_K,
     TARGET_PREDICTION,
@@ -55,25 +61,11 @@ def topk_entry(log_probs: Tensor, k: int, decoder: TokenDecoder) -> tuple[float,
 
 
 def last_position_log_probs(model: Any, prompts: Sequence[str]) -> Tensor:
-    """Float32 log-probs ``[N, V]`` at each prompt's last token, from one right-padded forward.
-
-    Under causal masking a real token never attends to the padding after it, and positions are
-    unchanged, so each row equals that prompt's single-prompt forward.
-    """
-    rows = [model.to_tokens(prompt)[0] for prompt in prompts]
-    lengths = torch.tensor([len(row) for row in rows])
-    pad_id = model.tokenizer.pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    batch = torch.full((len(rows), int(lengths.max())), pad_id, dtype=rows[0].dtype,
-                       device=rows[0].device)
-    for index, row in enumerate(rows):
-        batch[index, : len(row)] = row
-    last_positions = torch.unique(lengths - 1)  # sorted; the head runs only at these positions
+    """Float32 log-probs ``[N, V]`` at each prompt's last token, from one right-padded forward
+    (each row equals that prompt's single-prompt forward)."""
+    _, batch, lengths = right_padded_batch(model, prompts)
     with torch.inference_mode():
-        logits = model(batch, logits_to_keep=last_positions.to(batch.device))
-    column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
-    last = logits[torch.arange(len(rows), device=logits.device), column].float()
-    return torch.log_softmax(last, dim=-1)
+        return torch.log_softmax(last_position_logits(model, batch, lengths).float(), dim=-1)
 
 
 def test_prompt_entries(model: Any, decoder: TokenDecoder) -> list[dict]:
