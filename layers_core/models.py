@@ -314,20 +314,14 @@ def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = No
     return bridge.eval()
 
 
-def load_model(
-    source: ModelSource,
-    device: str,
-    dtype: Any,
-    cache_dir: str | None = None,
-    device_map: Any = None,
-    max_memory: dict | None = None,
-) -> Any:
+def load_model(source: ModelSource, device: str, dtype: Any, cache_dir: str | None = None, **placement: Any) -> Any:
     """Loads a ``TransformerBridge`` with raw HF weights (no folding, no centring), in eval mode.
 
-    ``device_map`` None places the whole model on ``device``. Failures raise ``ModelLoadError``
-    with a one-line reason; never silently reloads on another device.
+    ``placement``: ``device_map``/``max_memory`` (see ``load_model_with_report``); by default the
+    whole model goes to ``device``. Failures raise ``ModelLoadError`` with a one-line reason;
+    never silently reloads on another device.
     """
-    return load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory)[0]
+    return load_model_with_report(source, device, dtype, cache_dir, **placement)[0]
 
 
 def load_model_with_report(
