@@ -140,7 +140,7 @@ class Sweep:
                 self.draw_pictures(directory, name)
         document = self.document  # the test prompts' forward counts before the writes
         with timed(self.timing, "write_s"):
-            outputs.write_tables(paths, [("", self.analysis)], paths["name"])
+            outputs.write_prompt_tables(paths, self.analysis)
             if keep_residuals:
                 outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
         if worker is not None:

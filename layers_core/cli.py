@@ -6,7 +6,6 @@ Every usage error is found here, before any model work: one line on stderr, exit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -274,8 +273,3 @@ def parse_max_memory(text: str) -> dict[int, str]:
     if not budget:
         raise ValueError("--max-memory: expected GPU=SIZE entries, e.g. 0=70GiB,1=70GiB")
     return budget
-
-
-def replace_config(config: ExperimentConfig, **changes: object) -> ExperimentConfig:
-    """A copy of ``config`` with ``changes`` (the only way a config varies)."""
-    return dataclasses.replace(config, **changes)

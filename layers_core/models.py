@@ -210,14 +210,6 @@ def peek_config(source: ModelSource, cache_dir: str | None = None) -> Any:
         raise ModelLoadError(f"cannot load {source.model_id}: {_first_line(error)}") from error
 
 
-def peek_model_type(source: ModelSource) -> str | None:
-    """The HF ``model_type`` from the config alone (no weights), or None if it cannot be read."""
-    try:
-        return getattr(peek_config(source), "model_type", None)
-    except ModelLoadError:
-        return None
-
-
 def check_causal_lm(config: Any, name: str) -> None:
     """Refuses encoder-only and encoder-decoder checkpoints before any weight is read."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

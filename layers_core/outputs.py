@@ -14,28 +14,17 @@ from layers_core.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
 from layers_core.report import to_strict_json
 from layers_core.run_dir import atomic_write, comparison_csv_path, residual_path
 
-Analyses = Sequence[tuple[str, Any]]  # (prompt_id, PromptAnalysis); prompt_id "" for a single run
-
 
 def write_json(path: str, document: Mapping[str, Any]) -> None:
     """Strict JSON (non-finite numbers → null), atomically."""
     atomic_write(path, to_strict_json(dict(document)) + "\n")
 
 
-def _tagged(rows: Sequence[dict], prompt_id: str) -> Sequence[dict]:
-    return rows if not prompt_id else [{PROMPT_ID_COLUMN: prompt_id, **row} for row in rows]
-
-
-def write_tables(paths: Mapping[str, str], analyses: Analyses, clean_name: str) -> None:
-    """Records, pure and comparison-lens CSVs; rows of a prompt set lead with ``prompt_id``."""
-    leading = [PROMPT_ID_COLUMN] if any(pid for pid, _ in analyses) else []
-    records = [row for pid, a in analyses for row in _tagged(a.result.records, pid)]
-    pure = [row for pid, a in analyses for row in _tagged(a.result.pure_rows, pid)]
-    other = [row for pid, a in analyses for row in _tagged(a.comparison.pure_rows, pid)]
-    write_csv_files(records, pure, paths["records"], paths["pure"], leading_columns=leading)
-    strategy = analyses[0][1].comparison.strategy
-    write_pure_csv(other, comparison_csv_path(paths["dir"], clean_name, strategy),
-                   leading_columns=leading)
+def write_prompt_tables(paths: Mapping[str, str], analysis: Any) -> None:
+    """One prompt's records, pure and comparison-lens CSVs."""
+    write_csv_files(analysis.result.records, analysis.result.pure_rows, paths["records"], paths["pure"])
+    write_pure_csv(analysis.comparison.pure_rows,
+                   comparison_csv_path(paths["dir"], paths["name"], analysis.comparison.strategy))
 
 
 def _rows(outcomes: Sequence[Mapping[str, Any]], key: str) -> list[dict]:
