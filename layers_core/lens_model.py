@@ -29,6 +29,7 @@ from layers_core.models import (
     ModelSource,
     bridge_for,
     clean_model_name,
+    hub_files_only_local,
     load_model_with_report,
     peek_config,
     resolve_model_source,
@@ -157,11 +158,13 @@ def load(
         device = resolve_device(device)
         if device_map is not None and device != "cuda":
             raise ModelLoadError(f"a device map spreads a model over CUDA GPUs; the device is {device}")
-        config = peek_config(source)
+        local_only = hub_files_only_local(source)  # probes the hub once (a hub id without network)
+        config = peek_config(source, local_only=local_only)
         declared = declared_dtype(config)
         dtype = _auto_dtype(source, config, device, max_memory) if dtype == "auto" else parse_dtype(dtype)
         check_fits(source, config, device, dtype, max_memory)
-        bridge, report = load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory)
+        bridge, report = load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory,
+                                                config=config, local_only=local_only)
     elif _is_bridge(model):
         bridge, source = model, _source_of_object(model.original_model)
         dtype, device = _param_dtype_and_device(bridge)

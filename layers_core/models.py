@@ -195,13 +195,18 @@ def hub_files_only_local(source: ModelSource) -> bool:
     return True
 
 
-def peek_config(source: ModelSource, cache_dir: str | None = None) -> Any:
-    """The HF config alone (no weights), or raise ``ModelLoadError`` with a one-line reason."""
+def peek_config(source: ModelSource, cache_dir: str | None = None, local_only: bool | None = None) -> Any:
+    """The HF config alone (no weights), or raise ``ModelLoadError`` with a one-line reason.
+
+    ``local_only``: ``hub_files_only_local(source)`` if already known (it may probe the network).
+    """
     path = source_path(source, cache_dir)
     from transformers import AutoConfig
 
+    if local_only is None:
+        local_only = hub_files_only_local(source)
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=hub_files_only_local(source))
+        return AutoConfig.from_pretrained(path, local_files_only=local_only)
     except OSError as error:
         if source.kind == "hf_id":
             raise _offline_error(source, "it could not be fetched") from error
@@ -250,6 +255,8 @@ def load_hf_model(
     device_map: Any = None,
     max_memory: dict | None = None,
     cache_dir: str | None = None,
+    config: Any = None,
+    local_only: bool | None = None,
 ) -> tuple[Any, LoadReport]:
     """Loads the Hugging Face causal LM itself, weights straight to their devices.
 
@@ -257,9 +264,11 @@ def load_hf_model(
     memory-mapped checkpoint on its device; None loads on the CPU. A checkpoint that leaves any
     parameter missing or shape-mismatched (so that transformers would initialise it randomly)
     raises ``ModelLoadError`` naming them; unused checkpoint keys are reported in the
-    ``LoadReport``.
+    ``LoadReport``. ``config`` and ``local_only``: the model's HF config and
+    ``hub_files_only_local`` if already known (so that the hub is probed once).
     """
-    config = peek_config(source, cache_dir)
+    local_only = hub_files_only_local(source) if local_only is None else local_only
+    config = config if config is not None else peek_config(source, cache_dir, local_only)
     check_causal_lm(config, source.model_id)
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
     from transformer_lens.model_bridge.sources.transformers.helpers import (
@@ -277,8 +286,7 @@ def load_hf_model(
     try:
         model, info = model_class.from_pretrained(
             path, config=config, dtype=dtype, device_map=device_map, max_memory=max_memory,
-            attn_implementation="eager", output_loading_info=True,
-            local_files_only=hub_files_only_local(source))
+            attn_implementation="eager", output_loading_info=True, local_files_only=local_only)
     except OSError as error:
         if source.kind == "hf_id":
             raise _offline_error(source, "its weights could not be fetched") from error
@@ -323,11 +331,14 @@ def load_model_with_report(
     cache_dir: str | None = None,
     device_map: Any = None,
     max_memory: dict | None = None,
+    config: Any = None,
+    local_only: bool | None = None,
 ) -> tuple[Any, LoadReport]:
-    """``load_model`` plus the ``LoadReport`` of the HF load."""
+    """``load_model`` plus the ``LoadReport`` of the HF load (``config``, ``local_only``: see
+    ``load_hf_model``)."""
     if device_map is None and device != "cpu":
         device_map = {"": "cuda:0" if device == "cuda" else device}
-    hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir)
+    hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir, config, local_only)
     return bridge_for(hf_model, source_path(source, cache_dir), dtype), report
 
 
