@@ -211,3 +211,15 @@ def test_bench_prompts_stays_runnable(tiny_dirs, capsys):
     assert bench_prompts.main(["--prompts", "6", "--model", tiny_dirs["llama"]]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["prompts"] == 6 and result["set_s"] > 0 and result["sequential_over_set"] > 0
+
+
+def test_a_set_resumed_entirely_from_checkpoints_keeps_its_provenance(load_bridge):
+    """Killed after the last batch but before the write: every outcome comes back from disk."""
+    lens_model = lc.load(load_bridge("llama"))
+    fresh = sweep_set(lens_model, FACTS[:2])
+    done = {o["index"]: json.loads(json.dumps(o)) for o in fresh.outcomes}
+    resumed = sweep_set(lens_model, FACTS[:2], done=done)
+    assert resumed.sweeps == {}
+    facts = resumed.document["provenance"]
+    assert facts == {**fresh.document["provenance"], "started_at": facts["started_at"]}
+    assert facts["n_tokens"] == int(load_bridge("llama").to_tokens(FACTS[0]["prompt"]).shape[1])

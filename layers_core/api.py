@@ -99,8 +99,8 @@ class Sweep:
     def document(self) -> dict:
         """The whole JSON document of a run of this prompt (``timing`` as measured so far)."""
         body = single_prompt_document(self.lens_model, self.analysis, self.prompt, self.answer,
-                                      self.test_prompts, provenance(self.lens_model, self.analysis,
-                                                                    self.started_at))
+                                      self.test_prompts, provenance(self.lens_model, self.prompt,
+                                                                    self.started_at, analysis=self.analysis))
         return with_timing(body, self.timing, total_seconds(self))
 
     def title(self) -> str:

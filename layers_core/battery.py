@@ -9,6 +9,7 @@ checkpointed (``progress``) and the set's files written from outcomes alone.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from layers_core import outputs, prompt_sets
 from layers_core.analysis import analyse_prompt
 from layers_core.api import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import ambiguous_first_pieces
-from layers_core.document import prompt_entry, prompt_set_document, provenance
+from layers_core.document import prompt_entry, prompt_set_document, provenance, with_timing
 from layers_core.lens_model import LensModel
 from layers_core.pipeline import SweepSettings, forward_batch
 from layers_core.prompt_sets import PromptItem
@@ -88,12 +89,13 @@ class SweepSet:
     @property
     def document(self) -> dict:
         """The JSON document of a prompt-set run."""
-        from layers_core.document import with_timing
-
-        first = next(iter(self.sweeps.values()), None)
+        first = self.outcomes[0]  # resumed from checkpoints or analysed here: provenance either way
+        analysed = self.sweeps.get(first["prompt_id"])
+        facts = provenance(self.lens_model, first["entry"]["prompt"], self.started_at,
+                           analysis=None if analysed is None else analysed.analysis)
         body = prompt_set_document(
             self.lens_model, [o["entry"] for o in self.outcomes], prompt_sets.aggregate(self.summary_rows),
-            self.source_path, provenance(self.lens_model, first.analysis, self.started_at) if first else {})
+            self.source_path, facts)
         body["prompt_set"].update(total=self.total or len(self.outcomes), shard=self.shard,
                                   indices=[o["index"] for o in self.outcomes], records=self.records,
                                   settings=settings_record(self.settings))
@@ -101,8 +103,6 @@ class SweepSet:
 
     def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
         """Writes run.py's prompt-set files into ``directory``; returns their paths."""
-        import os
-
         os.makedirs(directory, exist_ok=True)
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
         with timed(self.timing, "write_s"):

@@ -19,20 +19,22 @@ TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
 
 
-def _bos_prepended(lm: LensModel, analysis: PromptAnalysis) -> bool:
+def _bos_prepended(lm: LensModel, tokens: Any) -> bool:
     bos = lm.bridge.tokenizer.bos_token_id
-    return bos is not None and int(analysis.result.tokens[0, 0]) == bos
+    return bos is not None and int(tokens[0, 0]) == bos
 
 
-def provenance(lm: LensModel, analysis: PromptAnalysis, started_at: datetime,
-               argv: Sequence[str] | None = None) -> dict:
-    """Versions, platform and the facts of this run (device, dtype, source, tokens, argv)."""
+def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[str] | None = None,
+               analysis: PromptAnalysis | None = None) -> dict:
+    """Versions, platform and the facts of this run (device, dtype, source, ``prompt``'s tokens,
+    argv); ``analysis`` if the prompt was analysed in this process (else it is tokenised here)."""
     source = lm.source
+    tokens = analysis.result.tokens if analysis is not None else lm.bridge.to_tokens(prompt)
     return report.provenance(
         device=lm.device, dtype=lm.dtype, declared_dtype=lm.declared_dtype,
         unembed_dtype=lm.unembed.matmul_dtype, model_source=source.kind,
         model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
-        bos_prepended=_bos_prepended(lm, analysis), n_tokens=int(analysis.result.tokens.shape[1]),
+        bos_prepended=_bos_prepended(lm, tokens), n_tokens=int(tokens.shape[1]),
         started_at=started_at, argv=list(sys.argv if argv is None else argv))
 
 
