@@ -92,11 +92,8 @@ def analyse_prompt(
         model, control[0], control[1], answer, ctx.unembed, settings)
     blocks = {
         "diagnostics": diagnostics,
-        "gold_answer": {**report.gold_answer_block(result.gold),
-                        "n_tokens": len(result.gold["answer_ids"]),
-                        "p_sequence": answer_sequence_probability(model, result.tokens, result.gold["answer_ids"],
-                                                                  result.model_logits[-1]),
-                        "first_piece_ambiguous": False},
+        "gold_answer": report.gold_answer_block(result.gold, answer_sequence_probability(
+            model, result.tokens, result.gold["answer_ids"], result.model_logits[-1])),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.view,
                                                         diagnostics["tied_embeddings"]),
         "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.view, chosen_lp,

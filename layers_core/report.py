@@ -194,9 +194,13 @@ def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, ski
     }
 
 
-def gold_answer_block(gold: dict) -> dict:
-    """The top-level ``gold_answer`` record."""
-    return {key: gold[key] for key in ("string", "pieces", "first_id", "answer_ids", "variant")}
+def gold_answer_block(gold: dict, p_sequence: float | None = None) -> dict:
+    """The top-level ``gold_answer`` record: the resolved answer, its token count, the model's
+    teacher-forced probability of all of it (``p_sequence``), and ``first_piece_ambiguous``
+    (False here; a prompt set sets it when another answer shares the first token)."""
+    block = {key: gold[key] for key in ("string", "pieces", "first_id", "answer_ids", "variant")}
+    return {**block, "n_tokens": len(gold["answer_ids"]), "p_sequence": p_sequence,
+            "first_piece_ambiguous": False}
 
 
 def provenance(
