@@ -28,7 +28,7 @@ FLOOR_BATCH = 32
 
 def cycled_items(count: int, path: str = BATTERY) -> list[dict]:
     """``count`` facts from the battery, cycled with fresh ids (``Germany``, ``Germany#2``, …)."""
-    from layers_core.prompt_sets import load_prompt_set
+    from layers_core.results.prompt_sets import load_prompt_set
 
     facts = load_prompt_set(path)
     items = []
@@ -75,13 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--model", help="local Llama-family directory (default: the bundled model)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(HERE))
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import layers_core as lc
-    from layers_core.battery import sweep_set
-    from layers_core.models import ensure_default_model
+    from layers_core.api.prompt_set import sweep_set
+    from layers_core.model.loading import ensure_default_model
 
     torch.manual_seed(316)
     directory = args.model or ensure_default_model()

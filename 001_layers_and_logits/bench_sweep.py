@@ -8,7 +8,7 @@ round-robin after a warm-up, all in one process:
 
 - ``floor_s``: HF forward with hidden states + one batched unembedding of all (n+1)·T rows + one
   log-softmax: the arithmetic no logit lens can avoid;
-- ``sweep_s``: ``layers_core.pipeline.run_sweep`` exactly as run.py calls it (hooks, norms, unembedding,
+- ``sweep_s``: ``layers_core.pipeline.sweep.run_sweep`` exactly as run.py calls it (hooks, norms, unembedding,
   post-unembed transform, every metric of the records and pure rows, token decoding);
 - ``loop_s``: a legacy-style implementation of the same outputs (per-layer unembedding, then a
   Python loop per position with its own softmaxes, top-k, one ``decode`` and ``.item()`` per value).
@@ -32,8 +32,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+sys.path.insert(0, HERE)  # tiny_models beside this file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SYNTHETIC_VOCAB = 128_256
@@ -105,7 +104,7 @@ def legacy_loop(model, prompt, answer, unembed, norms):
     from layers_core.csv_io import TOP_K_RECORD, TOP_K_VERBOSE, is_verbose_position
     from layers_core.norm_utils import apply_norm_or_skip
     from layers_core.numerics import bits_entropy_from_logits, kl_bits
-    from layers_core.pipeline import forward_with_residuals
+    from layers_core.pipeline.sweep import forward_with_residuals
 
     tokens = model.to_tokens(prompt)
     str_tokens = model.to_str_tokens(prompt)
@@ -173,7 +172,7 @@ def _sweep_setup(model):
     from layers_core.device_policy import unembed_weights_for_analysis
     from layers_core.norm_utils import lens_norm_plan
     from layers_core.numerics import output_logits_transform
-    from layers_core.pipeline import UnembedPath
+    from layers_core.pipeline.sweep import UnembedPath
 
     W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
     unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
@@ -183,9 +182,9 @@ def _sweep_setup(model):
 def bench_model(name: str, path: str, runs: int) -> dict:
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
-    from layers_core.pipeline import TokenDecoder, run_sweep
-    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.model.loading import load_model, resolve_model_source
+    from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.pipeline.sweep import TokenDecoder, run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, norms = _sweep_setup(model)
@@ -215,8 +214,8 @@ def bench_scaling(path: str, runs: int) -> list[dict]:
     """Seconds per (layer, position) row of the sweep for prompts of 16 to 512 tokens."""
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
-    from layers_core.pipeline import run_sweep
+    from layers_core.model.loading import load_model, resolve_model_source
+    from layers_core.pipeline.sweep import run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, _ = _sweep_setup(model)
@@ -235,8 +234,8 @@ def long_prompt_child(path: str) -> None:
     """Child process: peak RSS after the forward alone, then after the whole sweep."""
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
-    from layers_core.pipeline import forward_with_residuals, run_sweep
+    from layers_core.model.loading import load_model, resolve_model_source
+    from layers_core.pipeline.sweep import forward_with_residuals, run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, _ = _sweep_setup(model)
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_child:
         long_prompt_child(args.long_child)
         return 0
-    from layers_core.models import ensure_default_model
+    from layers_core.model.loading import ensure_default_model
 
     report: dict = {"models": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per contender (median)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(HERE))
-    from layers_core.models import ensure_default_model
-    from layers_core.prompts import DEFAULT_PROMPT
+    from layers_core.model.loading import ensure_default_model
+    from layers_core.pipeline.prompts import DEFAULT_PROMPT
 
     path = ensure_default_model()
     python = sys.executable

@@ -41,18 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.corpus or []:
         if not os.path.isfile(path):
             parser.error(f"--corpus {path}: no such file")
-    try:
-        import layers_core  # noqa: F401
-    except ModuleNotFoundError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tqdm import tqdm
 
-    from layers_core import lens_fit, tuned_lens
-    from layers_core.lens_model import load
-    from layers_core.models import ModelLoadError
-    from layers_core.outputs import write_json
-    from layers_core.plots import save_figure
-    from layers_core.runner import prepare_runtime
+    from layers_core.app.runner import prepare_runtime
+    from layers_core.lens import fit as lens_fit
+    from layers_core.lens import tuned as tuned_lens
+    from layers_core.model.lens_model import load
+    from layers_core.model.loading import ModelLoadError
+    from layers_core.results.outputs import write_json
+    from layers_core.results.plots import save_figure
 
     prepare_runtime(args.device)
     started = time.perf_counter()

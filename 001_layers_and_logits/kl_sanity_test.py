@@ -9,7 +9,6 @@ Imports only from ``layers_core``; writes nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -19,17 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", help="hub id or local directory; none = bundled model")
     parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"])
     args = parser.parse_args(argv)
-    try:
-        import layers_core  # noqa: F401
-    except ModuleNotFoundError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
 
-    from layers_core.lens_model import load
-    from layers_core.models import ModelLoadError
-    from layers_core.pipeline import self_test, self_test_verdict
-    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
-    from layers_core.runner import prepare_runtime
+    from layers_core.app.runner import prepare_runtime
+    from layers_core.model.lens_model import load
+    from layers_core.model.loading import ModelLoadError
+    from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.pipeline.sweep import self_test, self_test_verdict
 
     prepare_runtime(args.device)  # seeded and deterministic, exactly like run.py
     try:

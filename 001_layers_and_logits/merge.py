@@ -19,11 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="where the merged files go")
     parser.add_argument("--no-plots", action="store_true", help="skip the summary and comparison PNGs")
     args = parser.parse_args(argv)
-    try:
-        import layers_core  # noqa: F401
-    except ModuleNotFoundError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from layers_core.merge import MergeError, merge
+    from layers_core.results.merge import MergeError, merge
 
     try:
         merged = merge(args.inputs, args.out, plots=not args.no_plots)

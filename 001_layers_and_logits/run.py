@@ -1,8 +1,10 @@
 """Layer-by-layer logit-lens sweep: ``python 001_layers_and_logits/run.py [MODEL ...] [flags]``.
 
-Flags → a frozen ``ExperimentConfig`` (``layers_core.cli``) → one call into ``layers_core``
-(``runner.run``) → exit code: 0 success, 1 run or self-test failure, 2 usage error, 130
+A thin wrapper over ``python -m layers_core`` (``layers_core.app.main``) whose managed
+``run-latest/`` lives next to this file. Flags → a frozen ``ExperimentConfig`` → one call into
+``layers_core`` → exit code: 0 success, 1 run or self-test failure, 2 usage error, 130
 interrupted. Importing this module does nothing; torch is imported only after parsing.
+``layers_core`` must be installed (``make setup`` installs the checkout with ``pip install -e .``).
 """
 
 from __future__ import annotations
@@ -13,35 +15,24 @@ import sys
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(HERE)
 RUN_BASE_DIR = HERE  # managed run-latest/ and run-*/ live next to run.py
 
 
-def _import_layers_core() -> None:
-    """Puts the repo root on ``sys.path`` when ``layers_core`` is not installed (any cwd works)."""
-    try:
-        import layers_core  # noqa: F401
-    except ModuleNotFoundError:
-        sys.path.insert(0, REPO_ROOT)
-
-
 def build_parser():
-    """The argparse parser of run.py (``layers_core.cli.build_parser``)."""
-    _import_layers_core()
-    from layers_core.cli import build_parser as _build
+    """The argparse parser of run.py (``layers_core.app.cli.build_parser``)."""
+    from layers_core.app.cli import build_parser as _build
 
     return _build()
 
 
 def __getattr__(name: str) -> Any:
     """``run.ExperimentConfig`` and ``run.TIMING_KEYS`` for callers of this script's API."""
-    _import_layers_core()
     if name == "ExperimentConfig":
-        from layers_core.cli import ExperimentConfig
+        from layers_core.app.cli import ExperimentConfig
 
         return ExperimentConfig
     if name == "TIMING_KEYS":
-        from layers_core.document import TIMING_KEYS
+        from layers_core.results.document import TIMING_KEYS
 
         return TIMING_KEYS
     raise AttributeError(f"module 'run' has no attribute {name!r}")
@@ -49,8 +40,8 @@ def __getattr__(name: str) -> Any:
 
 def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None, config) -> dict:
     """Runs one model and writes its files into ``output_files["dir"]``; returns the JSON document."""
-    from layers_core.models import resolve_model_source
-    from layers_core.runner import run_model
+    from layers_core.app.runner import run_model
+    from layers_core.model.loading import resolve_model_source
 
     name = (output_files or {}).get("name") or resolve_model_source(model_id).clean_name
     return run_model(model_id, config, None if output_files is None else output_files["dir"], name)
@@ -58,16 +49,17 @@ def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    _import_layers_core()
-    from layers_core.cli import parse_config
+    from layers_core.app.main import main as cli_main
 
-    models, config = parse_config(argv)
-    from layers_core.runner import run
-
-    return run(models, config, RUN_BASE_DIR)
+    return cli_main(argv, RUN_BASE_DIR)
 
 
 if __name__ == "__main__":
+    try:
+        import layers_core  # noqa: F401
+    except ModuleNotFoundError:
+        sys.exit("run.py: layers_core is not installed in this Python; run `make setup` "
+                 "(or `pip install -e .` from the repository root)")
     exit_code = main()
     # Everything left is freed by the OS at exit. Without this the interpreter's final garbage
     # collections walk the object graph of torch, transformers and TransformerLens: ≈ 1 s here.

@@ -10,8 +10,8 @@ import torch
 
 import layers_core as lc
 from layers_core.csv_io import pure_header, records_header
-from layers_core.prompts import DEFAULT_PROMPT
-from layers_core.tables import frame_from_rows, read_csv
+from layers_core.pipeline.prompts import DEFAULT_PROMPT
+from layers_core.results.tables import frame_from_rows, read_csv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -43,7 +43,7 @@ def test_sweep_pure_equals_the_csv_run_py_writes(bundled_sweep, bundled_cli_run)
 
 
 def test_sweep_in_one_expression_equals_separate_statements(bundled_sweep):
-    from layers_core.prompts import DEFAULT_PROMPT as prompt
+    from layers_core.pipeline.prompts import DEFAULT_PROMPT as prompt
 
     again = lc.sweep(lc.load(device="cpu"), prompt, "Berlin").pure
     pd.testing.assert_frame_equal(again, bundled_sweep.pure)
@@ -138,7 +138,7 @@ def test_the_sweep_function_is_not_shadowed_by_a_module():
     """A module named layers_core/sweep.py would replace the function once imported."""
     import importlib
 
-    for module in ("pipeline", "analysis", "api", "lens_model", "runner", "cli"):
+    for module in ("pipeline.sweep", "results.analysis", "api.prompt", "model.lens_model", "app.runner", "app.cli"):
         importlib.import_module(f"layers_core.{module}")
     assert callable(lc.sweep) and callable(lc.load) and callable(lc.sweep_set)
     assert not os.path.exists(os.path.join(ROOT, "layers_core", "sweep.py"))

@@ -16,8 +16,8 @@ from tiny_models import FAMILIES
 
 import layers_core as lc
 from conftest import RUN_PY
-from layers_core.battery import sweep_set
-from layers_core.prompt_sets import load_prompt_set
+from layers_core.api.prompt_set import sweep_set
+from layers_core.results.prompt_sets import load_prompt_set
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
@@ -107,7 +107,7 @@ def test_three_shards_merged_equal_the_unsharded_run(tiny_dirs, tmp_path):
 
 
 def test_merge_refuses_conflicts(tiny_dirs, tmp_path):
-    from layers_core.merge import MergeError, merge
+    from layers_core.results.merge import MergeError, merge
 
     facts = _facts_file(tmp_path, FACTS[:3])
     base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--no-plots"]
@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dirs, tmp_path):
 
 
 def test_resume_refuses_checkpoints_made_with_other_settings(tiny_dirs, tmp_path, capsys):
-    from layers_core.progress import ProgressStore
+    from layers_core.results.progress import ProgressStore
 
     facts = _facts_file(tmp_path, FACTS[:2])
     base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--no-plots",
@@ -162,7 +162,7 @@ def test_resume_refuses_checkpoints_made_with_other_settings(tiny_dirs, tmp_path
 
 
 def test_comparison_across_models(tiny_dirs, tmp_path):
-    from layers_core.merge import COMPARISON_COLUMNS
+    from layers_core.results.merge import COMPARISON_COLUMNS
 
     facts = _facts_file(tmp_path, FACTS[:3])
     for family in ("llama", "gpt2"):

@@ -68,7 +68,7 @@ def test_bundled_model_bf16_on_cuda_matches_float32_on_cpu(bundled_model_dir):
 
 
 def test_a_2000_token_prompt_adds_little_gpu_memory_over_the_forward(bundled_model_dir):
-    from layers_core.pipeline import forward_with_residuals
+    from layers_core.pipeline.sweep import forward_with_residuals
 
     lens_model = lc.load(device="cuda", dtype="bfloat16")
     prompt = " ".join(["The capital of Germany is Berlin."] * 300)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from layers_core.lens import lens_statistics, normalise_layers, rows_per_block
+from layers_core.lens.stats import lens_statistics, normalise_layers, rows_per_block
 from layers_core.numerics import output_logits_transform
-from layers_core.pipeline import SweepSettings, UnembedPath, run_sweep
+from layers_core.pipeline.sweep import SweepSettings, UnembedPath, run_sweep
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 TOLERANCE_BITS = 2e-3
@@ -148,7 +148,7 @@ def test_half_precision_unembedding_matches_float32(load_bridge):
 
 def test_peak_logit_memory_respects_the_budget(load_bridge, monkeypatch):
     """The largest [rows, V] float32 block ever built stays within the budget's row count."""
-    from layers_core import lens as lens_module
+    from layers_core.lens import stats as lens_module
 
     model = load_bridge("llama")
     result = _ours(model, "arch")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from layers_core.pipeline import forward_with_residuals
+from layers_core.pipeline.sweep import forward_with_residuals
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -6,7 +6,7 @@ import struct
 import pytest
 import run
 
-from layers_core.plots import display_token, layer_curves, lens_heatmap, save_figure, strided_layers
+from layers_core.results.plots import display_token, layer_curves, lens_heatmap, save_figure, strided_layers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

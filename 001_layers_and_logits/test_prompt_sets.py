@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import run
 
-from layers_core.prompt_sets import SUMMARY_COLUMNS, aggregate, parse_prompt_set
+from layers_core.results.prompt_sets import SUMMARY_COLUMNS, aggregate, parse_prompt_set
 
 PROMPT = "The capital of Germany is called simply"
 
@@ -156,7 +156,7 @@ def test_control_flags(tiny_dirs, load_bridge, tmp_path):
 
 
 def test_bundled_three_facts_one_model_load(bundled_model_dir, tmp_path, monkeypatch):
-    from layers_core import lens_model
+    from layers_core.model import lens_model
 
     loads = []
     real_load = lens_model.load_model_with_report

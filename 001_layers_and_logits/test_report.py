@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from layers_core.pipeline import TokenDecoder
-from layers_core.prompts import TEST_PROMPTS
-from layers_core.report import last_position_log_probs, temperature_entries, to_strict_json
+from layers_core.pipeline.prompts import TEST_PROMPTS
+from layers_core.pipeline.sweep import TokenDecoder
+from layers_core.results.report import last_position_log_probs, temperature_entries, to_strict_json
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt-neox", "phi"])

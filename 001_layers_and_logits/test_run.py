@@ -96,7 +96,7 @@ def test_import_reads_no_argv_and_has_no_side_effects(monkeypatch):
 
 def test_config_defaults_have_one_home():
     from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
-    from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+    from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
 
     parsed = run.build_parser().parse_args([])
     config = run.ExperimentConfig()

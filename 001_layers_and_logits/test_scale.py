@@ -17,7 +17,7 @@ import torch
 
 import layers_core as lc
 from conftest import RUN_PY
-from layers_core import footprint
+from layers_core.model import footprint
 from layers_core.numerics import unembed_logits
 
 PROMPT = "The capital of Germany is called simply"
@@ -123,7 +123,7 @@ def test_device_map_usage_errors(capsys, argv, message):
 
 
 def test_max_memory_parsing():
-    from layers_core.cli import parse_max_memory
+    from layers_core.app.cli import parse_max_memory
 
     assert parse_max_memory("0=70GiB, cuda:1=60GiB") == {0: "70GiB", 1: "60GiB"}
 
@@ -151,7 +151,7 @@ def test_norm_weights_meet_the_residual_on_its_device(load_bridge):
 
 
 def test_model_logits_and_residuals_arrive_on_the_lens_device(load_bridge):
-    from layers_core.pipeline import forward_with_residuals
+    from layers_core.pipeline.sweep import forward_with_residuals
 
     bridge = load_bridge("gpt2")
     logits, residuals = forward_with_residuals(bridge, bridge.to_tokens(PROMPT), device="cpu")
@@ -175,7 +175,7 @@ def test_fp16_overflow_stops_the_run_naming_the_layer(tiny_dirs, tmp_path, capsy
 
 
 def test_check_finite_names_the_first_bad_layer():
-    from layers_core.pipeline import NonFiniteError, check_finite
+    from layers_core.pipeline.sweep import NonFiniteError, check_finite
 
     residuals = [torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([[0.0, float("nan")]] * 2)]
     with pytest.raises(NonFiniteError, match="layer 2"):

@@ -18,7 +18,7 @@ import run
 import torch
 
 from conftest import RUN_PY
-from layers_core import threads
+from layers_core.app import threads
 from layers_core.run_dir import prune_runs, sweep_stale_staging
 
 PROMPT = "The capital of Germany is called simply"
@@ -135,7 +135,7 @@ def test_allow_lens_mismatch_publishes_with_the_check_recorded(tiny_dirs, tmp_pa
 
 def test_half_precision_gate_tolerance(load_bridge):
     """The gate is 1e-6 bits in float32 and 1e-2 bits when the model computes in half precision."""
-    from layers_core.pipeline import UnembedPath, last_layer_consistency
+    from layers_core.pipeline.sweep import UnembedPath, last_layer_consistency
 
     bridge = load_bridge("llama")
     unembed = UnembedPath(bridge.unembed.W_U, None, lambda z: z)
@@ -239,7 +239,7 @@ def test_read_only_out_dir_is_refused(tmp_path, monkeypatch):
 # ---- 7. Ctrl-C, stale staging, pruning ---------------------------------------------------------
 
 def test_interrupt_leaves_no_staging_and_run_latest_untouched(managed, tiny_dirs, monkeypatch, capsys):
-    from layers_core import api
+    from layers_core.api import prompt as api
 
     before = _snapshot(managed / "run-latest")
 
@@ -300,7 +300,7 @@ def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
 # ---- 8. the hub without network ---------------------------------------------------------------
 
 def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
-    from layers_core import models
+    from layers_core.model import loading as models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
@@ -312,7 +312,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
 
 
 def test_hub_probe_gives_up_within_its_timeout():
-    from layers_core import models
+    from layers_core.model import loading as models
 
     started = time.perf_counter()
     models._hub_reachable(timeout_s=0.5)  # no network here: refused, unresolvable or timed out
@@ -350,7 +350,7 @@ def test_busy_core_is_detected_on_this_machine():
 
 def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkeypatch):
     seen = []
-    from layers_core import api
+    from layers_core.api import prompt as api
 
     real = api.analyse_prompt
     monkeypatch.setattr(api, "analyse_prompt",
@@ -377,7 +377,7 @@ def test_conflicting_flags_are_usage_errors(capsys, argv, message):
 
 
 def test_prompt_set_key_typo_and_byte_order_mark(tmp_path, capsys):
-    from layers_core.prompt_sets import load_prompt_set
+    from layers_core.results.prompt_sets import load_prompt_set
 
     typo = tmp_path / "typo.jsonl"
     typo.write_text('{"prompt": "a", "answer": "b", "control_promt": "c"}\n')

@@ -11,7 +11,7 @@ import run
 import torch
 
 import layers_core as lc
-from layers_core.tuned_lens import (
+from layers_core.lens.tuned import (
     NormalEquations,
     TunedLens,
     read_corpus,

@@ -13,10 +13,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "lens_model": ["LensModel", "load"],
-    "api": ["Sweep", "sweep"],
-    "battery": ["SweepSet", "sweep_set"],
-    "tables": ["read_csv", "frame_from_rows"],
+    "model.lens_model": ["LensModel", "load"],
+    "api.prompt": ["Sweep", "sweep"],
+    "api.prompt_set": ["SweepSet", "sweep_set"],
+    "results.tables": ["read_csv", "frame_from_rows"],
     "norm_utils": ["apply_norm_or_skip", "classify_norm", "unwrap_norm", "detect_model_architecture",
                    "get_correct_norm_module", "norm_module_label", "lens_norm_plan"],
     "numerics": ["bits_entropy_from_logits", "safe_cast_for_unembed", "kl_bits", "answer_rank",
@@ -28,19 +28,20 @@ _EXPORTS = {
                        "resolve_gold_answer", "summarize_collapse", "compute_milestones"],
     "device_policy": ["resolve_device", "choose_dtype", "should_auto_promote_unembed",
                       "unembed_weights_for_analysis"],
-    "models": ["ModelSource", "clean_model_name", "resolve_model_source", "ensure_default_model",
+    "model.loading": ["ModelSource", "clean_model_name", "resolve_model_source", "ensure_default_model",
                "load_model"],
     "hooks": ["residual_hook_names", "build_cache_hook", "attach_residual_hooks", "detach_hooks",
               "residual_cache"],
     "run_dir": ["setup_run_latest_directory", "rotate_run_latest", "create_staging_dir",
                 "publish_staging_dir", "atomic_write", "unique_path"],
-    "lens": ["LensStats", "lens_statistics"],
-    "pipeline": ["SweepSettings", "UnembedPath", "TokenDecoder", "run_sweep", "last_layer_consistency",
+    "lens.stats": ["LensStats", "lens_statistics"],
+    "pipeline.sweep": ["SweepSettings", "UnembedPath", "TokenDecoder", "run_sweep", "last_layer_consistency",
                  "self_test"],
-    "lens_checks": ["compare_lenses", "raw_lens_check", "control_margins"],
-    "analysis": ["analyse_prompt"],
-    "prompt_sets": ["PromptItem", "parse_prompt_set", "load_prompt_set"],
-    "plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],
+    "pipeline.checks": ["compare_lenses", "raw_lens_check", "control_margins"],
+    "results.analysis": ["analyse_prompt"],
+    "results.prompt_sets": ["PromptItem", "parse_prompt_set", "load_prompt_set"],
+    "pipeline.prompts": ["DEFAULT_PROMPT", "DEFAULT_ANSWER"],
+    "results.plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_OWNER)

@@ -26,14 +26,14 @@ def picture_rows(analysis: Any) -> dict:
 
 def prompt_lens_figure(rows: Mapping[str, Any], title: str):
     """The logit-lens heatmap of one prompt (``picture_rows``), collapse layers marked."""
-    from layers_core import plots
+    from layers_core.results import plots
 
     return plots.lens_heatmap(rows["records"], title, _marks(rows["diagnostics"]))
 
 
 def prompt_curves_figure(rows: Mapping[str, Any], title: str):
     """Entropy, p(answer), rank and KL per layer, for the chosen and the comparison lens."""
-    from layers_core import plots
+    from layers_core.results import plots
 
     diagnostics = rows["diagnostics"]
     return plots.layer_curves(
@@ -44,7 +44,7 @@ def prompt_curves_figure(rows: Mapping[str, Any], title: str):
 
 def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
     """The lens heatmap and the layer curves of one prompt, as PNGs."""
-    from layers_core import plots
+    from layers_core.results import plots
 
     plots.save_figure(prompt_lens_figure(rows, title), paths["lens_png"])
     plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
@@ -54,7 +54,7 @@ def _serve_pictures(connection: Any) -> None:
     """The picture worker: import matplotlib and warm its font cache, then draw one request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
-        from layers_core import plots
+        from layers_core.results import plots
 
         plots.save_figure  # noqa: B018 - the import is the point
         figure = plots.new_figure((1, 1))

@@ -14,23 +14,23 @@ import torch
 from torch import Tensor
 
 from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones, summarize_collapse
-from layers_core.models import tied_embeddings
+from layers_core.model.loading import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
-from layers_core.pipeline import (
-    SweepResult,
-    SweepSettings,
-    TokenDecoder,
-    last_position_logits,
-    right_padded_batch,
-)
-from layers_core.prompts import (
+from layers_core.pipeline.prompts import (
     FINAL_PREDICTION_TOP_K,
     TARGET_PREDICTION,
     TEMPERATURE_TOP_K,
     TEMPERATURES,
     TEST_PROMPT_TOP_K,
     TEST_PROMPTS,
+)
+from layers_core.pipeline.sweep import (
+    SweepResult,
+    SweepSettings,
+    TokenDecoder,
+    last_position_logits,
+    right_padded_batch,
 )
 
 SEED = 316

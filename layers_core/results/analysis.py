@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from layers_core import report
-from layers_core.lens_checks import (
+from layers_core.model.lens_model import LensModel
+from layers_core.numerics import get_post_unembed_transform
+from layers_core.pipeline.checks import (
     LensComparison,
     answer_sequence_probability,
     compare_lenses,
@@ -20,9 +21,7 @@ from layers_core.lens_checks import (
     last_position_views,
     raw_lens_check,
 )
-from layers_core.lens_model import LensModel
-from layers_core.numerics import get_post_unembed_transform
-from layers_core.pipeline import (
+from layers_core.pipeline.sweep import (
     Forwarded,
     SweepResult,
     SweepSettings,
@@ -30,6 +29,7 @@ from layers_core.pipeline import (
     last_layer_consistency,
     run_sweep,
 )
+from layers_core.results import report
 
 DEPTH_FRACTION_DECIMALS = 3
 

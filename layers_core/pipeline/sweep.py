@@ -29,7 +29,7 @@ from layers_core.csv_io import (
     is_verbose_position,
 )
 from layers_core.hooks import residual_cache, residual_hook_names
-from layers_core.lens import (
+from layers_core.lens.stats import (
     DEFAULT_BUDGET_BYTES,
     LensStats,
     lens_statistics,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from layers_core import footprint, numerics
+from layers_core import numerics
 from layers_core.device_policy import (
     bf16_supported,
     choose_dtype,
@@ -23,7 +23,8 @@ from layers_core.device_policy import (
     unembed_weights_for_analysis,
     upcast_chunk_columns,
 )
-from layers_core.models import (
+from layers_core.model import footprint
+from layers_core.model.loading import (
     LoadReport,
     ModelLoadError,
     ModelSource,
@@ -35,7 +36,7 @@ from layers_core.models import (
     resolve_model_source,
     source_path,
 )
-from layers_core.pipeline import TokenDecoder, UnembedPath
+from layers_core.pipeline.sweep import TokenDecoder, UnembedPath
 
 
 @dataclass(frozen=True)

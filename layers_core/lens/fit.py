@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from layers_core.hooks import residual_cache, residual_hook_names
-from layers_core.lens_model import LensModel
+from layers_core.lens.tuned import NormalEquations, TunedLens, solve_translators
+from layers_core.model.lens_model import LensModel
 from layers_core.norm_utils import apply_norm_or_skip
 from layers_core.numerics import kl_bits_from_log_probs
-from layers_core.tuned_lens import NormalEquations, TunedLens, solve_translators
 
 EVAL_ROWS_PER_BLOCK = 256
 METRICS = ("kl_bits", "kl_bpb", "ce_bits", "top1_agree")
@@ -90,7 +90,7 @@ def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]]
 
 def eval_figure(layers: Sequence[dict], title: str):
     """Held-out KL(final ‖ lens) and top-1 agreement per layer, logit vs tuned lens."""
-    from layers_core.plots import new_figure
+    from layers_core.results.plots import new_figure
 
     fig = new_figure((10, 4))
     axes = fig.subplots(1, 2)

@@ -1,4 +1,4 @@
-"""Several models: one child ``run.py`` process each, all writing into one directory.
+"""Several models: one child ``python -m layers_core`` process each, all writing into one directory.
 
 Every flag is forwarded. Models whose folder names collide get distinct file names
 (``org1-llama``, ``org2-llama``). In managed mode the batch replaces ``run-latest/`` only if every
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
-from layers_core.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig, child_argv
-from layers_core.models import clean_model_name
+from layers_core.app.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig, child_argv
+from layers_core.model.loading import clean_model_name
 from layers_core.run_dir import (
     create_staging_dir,
     distinct_names,
@@ -25,8 +25,7 @@ from layers_core.run_dir import (
     sweep_stale_staging,
 )
 
-RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "001_layers_and_logits", "run.py")
+CHILD = [sys.executable, "-m", "layers_core"]  # the same CLI as run.py, from any install
 
 
 def _has_valid_json(path: str) -> bool:
@@ -42,7 +41,7 @@ def _ensure_error_document(path: str, model: str, rc: int) -> None:
     """A child that died without leaving valid JSON gets an error document written for it."""
     if _has_valid_json(path):
         return
-    from layers_core.runner import write_error_document
+    from layers_core.results.outputs import write_error_document
 
     error = RuntimeError(f"child process exited with code {rc} without writing its results")
     write_error_document(path, error, "load", model, {"argv": sys.argv})
@@ -72,7 +71,7 @@ def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
         for index, (model, name) in enumerate(zip(models, names)):
             if not config.quiet:
                 print(_progress_line(index, len(models), started, model), flush=True)
-            command = [sys.executable, RUN_PY, *child_argv(config), "--name", name]
+            command = [*CHILD, *child_argv(config), "--name", name]
             if directory is not None:
                 command += ["--out_dir", directory]
             rc = subprocess.call(command + [model])

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
-from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
 from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
 
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
@@ -183,7 +183,7 @@ def _check(args: argparse.Namespace) -> str | None:
         if on and args.out_dir is None:
             return f"{flag} requires --out_dir"
     if args.shard is not None:
-        from layers_core.prompt_sets import parse_shard
+        from layers_core.results.prompt_sets import parse_shard
 
         try:
             parse_shard(args.shard)
@@ -194,7 +194,7 @@ def _check(args: argparse.Namespace) -> str | None:
                          ("--keep-residuals", args.keep_residuals)):
             if on:
                 return f"--prompts and {flag} exclude each other"
-        from layers_core.prompt_sets import load_prompt_set
+        from layers_core.results.prompt_sets import load_prompt_set
 
         try:  # a malformed set fails here, with its line number, before any model work
             load_prompt_set(args.prompts)

@@ -19,16 +19,16 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core import outputs, prompt_sets
-from layers_core.analysis import analyse_prompt
-from layers_core.api import Sweep, resolve_settings, timed, total_seconds
+from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import ambiguous_first_pieces
-from layers_core.document import prompt_entry, prompt_set_document, provenance, with_timing
-from layers_core.lens_model import LensModel
-from layers_core.pipeline import SweepSettings, forward_batch
-from layers_core.prompt_sets import PromptItem
+from layers_core.model.lens_model import LensModel
+from layers_core.pipeline.sweep import SweepSettings, forward_batch
+from layers_core.results import outputs, prompt_sets
+from layers_core.results.analysis import analyse_prompt
+from layers_core.results.document import prompt_entry, prompt_set_document, provenance, with_timing
+from layers_core.results.prompt_sets import PromptItem
+from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
-from layers_core.tables import frame_from_rows
 
 MAX_BATCH = 32
 BATCH_MEMORY_BYTES = 1 * 2**30  # residuals and activations of one batch, at most
@@ -211,7 +211,7 @@ def _flag_ambiguous_answers(outcomes: list[dict]) -> list[dict]:
 
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
                      forwarded: Any, records: bool) -> Sweep:
-    from layers_core.api import default_control
+    from layers_core.api.prompt import default_control
 
     started = time.perf_counter()
     analysis = analyse_prompt(lens_model, settings, item.prompt, item.answer,

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from layers_core.csv_io import records_header, render_csv, write_csv_files, write_pure_csv
-from layers_core.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
-from layers_core.report import to_strict_json
+from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
+from layers_core.results.report import error_document, to_strict_json
 from layers_core.run_dir import atomic_write, comparison_csv_path, residual_path
 
 
@@ -63,9 +64,15 @@ def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[Mapping[str,
                        n_layers: int, title: str) -> None:
     """The prompt-set summary picture (milestones as fractions of depth) and the small multiples
     of every prompt's answer rank per layer."""
-    from layers_core import plots
+    from layers_core.results import plots
 
     summary = [o["summary"] for o in outcomes]
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
     curves = {o["prompt_id"]: (o["pure"], o["comparison"], o["comparison_strategy"]) for o in outcomes}
     plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
+
+
+def write_error_document(path: str, error: BaseException, stage: str, model: str,
+                         known_provenance: dict) -> None:
+    """The strict-JSON failure document of one model."""
+    write_json(path, error_document(error, stage, model, datetime.now(), known_provenance))

@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from layers_core import prompt_sets
 from layers_core.csv_io import render_csv
+from layers_core.results import prompt_sets
 from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
 
 MILESTONES = ["L_copy", "L_semantic", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
@@ -143,7 +143,7 @@ def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = Tr
         "model_stats": first["model_stats"],
         "provenance": first["provenance"],
     }
-    from layers_core.outputs import write_json
+    from layers_core.results.outputs import write_json
 
     write_json(paths["json"], document)
     if plots:
@@ -160,8 +160,8 @@ def _merged_pictures(paths: dict, name: str, document: dict, summary: list[dict]
                      other_text: str, other: str) -> None:
     import pandas as pd
 
-    from layers_core import outputs
-    from layers_core.tables import typed_frame
+    from layers_core.results import outputs
+    from layers_core.results.tables import typed_frame
 
     def by_prompt(text: str) -> dict[str, list[dict]]:
         frame = typed_frame(pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False))
@@ -217,7 +217,7 @@ def merge(directories: Sequence[str], out_dir: str, plots: bool = True) -> dict[
         rows = comparison_rows(merged)
         atomic_write(os.path.join(out_dir, "comparison.csv"), render_csv(rows, COMPARISON_COLUMNS))
         if plots:
-            from layers_core import plots as plotting
+            from layers_core.results import plots as plotting
 
             plotting.save_figure(plotting.comparison_figure(comparison_stats(rows), MILESTONES),
                                  os.path.join(out_dir, "comparison.png"))

@@ -21,15 +21,20 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core import outputs, pictures, report
-from layers_core.analysis import PromptAnalysis, analyse_prompt
 from layers_core.csv_io import pure_header, records_header
-from layers_core.document import provenance, single_prompt_document, with_timing
-from layers_core.lens_model import LensModel
-from layers_core.pipeline import SweepSettings
-from layers_core.prompts import DEFAULT_ANSWER, DEFAULT_CONTROL_ANSWER, DEFAULT_CONTROL_PROMPT, DEFAULT_PROMPT
+from layers_core.model.lens_model import LensModel
+from layers_core.pipeline.prompts import (
+    DEFAULT_ANSWER,
+    DEFAULT_CONTROL_ANSWER,
+    DEFAULT_CONTROL_PROMPT,
+    DEFAULT_PROMPT,
+)
+from layers_core.pipeline.sweep import SweepSettings
+from layers_core.results import outputs, pictures, report
+from layers_core.results.analysis import PromptAnalysis, analyse_prompt
+from layers_core.results.document import provenance, single_prompt_document, with_timing
+from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
-from layers_core.tables import frame_from_rows
 
 LENSES = ("logit", "tuned")
 Control = tuple[str, str] | bool | None
@@ -176,7 +181,7 @@ def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: Swee
               lens_path: str | None = None) -> SweepSettings:
     """The sweep's settings; ``lens`` is ``logit``, ``tuned`` (read from ``lens_path``, default
     the model's lens cache) or a ``TunedLens``."""
-    from layers_core.tuned_lens import TunedLens, default_lens_dir
+    from layers_core.lens.tuned import TunedLens, default_lens_dir
 
     if isinstance(lens, TunedLens):
         tuned = lens

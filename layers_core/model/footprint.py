@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from layers_core.lens import DEFAULT_BUDGET_BYTES
+from layers_core.lens.stats import DEFAULT_BUDGET_BYTES
 
 GIB = 2**30
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -10,13 +10,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from layers_core import threads
-from layers_core.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ExperimentConfig
-from layers_core.models import resolve_model_source
-from layers_core.pictures import PictureWorker
+from layers_core.app import threads
+from layers_core.app.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig
+from layers_core.model.loading import resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
     output_paths,
@@ -73,7 +71,7 @@ def prepare_runtime(device: str) -> None:
     import numpy as np
     import torch
 
-    from layers_core.report import SEED
+    from layers_core.results.report import SEED
 
     if device in ("auto", "cuda"):
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
@@ -104,8 +102,8 @@ def _thread_count(config: ExperimentConfig, before: threads.CpuSnapshot | None) 
 
 
 def _load(config: ExperimentConfig, model_id: str | None) -> Any:
-    from layers_core.cli import parse_max_memory
-    from layers_core.lens_model import load
+    from layers_core.app.cli import parse_max_memory
+    from layers_core.model.lens_model import load
 
     dtype = "float32" if config.self_test and config.dtype == "auto" else config.dtype
     max_memory = None if config.max_memory is None else parse_max_memory(config.max_memory)
@@ -114,7 +112,7 @@ def _load(config: ExperimentConfig, model_id: str | None) -> Any:
 
 
 def _sweep_settings(config: ExperimentConfig) -> Any:
-    from layers_core.pipeline import SweepSettings
+    from layers_core.pipeline.sweep import SweepSettings
 
     return SweepSettings(copy_threshold=config.copy_threshold, copy_margin=config.copy_margin,
                          copy_entropy_fallback=config.copy_entropy_fallback)
@@ -147,7 +145,7 @@ def _lens_line(config: ExperimentConfig, result: Any) -> str:
 
 def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str,
                pictures: Any = None) -> dict:
-    from layers_core.api import sweep
+    from layers_core.api.prompt import sweep
 
     result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
                         lens=config.lens, lens_path=config.lens_path, control=_control(config),
@@ -190,9 +188,9 @@ def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
 def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
     from tqdm import tqdm
 
-    from layers_core.battery import sweep_set
-    from layers_core.progress import ProgressStore
-    from layers_core.prompt_sets import load_prompt_set, parse_shard, shard_of
+    from layers_core.api.prompt_set import sweep_set
+    from layers_core.results.progress import ProgressStore
+    from layers_core.results.prompt_sets import load_prompt_set, parse_shard, shard_of
 
     items = load_prompt_set(config.prompts_file)
     indices, chosen = shard_of(items, None if config.shard is None else parse_shard(config.shard))
@@ -249,7 +247,7 @@ def run_model(model_id: str | None, config: ExperimentConfig, directory: str | N
     say(config, f"  load     {stages.timing['load_s']:6.2f} s  {cfg.n_layers} layers, d_model {cfg.d_model}, "
                 f"vocab {cfg.d_vocab}, {lm.device}, {lm.dtype}")
     if config.self_test:
-        from layers_core.pipeline import self_test
+        from layers_core.pipeline.sweep import self_test
 
         return {"last_layer_consistency": stages.run("forward", self_test, lm.bridge, config.prompt,
                                                      config.answer, lm.unembed)}
@@ -265,23 +263,14 @@ def _torch_threads() -> int:
 
 
 def _error_line(name: str, failure: StageError) -> str:
-    from layers_core.report import first_line
+    from layers_core.results.report import first_line
 
     return f"❌ {name}: {failure.stage} failed: {type(failure.error).__name__}: {first_line(failure.error)}"
 
 
-def write_error_document(path: str, error: BaseException, stage: str, model: str,
-                         known_provenance: dict) -> None:
-    """The strict-JSON failure document of one model."""
-    from layers_core.outputs import write_json
-    from layers_core.report import error_document
-
-    write_json(path, error_document(error, stage, model, datetime.now(), known_provenance))
-
-
 def self_test_exit(consistency: dict) -> int:
     """Prints the self-test verdict; its exit code."""
-    from layers_core.pipeline import self_test_verdict
+    from layers_core.pipeline.sweep import self_test_verdict
 
     passed, line = self_test_verdict(consistency)
     print(line)
@@ -307,6 +296,8 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     try:
         run_model(model_id, config, staging, name, stages, pictures)
     except StageError as failure:
+        from layers_core.results.outputs import write_error_document
+
         write_error_document(output_paths(staging, name)["json"], failure.error, failure.stage,
                              source.model_id, {"model_source": source.kind, "model_path": source.path,
                                                "argv": sys.argv})
@@ -332,27 +323,18 @@ def _publish(staging: str, home: str, name: str, managed: bool, success: bool) -
     return home
 
 
-def run(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
-    """Runs the invocation (one model in-process, several through the launcher); exit code.
+def run_in_process(model_id: str | None, config: ExperimentConfig, base_dir: str) -> int:
+    """One model in this process: start-up, threads, the picture worker, then ``run_single``."""
+    from layers_core.results.pictures import PictureWorker
 
-    Ctrl-C ends it with one line, exit 130, no staging directory left behind.
-    """
+    single_prompt = config.prompts_file is None and not config.self_test
+    pictures = PictureWorker() if config.plots and single_prompt else None
     try:
-        if len(models) >= 2:
-            from layers_core.launcher import launch
-
-            return launch(models, config, base_dir)
-        single_prompt = config.prompts_file is None and not config.self_test
-        pictures = PictureWorker() if config.plots and single_prompt else None
-        try:
-            stages = Stages()
-            before = threads.snapshot()
-            stages.run("startup", prepare_runtime, config.device)
-            with threads.torch_threads(_thread_count(config, before)):
-                return run_single(models[0] if models else None, config, base_dir, stages, pictures)
-        finally:
-            if pictures is not None:
-                pictures.close()
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        stages = Stages()
+        before = threads.snapshot()
+        stages.run("startup", prepare_runtime, config.device)
+        with threads.torch_threads(_thread_count(config, before)):
+            return run_single(model_id, config, base_dir, stages, pictures)
+    finally:
+        if pictures is not None:
+            pictures.close()

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.csv_io import TOP_K_VERBOSE
-from layers_core.lens import normalise_layers, row_log_probs, stats_from_log_probs
+from layers_core.lens.stats import normalise_layers, row_log_probs, stats_from_log_probs
 from layers_core.norm_utils import apply_norm_or_skip, lens_norm_plan
 from layers_core.numerics import kl_bits_from_log_probs
-from layers_core.pipeline import (
+from layers_core.pipeline.sweep import (
     SweepResult,
     SweepSettings,
     TokenDecoder,

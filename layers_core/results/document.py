@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from layers_core import report
-from layers_core.analysis import PromptAnalysis
-from layers_core.lens_model import LensModel
+from layers_core.model.lens_model import LensModel
+from layers_core.results import report
+from layers_core.results.analysis import PromptAnalysis
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")

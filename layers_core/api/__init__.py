@@ -1,0 +1,1 @@
+"""The notebook door: sweep one prompt, sweep_set a prompt set."""

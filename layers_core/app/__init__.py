@@ -1,0 +1,1 @@
+"""The shell door: flags, the runner, the launcher, threads."""

@@ -1,0 +1,43 @@
+"""The command line's entry: flags → a frozen config → one model in-process, or the launcher for
+several → exit code (0 success, 1 run or self-test failure, 2 usage error, 130 interrupted).
+
+``run.py`` and ``python -m layers_core`` both call ``main``; nothing here imports torch before the
+flags are parsed, so ``--help`` and usage errors stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from layers_core.app.cli import EXIT_INTERRUPTED, parse_config
+
+SCRIPT_DIR_NAME = "001_layers_and_logits"
+
+
+def default_base_dir() -> str:
+    """Where managed ``run-latest/`` lives: next to ``run.py`` when ``layers_core`` sits in a
+    checkout (an editable install included), else the current working directory."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script_dir = os.path.join(checkout, SCRIPT_DIR_NAME)
+    return script_dir if os.path.isfile(os.path.join(script_dir, "run.py")) else os.getcwd()
+
+
+def main(argv: list[str] | None = None, base_dir: str | None = None) -> int:
+    """Parses ``argv`` (default ``sys.argv[1:]``) and runs the invocation; returns the exit code.
+
+    Ctrl-C ends it with one line, exit 130, no staging directory left behind.
+    """
+    models, config = parse_config(argv)
+    base_dir = base_dir or default_base_dir()
+    try:
+        if len(models) >= 2:
+            from layers_core.app.launcher import launch
+
+            return launch(models, config, base_dir)
+        from layers_core.app.runner import run_in_process
+
+        return run_in_process(models[0] if models else None, config, base_dir)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

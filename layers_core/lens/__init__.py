@@ -1,0 +1,1 @@
+"""The lens: protocol, unembedding, vectorised statistics, tuned lens and its fit."""

@@ -1,0 +1,1 @@
+"""Models: sources, loading, the memory footprint, the loaded LensModel."""

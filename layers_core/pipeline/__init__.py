@@ -1,0 +1,1 @@
+"""One prompt or a batch through the model: forward, rows, checks."""

@@ -1,0 +1,1 @@
+"""Results as data and files: JSON blocks, document, tables, pictures, prompt sets, merge."""
