@@ -17,6 +17,7 @@ from tiny_models import FAMILIES
 import layers_core as lc
 from conftest import RUN_PY
 from layers_core.api.prompt_set import sweep_set
+from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import load_prompt_set
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +43,7 @@ def test_batched_set_equals_one_prompt_at_a_time(load_bridge, family):
     lens_model = lc.load(load_bridge(family))
     batched = sweep_set(lens_model, FACTS, batch_size=4)
     alone = sweep_set(lens_model, FACTS, batch_size=1)
-    assert [o["prompt_id"] for o in batched.outcomes] == [f["id"] for f in FACTS]  # input order
+    assert [o.prompt_id for o in batched.outcomes] == [f["id"] for f in FACTS]  # input order
     for fact in FACTS:
         ours, theirs = batched.sweeps[fact["id"]].pure, alone.sweeps[fact["id"]].pure
         assert (ours["entropy"] - theirs["entropy"]).abs().max() <= 1e-4
@@ -217,7 +218,7 @@ def test_a_set_resumed_entirely_from_checkpoints_keeps_its_provenance(load_bridg
     """Killed after the last batch but before the write: every outcome comes back from disk."""
     lens_model = lc.load(load_bridge("llama"))
     fresh = sweep_set(lens_model, FACTS[:2])
-    done = {o["index"]: json.loads(json.dumps(o)) for o in fresh.outcomes}
+    done = {o.index: PromptOutcome.from_record(json.loads(json.dumps(o.to_record()))) for o in fresh.outcomes}
     resumed = sweep_set(lens_model, FACTS[:2], done=done)
     assert resumed.sweeps == {}
     facts = resumed.document["provenance"]

@@ -13,9 +13,11 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from layers_core.lens.stats import lens_statistics, normalise_layers, rows_per_block
+from layers_core.lens.protocol import NormLens
+from layers_core.lens.stats import lens_statistics, rows_per_block
 from layers_core.numerics import output_logits_transform
-from layers_core.pipeline.sweep import SweepSettings, UnembedPath, run_sweep
+from layers_core.lens.unembed import UnembedPath
+from layers_core.pipeline.sweep import SweepSettings, run_sweep
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 TOLERANCE_BITS = 2e-3
@@ -168,9 +170,10 @@ def test_peak_logit_memory_respects_the_budget(load_bridge, monkeypatch):
     assert max(seen) == 64 * model.cfg.d_vocab * 4 <= budget / 3
 
 
-def test_normalise_layers_does_not_mutate_inputs(load_bridge):
+def test_norm_lens_does_not_mutate_inputs(load_bridge):
     model = load_bridge("gpt2")
-    resid = [torch.randn(3, model.cfg.d_model)]
-    copy = resid[0].clone()
-    out = normalise_layers(resid, [model.ln_final], ["ln_final"])
-    assert torch.equal(resid[0], copy) and not torch.equal(out[0], copy)
+    resid = torch.randn(3, model.cfg.d_model)
+    copy = resid.clone()
+    out = NormLens(model, "final").transform(resid, 1)
+    assert torch.equal(resid, copy) and out is not resid
+    assert not torch.allclose(out, resid)

@@ -135,14 +135,17 @@ def test_allow_lens_mismatch_publishes_with_the_check_recorded(tiny_dirs, tmp_pa
 
 def test_half_precision_gate_tolerance(load_bridge):
     """The gate is 1e-6 bits in float32 and 1e-2 bits when the model computes in half precision."""
-    from layers_core.pipeline.sweep import UnembedPath, last_layer_consistency
+    from layers_core.lens.unembed import Unembedding
+    from layers_core.pipeline.decode import gate_row
+    from layers_core.pipeline.sweep import last_layer_consistency
 
     bridge = load_bridge("llama")
-    unembed = UnembedPath(bridge.unembed.W_U, None, lambda z: z)
+    unembed = Unembedding(bridge.unembed.W_U, None, lambda z: z)
     resid = torch.randn(bridge.cfg.d_model)
     logits = unembed.logits(bridge.ln_final(resid.unsqueeze(0)))[0] + 0.01 * torch.randn(bridge.cfg.d_vocab)
-    exact = last_layer_consistency(bridge, resid, logits, None, unembed, torch.float32)
-    half = last_layer_consistency(bridge, resid, logits, None, unembed, torch.bfloat16)
+    gate = unembed.log_probs(gate_row(bridge, resid))
+    exact = last_layer_consistency(gate, logits, None, unembed, torch.float32)
+    half = last_layer_consistency(gate, logits, None, unembed, torch.bfloat16)
     assert exact["tolerance_bits"] == 1e-6 and exact["passed"] is False
     assert half["tolerance_bits"] == 1e-2 and half["passed"] is True
 

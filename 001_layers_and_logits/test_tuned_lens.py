@@ -148,7 +148,7 @@ def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
 def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run.main(["--lens-path", str(tmp_path)])
-    assert info.value.code == 2 and "--lens-path goes with --lens tuned" in capsys.readouterr().err
+    assert info.value.code == 2 and "--lens-path goes with a fitted lens" in capsys.readouterr().err
     code = run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
                      "--out_dir", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
@@ -190,5 +190,5 @@ def test_multi_token_answers_report_length_sequence_probability_and_ambiguity(lo
     assert gold["p_sequence"] < result.pure["p_answer"].iloc[-1]  # the first piece alone is likelier
     facts = [{"id": "a", "prompt": PROMPT, "answer": "Berlinqz"}, {"id": "b", "prompt": PROMPT, "answer": "Berlinxv"},
              {"id": "c", "prompt": PROMPT, "answer": "Paris"}]
-    flags = [o["entry"]["gold_answer"]["first_piece_ambiguous"] for o in lc.sweep_set(lens_model, facts).outcomes]
+    flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model, facts).document["prompts"]]
     assert flags == [True, True, False]

@@ -209,21 +209,3 @@ def norm_module_label(
         return None
     block_idx, attr = location
     return attr if block_idx is None else f"blocks[{block_idx}].{attr}"
-
-
-TUNED_VIEW = "tuned"
-
-
-def lens_norm_plan(model: nn.Module, strategy: str) -> list[tuple[nn.Module | None, str | None]]:
-    """(norm module, label) for every lens layer 0..n: layer 0 is before block 0, layer ℓ after ℓ−1.
-
-    ``tuned`` (a tuned lens: translators, then the final norm) has the ``final`` plan.
-    """
-    strategy = "final" if strategy == TUNED_VIEW else strategy
-    n_layers = len(model.blocks)
-    plan = [(get_correct_norm_module(model, 0, False, strategy),
-             norm_module_label(model, 0, False, strategy))]
-    for block in range(n_layers):
-        plan.append((get_correct_norm_module(model, block, True, strategy),
-                     norm_module_label(model, block, True, strategy)))
-    return plan

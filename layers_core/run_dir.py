@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from datetime import datetime
 
+from layers_core.lens.views import VIEWS
+
 RUN_LATEST = "run-latest"
 TIMESTAMP_PREFIX = "timestamp-"
 STAGING_PREFIX = ".staging-"
@@ -207,7 +209,6 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
 
 
 OUTPUT_ROLES = ("json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png")
-NORM_NAMES = ("arch", "final", "none")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:
@@ -217,7 +218,7 @@ def model_output_files(directory: str, clean_name: str) -> set[str]:
     """
     paths = output_paths(directory, clean_name)
     candidates = {paths[role] for role in OUTPUT_ROLES}
-    candidates |= {comparison_csv_path(directory, clean_name, norm) for norm in NORM_NAMES}
+    candidates |= {comparison_csv_path(directory, clean_name, view.file_suffix) for view in VIEWS.values()}
     resid = re.compile(re.escape(clean_name) + r"_\d{2,}_resid\.pt$")
     candidates |= {os.path.join(directory, n) for n in os.listdir(directory) if resid.match(n)}
     return {path for path in candidates if os.path.isfile(path)}

@@ -12,6 +12,7 @@ A ``Sweep`` holds what ``run.py`` writes for one prompt, as DataFrames, dicts an
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,8 @@ from typing import Any
 import pandas as pd
 
 from layers_core.csv_io import pure_header, records_header
+from layers_core.lens.protocol import Lens
+from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, view
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.prompts import (
     DEFAULT_ANSWER,
@@ -36,7 +39,6 @@ from layers_core.results.document import provenance, single_prompt_document, wit
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
 
-LENSES = ("logit", "tuned")
 Control = tuple[str, str] | bool | None
 
 
@@ -110,7 +112,7 @@ class Sweep:
 
     def title(self) -> str:
         """Model name, lens and prompt, for pictures."""
-        return (f"{self.lens_model.source.clean_name} — {self.settings.view} lens — "
+        return (f"{self.lens_model.source.clean_name} — {view(self.settings.view).label} — "
                 f"{self.prompt!r}")
 
     def lens_figure(self):
@@ -177,24 +179,33 @@ class timed:  # noqa: N801 - used as a context manager, like contextlib's lower-
         self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
 
 
-def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
-              lens_path: str | None = None) -> SweepSettings:
-    """The sweep's settings; ``lens`` is ``logit``, ``tuned`` (read from ``lens_path``, default
-    the model's lens cache) or a ``TunedLens``."""
-    from layers_core.lens.tuned import TunedLens, default_lens_dir
+def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None) -> Lens | None:
+    """The lens object for ``lens``: None for ``logit`` (the logit lens under ``norm``); a fitted
+    lens's name loads it through its registry row (from ``lens_path``, default its cache for
+    this model); any object with ``name`` and ``transform`` is used as it is. A lens with
+    ``bind(model)`` is bound to this model."""
+    if lens == LOGIT:
+        return None
+    if isinstance(lens, str):
+        loader = view(lens).loader
+        if loader is None:
+            raise ValueError(f"unknown lens {lens!r}; expected one of {LENS_CHOICES} or a Lens object")
+        module, _, function = loader.partition(":")
+        lens = getattr(importlib.import_module(module), function)(lens_path, lens_model)
+    if not isinstance(lens, Lens):
+        raise TypeError(f"lens {lens!r} is not a Lens: it needs a name and transform(residual, layer)")
+    bind = getattr(lens, "bind", None)
+    return lens if bind is None else bind(lens_model.bridge)
 
-    if isinstance(lens, TunedLens):
-        tuned = lens
-    elif lens == "tuned":
-        tuned = TunedLens.load(lens_path or default_lens_dir(lens_model.source.clean_name))
-    elif lens == "logit":
-        tuned = None
-    else:
-        raise ValueError(f"unknown lens {lens!r}; expected one of {LENSES} or a TunedLens")
-    if tuned is not None:
-        tuned.check_fits(lens_model.n_layers, int(lens_model.bridge.cfg.d_model))
+
+def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
+                     lens_path: str | None = None) -> SweepSettings:
+    """The sweep's settings: ``norm`` and the lens (``resolve_lens``) over ``settings``' thresholds."""
+    if norm not in NORM_VIEWS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_VIEWS}")
     base = settings or SweepSettings()
-    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32, tuned_lens=tuned)
+    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32,
+                   lens=resolve_lens(lens_model, lens, lens_path))
 
 
 def sweep(
@@ -214,9 +225,10 @@ def sweep(
         answer: the gold answer; may be omitted only for the default prompt (``Berlin``).
         norm: ``arch`` (the norm the model applies next), ``final`` (``ln_final`` everywhere, the
             standard logit lens) or ``none`` (raw residual).
-        lens: ``logit``, or ``tuned`` (a lens fitted by ``fit_lens.py``, read from ``lens_path`` or
-            the model's lens cache; a ``TunedLens`` object works too). With ``tuned`` the logit
-            lens under ``norm`` is the comparison lens.
+        lens: ``logit`` (the logit lens under ``norm``), ``tuned`` (a lens fitted by
+            ``fit_lens.py``, read from ``lens_path`` or the model's lens cache), or any ``Lens``
+            object (``name`` and ``transform(residual, layer)``, e.g. a ``TunedLens``). Beside a
+            fitted or user lens, the logit lens under ``norm`` is the comparison lens.
         control: None = France → Paris for the legacy prompt, none otherwise; False = none;
             or a ``(control_prompt, control_answer)`` pair.
         settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).

@@ -20,13 +20,14 @@ from typing import Any
 import pandas as pd
 
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
-from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.sweep import SweepSettings, forward_batch
-from layers_core.results import outputs, prompt_sets
+from layers_core.results import outputs, prompt_sets, report
 from layers_core.results.analysis import analyse_prompt
-from layers_core.results.document import prompt_entry, prompt_set_document, provenance, with_timing
+from layers_core.results.document import prompt_entry, provenance, with_timing
+from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PromptItem
+from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
 
@@ -44,20 +45,17 @@ def default_batch_size(lens_model: LensModel, items: Sequence[PromptItem]) -> in
     return max(1, min(MAX_BATCH, BATCH_MEMORY_BYTES // (per_prompt * ACTIVATION_FACTOR)))
 
 
-def outcome_of(index: int, item: PromptItem, result: Sweep, records: bool) -> dict:
+def outcome_of(index: int, item: PromptItem, result: Sweep, records: bool) -> PromptOutcome:
     """A prompt's result as plain data: everything the set's files and JSON are written from."""
     analysis = result.analysis
-    return {
-        "index": index,
-        "prompt_id": item.prompt_id,
-        "entry": prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
-        "summary": prompt_sets.summary_row(item, int(analysis.result.tokens.shape[1]),
-                                           result.diagnostics, analysis.result.pure_rows),
-        "pure": analysis.result.pure_rows,
-        "comparison": analysis.comparison.pure_rows,
-        "comparison_strategy": analysis.comparison.strategy,
-        "records": analysis.result.records if records else [],
-    }
+    return PromptOutcome(
+        index=index, prompt_id=item.prompt_id,
+        entry=prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
+        summary=prompt_sets.summary_row(item, int(analysis.result.tokens.shape[1]), result.diagnostics,
+                                        analysis.result.pure_rows),
+        pure=analysis.result.pure_rows, comparison=analysis.comparison.pure_rows,
+        comparison_strategy=analysis.comparison.strategy,
+        records=analysis.result.records if records else [])
 
 
 @dataclass
@@ -66,7 +64,7 @@ class SweepSet:
     prompt computed in this process (prompts resumed from a checkpoint have outcomes only)."""
 
     lens_model: LensModel
-    outcomes: list[dict]
+    outcomes: list[PromptOutcome]
     sweeps: dict[str, Sweep]
     settings: SweepSettings
     records: bool = False
@@ -79,7 +77,7 @@ class SweepSet:
 
     @property
     def summary_rows(self) -> list[dict]:
-        return [outcome["summary"] for outcome in self.outcomes]
+        return [outcome.summary for outcome in self.outcomes]
 
     @cached_property
     def summary(self) -> pd.DataFrame:
@@ -88,17 +86,16 @@ class SweepSet:
 
     @property
     def document(self) -> dict:
-        """The JSON document of a prompt-set run."""
+        """The JSON document of a prompt-set run (``document.prompt_set_document``)."""
         first = self.outcomes[0]  # resumed from checkpoints or analysed here: provenance either way
-        analysed = self.sweeps.get(first["prompt_id"])
-        facts = provenance(self.lens_model, first["entry"]["prompt"], self.started_at,
+        analysed = self.sweeps.get(first.prompt_id)
+        facts = provenance(self.lens_model, first.entry["prompt"], self.started_at,
                            analysis=None if analysed is None else analysed.analysis)
-        body = prompt_set_document(
-            self.lens_model, [o["entry"] for o in self.outcomes], prompt_sets.aggregate(self.summary_rows),
-            self.source_path, facts)
-        body["prompt_set"].update(total=self.total or len(self.outcomes), shard=self.shard,
-                                  indices=[o["index"] for o in self.outcomes], records=self.records,
-                                  settings=settings_record(self.settings))
+        set_info = {"path": self.source_path, "total": self.total or len(self.outcomes), "shard": self.shard,
+                    "records": self.records, "settings": settings_record(self.settings)}
+        body = prompt_set_document([o.entry for o in self.outcomes], self.summary_rows,
+                                   [o.index for o in self.outcomes], set_info,
+                                   report.model_stats(self.lens_model.bridge), facts)
         return with_timing(body, self.timing, total_seconds(self))
 
     def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
@@ -109,8 +106,7 @@ class SweepSet:
             outputs.write_set_tables(paths, self.outcomes, self.records)
             outputs.write_summary(paths, self.summary_rows)
         if plots:
-            title = (f"{self.lens_model.source.clean_name} — {self.settings.view} lens — "
-                     f"{len(self.outcomes)} prompts")
+            title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
             with timed(self.timing, "plots_s"):
                 outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title)
         document = self.document
@@ -150,8 +146,8 @@ def sweep_set(
     batch_size: int | None = None,
     records: bool = False,
     indices: Sequence[int] | None = None,
-    done: Mapping[int, dict] | None = None,
-    on_batch: Callable[[list[dict], list[Sweep]], None] | None = None,
+    done: Mapping[int, PromptOutcome] | None = None,
+    on_batch: Callable[[list[PromptOutcome], list[Sweep]], None] | None = None,
     source_path: str | None = None,
     shard: str | None = None,
 ) -> SweepSet:
@@ -194,19 +190,10 @@ def sweep_set(
         timing["forward_s"] += forward_s
         timing["lens_s"] += time.perf_counter() - started - forward_s
         if on_batch is not None:
-            on_batch(finished, [sweeps[o["prompt_id"]] for o in finished])
-    ordered = _flag_ambiguous_answers([outcomes[index] for index in sorted(outcomes)])
+            on_batch(finished, [sweeps[o.prompt_id] for o in finished])
+    ordered = [outcomes[index] for index in sorted(outcomes)]
     return SweepSet(lens_model, ordered, sweeps, settings, records, source_path, shard,
                     timing=timing)
-
-
-def _flag_ambiguous_answers(outcomes: list[dict]) -> list[dict]:
-    """Outcomes whose multi-token answer shares its first token with another answer of the set
-    get ``gold_answer.first_piece_ambiguous`` (new dicts; the inputs stay as they are)."""
-    flags = ambiguous_first_pieces([o["entry"]["gold_answer"] for o in outcomes])
-    return [o if flag == o["entry"]["gold_answer"]["first_piece_ambiguous"] else
-            {**o, "entry": {**o["entry"], "gold_answer": {**o["entry"]["gold_answer"], "first_piece_ambiguous": flag}}}
-            for o, flag in zip(outcomes, flags)]
 
 
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,

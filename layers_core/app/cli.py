@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
+from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS
 from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
 from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
 
@@ -18,7 +19,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAP_CHOICES = ("auto", "balanced", "sequential")
-NORM_CHOICES = ("arch", "final", "none")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ExperimentConfig:
     records: bool = False  # a set's per-position records CSV (single prompts always write it)
     shard: str | None = None  # "K/N": the prompts whose position in the file is ≡ K mod N
     resume: bool = False  # skip the prompts already checkpointed in --out_dir
-    lens: str = "logit"  # logit | tuned (a lens fitted by fit_lens.py)
+    lens: str = LOGIT  # logit | a fitted lens (lens.views.FITTED_VIEWS)
     lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
 
 
@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Require P(top-1) − P(top-2) > margin for copy collapse")
     p.add_argument("--no-copy-entropy-fallback", action="store_true",
                    help="Do not count entropy < 1 bit as copy collapse")
-    p.add_argument("--norm", choices=NORM_CHOICES, default=_DEFAULTS.norm_strategy,
+    p.add_argument("--norm", choices=NORM_VIEWS, default=_DEFAULTS.norm_strategy,
                    help="Norm applied before unembedding each layer")
-    p.add_argument("--lens", choices=("logit", "tuned"), default=_DEFAULTS.lens,
+    p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
                    help="logit lens, or a tuned lens fitted by fit_lens.py (then the logit lens under "
                         "--norm is written beside it)")
     p.add_argument("--lens-path", metavar="DIR",
@@ -156,8 +156,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--control-prompt and --control-answer go together"
     if args.no_control and args.control_prompt is not None:
         return "--no-control and --control-prompt exclude each other"
-    if args.lens_path is not None and args.lens != "tuned":
-        return "--lens-path goes with --lens tuned"
+    if args.lens_path is not None and args.lens == LOGIT:
+        return f"--lens-path goes with a fitted lens (--lens {' | '.join(LENS_CHOICES[1:])})"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
     if args.max_memory is not None:

@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from layers_core.norm_utils import apply_norm_or_skip
 from layers_core.numerics import (
     entropy_bits_from_log_probs,
     kl_bits_from_log_probs,
@@ -41,25 +40,12 @@ class LensStats:
     topk_probs: Tensor
     p_answer: Tensor | None
     answer_rank: Tensor | None
-    kl_to_final_bits: Tensor
+    kl_to_final_bits: Tensor | None
 
 
 def rows_per_block(d_vocab: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> int:
     """How many ``[V]`` float32 rows fit the budget, counting the block's live temporaries."""
     return max(1, budget_bytes // (d_vocab * 4 * _LIVE_ROW_COPIES))
-
-
-def normalise_layers(
-    residuals: Sequence[Tensor],
-    norms: Sequence[nn.Module | None],
-    labels: Sequence[str | None],
-    warnings: list[str] | None = None,
-) -> list[Tensor]:
-    """Applies layer ℓ's chosen norm to its residual ``[T, d]``; returns new tensors."""
-    return [
-        apply_norm_or_skip(resid, norm, warnings, label)
-        for resid, norm, label in zip(residuals, norms, labels, strict=True)
-    ]
 
 
 def _block_stats(
@@ -87,7 +73,7 @@ def lens_statistics(
     W_U: Tensor,
     b_U: Tensor | None,
     transform: Callable[[Tensor], Tensor],
-    final_log_probs: Tensor,
+    final_log_probs: Tensor | None,
     answer_id: int | None,
     top_k: int = 20,
     force_fp32_unembed: bool = False,
@@ -98,6 +84,7 @@ def lens_statistics(
 
     ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL
     and the answer rank are taken at position T−1 of each layer (the pure next-token rows).
+    None: no last-position statistics (``answer_rank`` and ``kl_to_final_bits`` are None).
     Memory: at most ``budget_bytes`` of ``[rows, V]`` work. ``chunk_columns``: see
     ``numerics.unembed_logits`` (float32 maths over a half-precision ``W_U``).
     """
@@ -120,10 +107,10 @@ def lens_statistics(
         log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
         parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start
-        if in_block.numel():
+        if in_block.numel() and final_log_probs is not None:
             last_parts.append(_last_position_stats(log_probs[in_block], final_log_probs, answer_id))
     entropy, ids, probs, p_answer = (_cat_cpu(part) for part in zip(*parts))
-    kl, rank = (_cat_cpu(part) for part in zip(*last_parts))
+    kl, rank = (_cat_cpu(part) for part in zip(*last_parts)) if last_parts else (None, None)
     shape = (n_layers, seq_len)
     return LensStats(
         entropy_bits=entropy.reshape(shape),
@@ -140,15 +127,6 @@ def _cat_cpu(pieces: Sequence[Tensor | None]) -> Tensor | None:
 
 
 @torch.inference_mode()
-def row_log_probs(rows: Tensor, W_U: Tensor, b_U: Tensor | None, transform: Callable[[Tensor], Tensor],
-                  force_fp32_unembed: bool = False, chunk_columns: int | None = None) -> Tensor:
-    """Float32 lens log-probs ``[R, V]`` of already normalised rows ``[R, d]`` (one matmul: the
-    unembedding is read once for all of them)."""
-    logits = unembed_logits(rows, W_U, b_U, transform, force_fp32_unembed, chunk_columns=chunk_columns)
-    return torch.log_softmax(logits, dim=-1, out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
-
-
-@torch.inference_mode()
 def stats_from_log_probs(log_probs: Tensor, final_log_probs: Tensor, answer_id: int | None,
                          top_k: int = 20) -> LensStats:
     """``LensStats`` of L last-position rows (``[L, V]`` float32 log-probs) as ``[L, 1]`` tables."""
@@ -160,3 +138,16 @@ def stats_from_log_probs(log_probs: Tensor, final_log_probs: Tensor, answer_id: 
         topk_probs=probs.cpu().reshape(n_layers, 1, top_k),
         p_answer=None if p_answer is None else p_answer.cpu().reshape(n_layers, 1),
         answer_rank=None if rank is None else rank.cpu(), kl_to_final_bits=kl.cpu())
+
+
+def followed_by_last_position(earlier: LensStats, last: LensStats) -> LensStats:
+    """Positions 0..T−2 (``earlier``, ``[L, T−1]`` tables) then the last position (``last``,
+    ``[L, 1]`` with its rank and KL) as one ``[L, T]`` set of statistics."""
+    def joined(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+        return None if b is None else torch.cat([a, b], dim=1)
+
+    return LensStats(entropy_bits=joined(earlier.entropy_bits, last.entropy_bits),
+                     topk_ids=joined(earlier.topk_ids, last.topk_ids),
+                     topk_probs=joined(earlier.topk_probs, last.topk_probs),
+                     p_answer=joined(earlier.p_answer, last.p_answer),
+                     answer_rank=last.answer_rank, kl_to_final_bits=last.kl_to_final_bits)

@@ -14,10 +14,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from layers_core.lens.protocol import describe_plan, plan_warnings
+from layers_core.norm_utils import apply_norm_or_skip
 
 CONFIG_FILE, PARAMS_FILE = "config.json", "params.pt"
 LENS_TYPE = "linear_tuned_lens"
@@ -26,11 +30,35 @@ RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # × the mean eigenvalue of t
 
 @dataclass(frozen=True)
 class TunedLens:
-    """Translators for residual indices 0..L−1: ``weights`` ``[L, d, d]``, ``biases`` ``[L, d]``."""
+    """Translators for residual indices 0..L−1: ``weights`` ``[L, d, d]``, ``biases`` ``[L, d]``.
+
+    A ``Lens``: ``transform`` translates, then applies the model's final norm (``bind(model)``
+    attaches it; ``sweep`` binds the lens it is given).
+    """
 
     weights: Tensor
     biases: Tensor
     base_model: str = ""
+    final_norm: Any = field(default=None, compare=False, repr=False)
+    name: ClassVar[str] = "tuned"
+
+    def bind(self, model: Any) -> TunedLens:
+        """This lens with ``model``'s final norm (``ln_final``), checked to fit the model."""
+        self.check_fits(int(model.cfg.n_layers), int(model.cfg.d_model))
+        return replace(self, final_norm=model.ln_final)
+
+    def transform(self, residual: Tensor, layer: int) -> Tensor:
+        """Translator ``layer``, then the final norm (``bind`` first)."""
+        if self.final_norm is None:
+            raise ValueError("TunedLens.transform needs the model's final norm: call lens.bind(model)")
+        return apply_norm_or_skip(self.translate(residual, layer), self.final_norm, None, "ln_final")
+
+    def per_layer(self) -> list[dict]:
+        return describe_plan([(self.final_norm, "ln_final")] * (self.n_translators + 1))
+
+    @property
+    def warnings(self) -> list[str]:
+        return plan_warnings([(self.final_norm, "ln_final")])
 
     @property
     def n_translators(self) -> int:
@@ -226,3 +254,8 @@ def default_lens_dir(clean_name: str) -> str:
     from layers_core.model.loading import default_cache_root
 
     return os.path.join(default_cache_root(), "tuned-lens", clean_name)
+
+
+def load_for_model(path: str | None, lens_model: Any) -> TunedLens:
+    """The registry's loader: the lens in ``path`` (default: this model's lens cache)."""
+    return TunedLens.load(path or default_lens_dir(lens_model.source.clean_name))

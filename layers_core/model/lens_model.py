@@ -23,6 +23,7 @@ from layers_core.device_policy import (
     unembed_weights_for_analysis,
     upcast_chunk_columns,
 )
+from layers_core.lens.unembed import Unembedding
 from layers_core.model import footprint
 from layers_core.model.loading import (
     LoadReport,
@@ -36,7 +37,7 @@ from layers_core.model.loading import (
     resolve_model_source,
     source_path,
 )
-from layers_core.pipeline.sweep import TokenDecoder, UnembedPath
+from layers_core.model.tokens import TokenDecoder
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class LensModel:
     source: ModelSource
     device: str
     dtype: torch.dtype
-    unembed: UnembedPath
+    unembed: Unembedding
     decoder: TokenDecoder
     load_report: LoadReport = field(default_factory=LoadReport)
     declared_dtype: torch.dtype | None = None  # what the checkpoint's config says it stores
@@ -110,7 +111,7 @@ def check_fits(source: ModelSource, config: Any, device: str, dtype: torch.dtype
             "--device-map auto, or a smaller model")
 
 
-def analysis_unembedding(bridge: Any, dtype: torch.dtype, fp32_unembed: bool = False) -> UnembedPath:
+def analysis_unembedding(bridge: Any, dtype: torch.dtype, fp32_unembed: bool = False) -> Unembedding:
     """The lens's decoding path: float32 maths for every float compute dtype — a float32 shadow
     copy of W_U/b_U where it fits on W_U's device, else the model's own W_U upcast in chunks."""
     use_fp32 = fp32_unembed or should_auto_promote_unembed(dtype)
@@ -121,7 +122,7 @@ def analysis_unembedding(bridge: Any, dtype: torch.dtype, fp32_unembed: bool = F
     W_U, b_U = unembed_weights_for_analysis(bridge, use_fp32 and chunk is None)
     if chunk is not None and b_U is not None:
         b_U = b_U.float()  # [V]: small
-    return UnembedPath(W_U, b_U, numerics.output_logits_transform(bridge), force_fp32=use_fp32,
+    return Unembedding(W_U, b_U, numerics.output_logits_transform(bridge), force_fp32=use_fp32,
                        chunk_columns=chunk)
 
 

@@ -7,7 +7,7 @@ returns plain rows for the CSV writers and the tensors the JSON report needs, an
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +29,19 @@ from layers_core.csv_io import (
     is_verbose_position,
 )
 from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.lens.protocol import Lens, NormLens, lens_description
 from layers_core.lens.stats import (
     DEFAULT_BUDGET_BYTES,
     LensStats,
+    followed_by_last_position,
     lens_statistics,
-    normalise_layers,
     stats_from_log_probs,
 )
-from layers_core.norm_utils import apply_norm_or_skip, classify_norm, lens_norm_plan
-from layers_core.numerics import kl_bits_from_log_probs, unembed_logits
+from layers_core.lens.unembed import Unembedding
+from layers_core.lens.views import comparison_of
+from layers_core.model.tokens import TokenDecoder
+from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.pipeline.decode import LastPositionViews, decode_last_positions, gate_row, transformed_rows
 
 CONSISTENCY_TOLERANCE_BITS = 1e-6  # float32 last-layer lens vs the model's own logits
 HALF_PRECISION_TOLERANCE_BITS = 1e-2  # the same gate when the model computes in bf16/fp16
@@ -46,7 +50,11 @@ HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this muc
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """The knobs of one sweep; defaults are the legacy ones."""
+    """The knobs of one sweep; defaults are the legacy ones.
+
+    ``lens``: a ``Lens`` decoding the main tables (None: the logit lens under ``norm_strategy``);
+    the comparison lens is its registry partner, or the logit lens under ``norm_strategy``.
+    """
 
     norm_strategy: str = "arch"
     copy_threshold: float = COPY_THRESHOLD
@@ -54,41 +62,22 @@ class SweepSettings:
     copy_entropy_fallback: bool = True
     fp32_unembed: bool = False
     budget_bytes: int = DEFAULT_BUDGET_BYTES
-    tuned_lens: Any = field(default=None, compare=False)  # a TunedLens: decode translated residuals
+    lens: Any = field(default=None, compare=False)
 
     @property
     def view(self) -> str:
-        """The chosen lens: ``tuned``, or the logit lens's norm strategy."""
-        return "tuned" if self.tuned_lens is not None else self.norm_strategy
-
-    def translated(self, residuals: Sequence[Tensor]) -> list[Tensor]:
-        """Layer ℓ's rows through the tuned lens's translator ℓ (unchanged for the logit lens)."""
-        if self.tuned_lens is None:
-            return list(residuals)
-        return [self.tuned_lens.translate(resid, layer) for layer, resid in enumerate(residuals)]
-
-
-@dataclass
-class UnembedPath:
-    """The decoding half of the lens: weights for analysis and the post-unembed transform."""
-
-    W_U: Tensor
-    b_U: Tensor | None
-    transform: Callable[[Tensor], Tensor]
-    force_fp32: bool = False
-    chunk_columns: int | None = None  # upcast a half-precision W_U this many columns at a time
+        """The chosen lens's name: a fitted or user lens's, else the norm strategy."""
+        return self.norm_strategy if self.lens is None else self.lens.name
 
     @property
-    def matmul_dtype(self) -> torch.dtype:
-        """The dtype the unembedding's matmul runs in."""
-        if self.force_fp32 and self.W_U.is_floating_point():
-            return torch.float32
-        return self.W_U.dtype
+    def comparison_view(self) -> str:
+        """The lens written beside the chosen one (``lens.views.comparison_of``)."""
+        return comparison_of(self.view, self.norm_strategy)
 
-    def logits(self, resid_normed: Tensor) -> Tensor:
-        """``[..., d]`` → float32 lens logits ``[..., V]``."""
-        return unembed_logits(resid_normed, self.W_U, self.b_U, self.transform, self.force_fp32,
-                              chunk_columns=self.chunk_columns)
+    def lenses(self, model: Any) -> tuple[Lens, Lens]:
+        """(the chosen lens, the comparison lens) for ``model``."""
+        chosen = self.lens if self.lens is not None else NormLens(model, self.norm_strategy)
+        return chosen, NormLens(model, self.comparison_view)
 
 
 @dataclass
@@ -103,9 +92,9 @@ class SweepResult:
     records: list[dict]
     pure_rows: list[dict]
     norm_per_layer: list[dict]
-    resid_normed: list[Tensor]  # L × [T, d] in the compute dtype
-    last_block_resid: Tensor  # [d], blocks.{n-1}.hook_resid_post at T−1
+    resid_normed: list[Tensor]  # L × [T, d], the lens's output in the compute dtype (records only)
     last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
+    views: LastPositionViews  # every last-position view, decoded once
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
 
@@ -143,22 +132,6 @@ def forward_with_residuals(
     residuals = [cache.pop(name)[0] for name in names]
     check_finite(logits, residuals, residuals[0].dtype)
     return logits, residuals
-
-
-class TokenDecoder:
-    """``tokenizer.decode([id])`` with a cache, filled in one batch per call of ``decode_many``."""
-
-    def __init__(self, tokenizer: Any):
-        self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def decode_many(self, ids: Iterable[int]) -> dict[int, str]:
-        """Decodes every not-yet-seen id in one ``batch_decode`` call; returns the cache."""
-        missing = sorted(set(ids) - self._cache.keys())
-        if missing:
-            texts = self._tokenizer.batch_decode([[i] for i in missing])
-            self._cache.update(zip(missing, texts))
-        return self._cache
 
 
 def _topk_cells(ids: Sequence[int], probs: Sequence[float], k: int, vocab: dict[int, str]) -> dict:
@@ -229,24 +202,6 @@ def build_pure_rows(
                    answer_rank=rank, kl_to_final_bits=kl)
         rows.append(row)
     return rows
-
-
-def classify_plan_warnings(plan: Sequence[tuple[Any, str | None]], warnings: list[str]) -> None:
-    """The warnings ``normalise_layers`` would append for this plan (unknown norm kinds)."""
-    for module, label in plan:
-        if module is not None and classify_norm(module) == "unknown":
-            warnings.append(f"unknown norm type {type(module).__name__} at {label or '?'}: "
-                            "normalisation skipped")
-
-
-def describe_norm_plan(plan: Sequence[tuple[Any, str | None]]) -> list[dict]:
-    """``[{layer, norm, kind}]`` for the JSON from a ``lens_norm_plan``: which norm decodes each
-    layer and with what maths."""
-    return [
-        {"layer": layer, "norm": label,
-         "kind": None if module is None else classify_norm(module)}
-        for layer, (module, label) in enumerate(plan)
-    ]
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -321,85 +276,79 @@ def run_sweep(
     model: Any,
     prompt: str,
     answer: str,
-    unembed: UnembedPath,
+    unembed: Unembedding,
     settings: SweepSettings = SweepSettings(),
     decoder: TokenDecoder | None = None,
     forwarded: Forwarded | None = None,
     records: bool = True,
-    last_log_probs: Tensor | None = None,
 ) -> SweepResult:
-    """Forward once with hooks (unless ``forwarded`` is given), decode every layer and build the
-    records and pure rows. Without ``records`` only the last position is decoded: the pure rows
-    are the same, the records empty; ``last_log_probs`` ``[L, V]`` are those rows if already
-    decoded (``lens_checks.last_position_views``)."""
-    tokenizer = model.tokenizer
-    decoder = decoder or TokenDecoder(tokenizer)
+    """Forward once with hooks (unless ``forwarded`` is given), decode every layer through the
+    chosen lens and build the records and pure rows.
+
+    The last position of every layer is decoded once, with every other view the prompt needs
+    (``decode.decode_last_positions``); with ``records`` the other positions are decoded in
+    memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
+    """
+    decoder = decoder or TokenDecoder(model.tokenizer)
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device)
     started = time.perf_counter()
-    tokens, model_logits, residuals = forwarded.tokens, forwarded.model_logits, forwarded.residuals
     str_tokens = list(model.to_str_tokens(prompt))
-    gold = resolve_gold_answer(tokenizer, prompt, answer)
-
-    warnings: list[str] = []
-    plan = lens_norm_plan(model, settings.view)
-    last_block_resid = residuals[-1][-1]
+    gold = resolve_gold_answer(model.tokenizer, prompt, answer)
+    lens, other = settings.lenses(model)
+    residuals = forwarded.residuals
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
-    decoded = settings.translated(residuals if records else [resid[-1:] for resid in residuals])
     with torch.inference_mode():
-        final_log_probs = torch.log_softmax(model_logits[-1], dim=-1)
-        if last_log_probs is not None and not records:
-            resid_normed: list[Tensor] = []
-            classify_plan_warnings(plan, warnings)
-            stats = stats_from_log_probs(last_log_probs, final_log_probs, gold["first_id"], TOP_K_VERBOSE)
-        else:
-            resid_normed = normalise_layers(decoded, [m for m, _ in plan], [lb for _, lb in plan], warnings)
-            stats = lens_statistics(resid_normed, unembed.W_U, unembed.b_U, unembed.transform,
-                                    final_log_probs, gold["first_id"], TOP_K_VERBOSE,
-                                    unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
-    if records:
-        verbose = verbose_positions(str_tokens)
-        needed = torch.cat([stats.topk_ids[:, :, :TOP_K_RECORD].flatten(),
-                            stats.topk_ids[:, torch.tensor(verbose)].flatten()])  # ids in a CSV cell
-    else:
-        needed = stats.topk_ids[:, :, :TOP_K_RECORD].flatten()
-    vocab = decoder.decode_many(torch.unique(needed).tolist())
-    record_rows = build_records(stats, str_tokens, vocab, verbose) if records else []
-    pure = build_pure_rows(stats, prompt_token_ids(tokenizer, prompt), gold, vocab, settings,
-                           position=int(tokens.shape[1]) - 1)
-    finished = time.perf_counter()
+        lens_rows = transformed_rows(lens, residuals if records else [resid[-1:] for resid in residuals])
+        views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),
+                                      other, unembed)
+        final_log_probs = torch.log_softmax(forwarded.model_logits[-1], dim=-1)
+        stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"], TOP_K_VERBOSE)
+        if records and len(str_tokens) > 1:
+            earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed.W_U, unembed.b_U,
+                                      unembed.transform, None, gold["first_id"], TOP_K_VERBOSE,
+                                      unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
+            stats = followed_by_last_position(earlier, stats)
+    vocab = decoder.decode_many(torch.unique(_ids_shown(stats, str_tokens, records)).tolist())
+    position = int(forwarded.tokens.shape[1]) - 1
     return SweepResult(
-        prompt=prompt, tokens=tokens, str_tokens=str_tokens, gold=gold, model_logits=model_logits,
-        records=record_rows, pure_rows=pure,
-        norm_per_layer=describe_norm_plan(plan),
-        resid_normed=resid_normed, last_block_resid=last_block_resid,
-        last_position_resid=last_position_resid, warnings=warnings,
-        timing={"forward_s": forwarded.forward_s, "lens_s": finished - started},
+        prompt=prompt, tokens=forwarded.tokens, str_tokens=str_tokens, gold=gold,
+        model_logits=forwarded.model_logits,
+        records=build_records(stats, str_tokens, vocab) if records else [],
+        pure_rows=build_pure_rows(stats, prompt_token_ids(model.tokenizer, prompt), gold, vocab, settings,
+                                  position=position),
+        norm_per_layer=lens_description(lens, len(residuals) - 1),
+        resid_normed=lens_rows if records else [], last_position_resid=last_position_resid, views=views,
+        warnings=list(getattr(lens, "warnings", [])),
+        timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
     )
 
 
+def _ids_shown(stats: LensStats, str_tokens: Sequence[str], records: bool) -> Tensor:
+    """The token ids some CSV cell shows: top-5 everywhere, top-20 at verbose positions."""
+    shown = stats.topk_ids[:, :, :TOP_K_RECORD].flatten()
+    if not records:
+        return shown
+    return torch.cat([shown, stats.topk_ids[:, torch.tensor(verbose_positions(str_tokens))].flatten()])
+
+
 def last_layer_consistency(
-    model: Any,
-    last_block_resid: Tensor,
+    gate_log_probs: Tensor,
     model_last_logits: Tensor,
     answer_id: int | None,
-    unembed: UnembedPath,
+    unembed: Unembedding,
     compute_dtype: torch.dtype,
     tolerance_bits: float | None = None,
-    lens_log_probs: Tensor | None = None,
 ) -> dict:
-    """Lens at the last layer through ``ln_final`` vs the model's own logits.
+    """The lens at the last layer through ``ln_final`` vs the model's own logits.
 
-    ``last_block_resid`` ``[d]`` is ``blocks.{n-1}.hook_resid_post`` at the last position and
-    ``model_last_logits`` ``[V]`` the model's own logits there. ``passed`` = KL(model ‖ lens) ≤
-    the tolerance: 1e-6 bits when both the compute dtype and the unembedding are float32 (the
-    pipeline must then be exact), 1e-2 bits in half precision. ``lens_log_probs`` ``[V]``: the
-    lens row if already decoded.
+    ``gate_log_probs`` ``[V]`` is that lens row (``LastPositionViews.consistency``: ``ln_final`` of
+    ``blocks.{n-1}.hook_resid_post`` at the last position) and ``model_last_logits`` ``[V]`` the
+    model's own logits there. ``passed`` = KL(model ‖ lens) ≤ the tolerance: 1e-6 bits when both
+    the compute dtype and the unembedding are float32 (the pipeline must then be exact), 1e-2
+    bits in half precision.
     """
     with torch.inference_mode():
-        if lens_log_probs is None:
-            lens_logits = unembed.logits(apply_norm_or_skip(last_block_resid, model.ln_final))
-            lens_log_probs = torch.log_softmax(lens_logits, dim=-1)
-        lens_lp = lens_log_probs.reshape(-1)
+        lens_lp = gate_log_probs.reshape(-1)
         model_lp = torch.log_softmax(model_last_logits.float(), dim=-1)
         kl = float(kl_bits_from_log_probs(model_lp, lens_lp))
     exact = compute_dtype == torch.float32 and unembed.matmul_dtype == torch.float32
@@ -419,13 +368,13 @@ def last_layer_consistency(
     }
 
 
-def self_test(model: Any, prompt: str, answer: str, unembed: UnembedPath) -> dict:
+def self_test(model: Any, prompt: str, answer: str, unembed: Unembedding) -> dict:
     """The self-test gate: one forward, then ``last_layer_consistency`` in the model's dtype."""
     tokens = model.to_tokens(prompt)
     model_logits, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer)
-    return last_layer_consistency(model, residuals[-1][-1], model_logits[-1], gold["first_id"],
-                                  unembed, _param_dtype(model))
+    gate = unembed.log_probs(gate_row(model, residuals[-1][-1]))
+    return last_layer_consistency(gate, model_logits[-1], gold["first_id"], unembed, _param_dtype(model))
 
 
 def _param_dtype(model: Any) -> torch.dtype:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from layers_core.model.lens_model import LensModel
 from layers_core.numerics import get_post_unembed_transform
 from layers_core.pipeline.checks import (
@@ -17,18 +15,9 @@ from layers_core.pipeline.checks import (
     answer_sequence_probability,
     compare_lenses,
     control_margins,
-    last_position_lens_log_probs,
-    last_position_views,
     raw_lens_check,
 )
-from layers_core.pipeline.sweep import (
-    Forwarded,
-    SweepResult,
-    SweepSettings,
-    forward_prompt,
-    last_layer_consistency,
-    run_sweep,
-)
+from layers_core.pipeline.sweep import Forwarded, SweepResult, SweepSettings, last_layer_consistency, run_sweep
 from layers_core.results import report
 
 DEPTH_FRACTION_DECIMALS = 3
@@ -67,22 +56,10 @@ def analyse_prompt(
     position (else only the last: the same pure rows, no records).
     """
     model = ctx.bridge
-    views: dict = {}
-    if not records:  # every last-position view in one unembedding
-        forwarded = forwarded or forward_prompt(model, prompt, ctx.unembed.W_U.device)
-        residuals = forwarded.residuals
-        views = last_position_views(model, torch.stack([r[-1] for r in residuals]), residuals[-1][-1],
-                                    ctx.unembed, settings)
-    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records,
-                       views.get("chosen"))
-    consistency = last_layer_consistency(model, result.last_block_resid, result.model_logits[-1],
-                                         result.gold["first_id"], ctx.unembed, ctx.dtype,
-                                         lens_log_probs=views.get("consistency"))
-    chosen_lp = views.get("chosen")
-    if chosen_lp is None:
-        chosen_lp = last_position_lens_log_probs(model, result.last_position_resid, ctx.unembed, settings)
-    comparison = compare_lenses(model, result, ctx.unembed, settings, ctx.decoder, chosen_lp,
-                                other_log_probs=views.get("other"))
+    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records)
+    consistency = last_layer_consistency(result.views.consistency, result.model_logits[-1],
+                                         result.gold["first_id"], ctx.unembed, ctx.dtype)
+    comparison = compare_lenses(model, result, settings, ctx.decoder)
     diagnostics = report.diagnostics(
         model, ctx.model_id, ctx.device, result, settings, ctx.unembed.matmul_dtype,
         model.cfg.positional_embedding_type == "standard", consistency,
@@ -96,8 +73,7 @@ def analyse_prompt(
             model, result.tokens, result.gold["answer_ids"], result.model_logits[-1])),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.view,
                                                         diagnostics["tied_embeddings"]),
-        "raw_lens_check": raw_lens_check(result, ctx.unembed, settings.view, chosen_lp,
-                                         views.get("raw")),
+        "raw_lens_check": raw_lens_check(result, settings.view),
         "control_summary": None if margins is None else {
             key: margins[key] for key in ("control_prompt", "control_answer", "status",
                                           "first_control_margin_pos", "max_control_margin")},

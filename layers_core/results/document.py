@@ -63,18 +63,6 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
     }
 
 
-def prompt_set_document(lm: LensModel, entries: Sequence[dict], aggregate: dict, source_path: str | None,
-                        provenance_block: dict) -> dict:
-    """The document of a prompt-set run (without ``timing``)."""
-    return {
-        "prompt_set": {"path": source_path, "count": len(entries)},
-        "aggregate": aggregate,
-        "prompts": list(entries),
-        "model_stats": report.model_stats(lm.bridge),
-        "provenance": provenance_block,
-    }
-
-
 def prompt_entry(prompt_id: str, prompt: str, answer: str, analysis: PromptAnalysis) -> dict:
     """One prompt of a set in the document: its id, text, length and every analysis block."""
     return {"prompt_id": prompt_id, "prompt": prompt, "answer": answer,

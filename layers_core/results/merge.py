@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from layers_core.csv_io import render_csv
 from layers_core.results import prompt_sets
+from layers_core.results.outcome import PromptOutcome
+from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
 
 MILESTONES = ["L_copy", "L_semantic", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
@@ -134,16 +136,11 @@ def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = Tr
         target = comparison_csv_path(out_dir, name, other) if role == "other" else paths[role]
         atomic_write(target, text)
     summary = _summary_dicts(texts["summary"])
-    document = {
-        "prompt_set": {**first["prompt_set"], "count": len(entries), "shard": None,
-                       "indices": [index for index, _ in entries],
-                       "merged_from": sorted({p.directory for p in parts})},
-        "aggregate": prompt_sets.aggregate(summary),
-        "prompts": [entry for _, entry in entries],
-        "model_stats": first["model_stats"],
-        "provenance": first["provenance"],
-    }
-    from layers_core.results.outputs import write_json
+    set_info = {key: value for key, value in first["prompt_set"].items() if key not in ("count", "indices")}
+    set_info.update(shard=None, merged_from=sorted({p.directory for p in parts}))
+    document = prompt_set_document([entry for _, entry in entries], summary, [index for index, _ in entries],
+                                   set_info, first["model_stats"], first["provenance"])
+    from layers_core.results.outputs import write_json  # imports torch: only when writing
 
     write_json(paths["json"], document)
     if plots:
@@ -168,11 +165,11 @@ def _merged_pictures(paths: dict, name: str, document: dict, summary: list[dict]
         return {pid: group.drop(columns="prompt_id").to_dict("records") for pid, group in frame.groupby("prompt_id", sort=False)}
 
     pure, comparison = by_prompt(pure_text), by_prompt(other_text)
-    outcomes = [{"prompt_id": row["prompt_id"], "summary": row, "pure": pure[row["prompt_id"]],
-                 "comparison": comparison[row["prompt_id"]], "comparison_strategy": other} for row in summary]
+    outcomes = [PromptOutcome(index, row["prompt_id"], {}, row, pure[row["prompt_id"]], comparison[row["prompt_id"]],
+                              other) for index, row in zip(document["prompt_set"]["indices"], summary)]
     n_layers = int(document["model_stats"]["num_layers"])
-    norm = document["prompt_set"]["settings"]["norm"]
-    outputs.write_set_pictures(paths, outcomes, n_layers, f"{name} — {norm} lens — {len(summary)} prompts")
+    title = set_picture_title(name, document["prompt_set"]["settings"]["lens"], len(summary))
+    outputs.write_set_pictures(paths, outcomes, n_layers, title)
 
 
 def comparison_rows(models: dict[str, dict]) -> list[dict]:

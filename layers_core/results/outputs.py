@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from layers_core.csv_io import records_header, render_csv, write_csv_files, write_pure_csv
+from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
 from layers_core.results.report import error_document, to_strict_json
 from layers_core.run_dir import atomic_write, comparison_csv_path, residual_path
@@ -28,16 +29,16 @@ def write_prompt_tables(paths: Mapping[str, str], analysis: Any) -> None:
                    comparison_csv_path(paths["dir"], paths["name"], analysis.comparison.strategy))
 
 
-def _rows(outcomes: Sequence[Mapping[str, Any]], key: str) -> list[dict]:
-    return [{PROMPT_ID_COLUMN: o["prompt_id"], **row} for o in outcomes for row in o[key]]
+def _rows(outcomes: Sequence[PromptOutcome], key: str) -> list[dict]:
+    return [{PROMPT_ID_COLUMN: o.prompt_id, **row} for o in outcomes for row in getattr(o, key)]
 
 
-def write_set_tables(paths: Mapping[str, str], outcomes: Sequence[Mapping[str, Any]], records: bool) -> None:
+def write_set_tables(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], records: bool) -> None:
     """A prompt set's pure and comparison-lens CSVs (and records, if asked), rows led by
-    ``prompt_id``, prompts in file order. Written from plain outcomes (``battery.outcome_of``)."""
+    ``prompt_id``, prompts in file order. Written from plain outcomes."""
     leading = [PROMPT_ID_COLUMN]
     write_pure_csv(_rows(outcomes, "pure"), paths["pure"], leading_columns=leading)
-    strategy = outcomes[0]["comparison_strategy"]
+    strategy = outcomes[0].comparison_strategy
     write_pure_csv(_rows(outcomes, "comparison"), comparison_csv_path(paths["dir"], paths["name"], strategy),
                    leading_columns=leading)
     if records:
@@ -60,15 +61,15 @@ def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]
     atomic_write(paths["summary"], render_csv(summary, SUMMARY_COLUMNS))
 
 
-def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[Mapping[str, Any]],
+def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome],
                        n_layers: int, title: str) -> None:
     """The prompt-set summary picture (milestones as fractions of depth) and the small multiples
     of every prompt's answer rank per layer."""
     from layers_core.results import plots
 
-    summary = [o["summary"] for o in outcomes]
+    summary = [o.summary for o in outcomes]
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
-    curves = {o["prompt_id"]: (o["pure"], o["comparison"], o["comparison_strategy"]) for o in outcomes}
+    curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
     plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
 
 

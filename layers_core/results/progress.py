@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from layers_core.results.outcome import PromptOutcome
 from layers_core.run_dir import atomic_write
 
 PROGRESS_PREFIX = ".progress-"
@@ -33,7 +34,7 @@ class ProgressStore:
         self.directory = os.path.join(out_dir, PROGRESS_PREFIX + name)
         self.fingerprint = dict(fingerprint)
 
-    def start(self, resume: bool) -> dict[int, dict]:
+    def start(self, resume: bool) -> dict[int, PromptOutcome]:
         """Opens the store: with ``resume``, the outcomes already finished (by index), checked
         against this run's settings; without, an empty store. Returns the finished outcomes."""
         if resume and os.path.isdir(self.directory):
@@ -56,20 +57,20 @@ class ProgressStore:
             raise ProgressMismatch(f"the checkpoints in {self.directory} were made with other "
                                    f"settings ({', '.join(changed)}); run without --resume to start over")
 
-    def _load(self) -> dict[int, dict]:
-        done: dict[int, dict] = {}
+    def _load(self) -> dict[int, PromptOutcome]:
+        done: dict[int, PromptOutcome] = {}
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(BATCH_PREFIX) and name.endswith(".json"):
                 with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
                     for outcome in json.load(handle):
-                        done[int(outcome["index"])] = outcome
+                        done[int(outcome["index"])] = PromptOutcome.from_record(outcome)
         return done
 
-    def record(self, outcomes: Sequence[Mapping[str, Any]]) -> None:
+    def record(self, outcomes: Sequence[PromptOutcome]) -> None:
         """Checkpoints one finished batch (atomically)."""
-        first = min(int(o["index"]) for o in outcomes)
+        first = min(o.index for o in outcomes)
         path = os.path.join(self.directory, f"{BATCH_PREFIX}{first:07d}.json")
-        atomic_write(path, json.dumps(list(outcomes), ensure_ascii=False))
+        atomic_write(path, json.dumps([o.to_record() for o in outcomes], ensure_ascii=False))
 
     def finish(self) -> None:
         """Removes the checkpoints once the set's outputs are published."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones, summarize_collapse
+from layers_core.lens.views import view
 from layers_core.model.loading import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
@@ -116,8 +117,7 @@ def _legacy_norm_labels(model: Any, strategy: str) -> dict:
                      else "using_ln2_layernorm_for_post_block")
     else:
         alignment = "fallback_to_ln1"
-    layer0 = {"arch": "using_real_ln1_on_embeddings", "final": "using_ln_final_on_embeddings",
-              "none": "no_normalization", "tuned": "using_tuned_translator_then_ln_final"}[strategy]
+    layer0 = view(strategy).layer0_norm_fix
     return {
         "first_block_ln1_type": _norm_class(ln1),
         "final_ln_type": _norm_class(getattr(model, "ln_final", None)),

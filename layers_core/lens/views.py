@@ -1,0 +1,62 @@
+"""The registry of lens views: one row per view, torch-free (the CLI, run_dir, the report and the
+pictures read it; adding a lens is one class plus one row here).
+
+A *view* is what decoded a table: a norm strategy of the logit lens (``final``, ``arch``,
+``none``) or a fitted lens (``tuned``). Each row names its comparison partner (the lens written
+beside it; None = the logit lens under ``--norm``), the legacy ``layer0_norm_fix`` label, and for
+fitted lenses the ``module:function`` that loads one for a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOGIT = "logit"  # --lens logit: the logit lens under --norm
+
+
+@dataclass(frozen=True)
+class View:
+    """One lens view: its name (JSON ``norm_strategy.name``, file suffix, picture label)."""
+
+    name: str
+    partner: str | None  # the comparison view; None = the logit lens under --norm
+    layer0_norm_fix: str  # diagnostics.layer0_norm_fix (a legacy label)
+    description: str
+    loader: str | None = None  # "module:function(path, lens_model) -> Lens" for fitted lenses
+
+    @property
+    def label(self) -> str:
+        """How pictures and console lines name it, e.g. ``final lens``."""
+        return f"{self.name} lens"
+
+    @property
+    def file_suffix(self) -> str:
+        """``output-<name>-pure-next-token-<suffix>.csv`` when this view is the comparison."""
+        return self.name
+
+
+VIEWS: dict[str, View] = {view.name: view for view in (
+    View("final", "arch", "using_ln_final_on_embeddings",
+         "ln_final at every layer: the standard logit lens"),
+    View("arch", "final", "using_real_ln1_on_embeddings",
+         "the norm the model applies next (the seed's rule)"),
+    View("none", "final", "no_normalization", "the raw residual, no norm"),
+    View("tuned", None, "using_tuned_translator_then_ln_final",
+         "an affine translator per layer, then ln_final (fit_lens.py)",
+         loader="layers_core.lens.tuned:load_for_model"),
+)}
+NORM_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is None)  # --norm choices
+FITTED_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is not None)
+LENS_CHOICES = (LOGIT, *FITTED_VIEWS)  # --lens choices
+
+
+def view(name: str) -> View:
+    """The registry row of ``name``; a user lens not in the registry gets a row of its own
+    (compared with the logit lens under ``--norm``)."""
+    return VIEWS.get(name) or View(name, None, "user_lens", "a user lens")
+
+
+def comparison_of(chosen: str, norm_strategy: str) -> str:
+    """The view written beside ``chosen``: its partner, or the logit lens under ``--norm``."""
+    partner = view(chosen).partner
+    return norm_strategy if partner is None else partner
