@@ -171,8 +171,8 @@ def _check_agreement(sweep_records, sweep_pure, loop_rows, loop_pure) -> None:
 def _sweep_setup(model):
     from layers_core.device_policy import unembed_weights_for_analysis
     from layers_core.lens.protocol import lens_norm_plan
-    from layers_core.numerics import output_logits_transform
     from layers_core.lens.unembed import UnembedPath
+    from layers_core.numerics import output_logits_transform
 
     W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
     unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)

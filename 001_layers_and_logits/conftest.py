@@ -80,3 +80,21 @@ def bundled_bridge(bundled_model_dir):
     from layers_core.model.loading import load_model, resolve_model_source
 
     return load_model(resolve_model_source(bundled_model_dir), "cpu", torch.float32)
+
+
+def assert_clean_failure(captured, code, expected_code):
+    """At most three non-empty stderr lines, no traceback, no ✅, and the expected exit code."""
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == expected_code
+    assert len(err_lines) <= 3, err_lines
+    assert "Traceback" not in captured.err and "✅" not in captured.out
+
+
+@pytest.fixture
+def managed(tmp_path, monkeypatch, tiny_dirs):
+    """A managed base directory holding a published run-latest/ of the tiny Llama."""
+    import run
+
+    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
+    return tmp_path

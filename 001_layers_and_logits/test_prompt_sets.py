@@ -50,19 +50,6 @@ def test_malformed_set_fails_before_any_model_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--prompt", "x", "--answer", "y"], "--prompts and --prompt exclude each other"),
-    (["--keep-residuals"], "--prompts and --keep-residuals exclude each other"),
-    (["--self-test"], "--prompts and --self-test exclude each other"),
-])
-def test_prompt_set_flag_conflicts_are_usage_errors(tmp_path, capsys, extra, message):
-    good = tmp_path / "set.jsonl"
-    good.write_text('{"prompt": "a", "answer": "b"}\n')
-    with pytest.raises(SystemExit) as info:
-        run.main(["--device", "cpu", "--prompts", str(good), *extra])
-    assert info.value.code == 2 and message in capsys.readouterr().err
-
-
 def test_aggregate_medians_iqr_and_nulls():
     rows = [{"gold_status": "ok", **{c: None for c in SUMMARY_COLUMNS[4:12]}} for _ in range(4)]
     for row, value in zip(rows, (10, 20, 30, None)):

@@ -107,21 +107,6 @@ def test_config_defaults_have_one_home():
         config.device = "cuda"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--prompt", "Hello"], "--prompt requires --answer"),
-    (["--prompt", "  ", "--answer", "x"], "must not be empty"),
-    (["--copy-threshold", "1.5"], "--copy-threshold must be in (0, 1]"),
-    (["--copy-threshold", "0"], "--copy-threshold must be in (0, 1]"),
-    (["--norm", "bogus"], "invalid choice"),
-])
-def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
-    with pytest.raises(SystemExit) as info:
-        run.main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-
-
 # ---- every family end to end ----------------------------------------------------------------
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

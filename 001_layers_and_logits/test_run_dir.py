@@ -1,16 +1,24 @@
 """run_dir: rotation with a fixed clock, collision safety, staging and publish, atomic writes."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from datetime import datetime
 
 import pytest
+import run
 
+from conftest import assert_clean_failure
 from layers_core.run_dir import (
     atomic_write,
     create_staging_dir,
+    prune_runs,
     publish_staging_dir,
     rotate_run_latest,
     setup_run_latest_directory,
+    sweep_stale_staging,
     unique_path,
 )
 
@@ -102,3 +110,66 @@ def test_atomic_write_replaces_and_cleans_up_on_failure(tmp_path):
         atomic_write(str(target), 12345)  # not str/bytes: nothing replaced, no temp left
     assert target.read_text() == "second" and os.listdir(tmp_path) == ["f.txt"]
     assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)
+
+
+def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path):
+    out = tmp_path / "out"
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    assert (out / "output-llama-lens.png").exists() and (out / "llama_00_resid.pt").exists()
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",
+                     "--norm", "final"]) == 0
+    names = sorted(os.listdir(out))
+    assert "output-llama-lens.png" not in names and "llama_00_resid.pt" not in names
+    assert "output-llama-pure-next-token-final.csv" not in names  # the comparison lens is now arch
+    assert "output-llama-pure-next-token-arch.csv" in names
+    assert "output-gpt2.json" in names and "output-gpt2-records.csv" in names  # others stay
+    assert not [n for n in names if n.startswith(".")]
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "a-file", lambda p: p / "a-file" / "below"])
+def test_unusable_out_dir_is_a_usage_error_before_loading(tmp_path, capsys, make):
+    (tmp_path / "a-file").write_text("x")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        run.main(["--device", "cpu", str(tmp_path / "never-loaded"), "--out_dir", str(make(tmp_path))])
+    assert_clean_failure(capsys.readouterr(), info.value.code, 2)
+    assert time.perf_counter() - started < 5
+
+
+def test_read_only_out_dir_is_refused(tmp_path, monkeypatch):
+    """Root ignores permission bits, so the check's own verdict is tested."""
+    from layers_core import run_dir
+
+    monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)
+    assert "is not writable" in run_dir.check_writable_dir(str(tmp_path))
+
+
+def test_stale_staging_of_dead_processes_on_this_host_is_swept(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine_dead = tmp_path / f".staging-20250101-000000-{host}-{dead.pid}"
+    mine_alive = tmp_path / f".staging-20250101-000000-{host}-{os.getpid()}"
+    other_host = tmp_path / f".staging-20250101-000000-elsewhere-{dead.pid}"
+    for directory in (mine_dead, mine_alive, other_host):
+        directory.mkdir()
+    assert sweep_stale_staging(str(tmp_path)) == [str(mine_dead)]
+    assert mine_alive.exists() and other_host.exists()
+
+
+def test_keep_runs_prunes_the_oldest_runs_only(tmp_path):
+    for name in ("run-20250101-1200", "run-20250102-1200-failed", "run-20250103-1200",
+                 "run-20250104-1200-partial", "run-latest", "notes"):
+        (tmp_path / name).mkdir()
+    deleted = prune_runs(str(tmp_path), keep=2, current=str(tmp_path / "run-20250101-1200"))
+    assert sorted(os.path.basename(p) for p in deleted) == ["run-20250102-1200-failed"]
+    assert sorted(os.listdir(tmp_path)) == ["notes", "run-20250101-1200", "run-20250103-1200",
+                                            "run-20250104-1200-partial", "run-latest"]
+
+
+def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
+    for _ in range(3):
+        assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
+    rotated = [d for d in os.listdir(managed) if d.startswith("run-") and d != "run-latest"]
+    assert len(rotated) == 1

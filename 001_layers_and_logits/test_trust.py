@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,31 +16,14 @@ import pytest
 import run
 import torch
 
-from conftest import RUN_PY
-from layers_core.app import threads
-from layers_core.run_dir import prune_runs, sweep_stale_staging
+from conftest import RUN_PY, assert_clean_failure
 
 PROMPT = "The capital of Germany is called simply"
-
-
-def _assert_clean_failure(captured, code, expected_code):
-    err_lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert code == expected_code
-    assert len(err_lines) <= 3, err_lines
-    assert "Traceback" not in captured.err and "✅" not in captured.out
 
 
 def _snapshot(directory):
     return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(directory) for f in files}
-
-
-@pytest.fixture
-def managed(tmp_path, monkeypatch, tiny_dirs):
-    """A managed base directory holding a published run-latest/ of the tiny Llama."""
-    monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
-    return tmp_path
 
 
 def _tiny_copy(tiny_dirs, family, destination):
@@ -82,7 +64,7 @@ def test_encoder_models_are_refused_before_loading(managed, encoder_dirs, capsys
     capsys.readouterr()
     code = run.main(["--device", "cpu", encoder_dirs[kind], "--quiet"])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, code, 1)
+    assert_clean_failure(captured, code, 1)
     assert "is not a decoder-only causal LM" in captured.err
     assert _snapshot(managed / "run-latest") == before
 
@@ -92,7 +74,7 @@ def test_missing_weights_fail_at_load_naming_them(tiny_dirs, tmp_path, capsys):
     _rewrite_weights(model, lambda tensors: tensors.pop("lm_head.weight"))
     code = run.main(["--device", "cpu", model, "--out_dir", str(tmp_path / "out"), "--quiet"])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, code, 1)
+    assert_clean_failure(captured, code, 1)
     assert "randomly initialised: lm_head.weight" in captured.err
     document = json.loads((tmp_path / "out" / "output-llama-no-head.json").read_text())
     assert document["error"]["stage"] == "load" and "lm_head.weight" in document["error"]["message"]
@@ -117,7 +99,7 @@ def test_failed_last_layer_check_fails_the_run(managed, tiny_dirs, monkeypatch, 
     capsys.readouterr()
     code = run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, code, 1)
+    assert_clean_failure(captured, code, 1)
     assert "last-layer lens does not reproduce the model's logits" in captured.err
     assert _snapshot(managed / "run-latest") == before
     failed = [d for d in os.listdir(managed) if d.endswith("-failed")]
@@ -183,27 +165,7 @@ def test_distinct_names_rule():
     assert names == ["a-final", "b-final", "gpt2", "y-gpt2", "gpt2-2"]
 
 
-def test_answer_without_prompt_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as info:
-        run.main(["--device", "cpu", "--answer", "Paris"])
-    _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
-
-
 # ---- 4. reusing --out_dir, 5. partial batches -------------------------------------------------
-
-def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path):
-    out = tmp_path / "out"
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
-    assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
-    assert (out / "output-llama-lens.png").exists() and (out / "llama_00_resid.pt").exists()
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",
-                     "--norm", "final"]) == 0
-    names = sorted(os.listdir(out))
-    assert "output-llama-lens.png" not in names and "llama_00_resid.pt" not in names
-    assert "output-llama-pure-next-token-final.csv" not in names  # the comparison lens is now arch
-    assert "output-llama-pure-next-token-arch.csv" in names
-    assert "output-gpt2.json" in names and "output-gpt2-records.csv" in names  # others stay
-    assert not [n for n in names if n.startswith(".")]
 
 
 def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, capsys):
@@ -221,23 +183,6 @@ def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, c
 
 # ---- 6. bad --out_dir -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [lambda p: p / "a-file", lambda p: p / "a-file" / "below"])
-def test_unusable_out_dir_is_a_usage_error_before_loading(tmp_path, capsys, make):
-    (tmp_path / "a-file").write_text("x")
-    started = time.perf_counter()
-    with pytest.raises(SystemExit) as info:
-        run.main(["--device", "cpu", str(tmp_path / "never-loaded"), "--out_dir", str(make(tmp_path))])
-    _assert_clean_failure(capsys.readouterr(), info.value.code, 2)
-    assert time.perf_counter() - started < 5
-
-
-def test_read_only_out_dir_is_refused(tmp_path, monkeypatch):
-    """Root ignores permission bits, so the check's own verdict is tested."""
-    from layers_core import run_dir
-
-    monkeypatch.setattr(run_dir.os, "access", lambda path, mode: False)
-    assert "is not writable" in run_dir.check_writable_dir(str(tmp_path))
-
 
 # ---- 7. Ctrl-C, stale staging, pruning ---------------------------------------------------------
 
@@ -253,7 +198,7 @@ def test_interrupt_leaves_no_staging_and_run_latest_untouched(managed, tiny_dirs
     capsys.readouterr()
     code = run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet"])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, code, 130)
+    assert_clean_failure(captured, code, 130)
     assert captured.err.strip() == "interrupted"
     assert not [d for d in os.listdir(managed) if d.startswith(".staging")]
     assert _snapshot(managed / "run-latest") == before
@@ -270,36 +215,6 @@ def test_sigint_of_a_real_run_exits_130_in_one_line(tiny_dirs, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging") or n.startswith("output-")]
 
 
-def test_stale_staging_of_dead_processes_on_this_host_is_swept(tmp_path):
-    host = socket.gethostname()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    mine_dead = tmp_path / f".staging-20250101-000000-{host}-{dead.pid}"
-    mine_alive = tmp_path / f".staging-20250101-000000-{host}-{os.getpid()}"
-    other_host = tmp_path / f".staging-20250101-000000-elsewhere-{dead.pid}"
-    for directory in (mine_dead, mine_alive, other_host):
-        directory.mkdir()
-    assert sweep_stale_staging(str(tmp_path)) == [str(mine_dead)]
-    assert mine_alive.exists() and other_host.exists()
-
-
-def test_keep_runs_prunes_the_oldest_runs_only(tmp_path):
-    for name in ("run-20250101-1200", "run-20250102-1200-failed", "run-20250103-1200",
-                 "run-20250104-1200-partial", "run-latest", "notes"):
-        (tmp_path / name).mkdir()
-    deleted = prune_runs(str(tmp_path), keep=2, current=str(tmp_path / "run-20250101-1200"))
-    assert sorted(os.path.basename(p) for p in deleted) == ["run-20250102-1200-failed"]
-    assert sorted(os.listdir(tmp_path)) == ["notes", "run-20250101-1200", "run-20250103-1200",
-                                            "run-20250104-1200-partial", "run-latest"]
-
-
-def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
-    for _ in range(3):
-        assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
-    rotated = [d for d in os.listdir(managed) if d.startswith("run-") and d != "run-latest"]
-    assert len(rotated) == 1
-
-
 # ---- 8. the hub without network ---------------------------------------------------------------
 
 def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
@@ -310,7 +225,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
     started = time.perf_counter()
     code = run.main(["--device", "cpu", "no-such-org/no-such-model", "--out_dir", str(tmp_path)])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, code, 1)
+    assert_clean_failure(captured, code, 1)
     assert "the hub could not be reached" in captured.err and time.perf_counter() - started < 10
 
 
@@ -324,59 +239,8 @@ def test_hub_probe_gives_up_within_its_timeout():
 
 # ---- 9. threads ---------------------------------------------------------------------------------
 
-def test_thread_rule_gives_busy_cores_back():
-    assert threads.threads_for(0.0, cores=2, default_threads=2) == 2
-    assert threads.threads_for(0.3, cores=2, default_threads=2) == 2
-    assert threads.threads_for(0.9, cores=2, default_threads=2) == 1
-    assert threads.threads_for(3.0, cores=2, default_threads=2) == 1
-    assert threads.threads_for(1.0, cores=16, default_threads=16) == 15
-
-
-def test_busy_cores_of_others_subtracts_our_own_time():
-    start = threads.CpuSnapshot(machine_busy_s=100.0, own_busy_s=10.0, wall_s=0.0)
-    end = threads.CpuSnapshot(machine_busy_s=104.0, own_busy_s=12.0, wall_s=2.0)
-    assert threads.busy_cores_of_others(start, end) == pytest.approx(1.0)
-    assert threads.busy_cores_of_others(None, end) == 0.0
-
-
-def test_busy_core_is_detected_on_this_machine():
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.3)
-        start = threads.snapshot()
-        time.sleep(1.0)
-        busy = threads.busy_cores_of_others(start, threads.snapshot())
-    finally:
-        hog.kill()
-    assert busy > 0.6
-
-
-def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkeypatch):
-    seen = []
-    from layers_core.api import prompt as api
-
-    real = api.analyse_prompt
-    monkeypatch.setattr(api, "analyse_prompt",
-                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
-    before = torch.get_num_threads()
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
-                     "--threads", "1"]) == 0
-    assert seen == [1] and torch.get_num_threads() == before
-
 
 # ---- 10. smaller usage errors --------------------------------------------------------------------
-
-@pytest.mark.parametrize("argv,message", [
-    (["--no-control", "--control-prompt", "a", "--control-answer", "b"], "exclude each other"),
-    (["--threads", "0"], "--threads must be at least 1"),
-    (["--keep-runs", "-1"], "--keep-runs must be at least 0"),
-])
-def test_conflicting_flags_are_usage_errors(capsys, argv, message):
-    with pytest.raises(SystemExit) as info:
-        run.main(argv)
-    captured = capsys.readouterr()
-    _assert_clean_failure(captured, info.value.code, 2)
-    assert message in captured.err
 
 
 def test_prompt_set_key_typo_and_byte_order_mark(tmp_path, capsys):
@@ -387,7 +251,7 @@ def test_prompt_set_key_typo_and_byte_order_mark(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run.main(["--device", "cpu", "--prompts", str(typo)])
     captured = capsys.readouterr()
-    _assert_clean_failure(captured, info.value.code, 2)
+    assert_clean_failure(captured, info.value.code, 2)
     assert "unknown key 'control_promt' (did you mean 'control_prompt'?)" in captured.err
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes('{"id": "x", "prompt": "a", "answer": "b"}\n'.encode("utf-8-sig"))

@@ -1,0 +1,112 @@
+"""The command line: every usage error in one table, the launcher's flag round trip, and
+``python -m layers_core`` as the same CLI as run.py (from outside the repository too)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import run
+
+from conftest import HERE, assert_clean_failure
+from layers_core.app.cli import ExperimentConfig, child_argv, parse_config
+
+BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
+
+USAGE_ERRORS = [
+    (["--prompt", "Hello"], "--prompt requires --answer"),
+    (["--device", "cpu", "--answer", "Paris"], "--answer requires --prompt"),
+    (["--prompt", "  ", "--answer", "x"], "must not be empty"),
+    (["--copy-threshold", "1.5"], "--copy-threshold must be in (0, 1]"),
+    (["--copy-threshold", "0"], "--copy-threshold must be in (0, 1]"),
+    (["--norm", "bogus"], "invalid choice"),
+    (["--lens", "bogus"], "invalid choice"),
+    (["--lens-path", "somewhere"], "--lens-path goes with a fitted lens"),
+    (["--no-control", "--control-prompt", "a", "--control-answer", "b"], "exclude each other"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--keep-runs", "-1"], "--keep-runs must be at least 0"),
+    (["--shard", "0/2"], "--shard applies to a prompt set"),
+    (["--prompts", BATTERY, "--shard", "0/2"], "--shard requires --out_dir"),
+    (["--prompts", BATTERY, "--shard", "2/2", "--out_dir", "x"], "expected K/N with 0 <= K < N"),
+    (["--prompts", BATTERY, "--resume"], "--resume requires --out_dir"),
+    (["--prompts", BATTERY, "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--records"], "--records applies to a prompt set"),
+    (["--prompts", BATTERY, "--prompt", "x", "--answer", "y"], "--prompts and --prompt exclude each other"),
+    (["--prompts", BATTERY, "--keep-residuals"], "--prompts and --keep-residuals exclude each other"),
+    (["--prompts", BATTERY, "--self-test"], "--prompts and --self-test exclude each other"),
+    (["--device", "cpu", "--device-map", "auto"], "spreads a model over CUDA GPUs"),
+    (["--max-memory", "0=10GiB"], "--max-memory goes with --device-map"),
+    (["--device-map", "auto", "--max-memory", "0=70GiB,cpu=100GiB"], "GPU entries only"),
+    (["--device-map", "auto", "--max-memory", "zero"], "expected GPU=SIZE"),
+]
+
+
+@pytest.mark.parametrize("argv,message", USAGE_ERRORS)
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, info.value.code, 2)
+    assert message in captured.err and captured.err.count("\n") == 1
+
+
+# Every field child_argv forwards, each away from its default (the launcher must lose none).
+NON_DEFAULT = ExperimentConfig(
+    device="cpu", dtype="bfloat16", norm_strategy="none", lens="tuned", lens_path="/lenses/x",
+    copy_threshold=0.75, copy_margin=0.125, keep_runs=3, fp32_unembed=True, keep_residuals=False,
+    copy_entropy_fallback=False, self_test=False, quiet=True, plots=False, control=True,
+    control_prompt="The capital of France is", control_answer="Paris", allow_lens_mismatch=True,
+    threads=3, prompts_file=BATTERY, batch_size=4, records=True, shard="1/3", resume=True,
+    out_dir="/results", prompt=ExperimentConfig().prompt, answer=ExperimentConfig().answer)
+NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_dir and --name
+
+
+@pytest.mark.parametrize("config", [
+    ExperimentConfig(),
+    NON_DEFAULT,
+    dataclasses.replace(NON_DEFAULT, prompts_file=None, batch_size=None, records=False, shard=None,
+                        resume=False, keep_residuals=True, prompt="Paris is the capital of", answer="France",
+                        control=False, control_prompt=None, control_answer=None, self_test=True,
+                        lens="logit", lens_path=None, threads=None, plots=True),
+    dataclasses.replace(ExperimentConfig(), device="cuda", device_map="auto", max_memory="0=70GiB,1=70GiB"),
+], ids=["defaults", "every-flag", "single-prompt", "device-map"])
+def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monkeypatch):
+    """``parse_config(child_argv(c))[1]`` equals ``c`` on everything ``child_argv`` forwards."""
+    monkeypatch.setattr("layers_core.app.cli.check_writable_dir", lambda path: None)
+    argv = child_argv(config) + (["--out_dir", config.out_dir] if config.out_dir else [])
+    _, parsed = parse_config(argv)
+    for field in dataclasses.fields(ExperimentConfig):
+        if field.name not in NOT_FORWARDED:
+            assert getattr(parsed, field.name) == getattr(config, field.name), field.name
+
+
+def test_python_m_layers_core_help_is_the_cli_without_torch():
+    code = ("import runpy, sys; sys.argv = ['layers_core', '--help']\n"
+            "try:\n    runpy.run_module('layers_core', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported by --help'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert "Layer-by-layer logit-lens sweep" in done.stdout and "--lens" in done.stdout
+
+
+def test_two_models_through_python_m_layers_core_from_outside_the_repo(tiny_dirs, tmp_path):
+    """The launcher spawns ``python -m layers_core`` children: nothing depends on the checkout's
+    layout or the working directory."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "layers_core", tiny_dirs["llama"], tiny_dirs["gpt2"], "--device",
+                           "cpu", "--out_dir", str(out), "--no-plots", "--quiet"],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "✅ llama: SUCCESS (exit 0)" in done.stdout and "✅ gpt2: SUCCESS (exit 0)" in done.stdout
+    for name in ("llama", "gpt2"):
+        document = json.loads((out / f"output-{name}.json").read_text())
+        assert document["diagnostics"]["last_layer_consistency"]["passed"] is True
+
+
+def test_managed_run_latest_lives_next_to_run_py_in_a_checkout():
+    from layers_core.app.main import default_base_dir
+
+    assert default_base_dir() == HERE

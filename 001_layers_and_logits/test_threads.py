@@ -1,0 +1,51 @@
+"""threads: the default thread count gives back the cores other processes keep busy; --threads."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import run
+import torch
+
+from layers_core.app import threads
+
+
+def test_thread_rule_gives_busy_cores_back():
+    assert threads.threads_for(0.0, cores=2, default_threads=2) == 2
+    assert threads.threads_for(0.3, cores=2, default_threads=2) == 2
+    assert threads.threads_for(0.9, cores=2, default_threads=2) == 1
+    assert threads.threads_for(3.0, cores=2, default_threads=2) == 1
+    assert threads.threads_for(1.0, cores=16, default_threads=16) == 15
+
+
+def test_busy_cores_of_others_subtracts_our_own_time():
+    start = threads.CpuSnapshot(machine_busy_s=100.0, own_busy_s=10.0, wall_s=0.0)
+    end = threads.CpuSnapshot(machine_busy_s=104.0, own_busy_s=12.0, wall_s=2.0)
+    assert threads.busy_cores_of_others(start, end) == pytest.approx(1.0)
+    assert threads.busy_cores_of_others(None, end) == 0.0
+
+
+def test_busy_core_is_detected_on_this_machine():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        start = threads.snapshot()
+        time.sleep(1.0)
+        busy = threads.busy_cores_of_others(start, threads.snapshot())
+    finally:
+        hog.kill()
+    assert busy > 0.6
+
+
+def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkeypatch):
+    seen = []
+    from layers_core.api import prompt as api
+
+    real = api.analyse_prompt
+    monkeypatch.setattr(api, "analyse_prompt",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+                     "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
