@@ -168,6 +168,13 @@ def _check_agreement(sweep_records, sweep_pure, loop_rows, loop_pure) -> None:
         assert abs(ours["answer_rank"] - theirs["answer_rank"]) <= 1, (ours, theirs)
 
 
+def _arch():
+    """The seed's arch rule, which the legacy-style loop applies (the default lens is final)."""
+    from layers_core.pipeline.sweep import SweepSettings
+
+    return SweepSettings(norm_strategy="arch")
+
+
 def _sweep_setup(model):
     from layers_core.device_policy import unembed_weights_for_analysis
     from layers_core.lens.protocol import lens_norm_plan
@@ -189,13 +196,13 @@ def bench_model(name: str, path: str, runs: int) -> dict:
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
     unembed, norms = _sweep_setup(model)
     tokens = model.to_tokens(DEFAULT_PROMPT)
-    result = run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed)
+    result = run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed, _arch())
     _check_agreement(result.records, result.pure_rows,
                      *legacy_loop(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed, norms))
     # a fresh decoder per run: decoding is part of the sweep's cost, not amortised across runs
     floor_s, sweep_s, loop_s = _interleaved_medians_s([
         lambda: floor(model, tokens),
-        lambda: run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed,
+        lambda: run_sweep(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed, _arch(),
                           decoder=TokenDecoder(model.tokenizer)),
         lambda: legacy_loop(model, DEFAULT_PROMPT, DEFAULT_ANSWER, unembed, norms),
     ], runs)
@@ -223,7 +230,7 @@ def bench_scaling(path: str, runs: int) -> list[dict]:
     for length in SCALING_LENGTHS:
         prompt = _prompt_of_length(model, length)
         n_rows = (model.cfg.n_layers + 1) * model.to_tokens(prompt).shape[1]
-        seconds = _median_s(lambda p=prompt: run_sweep(model, p, "Berlin", unembed),
+        seconds = _median_s(lambda p=prompt: run_sweep(model, p, "Berlin", unembed, _arch()),
                             max(3, runs // 2))
         out.append({"tokens": int(model.to_tokens(prompt).shape[1]), "rows": n_rows,
                     "us_per_row": round(1e6 * seconds / n_rows, 1)})
@@ -242,7 +249,7 @@ def long_prompt_child(path: str) -> None:
     prompt = _prompt_of_length(model, LONG_PROMPT_TOKENS)
     forward_with_residuals(model, model.to_tokens(prompt))
     after_forward = _peak_rss_mb()
-    run_sweep(model, prompt, "Berlin", unembed)
+    run_sweep(model, prompt, "Berlin", unembed, _arch())
     print(json.dumps({"tokens": int(model.to_tokens(prompt).shape[1]),
                       "peak_rss_after_forward_mb": round(after_forward, 1),
                       "peak_rss_after_sweep_mb": round(_peak_rss_mb(), 1),

@@ -87,7 +87,7 @@ def test_diagnostics_document_and_figures(bundled_sweep):
 
 def test_save_writes_run_py_files(bundled_sweep, bundled_cli_run, tmp_path):
     paths = bundled_sweep.save(str(tmp_path), plots=False)
-    for suffix in ("-records.csv", "-pure-next-token.csv", "-pure-next-token-final.csv"):
+    for suffix in ("-records.csv", "-pure-next-token.csv", "-pure-next-token-arch.csv"):
         name = f"output-SmolLM2-135M-Instruct{suffix}"
         assert (tmp_path / name).read_bytes() == open(os.path.join(bundled_cli_run, name), "rb").read()
     assert os.path.isfile(paths["json"])

@@ -36,6 +36,7 @@ USAGE_ERRORS = [
     (["--prompts", BATTERY, "--prompt", "x", "--answer", "y"], "--prompts and --prompt exclude each other"),
     (["--prompts", BATTERY, "--keep-residuals"], "--prompts and --keep-residuals exclude each other"),
     (["--prompts", BATTERY, "--self-test"], "--prompts and --self-test exclude each other"),
+    (["--prompts", BATTERY, "--chat"], "--prompts and --chat exclude each other"),
     (["--device", "cpu", "--device-map", "auto"], "spreads a model over CUDA GPUs"),
     (["--max-memory", "0=10GiB"], "--max-memory goes with --device-map"),
     (["--device-map", "auto", "--max-memory", "0=70GiB,cpu=100GiB"], "GPU entries only"),
@@ -59,7 +60,7 @@ NON_DEFAULT = ExperimentConfig(
     copy_entropy_fallback=False, self_test=False, quiet=True, plots=False, control=True,
     control_prompt="The capital of France is", control_answer="Paris", allow_lens_mismatch=True,
     threads=3, prompts_file=BATTERY, batch_size=4, records=True, shard="1/3", resume=True,
-    out_dir="/results", prompt=ExperimentConfig().prompt, answer=ExperimentConfig().answer)
+    out_dir="/results", prompt=ExperimentConfig().prompt, answer=ExperimentConfig().answer, chat=False)
 NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_dir and --name
 
 
@@ -69,7 +70,7 @@ NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_
     dataclasses.replace(NON_DEFAULT, prompts_file=None, batch_size=None, records=False, shard=None,
                         resume=False, keep_residuals=True, prompt="Paris is the capital of", answer="France",
                         control=False, control_prompt=None, control_answer=None, self_test=True,
-                        lens="logit", lens_path=None, threads=None, plots=True),
+                        lens="logit", lens_path=None, threads=None, plots=True, chat=True),
     dataclasses.replace(ExperimentConfig(), device="cuda", device_map="auto", max_memory="0=70GiB,1=70GiB"),
 ], ids=["defaults", "every-flag", "single-prompt", "device-map"])
 def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def test_merge_refuses_conflicts(tiny_dirs, tmp_path):
     base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", facts, "--quiet", "--no-plots"]
     assert run.main([*base, "--shard", "0/2", "--out_dir", str(tmp_path / "a")]) == 0
     assert run.main([*base, "--shard", "0/2", "--out_dir", str(tmp_path / "b")]) == 0
-    assert run.main([*base, "--shard", "1/2", "--norm", "final", "--out_dir", str(tmp_path / "c")]) == 0
+    assert run.main([*base, "--shard", "1/2", "--norm", "arch", "--out_dir", str(tmp_path / "c")]) == 0
     with pytest.raises(MergeError, match="prompt id 'de' appears in both"):
         merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
     with pytest.raises(MergeError, match="differ in settings"):

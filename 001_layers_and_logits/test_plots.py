@@ -114,4 +114,4 @@ def test_titles_name_the_model_not_its_path(tiny_dirs, tmp_path):
     import layers_core as lc
 
     result = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), "Hi", "x", control=False)
-    assert result.title().startswith("llama — arch lens") and tiny_dirs["llama"] not in result.title()
+    assert result.title().startswith("llama — final lens") and tiny_dirs["llama"] not in result.title()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import run
 
-from layers_core.results.prompt_sets import SUMMARY_COLUMNS, aggregate, parse_prompt_set
+from layers_core.results.prompt_sets import LAYER_INDEX_COLUMNS, SUMMARY_COLUMNS, aggregate, parse_prompt_set
 
 PROMPT = "The capital of Germany is called simply"
 
@@ -51,7 +51,7 @@ def test_malformed_set_fails_before_any_model_work(tmp_path, capsys):
 
 
 def test_aggregate_medians_iqr_and_nulls():
-    rows = [{"gold_status": "ok", **{c: None for c in SUMMARY_COLUMNS[4:12]}} for _ in range(4)]
+    rows = [{"gold_status": "ok", **{c: None for c in LAYER_INDEX_COLUMNS}} for _ in range(4)]
     for row, value in zip(rows, (10, 20, 30, None)):
         row["L_semantic"] = value
     rows[3]["gold_status"] = "unresolved"

@@ -22,14 +22,14 @@ FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "
          "--self-test", "--quiet", "--no-plots"]
 TOP_KEYS = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
             "model_stats", "gold_answer", "provenance", "lens_comparison", "raw_lens_check",
-            "control_summary", "control_margins", "timing"]
+            "control_summary", "control_margins", "schema_version", "timing"]
 DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
              "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
              "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",
              "target_prediction", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
              "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
              "last_layer_consistency", "L_copy_prompt", "tied_embeddings",
-             "copy_collapse_excludes_layer0", "depth_fractions"]
+             "copy_collapse_excludes_layer0", "L_semantic_stable", "L_semantic_margin", "depth_fractions"]
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
                    "python_version", "platform", "device", "dtype", "declared_dtype", "unembed_dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",
@@ -57,12 +57,13 @@ def _outputs(directory, name):
 
 @pytest.fixture(scope="module")
 def family_runs(tiny_dirs, tmp_path_factory):
-    """Each tiny family run once through main(), in process, with the default arch lens."""
+    """Each tiny family run once through main(), in process, under the seed's arch rule (the
+    round-2 default: these are the legacy-parity runs; the default lens has test_default_lens.py)."""
     results = {}
     for family, path in tiny_dirs.items():
         out = tmp_path_factory.mktemp(f"out-{family}")
         code = run.main(["--device", "cpu", path, "--out_dir", str(out), "--prompt", PROMPT, "--answer", ANSWER,
-                         "--quiet", "--no-plots"])  # plots: test_plots.py and the bundled run
+                         "--quiet", "--no-plots", "--norm", "arch"])  # plots: test_plots.py and the bundled run
         results[family] = (code, str(out))
     return results
 
@@ -349,7 +350,10 @@ def test_bundled_default_model_run(bundled_run):
     assert doc["diagnostics"]["L_semantic"] == 30
     assert doc["diagnostics"]["last_layer_consistency"]["kl_bits"] < 1e-6
     assert doc["diagnostics"]["layer0_position_info"] == "token_only_rotary_model"
-    lens_entropy = frame["entropy"].iloc[:30]
+    # the default final lens: ` Berlin` climbs through the last layers (SPEC facts: 185, then 31)
+    assert frame["answer_rank"].iloc[28] == 185 and frame["answer_rank"].iloc[29] == 31
+    arch = pd.read_csv(os.path.join(out, "output-SmolLM2-135M-Instruct-pure-next-token-arch.csv"))
+    lens_entropy = arch["entropy"].iloc[:30]
     assert (lens_entropy > 12).all() and (lens_entropy < 15.6).all()  # arch lens: near-uniform
 
 

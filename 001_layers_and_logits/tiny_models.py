@@ -165,11 +165,24 @@ def _perturb_weights(model, seed: int, logit_gain: float) -> None:
         head.weight.mul_(logit_gain)  # tied embeddings scale too; the lens sees both
 
 
+def _olmo2():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, **_common(VOCAB_SIZE))
+    return Olmo2ForCausalLM(cfg)
+
+
+# Layouts the family-wide HF references do not cover (no pre-sublayer norm): tested on their own.
+EXTRA_FAMILIES: dict[str, TinyFamily] = {"olmo2": TinyFamily("olmo2", _olmo2)}
+
+
 def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
     """Builds, perturbs and saves one tiny model with its tokenizer into ``out_dir``."""
     import torch
 
-    spec = FAMILIES[family]
+    spec = FAMILIES.get(family) or EXTRA_FAMILIES[family]
     torch.manual_seed(seed)
     model = spec.build().eval()
     _perturb_weights(model, seed + 1, spec.logit_gain)

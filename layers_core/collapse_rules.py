@@ -13,6 +13,7 @@ COPY_MARGIN = 0.05  # P(top-1) − P(top-2) must exceed this
 ENTROPY_COLLAPSE_BITS = 1.0  # entropy collapse at ≤ this; copy fallback at < this
 MILESTONE_RANKS = (1, 5, 10)
 MILESTONE_KL_BITS = (0.5, 1.0)
+SEMANTIC_MARGIN = 0.1  # L_semantic_margin: p_answer − p(runner-up) must reach this
 
 VARIANT_WITH_SPACE = "with_space"
 VARIANT_NO_SPACE = "no_space"
@@ -91,15 +92,17 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str) -> dict:
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str, *, space_first: bool = True) -> dict:
     """Resolves the answer to token ids as the continuation of ``prompt``.
 
     Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer`` (``no_space``); a
     variant counts only if its ids start with the prompt's ids. Returns ``{string, pieces,
     first_id, answer_ids, variant, ok, status}``; unresolved → ``first_id`` None, ``ok`` False.
+    ``space_first=False`` tries ``no_space`` first (an assistant turn starts without a space).
     """
     prompt_ids = _encode(tokenizer, prompt)
-    for variant, text in ((VARIANT_WITH_SPACE, f"{prompt} {answer}"), (VARIANT_NO_SPACE, prompt + answer)):
+    variants = ((VARIANT_WITH_SPACE, f"{prompt} {answer}"), (VARIANT_NO_SPACE, prompt + answer))
+    for variant, text in variants if space_first else variants[::-1]:
         ids = _encode(tokenizer, text)
         if ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids):
             answer_ids = ids[len(prompt_ids):]
@@ -140,6 +143,23 @@ def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]], skip_layer0_copy:
         "delta_layers": None if l_copy is None or l_semantic is None else l_semantic - l_copy,
         "L_copy_prompt": _first_layer(copy_rows, lambda r: bool(r.get("copy_collapse_prompt"))),
     }
+
+
+def semantic_milestones(pure_rows: Sequence[Mapping[str, Any]], margin: float = SEMANTIC_MARGIN) -> dict:
+    """Milestones that hold, over pure rows ordered by layer (``answer_rank``, ``p_answer``, ``prob2``).
+
+    ``L_semantic_stable``: the first layer from which the answer stays rank 1 through the last
+    layer (None unless it is rank 1 at the last layer). ``L_semantic_margin``: the first layer
+    where the answer is rank 1 and ``p_answer − prob2 ≥ margin`` (the runner-up's probability).
+    """
+    stable = None
+    for row in reversed(pure_rows):
+        if row.get("answer_rank") != 1:
+            break
+        stable = int(row["layer"])
+    leads = _first_layer(pure_rows, lambda r: r.get("answer_rank") == 1 and r.get("p_answer") is not None
+                         and r["p_answer"] - r["prob2"] >= margin)
+    return {"L_semantic_stable": stable, "L_semantic_margin": leads}
 
 
 def compute_milestones(pure_rows: Sequence[Mapping[str, Any]]) -> dict:

@@ -151,12 +151,19 @@ def apply_norm_or_skip(
     return y.to(dtype=residual.dtype, device=residual.device)
 
 
-def detect_model_architecture(model: nn.Module) -> Literal["pre_norm", "post_norm"]:
-    """``post_norm`` iff block 0 has ``ln2`` and ``mlp`` children with ``ln2`` after ``mlp``."""
+POST_SUBLAYER_NORM = "post_sublayer_norm"  # OLMo-2/OLMo-3: norms only on the sublayers' outputs
+
+
+def detect_model_architecture(model: nn.Module) -> Literal["pre_norm", "post_norm", "post_sublayer_norm"]:
+    """``post_norm`` iff block 0 has ``ln2`` and ``mlp`` children with ``ln2`` after ``mlp``;
+    ``post_sublayer_norm`` when block 0 has no ``ln1``/``ln2`` but ``ln1_post``/``ln2_post`` (the
+    residual stream itself meets no norm before ``ln_final``); else ``pre_norm``."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         return "pre_norm"
     children = [name for name, _ in blocks[0].named_children()]
+    if "ln1" not in children and "ln2" not in children and {"ln1_post", "ln2_post"} & set(children):
+        return POST_SUBLAYER_NORM
     if "ln2" in children and "mlp" in children:
         return "post_norm" if children.index("ln2") > children.index("mlp") else "pre_norm"
     return "pre_norm"

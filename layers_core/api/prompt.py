@@ -31,6 +31,7 @@ from layers_core.pipeline.prompts import (
     DEFAULT_CONTROL_ANSWER,
     DEFAULT_CONTROL_PROMPT,
     DEFAULT_PROMPT,
+    chat_text,
 )
 from layers_core.pipeline.sweep import SweepSettings
 from layers_core.results import outputs, pictures, report
@@ -213,18 +214,19 @@ def sweep(
     prompt: str = DEFAULT_PROMPT,
     answer: str | None = None,
     *,
-    norm: str = "arch",
+    norm: str = "final",
     lens: Any = "logit",
     control: Control = None,
     settings: SweepSettings | None = None,
     lens_path: str | None = None,
+    chat: bool = False,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
     Args:
         answer: the gold answer; may be omitted only for the default prompt (``Berlin``).
-        norm: ``arch`` (the norm the model applies next), ``final`` (``ln_final`` everywhere, the
-            standard logit lens) or ``none`` (raw residual).
+        norm: ``final`` (``ln_final`` everywhere: the standard logit lens, the default), ``arch``
+            (the seed's rule: the norm the model applies next) or ``none`` (raw residual).
         lens: ``logit`` (the logit lens under ``norm``), ``tuned`` (a lens fitted by
             ``fit_lens.py``, read from ``lens_path`` or the model's lens cache), or any ``Lens``
             object (``name`` and ``transform(residual, layer)``, e.g. a ``TunedLens``). Beside a
@@ -232,11 +234,20 @@ def sweep(
         control: None = France → Paris for the legacy prompt, none otherwise; False = none;
             or a ``(control_prompt, control_answer)`` pair.
         settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).
+        chat: wrap the prompt (and the control prompt) as one user turn in the tokenizer's chat
+            template with its generation prompt; the answer is scored as the assistant's first
+            token(s). ``ValueError`` for a tokenizer without a template.
     """
-    settings = resolve_settings(lens_model, norm, lens, settings, lens_path)
+    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path), chat=chat)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
-    analysis = analyse_prompt(lens_model, settings, prompt, answer, default_control(prompt, control))
+    control = default_control(prompt, control)
+    text = prompt
+    if chat:  # one user turn, then the assistant's turn begins: the answer is its first token(s)
+        tokenizer = lens_model.bridge.tokenizer
+        text = chat_text(tokenizer, prompt)
+        control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
+    analysis = analyse_prompt(lens_model, settings, text, answer, control)
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)

@@ -139,7 +139,7 @@ def sweep_set(
     lens_model: LensModel,
     items: Iterable[PromptItem | Mapping[str, Any]],
     *,
-    norm: str = "arch",
+    norm: str = "final",
     lens: Any = "logit",
     settings: SweepSettings | None = None,
     lens_path: str | None = None,

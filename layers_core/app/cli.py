@@ -31,7 +31,7 @@ class ExperimentConfig:
     copy_threshold: float = COPY_THRESHOLD
     copy_margin: float = COPY_MARGIN
     copy_entropy_fallback: bool = True  # entropy < 1 bit also counts as copy collapse
-    norm_strategy: str = "arch"  # arch | final | none
+    norm_strategy: str = "final"  # final (the standard logit lens) | arch (the seed's rule) | none
     out_dir: str | None = None  # None = managed run-latest/ next to run.py
     self_test: bool = False  # last-layer consistency gate only; writes nothing
     prompt: str = DEFAULT_PROMPT
@@ -55,6 +55,7 @@ class ExperimentConfig:
     resume: bool = False  # skip the prompts already checkpointed in --out_dir
     lens: str = LOGIT  # logit | a fitted lens (lens.views.FITTED_VIEWS)
     lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template (one user turn)
 
 
 _DEFAULTS = ExperimentConfig()
@@ -93,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-copy-entropy-fallback", action="store_true",
                    help="Do not count entropy < 1 bit as copy collapse")
     p.add_argument("--norm", choices=NORM_VIEWS, default=_DEFAULTS.norm_strategy,
-                   help="Norm applied before unembedding each layer")
+                   help="Norm applied before unembedding each layer (default: final = ln_final at every layer, the standard logit lens; arch = the seed's next-block rule)")
     p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
                    help="logit lens, or a tuned lens fitted by fit_lens.py (then the logit lens under "
                         "--norm is written beside it)")
     p.add_argument("--lens-path", metavar="DIR",
                    help="the tuned lens's directory (default: fit_lens.py's cache for the model)")
     p.add_argument("--prompt", help="Override the prompt (requires --answer)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
+                        "generation prompt); the answer is scored as the assistant's first token(s)")
     p.add_argument("--answer", help=f"Gold answer of --prompt (default prompt: {_DEFAULTS.answer})")
     p.add_argument("--out_dir", "--out-dir", dest="out_dir",
                    help="Output directory to save CSV & JSON results "
@@ -190,7 +194,7 @@ def _check(args: argparse.Namespace) -> str | None:
         except ValueError as error:
             return str(error)
     if args.prompts is not None:
-        for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test),
+        for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test), ("--chat", args.chat),
                          ("--keep-residuals", args.keep_residuals)):
             if on:
                 return f"--prompts and {flag} exclude each other"
@@ -225,7 +229,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
-        lens_path=args.lens_path,
+        lens_path=args.lens_path, chat=args.chat,
     )
     return list(args.model), config
 
@@ -241,7 +245,7 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--self-test": config.self_test, "--quiet": config.quiet,
                 "--no-plots": not config.plots, "--no-control": not config.control,
                 "--allow-lens-mismatch": config.allow_lens_mismatch, "--records": config.records,
-                "--resume": config.resume}
+                "--resume": config.resume, "--chat": config.chat}
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
                 "--control-answer": config.control_answer,

@@ -32,13 +32,21 @@ class Lens(Protocol):
 
 def lens_norm_plan(model: nn.Module, strategy: str) -> list[tuple[nn.Module | None, str | None]]:
     """(norm module, label) for every lens layer 0..n under a norm strategy (``final``, ``arch``,
-    ``none``): layer 0 is before block 0, layer ℓ after block ℓ−1."""
+    ``none``): layer 0 is before block 0, layer ℓ after block ℓ−1.
+
+    ``arch`` where the block it names has no such norm (a layout without pre-sublayer norms,
+    OLMo-2/OLMo-3: the residual stream meets no norm before the final one) applies ``ln_final``:
+    under ``arch`` every layer is decoded through a norm, never silently through none.
+    """
     if strategy not in NORM_VIEWS:
         raise ValueError(f"unknown norm strategy {strategy!r}; expected one of {NORM_VIEWS}")
-    plan = [(get_correct_norm_module(model, 0, False, strategy), norm_module_label(model, 0, False, strategy))]
-    for block in range(len(model.blocks)):
-        plan.append((get_correct_norm_module(model, block, True, strategy),
-                     norm_module_label(model, block, True, strategy)))
+    probes = [(0, False)] + [(block, True) for block in range(len(model.blocks))]
+    plan = [(get_correct_norm_module(model, i, after, strategy), norm_module_label(model, i, after, strategy))
+            for i, after in probes]
+    if strategy == "arch":
+        final = getattr(model, "ln_final", None)
+        plan = [(module, label) if module is not None else (final, None if final is None else "ln_final")
+                for module, label in plan]
     return plan
 
 

@@ -102,8 +102,9 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
     with torch.inference_mode():
         rows = transformed_rows(lens, [resid[-1:] for resid in residuals])
         probs = unembed.log_probs(torch.cat(rows)).exp()
-    control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer)
-    main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer)
+    space_first = not settings.chat
+    control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer, space_first=space_first)
+    main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer, space_first=space_first)
     if control["first_id"] is None or main["first_id"] is None:
         return {"control_prompt": control_prompt, "control_answer": control_answer,
                 "status": "unresolved", "per_layer": [], "first_control_margin_pos": None,

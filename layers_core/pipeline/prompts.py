@@ -1,4 +1,8 @@
-"""The legacy prompts, verbatim."""
+"""The legacy prompts, verbatim, and the chat wrapping of a prompt."""
+
+from __future__ import annotations
+
+from typing import Any
 
 DEFAULT_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 DEFAULT_ANSWER = "Berlin"
@@ -28,3 +32,19 @@ FINAL_PREDICTION_TOP_K = 20
 # The control pass (same template, another country): a lens that "finds" Berlin here is suspect.
 DEFAULT_CONTROL_PROMPT = "Give the city name only, plain text. The capital of France is called simply"
 DEFAULT_CONTROL_ANSWER = "Paris"
+
+
+def chat_text(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn in the tokenizer's chat template, with its generation prompt,
+    as the text the lens tokenises (a leading BOS string is dropped: ``to_tokens`` prepends BOS).
+
+    Raises:
+        ValueError: the tokenizer has no chat template (one line).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: the tokenizer ({type(tokenizer).__name__}, "
+                         f"{getattr(tokenizer, 'name_or_path', '?')}) has no chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return text[len(bos):] if bos and text.startswith(bos) else text

@@ -50,19 +50,20 @@ HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this muc
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """The knobs of one sweep; defaults are the legacy ones.
+    """The knobs of one sweep (the standard logit lens by default; legacy copy-rule thresholds).
 
     ``lens``: a ``Lens`` decoding the main tables (None: the logit lens under ``norm_strategy``);
     the comparison lens is its registry partner, or the logit lens under ``norm_strategy``.
     """
 
-    norm_strategy: str = "arch"
+    norm_strategy: str = "final"
     copy_threshold: float = COPY_THRESHOLD
     copy_margin: float = COPY_MARGIN
     copy_entropy_fallback: bool = True
     fp32_unembed: bool = False
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     lens: Any = field(default=None, compare=False)
+    chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
 
     @property
     def view(self) -> str:
@@ -293,7 +294,7 @@ def run_sweep(
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device)
     started = time.perf_counter()
     str_tokens = list(model.to_str_tokens(prompt))
-    gold = resolve_gold_answer(model.tokenizer, prompt, answer)
+    gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
     lens, other = settings.lenses(model)
     residuals = forwarded.residuals
     last_position_resid = torch.stack([resid[-1] for resid in residuals])

@@ -35,7 +35,8 @@ class PromptAnalysis:
 
 def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
     """Every collapse index and milestone as a fraction of depth (L / n, 3 decimals)."""
-    indices = {key: diagnostics[key] for key in ("L_copy", "L_copy_strict", "L_copy_H", "L_semantic")}
+    indices = {key: diagnostics[key] for key in ("L_copy", "L_copy_strict", "L_copy_H", "L_semantic",
+                                                  "L_semantic_stable", "L_semantic_margin")}
     indices.update(diagnostics["milestones"])
     return {key: None if value is None else round(value / n_layers, DEPTH_FRACTION_DECIMALS)
             for key, value in indices.items()}

@@ -14,6 +14,7 @@ from typing import Any
 from layers_core.model.lens_model import LensModel
 from layers_core.results import report
 from layers_core.results.analysis import PromptAnalysis
+from layers_core.results.set_document import SCHEMA_VERSION
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
@@ -51,7 +52,9 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
     model_last = analysis.result.model_logits[-1]
     blocks = analysis.blocks
     return {
-        "prompt": {"type": "prompt", "context_prompt": prompt, "ground_truth": answer},
+        "prompt": {"type": "prompt", "context_prompt": prompt, "ground_truth": answer,
+                   **({"chat_template": True, "templated_prompt": analysis.result.prompt}
+                      if analysis.result.prompt != prompt else {})},
         "test_prompts": test_prompts,
         "temperature_exploration": report.temperature_entries(model_last, lm.decoder),
         "diagnostics": blocks["diagnostics"],
@@ -60,6 +63,7 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
         "gold_answer": blocks["gold_answer"],
         "provenance": provenance_block,
         **{key: blocks[key] for key in CHECK_BLOCKS},
+        "schema_version": SCHEMA_VERSION,
     }
 
 

@@ -21,7 +21,7 @@ from layers_core.results.outcome import PromptOutcome
 from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
 
-MILESTONES = ["L_copy", "L_semantic", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
+MILESTONES = ["L_copy", "L_semantic", "L_semantic_stable", "L_semantic_margin", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
               "first_kl_below_0.5", "first_kl_below_1.0"]
 COMPARISON_COLUMNS = (["model", "prompt_id", "n_layers"] + MILESTONES
                       + [f"{key}_fraction" for key in MILESTONES])

@@ -39,7 +39,8 @@ def prompt_curves_figure(rows: Mapping[str, Any], title: str):
     return plots.layer_curves(
         rows["pure_rows"], title, diagnostics["norm_strategy"]["name"], rows["comparison_rows"],
         rows["comparison_strategy"],
-        {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"]})
+        {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"],
+         "L_semantic_stable": diagnostics["L_semantic_stable"]})
 
 
 def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:

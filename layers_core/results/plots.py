@@ -162,7 +162,7 @@ def layer_curves(
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for (name, layer), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple")):
+        for (name, layer), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple", "tab:orange")):
             if layer is not None:
                 ax.axvline(layer, color=color, linestyle=":", linewidth=1.2, label=name)
     for ax in axes[1]:

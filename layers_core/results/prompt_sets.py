@@ -14,10 +14,12 @@ from typing import Any
 
 SUMMARY_COLUMNS = [
     "prompt_id", "prompt", "answer", "n_tokens", "L_copy", "L_copy_strict", "L_semantic",
+    "L_semantic_stable", "L_semantic_margin",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10", "first_kl_below_0.5",
     "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status",
 ]
-LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[4:12]
+LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[4:14]
+_DIAGNOSTICS_INDICES = LAYER_INDEX_COLUMNS[:5]  # top-level diagnostics keys; the rest are milestones
 PROMPT_ID_COLUMN = "prompt_id"
 
 
@@ -112,9 +114,8 @@ def summary_row(item: PromptItem, n_tokens: int, diagnostics: Mapping[str, Any],
     last = pure_rows[-1]
     return {
         "prompt_id": item.prompt_id, "prompt": item.prompt, "answer": item.answer,
-        "n_tokens": n_tokens, "L_copy": diagnostics["L_copy"],
-        "L_copy_strict": diagnostics["L_copy_strict"], "L_semantic": diagnostics["L_semantic"],
-        **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[3:]},
+        "n_tokens": n_tokens, **{key: diagnostics[key] for key in _DIAGNOSTICS_INDICES},
+        **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[len(_DIAGNOSTICS_INDICES):]},
         "final_top1": last["top1"], "final_p_answer": last["p_answer"],
         "gold_status": diagnostics["gold_alignment"]["status"],
     }

@@ -13,8 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layers_core.collapse_rules import ENTROPY_COLLAPSE_BITS, compute_milestones, summarize_collapse
-from layers_core.lens.views import view
+from layers_core.collapse_rules import (
+    ENTROPY_COLLAPSE_BITS,
+    compute_milestones,
+    semantic_milestones,
+    summarize_collapse,
+)
+from layers_core.lens.views import NORM_VIEWS, view
 from layers_core.model.loading import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
@@ -108,16 +113,26 @@ def _norm_class(module: Any) -> str | None:
     return None if module is None else type(unwrap_norm(module)).__name__
 
 
-def _legacy_norm_labels(model: Any, strategy: str) -> dict:
+_POST_BLOCK_LABELS = {"ln_final": "using_ln_final_for_post_block", None: "no_normalization"}
+
+
+def _legacy_norm_labels(model: Any, strategy: str, per_layer: Sequence[dict]) -> dict:
+    """The legacy label keys, each describing what this run applied (``per_layer``, from the lens):
+    ``layer0_norm_fix`` by the norm of layer 0, ``norm_alignment_fix`` by that after block 0."""
     block0 = model.blocks[0]
-    ln1, ln2 = getattr(block0, "ln1", None), getattr(block0, "ln2", None)
-    if ln2 is not None:
-        kind = classify_norm(ln2)
-        alignment = ("using_ln2_rmsnorm_for_post_block" if kind.startswith("rmsnorm")
-                     else "using_ln2_layernorm_for_post_block")
+    ln1 = getattr(block0, "ln1", None)
+    after_block0 = per_layer[1]["norm"] if len(per_layer) > 1 else None
+    if after_block0 is not None and after_block0.endswith(".ln2"):
+        kind = "rmsnorm" if per_layer[1]["kind"].startswith("rmsnorm") else "layernorm"
+        alignment = f"using_ln2_{kind}_for_post_block"
+    elif after_block0 is not None and after_block0.endswith(".ln1"):
+        alignment = "using_next_ln1_for_post_block"
     else:
-        alignment = "fallback_to_ln1"
+        alignment = _POST_BLOCK_LABELS.get(after_block0, "user_lens")
     layer0 = view(strategy).layer0_norm_fix
+    if strategy in NORM_VIEWS:  # what layer 0 was decoded through
+        layer0 = {"ln_final": "using_ln_final_on_embeddings", None: "no_normalization"}.get(
+            per_layer[0]["norm"], "using_real_ln1_on_embeddings")
     return {
         "first_block_ln1_type": _norm_class(ln1),
         "final_ln_type": _norm_class(getattr(model, "ln_final", None)),
@@ -150,7 +165,7 @@ def diagnostics(
         "use_norm_lens": settings.view != "none",
         "use_fp32_unembed": settings.fp32_unembed,
         "unembed_dtype": str(unembed_dtype),
-        **_legacy_norm_labels(model, settings.view),
+        **_legacy_norm_labels(model, settings.view, result.norm_per_layer),
         "mixed_precision_fix": "casting_to_fp32_before_unembed",
         "layer0_position_info": ("additive_pos_embed_included" if has_pos_embed
                                  else "token_only_rotary_model"),
@@ -175,6 +190,7 @@ def diagnostics(
         "L_copy_prompt": summary["L_copy_prompt"],
         "tied_embeddings": tied,
         "copy_collapse_excludes_layer0": tied,
+        **semantic_milestones(result.pure_rows),
     }
     return document
 

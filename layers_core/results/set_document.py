@@ -10,6 +10,8 @@ from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.lens.views import view
 from layers_core.results import prompt_sets
 
+SCHEMA_VERSION = 3  # every JSON document's; 3: the default lens is final (was arch), L_semantic_stable/_margin
+
 
 def prompt_set_document(entries: Sequence[dict], summary_rows: Sequence[dict], indices: Sequence[int],
                         set_info: Mapping[str, Any], model_stats: dict, provenance_block: dict) -> dict:
@@ -27,6 +29,7 @@ def prompt_set_document(entries: Sequence[dict], summary_rows: Sequence[dict], i
         "prompts": with_ambiguous_answers_flagged(entries),
         "model_stats": model_stats,
         "provenance": provenance_block,
+        "schema_version": SCHEMA_VERSION,
     }
 
 

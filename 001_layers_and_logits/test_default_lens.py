@@ -1,0 +1,161 @@
+"""The standard logit lens by default; ``--norm arch`` never silent; milestones that hold; chat.
+
+Round 3 made ``final`` (ln_final at every layer) the default: the seed's next-block ``ln1`` rule
+reads noise on real models and stays available, exactly, under ``--norm arch``.
+"""
+
+import csv
+import json
+import os
+
+import pandas as pd
+import pytest
+import run
+from tiny_models import build_tiny_model
+
+from conftest import assert_clean_failure
+from layers_core.results.set_document import SCHEMA_VERSION
+
+
+def _json(directory, name):
+    with open(os.path.join(directory, f"output-{name}.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+@pytest.fixture(scope="module")
+def olmo2_dir(tmp_path_factory):
+    return build_tiny_model("olmo2", str(tmp_path_factory.mktemp("olmo2") / "olmo2"))
+
+
+def test_no_flags_on_the_bundled_model_is_exactly_norm_final(bundled_model_dir, tmp_path):
+    default, final = tmp_path / "default", tmp_path / "final"
+    assert run.main(["--device", "cpu", "--out_dir", str(default), "--no-plots", "--quiet"]) == 0
+    assert run.main(["--device", "cpu", "--out_dir", str(final), "--no-plots", "--quiet", "--norm", "final"]) == 0
+    name = "SmolLM2-135M-Instruct"
+    pure = f"output-{name}-pure-next-token.csv"
+    assert _rows(default / pure) == _rows(final / pure)
+    document = _json(default, name)
+    assert document["diagnostics"]["norm_strategy"]["name"] == "final"
+    assert document["lens_comparison"]["other"] == "arch"  # the seed's rule, written beside it
+    assert (default / f"output-{name}-pure-next-token-arch.csv").exists()
+    assert document["schema_version"] == SCHEMA_VERSION == 3
+    # the standard lens on the bundled model: ` Berlin` climbs through the last layers (README)
+    header, *rows = _rows(default / pure)
+    ranks = [int(row[header.index("answer_rank")]) for row in rows]
+    assert ranks[-1] == 1 and ranks[28] > ranks[29] > 1
+
+
+def test_arch_on_a_layout_without_pre_sublayer_norms_applies_ln_final_and_says_so(olmo2_dir, tmp_path):
+    """OLMo-2 norms only its sublayers' outputs: under the seed's rule the residual stream met no
+    norm at all before (silently), with labels claiming pre_norm and ln1. Now arch applies
+    ln_final, names it at every layer, and every label says what was done."""
+    arch, final = tmp_path / "arch", tmp_path / "final"
+    for out, norm in ((arch, "arch"), (final, "final")):
+        assert run.main(["--device", "cpu", olmo2_dir, "--out_dir", str(out), "--no-plots", "--quiet",
+                         "--norm", norm]) == 0
+    diag = _json(arch, "olmo2")["diagnostics"]
+    assert [entry["norm"] for entry in diag["norm_strategy"]["per_layer"]] == ["ln_final"] * 4
+    assert diag["norm_strategy"]["architecture"] == "post_sublayer_norm"
+    assert _json(arch, "olmo2")["model_stats"]["architecture"] == "post_sublayer_norm"
+    assert diag["layer0_norm_fix"] == "using_ln_final_on_embeddings"
+    assert diag["norm_alignment_fix"] == "using_ln_final_for_post_block"
+    assert diag["first_block_ln1_type"] is None
+    assert diag["last_layer_consistency"]["passed"] is True
+    pure = "output-olmo2-pure-next-token.csv"
+    assert _rows(arch / pure) == _rows(final / pure)  # the same norm, so the same rows
+
+
+@pytest.mark.parametrize("family,after_block0", [("gpt-neox", "using_next_ln1_for_post_block"),
+                                                 ("phi", "using_next_ln1_for_post_block"),
+                                                 ("llama", "using_next_ln1_for_post_block")])
+def test_arch_names_the_norm_of_every_layer(tiny_dirs, tmp_path, family, after_block0):
+    """Parallel blocks (GPT-NeoX, Phi) keep the seed's rule: the next block's ln1."""
+    assert run.main(["--device", "cpu", tiny_dirs[family], "--out_dir", str(tmp_path), "--no-plots", "--quiet",
+                     "--norm", "arch"]) == 0
+    diag = _json(tmp_path, family)["diagnostics"]
+    norms = [entry["norm"] for entry in diag["norm_strategy"]["per_layer"]]
+    n = len(norms) - 1
+    assert norms == ["blocks[0].ln1", *[f"blocks[{i}].ln1" for i in range(1, n)], "ln_final"]
+    assert diag["norm_alignment_fix"] == after_block0
+    assert diag["layer0_norm_fix"] == "using_real_ln1_on_embeddings"
+
+
+def _semantic_milestones_from(pure):
+    """An independent recomputation of the two milestones from a pure CSV's columns."""
+    rank, layers = pure["answer_rank"].tolist(), pure["layer"].tolist()
+    stable = None
+    for index in range(len(rank) - 1, -1, -1):
+        if rank[index] != "1":
+            break
+        stable = int(layers[index])
+    margin = next((int(layer) for layer, r, p, p2 in zip(layers, rank, pure["p_answer"], pure["prob2"])
+                   if r == "1" and float(p) - float(p2) >= 0.1), None)
+    return stable, margin
+
+
+def test_semantic_milestones_hold_and_match_the_pure_csv(bundled_model_dir, tmp_path):
+    assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--no-plots", "--quiet"]) == 0
+    name = "SmolLM2-135M-Instruct"
+    pure = pd.read_csv(tmp_path / f"output-{name}-pure-next-token.csv", dtype=str, keep_default_na=False)
+    diag = _json(tmp_path, name)["diagnostics"]
+    assert (diag["L_semantic_stable"], diag["L_semantic_margin"]) == _semantic_milestones_from(pure)
+    assert diag["L_semantic_stable"] == 30 and diag["L_semantic_margin"] == 30
+    assert diag["depth_fractions"]["L_semantic_stable"] == 1.0
+
+
+def test_a_milestone_that_does_not_hold_is_not_stable():
+    from layers_core.collapse_rules import semantic_milestones
+
+    rows = [{"layer": i, "answer_rank": r, "p_answer": p, "prob2": p2}
+            for i, (r, p, p2) in enumerate([(9, 0.01, 0.2), (1, 0.30, 0.25), (2, 0.2, 0.3), (1, 0.5, 0.3),
+                                             (1, 0.6, 0.2)])]
+    assert semantic_milestones(rows) == {"L_semantic_stable": 3, "L_semantic_margin": 3}
+    rows[-1]["answer_rank"] = 2
+    assert semantic_milestones(rows)["L_semantic_stable"] is None  # not rank 1 at the last layer
+    assert semantic_milestones(rows[:2])["L_semantic_margin"] is None  # a lead of 0.05 < 0.1
+
+
+def test_set_summary_and_comparison_carry_the_milestones(tiny_dirs, tmp_path):
+    from layers_core.results.merge import COMPARISON_COLUMNS
+    from layers_core.results.prompt_sets import SUMMARY_COLUMNS
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"id": "a", "prompt": "The capital of Germany is", "answer": "Berlin"}\n'
+                     '{"id": "b", "prompt": "Paris is the capital of", "answer": "France"}\n')
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(facts), "--out_dir", str(tmp_path),
+                     "--no-plots", "--quiet"]) == 0
+    summary = pd.read_csv(tmp_path / "output-llama-summary.csv", dtype=str, keep_default_na=False)
+    pure = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv", dtype=str, keep_default_na=False)
+    document = _json(tmp_path, "llama")
+    for entry, (_, row) in zip(document["prompts"], summary.iterrows()):
+        expected = _semantic_milestones_from(pure[pure["prompt_id"] == row["prompt_id"]])
+        as_text = tuple("" if v is None else str(v) for v in expected)
+        assert (row["L_semantic_stable"], row["L_semantic_margin"]) == as_text
+        assert (entry["diagnostics"]["L_semantic_stable"], entry["diagnostics"]["L_semantic_margin"]) == expected
+    assert {"L_semantic_stable", "L_semantic_margin"} <= set(document["aggregate"]["layer_indices"])
+    assert {"L_semantic_stable", "L_semantic_margin"} <= set(SUMMARY_COLUMNS) & set(COMPARISON_COLUMNS)
+
+
+def test_chat_wraps_the_prompt_in_the_template(bundled_model_dir, tmp_path):
+    assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--no-plots", "--quiet", "--chat"]) == 0
+    document = _json(tmp_path, "SmolLM2-135M-Instruct")
+    block = document["prompt"]
+    assert block["chat_template"] is True and block["context_prompt"].startswith("Give the city name only")
+    assert block["templated_prompt"].startswith("system\n")
+    assert block["templated_prompt"].endswith("<|im_start|>user\n" + block["context_prompt"]
+                                              + "<|im_end|>\n<|im_start|>assistant\n")
+    assert document["gold_answer"]["variant"] == "no_space"  # the assistant's turn starts the answer
+    assert document["diagnostics"]["last_layer_consistency"]["passed"] is True
+
+
+def test_chat_without_a_template_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--no-plots", "--quiet",
+                     "--chat"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "has no chat template" in captured.err
