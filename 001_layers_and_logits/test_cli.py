@@ -37,6 +37,7 @@ USAGE_ERRORS = [
     (["--prompts", BATTERY, "--keep-residuals"], "--prompts and --keep-residuals exclude each other"),
     (["--prompts", BATTERY, "--self-test"], "--prompts and --self-test exclude each other"),
     (["--prompts", BATTERY, "--chat"], "--prompts and --chat exclude each other"),
+    (["--prompts", BATTERY, "--sublayers"], "--prompts and --sublayers exclude each other"),
     (["--device", "cpu", "--device-map", "auto"], "spreads a model over CUDA GPUs"),
     (["--max-memory", "0=10GiB"], "--max-memory goes with --device-map"),
     (["--device-map", "auto", "--max-memory", "0=70GiB,cpu=100GiB"], "GPU entries only"),
@@ -70,7 +71,7 @@ NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_
     dataclasses.replace(NON_DEFAULT, prompts_file=None, batch_size=None, records=False, shard=None,
                         resume=False, keep_residuals=True, prompt="Paris is the capital of", answer="France",
                         control=False, control_prompt=None, control_answer=None, self_test=True,
-                        lens="logit", lens_path=None, threads=None, plots=True, chat=True),
+                        lens="logit", lens_path=None, threads=None, plots=True, chat=True, sublayers=True),
     dataclasses.replace(ExperimentConfig(), device="cuda", device_map="auto", max_memory="0=70GiB,1=70GiB"),
 ], ids=["defaults", "every-flag", "single-prompt", "device-map"])
 def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monkeypatch):

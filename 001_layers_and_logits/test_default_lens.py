@@ -159,3 +159,85 @@ def test_chat_without_a_template_is_refused_in_one_line(tiny_dirs, tmp_path, cap
     captured = capsys.readouterr()
     assert_clean_failure(captured, code, 1)
     assert "has no chat template" in captured.err
+
+
+def _hf_mid_reference(path, tokens):
+    """HF only: the input of each layer's post_attention_layernorm (the residual after attention),
+    then the final norm and lm_head, at the last position; float64 log-probs per block."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    captured = []
+    handles = [layer.post_attention_layernorm.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0][0, -1].detach())) for layer in hf.model.layers]
+    try:
+        with torch.no_grad():
+            hf(tokens)
+            rows = [torch.log_softmax(hf.lm_head(hf.model.norm(x)).double(), -1) for x in captured]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+def test_sublayers_on_tiny_llama_match_an_hf_only_reference(tiny_dirs, tmp_path):
+    import math
+
+    import torch
+
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--no-plots", "--quiet",
+                     "--sublayers"]) == 0
+    pure = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv", dtype=str, keep_default_na=False)
+    n = 3
+    assert len(pure) == 2 * n + 1
+    assert list(zip(pure["layer"].astype(int), pure["sublayer"])) == [
+        (0, "block"), (1, "attn"), (1, "block"), (2, "attn"), (2, "block"), (3, "attn"), (3, "block")]
+    records = pd.read_csv(tmp_path / "output-llama-records.csv", dtype=str, keep_default_na=False)
+    assert len(records) == (2 * n + 1) * (int(pure["pos"].iloc[0]) + 1)
+    from layers_core.model.loading import load_model, resolve_model_source
+
+    bridge = load_model(resolve_model_source(tiny_dirs["llama"]), "cpu", torch.float32)
+    reference = _hf_mid_reference(tiny_dirs["llama"], bridge.to_tokens(run.ExperimentConfig().prompt))
+    attn = pure[pure["sublayer"] == "attn"]
+    for (_, row), ref in zip(attn.iterrows(), reference):
+        entropy = float(-(ref.exp() * ref).nan_to_num().sum() / math.log(2))
+        assert float(row["entropy"]) == pytest.approx(entropy, abs=1e-4)
+        assert float(row["prob1"]) == pytest.approx(float(ref.max().exp()), abs=1e-5)
+    document = _json(tmp_path, "llama")
+    assert document["diagnostics"]["last_layer_consistency"]["passed"] is True
+    assert float(pure["kl_to_final_bits"].iloc[-1]) < 1e-6  # the last block row is the model
+
+
+def test_sublayer_milestones_count_only_block_rows(tiny_dirs, tmp_path):
+    plain, halves = tmp_path / "plain", tmp_path / "halves"
+    for out, extra in ((plain, []), (halves, ["--sublayers"])):
+        assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(out), "--no-plots", "--quiet",
+                         *extra]) == 0
+    a, b = _json(plain, "gpt2")["diagnostics"], _json(halves, "gpt2")["diagnostics"]
+    for key in ("L_copy", "L_semantic", "L_semantic_stable", "milestones", "depth_fractions"):
+        assert a[key] == b[key], key
+    block_rows = pd.read_csv(halves / "output-gpt2-pure-next-token.csv").query("sublayer == 'block'")
+    plain_rows = pd.read_csv(plain / "output-gpt2-pure-next-token.csv")
+    assert block_rows.drop(columns="sublayer").reset_index(drop=True).equals(plain_rows)
+
+
+@pytest.mark.parametrize("family", ["gpt-neox", "phi"])
+def test_sublayers_are_refused_for_parallel_blocks(tiny_dirs, tmp_path, capsys, family):
+    code = run.main(["--device", "cpu", tiny_dirs[family], "--out_dir", str(tmp_path), "--no-plots", "--quiet",
+                     "--sublayers"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "parallel blocks" in captured.err
+
+
+def test_the_pictures_show_mid_reads_as_half_steps(load_bridge):
+    import layers_core as lc
+
+    s = lc.sweep(lc.load(load_bridge("llama")), "The capital of Germany is", "Berlin", sublayers=True)
+    heatmap = s.lens_figure()
+    labels = [t.get_text().split("  ◀")[0] for t in heatmap.axes[0].get_yticklabels()]
+    assert labels == ["0", "1−½ attn", "1", "2−½ attn", "2", "3−½ attn", "3"]
+    curves = s.curves_figure()
+    xs = curves.axes[0].lines[0].get_xdata()
+    assert list(xs) == [0, 0.5, 1, 1.5, 2, 2.5, 3]

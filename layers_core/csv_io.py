@@ -45,6 +45,15 @@ def pure_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
     return records_header(top_k) + FLAG_COLUMNS + METRIC_COLUMNS + EXTRA_FLAG_COLUMNS
 
 
+SUBLAYER_COLUMN = "sublayer"  # --sublayers only: "attn" (after attention) or "block" (after the block)
+
+
+def with_sublayer_column(header: Sequence[str]) -> list[str]:
+    """``header`` with the ``sublayer`` column after ``layer`` (records and pure CSVs of
+    ``--sublayers`` runs)."""
+    return [header[0], SUBLAYER_COLUMN, *header[1:]]
+
+
 def is_verbose_position(
     token_str: str, pos: int, seq_len: int, important_words: Sequence[str] = IMPORTANT_WORDS
 ) -> bool:

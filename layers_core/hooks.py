@@ -9,12 +9,19 @@ from typing import Any
 
 RESID_PRE_0 = "blocks.0.hook_resid_pre"
 RESID_POST = "blocks.{}.hook_resid_post"
+RESID_MID = "blocks.{}.hook_resid_mid"  # after a block's attention, before its MLP
 STANDARD_POSITIONS = "standard"
 
 
 def residual_hook_names(n_layers: int) -> list[str]:
     """The n+1 hook names of the lens, in layer order 0..n."""
     return [RESID_PRE_0] + [RESID_POST.format(i) for i in range(n_layers)]
+
+
+def mid_hook_names(n_layers: int) -> list[str]:
+    """``blocks.{i}.hook_resid_mid`` for every block (``--sublayers``): block i's residual after
+    its attention and before its MLP."""
+    return [RESID_MID.format(i) for i in range(n_layers)]
 
 
 def build_cache_hook(cache: MutableMapping[str, Any], key: str, device: Any = None) -> Callable:
@@ -53,14 +60,17 @@ class ResidualHookHandle:
 
 
 def attach_residual_hooks(
-    model: Any, cache: MutableMapping[str, Any], device: Any = None
+    model: Any, cache: MutableMapping[str, Any], device: Any = None, mid: bool = False
 ) -> tuple[list[ResidualHookHandle], bool]:
-    """Attaches exactly the n+1 residual hooks; returns (handles, has_pos_embed).
+    """Attaches exactly the n+1 residual hooks (and the n mid-block ones with ``mid``); returns
+    (handles, has_pos_embed).
 
     ``has_pos_embed`` is True when the model adds learned/sinusoidal positions to the embedding
     (``cfg.positional_embedding_type == "standard"``), so layer 0 includes positional information.
     """
     names = residual_hook_names(int(model.cfg.n_layers))
+    if mid:
+        names += mid_hook_names(int(model.cfg.n_layers))
     hook_points = model.hook_dict
     missing = [name for name in names if name not in hook_points]
     if missing:
@@ -84,14 +94,14 @@ def detach_hooks(handles: list[ResidualHookHandle]) -> None:
 
 
 @contextmanager
-def residual_cache(model: Any, device: Any = None) -> Iterator[tuple[dict[str, Any], bool]]:
+def residual_cache(model: Any, device: Any = None, mid: bool = False) -> Iterator[tuple[dict[str, Any], bool]]:
     """Context manager: ``with residual_cache(model) as (cache, has_pos_embed): model(tokens)``.
 
     Residuals are moved to ``device`` as they are captured (None: left where they are). The hooks
     are removed on exit, also after an exception.
     """
     cache: dict[str, Any] = {}
-    handles, has_pos_embed = attach_residual_hooks(model, cache, device)
+    handles, has_pos_embed = attach_residual_hooks(model, cache, device, mid)
     try:
         yield cache, has_pos_embed
     finally:

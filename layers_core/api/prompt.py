@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core.csv_io import pure_header, records_header
+from layers_core.csv_io import pure_header
 from layers_core.lens.protocol import Lens
 from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, view
 from layers_core.model.lens_model import LensModel
@@ -33,7 +33,7 @@ from layers_core.pipeline.prompts import (
     DEFAULT_PROMPT,
     chat_text,
 )
-from layers_core.pipeline.sweep import SweepSettings
+from layers_core.pipeline.sweep import SweepSettings, check_sublayers
 from layers_core.results import outputs, pictures, report
 from layers_core.results.analysis import PromptAnalysis, analyse_prompt
 from layers_core.results.document import provenance, single_prompt_document, with_timing
@@ -77,13 +77,16 @@ class Sweep:
 
     @cached_property
     def pure(self) -> pd.DataFrame:
-        """The pure next-token table: one row per layer at the last position (CSV columns)."""
-        return frame_from_rows(self.analysis.result.pure_rows, pure_header())
+        """The pure next-token table: one row per layer at the last position (CSV columns; with
+        ``sublayers`` also each block's read after attention, in depth order)."""
+        _, rows, _, columns = outputs.prompt_table_rows(self.analysis.result)
+        return frame_from_rows(rows, columns)
 
     @cached_property
     def records(self) -> pd.DataFrame:
         """The records table: one row per (layer, position), layer-major (CSV columns)."""
-        return frame_from_rows(self.analysis.result.records, records_header())
+        rows, _, columns, _ = outputs.prompt_table_rows(self.analysis.result)
+        return frame_from_rows(rows, columns)
 
     @cached_property
     def comparison(self) -> pd.DataFrame:
@@ -220,6 +223,7 @@ def sweep(
     settings: SweepSettings | None = None,
     lens_path: str | None = None,
     chat: bool = False,
+    sublayers: bool = False,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
@@ -237,8 +241,14 @@ def sweep(
         chat: wrap the prompt (and the control prompt) as one user turn in the tokenizer's chat
             template with its generation prompt; the answer is scored as the assistant's first
             token(s). ``ValueError`` for a tokenizer without a template.
+        sublayers: also decode each block's residual after its attention (``hook_resid_mid``): rows
+            with ``sublayer`` = ``attn`` at layer b+1 for block b, in depth order. ``ValueError``
+            for parallel blocks (no such residual). Milestones count only the block rows.
     """
-    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path), chat=chat)
+    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path), chat=chat,
+                       sublayers=sublayers)
+    if sublayers:
+        check_sublayers(lens_model.bridge)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
     control = default_control(prompt, control)

@@ -56,6 +56,7 @@ class ExperimentConfig:
     lens: str = LOGIT  # logit | a fitted lens (lens.views.FITTED_VIEWS)
     lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
     chat: bool = False  # wrap the prompt in the tokenizer's chat template (one user turn)
+    sublayers: bool = False  # also decode each block's residual after attention
 
 
 _DEFAULTS = ExperimentConfig()
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--norm is written beside it)")
     p.add_argument("--lens-path", metavar="DIR",
                    help="the tuned lens's directory (default: fit_lens.py's cache for the model)")
+    p.add_argument("--sublayers", action="store_true",
+                   help="also decode each block's residual after its attention, before its MLP "
+                        "(rows with sublayer=attn; not for parallel blocks)")
     p.add_argument("--prompt", help="Override the prompt (requires --answer)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
@@ -195,6 +199,7 @@ def _check(args: argparse.Namespace) -> str | None:
             return str(error)
     if args.prompts is not None:
         for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test), ("--chat", args.chat),
+                         ("--sublayers", args.sublayers),
                          ("--keep-residuals", args.keep_residuals)):
             if on:
                 return f"--prompts and {flag} exclude each other"
@@ -229,7 +234,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
-        lens_path=args.lens_path, chat=args.chat,
+        lens_path=args.lens_path, chat=args.chat, sublayers=args.sublayers,
     )
     return list(args.model), config
 
@@ -245,7 +250,7 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--self-test": config.self_test, "--quiet": config.quiet,
                 "--no-plots": not config.plots, "--no-control": not config.control,
                 "--allow-lens-mismatch": config.allow_lens_mismatch, "--records": config.records,
-                "--resume": config.resume, "--chat": config.chat}
+                "--resume": config.resume, "--chat": config.chat, "--sublayers": config.sublayers}
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
                 "--control-answer": config.control_answer,

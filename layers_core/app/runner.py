@@ -149,7 +149,7 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 
     result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
                         lens=config.lens, lens_path=config.lens_path, control=_control(config),
-                        settings=_sweep_settings(config), chat=config.chat)
+                        settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers)
     stages.run("lens", _gate, config, result.analysis.consistency)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start

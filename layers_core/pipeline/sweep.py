@@ -24,11 +24,12 @@ from layers_core.collapse_rules import (
 )
 from layers_core.csv_io import (
     NEXT_TOKEN_LABEL,
+    SUBLAYER_COLUMN,
     TOP_K_RECORD,
     TOP_K_VERBOSE,
     is_verbose_position,
 )
-from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.hooks import mid_hook_names, residual_cache, residual_hook_names
 from layers_core.lens.protocol import Lens, NormLens, lens_description
 from layers_core.lens.stats import (
     DEFAULT_BUDGET_BYTES,
@@ -64,6 +65,7 @@ class SweepSettings:
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     lens: Any = field(default=None, compare=False)
     chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
+    sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
 
     @property
     def view(self) -> str:
@@ -96,6 +98,8 @@ class SweepResult:
     resid_normed: list[Tensor]  # L × [T, d], the lens's output in the compute dtype (records only)
     last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
     views: LastPositionViews  # every last-position view, decoded once
+    mid_records: list[dict] = field(default_factory=list)  # --sublayers: the attn rows (layer b+1)
+    mid_pure_rows: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
 
@@ -117,20 +121,23 @@ def check_finite(model_logits: Tensor, residuals: Sequence[Tensor], dtype: torch
 
 
 def forward_with_residuals(
-    model: Any, tokens: Tensor, last_logits_only: bool = True, device: Any = None
+    model: Any, tokens: Tensor, last_logits_only: bool = True, device: Any = None, mids: list | None = None
 ) -> tuple[Tensor, list[Tensor]]:
     """One forward pass with the n+1 residual hooks → (model logits float32, L × ``[T, d]``).
 
     The logits are the model's own, ``[1, V]`` at the last position when ``last_logits_only``
     (HF's ``logits_to_keep=1`` skips T−1 rows of the head's matmul), else ``[T, V]``. With
     ``device`` (the lens device) residuals move there as they are captured, and the logits too.
+    ``mids``: a list that receives the n mid-block residuals ``[T, d]`` (``--sublayers``).
     Raises ``NonFiniteError`` if any of them holds inf/NaN.
     """
-    names = residual_hook_names(int(model.cfg.n_layers))
-    with torch.inference_mode(), residual_cache(model, device) as (cache, _):
+    n_layers = int(model.cfg.n_layers)
+    with torch.inference_mode(), residual_cache(model, device, mid=mids is not None) as (cache, _):
         logits = model(tokens, logits_to_keep=1) if last_logits_only else model(tokens)
     logits = logits[0].float() if device is None else logits[0].to(device=device, dtype=torch.float32)
-    residuals = [cache.pop(name)[0] for name in names]
+    residuals = [cache.pop(name)[0] for name in residual_hook_names(n_layers)]
+    if mids is not None:
+        mids.extend(cache.pop(name)[0] for name in mid_hook_names(n_layers))
     check_finite(logits, residuals, residuals[0].dtype)
     return logits, residuals
 
@@ -150,7 +157,7 @@ def verbose_positions(str_tokens: Sequence[str]) -> list[bool]:
 
 
 def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, str],
-                  verbose: Sequence[bool] | None = None) -> list[dict]:
+                  verbose: Sequence[bool] | None = None, first_layer: int = 0) -> list[dict]:
     """Records rows, layer-major: top-20 at verbose positions, top-5 elsewhere."""
     n_layers, seq_len = stats.entropy_bits.shape
     verbose = verbose_positions(str_tokens) if verbose is None else verbose
@@ -160,7 +167,7 @@ def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, 
     for layer in range(n_layers):
         for pos in range(seq_len):
             k = TOP_K_VERBOSE if verbose[pos] else TOP_K_RECORD
-            row = {"layer": layer, "pos": pos, "token": str_tokens[pos],
+            row = {"layer": first_layer + layer, "pos": pos, "token": str_tokens[pos],
                    "entropy": entropy[layer][pos]}
             row.update(_topk_cells(ids[layer][pos], probs[layer][pos], k, vocab))
             rows.append(row)
@@ -174,6 +181,7 @@ def build_pure_rows(
     vocab: dict[int, str],
     settings: SweepSettings,
     position: int | None = None,
+    first_layer: int = 0,
 ) -> list[dict]:
     """One row per layer at the last position: top-5, flags and metrics .
 
@@ -191,7 +199,7 @@ def build_pure_rows(
     rows = []
     for layer, (h, top_ids, top_p, kl) in enumerate(zip(
             entropy.tolist(), ids.tolist(), probs.tolist(), stats.kl_to_final_bits.tolist())):
-        row = {"layer": layer, "pos": last if position is None else position,
+        row = {"layer": first_layer + layer, "pos": last if position is None else position,
                "token": NEXT_TOKEN_LABEL, "entropy": h}
         row.update(_topk_cells(top_ids, top_p, TOP_K_RECORD, vocab))
         rank = ranks[layer]
@@ -219,14 +227,28 @@ class Forwarded:
     model_logits: Tensor
     residuals: list[Tensor]
     forward_s: float = 0.0
+    mids: list[Tensor] | None = None  # --sublayers: n × [T, d], each block's residual after attention
 
 
-def forward_prompt(model: Any, prompt: str, device: Any = None) -> Forwarded:
-    """One prompt through the model with the residual hooks."""
+def forward_prompt(model: Any, prompt: str, device: Any = None, sublayers: bool = False) -> Forwarded:
+    """One prompt through the model with the residual hooks (and the mid-block ones)."""
     started = time.perf_counter()
     tokens = model.to_tokens(prompt)
-    model_logits, residuals = forward_with_residuals(model, tokens, device=device)
-    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started)
+    mids: list | None = [] if sublayers else None
+    model_logits, residuals = forward_with_residuals(model, tokens, device=device, mids=mids)
+    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started, mids)
+
+
+PARALLEL_BLOCK = "ParallelBlockBridge"  # attention and MLP read one residual and add once
+
+
+def check_sublayers(model: Any) -> None:
+    """``ValueError`` (one line) unless every block has a residual between attention and MLP."""
+    parallel = any(type(block).__name__ == PARALLEL_BLOCK for block in model.blocks)
+    if parallel or mid_hook_names(1)[0] not in model.hook_dict:
+        architecture = getattr(model.original_model.config, "architectures", None) or [type(model).__name__]
+        raise ValueError(f"--sublayers: {architecture[0]} has parallel blocks (attention and MLP read the "
+                         "same residual and are added together), so there is no read between them")
 
 
 def right_padded_batch(model: Any, prompts: Sequence[str]) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -291,7 +313,7 @@ def run_sweep(
     memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
-    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device)
+    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device, settings.sublayers)
     started = time.perf_counter()
     str_tokens = list(model.to_str_tokens(prompt))
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
@@ -309,19 +331,50 @@ def run_sweep(
                                       unembed.transform, None, gold["first_id"], TOP_K_VERBOSE,
                                       unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
             stats = followed_by_last_position(earlier, stats)
-    vocab = decoder.decode_many(torch.unique(_ids_shown(stats, str_tokens, records)).tolist())
+        mid_stats = None
+        if settings.sublayers:  # block b's mid read is the first half of the step to layer b+1
+            mid_rows = [lens.transform(mid if records else mid[-1:], block + 1)
+                        for block, mid in enumerate(forwarded.mids)]
+            mid_stats = lens_statistics(mid_rows, unembed.W_U, unembed.b_U, unembed.transform, final_log_probs,
+                                        gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
+                                        settings.budget_bytes, unembed.chunk_columns)
+    shown = [_ids_shown(s, str_tokens, records) for s in (stats, mid_stats) if s is not None]
+    vocab = decoder.decode_many(torch.unique(torch.cat(shown)).tolist())
     position = int(forwarded.tokens.shape[1]) - 1
+    prompt_ids = prompt_token_ids(model.tokenizer, prompt)
+    mid_records, mid_pure = [], []
+    if mid_stats is not None:
+        mid_records = build_records(mid_stats, str_tokens, vocab, first_layer=1) if records else []
+        mid_pure = build_pure_rows(mid_stats, prompt_ids, gold, vocab, settings, position, first_layer=1)
     return SweepResult(
         prompt=prompt, tokens=forwarded.tokens, str_tokens=str_tokens, gold=gold,
         model_logits=forwarded.model_logits,
         records=build_records(stats, str_tokens, vocab) if records else [],
-        pure_rows=build_pure_rows(stats, prompt_token_ids(model.tokenizer, prompt), gold, vocab, settings,
-                                  position=position),
+        pure_rows=build_pure_rows(stats, prompt_ids, gold, vocab, settings, position=position),
         norm_per_layer=lens_description(lens, len(residuals) - 1),
         resid_normed=lens_rows if records else [], last_position_resid=last_position_resid, views=views,
         warnings=list(getattr(lens, "warnings", [])),
         timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
+        mid_records=mid_records, mid_pure_rows=mid_pure,
     )
+
+
+ATTN, BLOCK = "attn", "block"  # the values of csv_io.SUBLAYER_COLUMN
+
+
+def in_depth_order(block_rows: Sequence[dict], mid_rows: Sequence[dict], per_layer: int = 1) -> list[dict]:
+    """Block and mid-block rows interleaved by depth (layer 0, then for each layer ℓ ≥ 1 its attn
+    read, then its block read), each tagged with ``sublayer``; ``per_layer`` rows per read (T for
+    records). Without mid rows, the block rows unchanged."""
+    if not mid_rows:
+        return list(block_rows)
+    tagged_blocks = [{**row, SUBLAYER_COLUMN: BLOCK} for row in block_rows]
+    tagged_mids = [{**row, SUBLAYER_COLUMN: ATTN} for row in mid_rows]
+    ordered = tagged_blocks[:per_layer]
+    for start in range(0, len(tagged_mids), per_layer):
+        ordered += tagged_mids[start : start + per_layer]
+        ordered += tagged_blocks[per_layer + start : 2 * per_layer + start]
+    return ordered
 
 
 def _ids_shown(stats: LensStats, str_tokens: Sequence[str], records: bool) -> Tensor:

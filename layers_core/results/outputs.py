@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from layers_core.csv_io import records_header, render_csv, write_csv_files, write_pure_csv
+from layers_core.csv_io import pure_header, records_header, render_csv, with_sublayer_column, write_pure_csv
+from layers_core.pipeline.sweep import in_depth_order
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
 from layers_core.results.report import error_document, to_strict_json
@@ -22,9 +23,21 @@ def write_json(path: str, document: Mapping[str, Any]) -> None:
     atomic_write(path, to_strict_json(dict(document)) + "\n")
 
 
+def prompt_table_rows(result: Any) -> tuple[list[dict], list[dict], list[str], list[str]]:
+    """(records rows, pure rows, records header, pure header) of one prompt as its CSVs hold them:
+    with ``--sublayers`` the mid-block reads interleaved by depth and a ``sublayer`` column."""
+    if not result.mid_pure_rows:
+        return result.records, result.pure_rows, records_header(), pure_header()
+    records = in_depth_order(result.records, result.mid_records, per_layer=len(result.str_tokens))
+    pure = in_depth_order(result.pure_rows, result.mid_pure_rows)
+    return records, pure, with_sublayer_column(records_header()), with_sublayer_column(pure_header())
+
+
 def write_prompt_tables(paths: Mapping[str, str], analysis: Any) -> None:
     """One prompt's records, pure and comparison-lens CSVs."""
-    write_csv_files(analysis.result.records, analysis.result.pure_rows, paths["records"], paths["pure"])
+    records, pure, records_columns, pure_columns = prompt_table_rows(analysis.result)
+    atomic_write(paths["records"], render_csv(records, records_columns))
+    atomic_write(paths["pure"], render_csv(pure, pure_columns))
     write_pure_csv(analysis.comparison.pure_rows,
                    comparison_csv_path(paths["dir"], paths["name"], analysis.comparison.strategy))
 

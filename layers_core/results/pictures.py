@@ -17,8 +17,12 @@ def _marks(diagnostics: Mapping[str, Any]) -> dict:
 
 
 def picture_rows(analysis: Any) -> dict:
-    """The plain data the two pictures of one prompt are drawn from (no tensors: picklable)."""
-    return {"records": analysis.result.records, "pure_rows": analysis.result.pure_rows,
+    """The plain data the two pictures of one prompt are drawn from (no tensors: picklable); with
+    ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps)."""
+    from layers_core.results.outputs import prompt_table_rows  # the parent's side: torch is loaded
+
+    records, pure, _, _ = prompt_table_rows(analysis.result)
+    return {"records": records, "pure_rows": pure,
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"]}

@@ -71,8 +71,10 @@ def lens_heatmap(
     import numpy as np
 
     key, label = COLOR_BY[color_by]
-    marks = {name: layer for name, layer in (marks or {}).items() if layer is not None}
-    n_rows = max(int(r["layer"]) for r in records) + 1
+    halves = any(r.get("sublayer") for r in records)  # --sublayers: a row per half-step
+    scale = 2 if halves else 1
+    marks = {name: layer * scale for name, layer in (marks or {}).items() if layer is not None}
+    n_rows = max(_depth(r, halves) for r in records) + 1
     n_pos = max(int(r["pos"]) for r in records) + 1
     layers = strided_layers(n_rows, list(marks.values()), max_rows)
     values = np.full((len(layers), n_pos), np.nan)
@@ -80,7 +82,7 @@ def lens_heatmap(
     tokens = [""] * n_pos
     row_of = {layer: i for i, layer in enumerate(layers)}
     for record in records:
-        layer, pos = int(record["layer"]), int(record["pos"])
+        layer, pos = _depth(record, halves), int(record["pos"])
         tokens[pos] = str(record["token"])
         if layer in row_of:
             values[row_of[layer], pos] = float(record[key])
@@ -100,20 +102,35 @@ def lens_heatmap(
     x_labels = [display_token(t) for t in tokens]
     x_labels[-1] = f"{x_labels[-1]}\n→ ⟨NEXT⟩"
     ax.set_xticks(range(n_pos), x_labels, rotation=60, ha="right", fontsize=8)
-    y_labels = [str(layer) + "".join(f"  ◀ {name}" for name, at in marks.items() if at == layer)
+    y_labels = [_depth_label(layer, halves) + "".join(f"  ◀ {name}" for name, at in marks.items() if at == layer)
                 for layer in layers]
     ax.set_yticks(range(len(layers)), y_labels, fontsize=8)
     for at in set(marks.values()) & set(row_of):
         ax.axhline(row_of[at], color="red", linewidth=0.8, alpha=0.6)
     ax.set_xlabel("prompt position (input token)")
-    ax.set_ylabel("layer (0 = embeddings)" + (", strided" if len(layers) < n_rows else ""))
+    ax.set_ylabel("layer (0 = embeddings" + ("; ℓ−½: block ℓ−1 after attention" if halves else "") + ")"
+                  + (", strided" if len(layers) < n_rows else ""))
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=label, fraction=0.03, pad=0.01)
     return fig
 
 
-def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(int(r["layer"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+def _depth(row: Mapping[str, Any], halves: bool) -> int:
+    """A row's index in depth order: the layer, or with half-steps 2·layer (−1 after attention)."""
+    layer = int(row["layer"])
+    return 2 * layer - (row.get("sublayer") == "attn") if halves else layer
+
+
+def _depth_label(depth: int, halves: bool) -> str:
+    if not halves:
+        return str(depth)
+    return str(depth // 2) if depth % 2 == 0 else f"{(depth + 1) // 2}−½ attn"
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(x, y) of one curve; a mid-block read (``sublayer`` attn) sits half a step before its layer."""
+    points = [(int(r["layer"]) - 0.5 * (r.get("sublayer") == "attn"), float(r[key]))
+              for r in rows if r.get(key) not in (None, "")]
     return [p[0] for p in points], [p[1] for p in points]
 
 
