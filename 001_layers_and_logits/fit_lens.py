@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(os.path.join(out, "eval.json"), report)
     title = f"{lens_model.source.clean_name}: tuned vs logit lens on held-out text"
     save_figure(lens_fit.eval_figure(layers, title), os.path.join(out, "eval.png"))
-    mean = {kind: sum(row[kind]["kl_bits"] for row in layers) / len(layers) for kind in ("logit", "tuned")}
+    mean = {kind: sum(row[kind]["kl_final_to_lens_bits"] for row in layers) / len(layers) for kind in ("logit", "tuned")}
     print(f"✅ held-out mean KL: tuned {mean['tuned']:.2f} bits/token, logit {mean['logit']:.2f} "
           f"({report['total_s']:.0f} s)")
     print(out)

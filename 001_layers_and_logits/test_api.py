@@ -128,8 +128,6 @@ def test_sweep_set_matches_single_sweeps(tiny_dirs):
 
 def test_bad_arguments_raise_value_errors(tiny_dirs, load_bridge):
     lens_model = lc.load(load_bridge("llama"))
-    with pytest.raises(ValueError, match="answer is required"):
-        lc.sweep(lens_model, PROMPT)
     with pytest.raises(ValueError, match="unknown lens"):
         lc.sweep(lens_model, PROMPT, "Berlin", lens="tunnel")
 

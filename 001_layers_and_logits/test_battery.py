@@ -115,7 +115,7 @@ def test_resume_refuses_checkpoints_made_with_other_settings(tiny_dirs, tmp_path
     assert run.main(base) == 0
     assert not (tmp_path / "out" / ".progress-llama").exists()  # a completed set leaves no checkpoints
     ProgressStore(str(tmp_path / "out"), "llama", {"norm": "arch", "model": tiny_dirs["llama"]}).start(False)
-    assert run.main([*base, "--resume", "--norm", "final"]) == 1
+    assert run.main([*base, "--resume", "--norm", "final"]) == 2  # found before the model loads
     err = capsys.readouterr().err
     assert "were made with other settings (" in err and "norm" in err and err.count("\n") == 1
 

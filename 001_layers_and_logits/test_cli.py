@@ -16,7 +16,6 @@ from layers_core.app.cli import ExperimentConfig, child_argv, parse_config
 BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
 
 USAGE_ERRORS = [
-    (["--prompt", "Hello"], "--prompt requires --answer"),
     (["--device", "cpu", "--answer", "Paris"], "--answer requires --prompt"),
     (["--prompt", "  ", "--answer", "x"], "must not be empty"),
     (["--copy-threshold", "1.5"], "--copy-threshold must be in (0, 1]"),
@@ -73,7 +72,8 @@ NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_
                         control=False, control_prompt=None, control_answer=None, self_test=True,
                         lens="logit", lens_path=None, threads=None, plots=True, chat=True, sublayers=True),
     dataclasses.replace(ExperimentConfig(), device="cuda", device_map="auto", max_memory="0=70GiB,1=70GiB"),
-], ids=["defaults", "every-flag", "single-prompt", "device-map"])
+    dataclasses.replace(ExperimentConfig(), prompt="The capital of Peru is", answer=None),
+], ids=["defaults", "every-flag", "single-prompt", "device-map", "no-answer"])
 def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monkeypatch):
     """``parse_config(child_argv(c))[1]`` equals ``c`` on everything ``child_argv`` forwards."""
     monkeypatch.setattr("layers_core.app.cli.check_writable_dir", lambda path: None)

@@ -126,7 +126,7 @@ def test_family_outputs_schema_and_consistency(family_runs, load_bridge, family)
     assert list(doc["diagnostics"]) == DIAG_KEYS
     assert list(doc["provenance"]) == PROVENANCE_KEYS
     consistency = doc["diagnostics"]["last_layer_consistency"]
-    assert consistency["passed"] is True and consistency["kl_bits"] <= 1e-6
+    assert consistency["passed"] is True and consistency["kl_model_to_lens_bits"] <= 1e-6
     assert consistency["top1_agree"] is True
     assert len(doc["test_prompts"]) == 14 and all(len(t["topk"]) == 10 for t in doc["test_prompts"])
     assert [t["temperature"] for t in doc["temperature_exploration"]] == [0.1, 2.0]
@@ -143,7 +143,7 @@ def test_gemma2_softcap_is_applied_regression_defect_6(family_runs):
     doc = _strict_json(_outputs(family_runs["gemma2"][1], "gemma2")[0])
     consistency = doc["diagnostics"]["last_layer_consistency"]
     assert consistency["post_unembed_transform"]["softcap"] == 5.0
-    assert consistency["kl_bits"] <= 1e-6
+    assert consistency["kl_model_to_lens_bits"] <= 1e-6
     frame = pd.read_csv(_outputs(family_runs["gemma2"][1], "gemma2")[2])
     assert frame["prob1"].max() < 1.0
 
@@ -272,7 +272,7 @@ def test_missing_model_dir_error_document_and_untouched_run_latest_regression_de
     assert {f: (latest / f).read_bytes() for f in os.listdir(latest)} == before
     failed = [d for d in os.listdir(tmp_path) if d.endswith("-failed")]
     assert len(failed) == 1
-    doc = _strict_json(tmp_path / failed[0] / "output-no-such-model.json")
+    doc = _strict_json(tmp_path / failed[0] / "output-no-such-model.error.json")
     assert doc["error"]["stage"] == "load" and doc["error"]["type"] == "ModelLoadError"
     assert set(doc["error"]) == {"type", "message", "stage", "model", "timestamp"}
     assert list(doc) == ["error", "provenance"] and doc["provenance"]["model_source"] == "local_dir"
@@ -291,7 +291,7 @@ def test_bad_model_dirs_fail_with_one_line(tmp_path, capsys, make_dir, needle):
     assert run.main(["--device", "cpu", str(model_dir), "--out_dir", str(out)]) == 1
     err = capsys.readouterr().err
     assert needle in err and err.strip().count("\n") == 0
-    assert _strict_json(out / "output-model.json")["error"]["stage"] == "load"
+    assert _strict_json(out / "output-model.error.json")["error"]["stage"] == "load"
 
 
 def test_uncached_hub_id_offline_fails_cleanly(tmp_path, capsys):
@@ -311,7 +311,7 @@ def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
     doc = _strict_json(tmp_path / "out" / "output-llama.json")
     assert doc["diagnostics"]["norm_strategy"]["name"] == "final"  # --norm was forwarded
     assert doc["prompt"]["context_prompt"] == PROMPT
-    assert "error" in _strict_json(tmp_path / "out" / "output-missing.json")
+    assert "error" in _strict_json(tmp_path / "out" / "output-missing.error.json")
 
 
 def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
@@ -348,7 +348,7 @@ def test_bundled_default_model_run(bundled_run):
     assert last["p_answer"] == pytest.approx(0.82, abs=0.03)
     assert last["p_answer"] <= last["p_top5"] and last["kl_to_final_bits"] < 1e-5
     assert doc["diagnostics"]["L_semantic"] == 30
-    assert doc["diagnostics"]["last_layer_consistency"]["kl_bits"] < 1e-6
+    assert doc["diagnostics"]["last_layer_consistency"]["kl_model_to_lens_bits"] < 1e-6
     assert doc["diagnostics"]["layer0_position_info"] == "token_only_rotary_model"
     # the default final lens: ` Berlin` climbs through the last layers (SPEC facts: 185, then 31)
     assert frame["answer_rank"].iloc[28] == 185 and frame["answer_rank"].iloc[29] == 31
@@ -395,8 +395,8 @@ def test_comparison_lens_csv_and_block(family_runs, load_bridge):
     n = load_bridge("llama").cfg.n_layers
     assert len(frame) == n + 1 and len(block["per_layer"]) == n + 1
     last = block["per_layer"][-1]  # both lenses decode the last layer through ln_final
-    assert last["top1_agree"] is True and last["kl_bits"] < 1e-6
-    assert block["per_layer"][0]["kl_bits"] > 1e-3  # ln1 of block 0 vs ln_final differ
+    assert last["top1_agree"] is True and last["kl_chosen_to_other_bits"] < 1e-6
+    assert block["per_layer"][0]["kl_chosen_to_other_bits"] > 1e-3  # ln1 of block 0 vs ln_final differ
     assert set(block["milestones"]) == {"arch", "final"}
     arch = pd.read_csv(_outputs(out, "llama")[2])
     assert frame["kl_to_final_bits"].iloc[-1] == pytest.approx(arch["kl_to_final_bits"].iloc[-1],

@@ -113,9 +113,9 @@ def test_fit_lens_writes_the_lens_and_its_evaluation(fitted_lens, load_bridge):
     assert set(report["tokens"]) >= {"train", "heldout"} and report["tokens"]["train"] >= 4096
     for row in report["layers"]:
         for kind in ("logit", "tuned"):
-            assert set(row[kind]) == {"kl_bits", "kl_bpb", "ce_bits", "top1_agree"}
-            assert row[kind]["kl_bits"] >= 0 and 0 <= row[kind]["top1_agree"] <= 1
-    mean = {kind: sum(r[kind]["kl_bits"] for r in report["layers"]) / n for kind in ("logit", "tuned")}
+            assert set(row[kind]) == {"kl_final_to_lens_bits", "kl_final_to_lens_bpb", "ce_bits", "top1_agree"}
+            assert row[kind]["kl_final_to_lens_bits"] >= 0 and 0 <= row[kind]["top1_agree"] <= 1
+    mean = {kind: sum(r[kind]["kl_final_to_lens_bits"] for r in report["layers"]) / n for kind in ("logit", "tuned")}
     assert mean["tuned"] < mean["logit"]
 
 
@@ -136,7 +136,7 @@ def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
                      "--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
     document = json.loads((tmp_path / "output-llama.json").read_text())
     check = document["diagnostics"]["last_layer_consistency"]
-    assert check["passed"] is True and check["kl_bits"] <= 1e-6
+    assert check["passed"] is True and check["kl_final_to_lens_bits"] <= 1e-6
     assert document["diagnostics"]["norm_strategy"]["name"] == "tuned"
     assert (tmp_path / "output-llama-pure-next-token-final.csv").exists()  # the logit lens, --norm final
     tuned = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv")

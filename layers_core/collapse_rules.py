@@ -18,7 +18,6 @@ SEMANTIC_MARGIN = 0.1  # L_semantic_margin: p_answer − p(runner-up) must reach
 VARIANT_WITH_SPACE = "with_space"
 VARIANT_NO_SPACE = "no_space"
 VARIANT_UNKNOWN = "unknown"
-_MAX_PIECES = 4
 
 
 def copy_collapse_flags(
@@ -49,6 +48,16 @@ def copy_collapse_flags(
         return strict, strict, strict
     copy = strict | (entropy_bits < entropy_fallback_threshold)
     return copy, strict, copy & in_prompt
+
+
+def is_headline_copy(top1_id: int, top1_text: str, p_top1: float, p_top2: float, prompt_ids: Iterable[int],
+                     answer_first_id: int | None, copy_threshold: float = COPY_THRESHOLD,
+                     copy_margin: float = COPY_MARGIN) -> bool:
+    """The headline copy rule (``L_copy`` from round 3, except under ``--norm arch``): the top-1 is
+    a token of the prompt with a letter or digit in it (no punctuation or whitespace), it is not
+    the answer's first piece, and p1 > threshold and p1 − p2 > margin; no entropy fallback."""
+    return (top1_id in set(prompt_ids) and any(char.isalnum() for char in top1_text)
+            and top1_id != answer_first_id and p_top1 > copy_threshold and p_top1 - p_top2 > copy_margin)
 
 
 def detect_copy_collapse(
@@ -83,34 +92,59 @@ def is_entropy_collapse(entropy_bits: float, threshold: float = ENTROPY_COLLAPSE
     return entropy_bits <= threshold
 
 
-def is_semantic_top1(top1_text: str, ground_truth: str) -> bool:
-    """String fallback for ``is_answer`` (used only when the gold ids are unresolved)."""
-    return top1_text.strip() == ground_truth
+def is_semantic_top1(top1_text: str, ground_truth: str | None) -> bool:
+    """String fallback for ``is_answer`` (used only when the gold ids are unresolved; no answer:
+    False)."""
+    return ground_truth is not None and top1_text.strip() == ground_truth.strip()
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str, *, space_first: bool = True) -> dict:
+PROMPT_ENDS_IN_SPACE = ("the prompt ends in whitespace: the answer is scored as its continuation "
+                        "(no second space); drop the trailing space to score the answer with its own")
+
+
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, space_first: bool = True) -> dict:
     """Resolves the answer to token ids as the continuation of ``prompt``.
 
-    Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer`` (``no_space``); a
-    variant counts only if its ids start with the prompt's ids. Returns ``{string, pieces,
-    first_id, answer_ids, variant, ok, status}``; unresolved → ``first_id`` None, ``ok`` False.
-    ``space_first=False`` tries ``no_space`` first (an assistant turn starts without a space).
+    The answer's leading and trailing whitespace never becomes a token: ``" Buenos Aires"`` is
+    ``"Buenos Aires"``. Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer``
+    (``no_space``); a variant counts only if its ids start with the prompt's ids. A prompt that
+    ends in whitespace already holds the space: the answer is its continuation (``no_space``, the
+    answer's own ids where the tokenizer would merge the space), never a second space, and
+    ``warnings`` says so. ``space_first=False`` tries ``no_space`` first (an assistant turn starts
+    without a space). Returns ``{string, pieces, first_id, answer_ids, variant, ok, status,
+    warnings}``; unresolved → ``first_id`` None, ``ok`` False; no answer (None) → status
+    ``no_answer``.
     """
+    if answer is None or not answer.strip():
+        return _unresolved(None, "no_answer", [])
+    answer = answer.strip()
     prompt_ids = _encode(tokenizer, prompt)
+    ends_in_space = prompt[-1:].isspace()
+    warnings = [PROMPT_ENDS_IN_SPACE] if ends_in_space else []
     variants = ((VARIANT_WITH_SPACE, f"{prompt} {answer}"), (VARIANT_NO_SPACE, prompt + answer))
-    for variant, text in variants if space_first else variants[::-1]:
+    order = variants if space_first and not ends_in_space else variants[::-1]
+    for variant, text in order[:1] if ends_in_space else order:
         ids = _encode(tokenizer, text)
         if ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids):
-            answer_ids = ids[len(prompt_ids):]
-            pieces = list(tokenizer.convert_ids_to_tokens(answer_ids[:_MAX_PIECES]))
-            return {"string": answer, "pieces": pieces, "first_id": answer_ids[0],
-                    "answer_ids": answer_ids, "variant": variant, "ok": True, "status": "ok"}
-    return {"string": answer, "pieces": [], "first_id": None, "answer_ids": [],
-            "variant": VARIANT_UNKNOWN, "ok": False, "status": "unresolved"}
+            return _resolved(tokenizer, answer, ids[len(prompt_ids):], variant, warnings)
+    if ends_in_space:  # "is " + "Berlin" merges the space into "ĠBerlin": the continuation is "Berlin"
+        return _resolved(tokenizer, answer, _encode(tokenizer, answer), VARIANT_NO_SPACE, warnings)
+    return _unresolved(answer, "unresolved", warnings)
+
+
+def _resolved(tokenizer: Any, answer: str, answer_ids: list[int], variant: str, warnings: list[str]) -> dict:
+    return {"string": answer, "pieces": list(tokenizer.convert_ids_to_tokens(answer_ids)),
+            "first_id": answer_ids[0], "answer_ids": answer_ids, "variant": variant, "ok": True,
+            "status": "ok", "warnings": warnings}
+
+
+def _unresolved(answer: str | None, status: str, warnings: list[str]) -> dict:
+    return {"string": answer, "pieces": [], "first_id": None, "answer_ids": [], "variant": VARIANT_UNKNOWN,
+            "ok": False, "status": status, "warnings": warnings}
 
 
 def _first_layer(rows: Sequence[Mapping[str, Any]], predicate) -> int | None:
@@ -124,16 +158,19 @@ def _le(value: Any, bound: float) -> bool:
     return value is not None and value <= bound
 
 
-def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]], skip_layer0_copy: bool = False) -> dict:
+def summarize_collapse(pure_rows: Sequence[Mapping[str, Any]], skip_layer0_copy: bool = False,
+                       headline: bool = False) -> dict:
     """First layers of each collapse over pure rows ordered by layer.
 
     Rows carry ``layer``, ``copy_collapse``, ``copy_strict``, ``copy_collapse_prompt``,
-    ``entropy_collapse``, ``is_answer``. Returns ``L_copy``, ``L_copy_strict``, ``L_copy_H``,
-    ``L_semantic``, ``delta_layers`` and ``L_copy_prompt``. With ``skip_layer0_copy`` (tied
-    embeddings: layer 0 decodes to the input token itself) the copy indices start at layer 1.
+    ``entropy_collapse``, ``is_answer`` (and ``copy_headline``). Returns ``L_copy``,
+    ``L_copy_strict``, ``L_copy_H``, ``L_semantic``, ``delta_layers`` and ``L_copy_prompt``.
+    ``L_copy`` (and ``delta_layers``) follow the seed's ``copy_collapse``, or with ``headline`` the
+    headline rule (``is_headline_copy``). With ``skip_layer0_copy`` (tied embeddings: layer 0
+    decodes to the input token itself) the copy indices start at layer 1.
     """
     copy_rows = [r for r in pure_rows if not (skip_layer0_copy and int(r["layer"]) == 0)]
-    l_copy = _first_layer(copy_rows, lambda r: bool(r["copy_collapse"]))
+    l_copy = _first_layer(copy_rows, lambda r: bool(r["copy_headline" if headline else "copy_collapse"]))
     l_semantic = _first_layer(pure_rows, lambda r: bool(r["is_answer"]))
     return {
         "L_copy": l_copy,

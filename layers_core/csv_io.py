@@ -22,7 +22,7 @@ LEADING_COLUMNS = ["layer", "pos", "token", "entropy"]
 REST_MASS_COLUMN = "rest_mass"
 FLAG_COLUMNS = ["copy_collapse", "entropy_collapse", "is_answer"]
 METRIC_COLUMNS = ["p_top1", "p_top5", "p_answer", "answer_rank", "kl_to_final_bits"]
-EXTRA_FLAG_COLUMNS = ["copy_collapse_prompt"]  # after the legacy 48 + 5 columns
+EXTRA_FLAG_COLUMNS = ["copy_collapse_prompt", "copy_headline"]  # after the legacy 48 + 5 columns
 _VERBOSE_STRIP = ".,!?;:"
 _NEEDS_QUOTES = (",", '"', "\n", "\r")
 
@@ -41,7 +41,7 @@ def records_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
 
 def pure_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
     """Pure next-token CSV header: the records header, flags, metrics, then ``copy_collapse_prompt``
-    (54 for k=20)."""
+    and ``copy_headline`` (55 for k=20)."""
     return records_header(top_k) + FLAG_COLUMNS + METRIC_COLUMNS + EXTRA_FLAG_COLUMNS
 
 

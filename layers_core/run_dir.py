@@ -192,7 +192,7 @@ def publish_staging_dir(
 def output_paths(directory: str, clean_name: str) -> dict[str, str]:
     """The files of one model's run inside ``directory``, keyed by role."""
     stem = os.path.join(directory, f"output-{clean_name}")
-    return {"json": f"{stem}.json", "records": f"{stem}-records.csv",
+    return {"json": f"{stem}.json", "error_json": f"{stem}.error.json", "records": f"{stem}-records.csv",
             "pure": f"{stem}-pure-next-token.csv", "lens_png": f"{stem}-lens.png",
             "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
             "summary_png": f"{stem}-summary.png", "dir": directory, "name": clean_name}
@@ -208,7 +208,7 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
     return os.path.join(directory, f"{clean_name}_{layer:02d}_resid.pt")
 
 
-OUTPUT_ROLES = ("json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png")
+OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:

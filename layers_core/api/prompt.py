@@ -37,6 +37,7 @@ from layers_core.pipeline.sweep import SweepSettings, check_sublayers
 from layers_core.results import outputs, pictures, report
 from layers_core.results.analysis import PromptAnalysis, analyse_prompt
 from layers_core.results.document import provenance, single_prompt_document, with_timing
+from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
 
@@ -54,12 +55,12 @@ def default_control(prompt: str, control: Control) -> tuple[str, str] | None:
     return tuple(control)
 
 
-def _answer_for(prompt: str, answer: str | None) -> str:
-    if answer is not None:
-        return answer
-    if prompt == DEFAULT_PROMPT:
+def _answer_for(prompt: str, answer: str | None) -> str | None:
+    """The default prompt's answer is Berlin; another prompt without one gets the lens rows with
+    the answer columns empty."""
+    if answer is None and prompt == DEFAULT_PROMPT:
         return DEFAULT_ANSWER
-    raise ValueError("an answer is required for a prompt other than the default one")
+    return answer
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Sweep:
     started_at: datetime = field(default_factory=datetime.now)
     timing: dict = field(default_factory=dict)
     clock_start: float | None = None  # perf_counter() at the start of the run, for total_s
+    heatmap_window: int | None = HEATMAP_WINDOW  # the heatmap's last positions (None: all)
 
     @cached_property
     def pure(self) -> pd.DataFrame:
@@ -121,18 +123,18 @@ class Sweep:
 
     def lens_figure(self):
         """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""
-        return pictures.prompt_lens_figure(pictures.picture_rows(self.analysis), self.title())
+        return pictures.prompt_lens_figure(pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
 
     def curves_figure(self):
         """Entropy, p(answer), answer rank and KL per layer, both lenses, as a ``Figure``."""
-        return pictures.prompt_curves_figure(pictures.picture_rows(self.analysis), self.title())
+        return pictures.prompt_curves_figure(pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
 
     def draw_pictures(self, directory: str, name: str | None = None,
                       worker: pictures.PictureWorker | None = None) -> None:
         """Draws the two PNGs into ``directory``: in ``worker`` if given (then ``save`` waits
         for it), else now."""
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
-        args = (paths, pictures.picture_rows(self.analysis), self.title())
+        args = (paths, pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
         if worker is None:
             pictures.write_prompt_pictures(*args)
         else:
@@ -224,11 +226,13 @@ def sweep(
     lens_path: str | None = None,
     chat: bool = False,
     sublayers: bool = False,
+    truncate: str | None = None,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
     Args:
-        answer: the gold answer; may be omitted only for the default prompt (``Berlin``).
+        answer: the gold answer (default prompt: ``Berlin``); None: no answer, the rows without
+            answer columns and no answer milestones. Leading/trailing whitespace is ignored.
         norm: ``final`` (``ln_final`` everywhere: the standard logit lens, the default), ``arch``
             (the seed's rule: the norm the model applies next) or ``none`` (raw residual).
         lens: ``logit`` (the logit lens under ``norm``), ``tuned`` (a lens fitted by
@@ -244,9 +248,14 @@ def sweep(
         sublayers: also decode each block's residual after its attention (``hook_resid_mid``): rows
             with ``sublayer`` = ``attn`` at layer b+1 for block b, in depth order. ``ValueError``
             for parallel blocks (no such residual). Milestones count only the block rows.
+        truncate: None (a prompt longer than the model's context is refused, ``PromptTooLong``,
+            naming both lengths, before any forward) or ``"left"`` (keep its last tokens after
+            BOS; ``diagnostics.truncation`` says so).
     """
+    if truncate not in (None, "left"):
+        raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
     settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path), chat=chat,
-                       sublayers=sublayers)
+                       sublayers=sublayers, truncate=truncate)
     if sublayers:
         check_sublayers(lens_model.bridge)
     answer = _answer_for(prompt, answer)

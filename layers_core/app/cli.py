@@ -6,16 +6,18 @@ Every usage error is found here, before any model work: one line on stderr, exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
 from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
-from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS
+from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, view
 from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
+from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
 
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAP_CHOICES = ("auto", "balanced", "sequential")
@@ -35,7 +37,7 @@ class ExperimentConfig:
     out_dir: str | None = None  # None = managed run-latest/ next to run.py
     self_test: bool = False  # last-layer consistency gate only; writes nothing
     prompt: str = DEFAULT_PROMPT
-    answer: str = DEFAULT_ANSWER
+    answer: str | None = DEFAULT_ANSWER  # None (--prompt without --answer): no answer columns
     quiet: bool = False  # only errors and verdicts on the console
     plots: bool = True  # lens heatmap and layer curves beside the CSVs
     prompts_file: str | None = None  # JSONL prompt set: one model load, a summary CSV
@@ -57,6 +59,8 @@ class ExperimentConfig:
     lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
     chat: bool = False  # wrap the prompt in the tokenizer's chat template (one user turn)
     sublayers: bool = False  # also decode each block's residual after attention
+    truncate: str = "none"  # none: a prompt longer than the context is refused; left: keep its end
+    heatmap_window: int = HEATMAP_WINDOW  # the heatmap shows the last N positions of a longer prompt
 
 
 _DEFAULTS = ExperimentConfig()
@@ -104,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sublayers", action="store_true",
                    help="also decode each block's residual after its attention, before its MLP "
                         "(rows with sublayer=attn; not for parallel blocks)")
-    p.add_argument("--prompt", help="Override the prompt (requires --answer)")
+    p.add_argument("--truncate", choices=("none", "left"), default=_DEFAULTS.truncate,
+                   help="a prompt longer than the model's context: refuse it (none, the default) or keep "
+                        "its last tokens (left; recorded in the JSON)")
+    p.add_argument("--heatmap-window", type=int, default=_DEFAULTS.heatmap_window, metavar="N",
+                   help="the lens heatmap shows the last N positions (the records CSV keeps all)")
+    p.add_argument("--prompt", help="Override the prompt (without --answer: the lens rows, no answer columns)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
                         "generation prompt); the answer is scored as the assistant's first token(s)")
@@ -149,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> str | None:
     """The first usage error in ``args``, or None."""
-    if args.prompt is not None and args.answer is None:
-        return "--prompt requires --answer"
     if args.answer is not None and args.prompt is None:
         return "--answer requires --prompt (it is the gold answer of that prompt)"
     for flag, value in (("--prompt", args.prompt), ("--answer", args.answer)):
@@ -166,6 +173,13 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--no-control and --control-prompt exclude each other"
     if args.lens_path is not None and args.lens == LOGIT:
         return f"--lens-path goes with a fitted lens (--lens {' | '.join(LENS_CHOICES[1:])})"
+    if args.lens_path is not None:
+        missing = [name for name in view(args.lens).files if not os.path.isfile(os.path.join(args.lens_path, name))]
+        if missing:
+            return (f"--lens-path {args.lens_path}: no {args.lens} lens there (missing {', '.join(missing)}); "
+                    "fit one with 001_layers_and_logits/fit_lens.py")
+    if args.heatmap_window < 1:
+        return f"--heatmap-window must be at least 1, got {args.heatmap_window}"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be at least 1, got {args.threads}"
     if args.max_memory is not None:
@@ -227,14 +241,16 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         copy_entropy_fallback=not args.no_copy_entropy_fallback, norm_strategy=args.norm,
         out_dir=args.out_dir, self_test=args.self_test,
         prompt=_DEFAULTS.prompt if args.prompt is None else args.prompt,
-        answer=_DEFAULTS.answer if args.answer is None else args.answer, quiet=args.quiet,
+        answer=(_DEFAULTS.answer if args.prompt is None else None) if args.answer is None else args.answer,
+        quiet=args.quiet,
         plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
         control_prompt=args.control_prompt, control_answer=args.control_answer,
         allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
-        lens_path=args.lens_path, chat=args.chat, sublayers=args.sublayers,
+        lens_path=args.lens_path, chat=args.chat, sublayers=args.sublayers, truncate=args.truncate,
+        heatmap_window=args.heatmap_window,
     )
     return list(args.model), config
 
@@ -244,7 +260,8 @@ def child_argv(config: ExperimentConfig) -> list[str]:
     flags = ["--device", config.device, "--dtype", config.dtype, "--norm", config.norm_strategy,
              "--lens", config.lens,
              "--copy-threshold", repr(config.copy_threshold), "--copy-margin", repr(config.copy_margin),
-             "--keep-runs", str(config.keep_runs)]
+             "--keep-runs", str(config.keep_runs), "--truncate", config.truncate,
+             "--heatmap-window", str(config.heatmap_window)]
     switches = {"--fp32-unembed": config.fp32_unembed, "--keep-residuals": config.keep_residuals,
                 "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
                 "--self-test": config.self_test, "--quiet": config.quiet,
@@ -259,7 +276,7 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--batch-size": None if config.batch_size is None else str(config.batch_size),
                 "--shard": config.shard, "--lens-path": config.lens_path}
     if config.prompt != _DEFAULTS.prompt or config.answer != _DEFAULTS.answer:
-        optional.update({"--prompt": config.prompt, "--answer": config.answer})
+        optional.update({"--prompt": config.prompt, "--answer": config.answer})  # None: no answer
     for flag, value in optional.items():
         if value is not None:
             flags += [flag, value]

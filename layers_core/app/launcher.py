@@ -76,7 +76,7 @@ def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
                 command += ["--out_dir", directory]
             rc = subprocess.call(command + [model])
             if rc != EXIT_OK and directory is not None:
-                _ensure_error_document(output_paths(directory, name)["json"], model, rc)
+                _ensure_error_document(output_paths(directory, name)["error_json"], model, rc)
             outcomes.append((name, rc))
     except KeyboardInterrupt:
         if managed:

@@ -8,9 +8,11 @@ flags are parsed, so ``--help`` and usage errors stay fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
-from layers_core.app.cli import EXIT_INTERRUPTED, parse_config
+from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, parse_config
 
 SCRIPT_DIR_NAME = "001_layers_and_logits"
 
@@ -23,13 +25,24 @@ def default_base_dir() -> str:
     return script_dir if os.path.isfile(os.path.join(script_dir, "run.py")) else os.getcwd()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm before a kill): unwinds exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None, base_dir: str | None = None) -> int:
     """Parses ``argv`` (default ``sys.argv[1:]``) and runs the invocation; returns the exit code.
 
-    Ctrl-C ends it with one line, exit 130, no staging directory left behind.
+    Ctrl-C ends it with one line (``interrupted``), exit 130; SIGTERM likewise (``terminated``),
+    exit 143: checkpoints kept, no staging directory left, ``run-latest/`` untouched.
     """
     models, config = parse_config(argv)
     base_dir = base_dir or default_base_dir()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         if len(models) >= 2:
             from layers_core.app.launcher import launch
@@ -38,6 +51,12 @@ def main(argv: list[str] | None = None, base_dir: str | None = None) -> int:
         from layers_core.app.runner import run_in_process
 
         return run_in_process(models[0] if models else None, config, base_dir)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from layers_core.app import threads
-from layers_core.app.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig
+from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.model.loading import resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
@@ -128,7 +128,7 @@ def _gate(config: ExperimentConfig, consistency: dict) -> None:
     if consistency["passed"] or config.allow_lens_mismatch:
         return
     raise LensMismatchError(
-        f"the last-layer lens does not reproduce the model's logits: KL {consistency['kl_bits']:.3e} "
+        f"the last-layer lens does not reproduce the model's logits: KL {consistency['kl_model_to_lens_bits']:.3e} "
         f"bits > {consistency['tolerance_bits']:g} ({consistency['compute_dtype']}); "
         "no result is trustworthy (--allow-lens-mismatch publishes anyway)")
 
@@ -139,7 +139,7 @@ def _lens_line(config: ExperimentConfig, result: Any) -> str:
             f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
             f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
             f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
-            f"last-layer KL {diag['last_layer_consistency']['kl_bits']:.2e} bits; "
+            f"last-layer KL {diag['last_layer_consistency']['kl_model_to_lens_bits']:.2e} bits; "
             f"lens-artifact risk {result.analysis.blocks['raw_lens_check']['lens_artifact_risk']}")
 
 
@@ -149,8 +149,12 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 
     result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
                         lens=config.lens, lens_path=config.lens_path, control=_control(config),
-                        settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers)
+                        settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers,
+                        truncate=None if config.truncate == "none" else config.truncate)
+    result.heatmap_window = config.heatmap_window
     stages.run("lens", _gate, config, result.analysis.consistency)
+    for warning in result.analysis.result.gold["warnings"]:
+        print(f"⚠️  {warning}", file=sys.stderr)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
     if pictures is not None:
@@ -172,17 +176,32 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     return result.document
 
 
+LOADED_FACTS = ("model", "dtype")  # fingerprint fields known only once the model is loaded
+
+
 def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
-    """What a prompt set's checkpoints depend on (a resumed run must match it)."""
+    """What a prompt set's checkpoints depend on (a resumed run must match it); without ``lm``,
+    the fields known before loading."""
     import hashlib
 
     with open(config.prompts_file, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
-    return {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype),
-            "norm": config.norm_strategy, "lens": config.lens, "lens_path": config.lens_path,
+    loaded = {} if lm is None else {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype)}
+    return {**loaded, "norm": config.norm_strategy, "lens": config.lens, "lens_path": config.lens_path,
             "copy_threshold": config.copy_threshold,
             "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
             "records": config.records, "shard": config.shard, "prompts_sha256": digest}
+
+
+def _resume_problem(config: ExperimentConfig, name: str) -> str | None:
+    """``--resume`` against checkpoints made with other settings, found before the model loads."""
+    from layers_core.results.progress import ProgressMismatch, ProgressStore
+
+    try:
+        ProgressStore(config.out_dir, name, _fingerprint(config, None)).check_settings(ignore=LOADED_FACTS)
+    except ProgressMismatch as mismatch:
+        return str(mismatch)
+    return None
 
 
 def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
@@ -288,6 +307,11 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
         except StageError as failure:
             print(_error_line(name, failure), file=sys.stderr)
             return EXIT_FAILED
+    if config.resume and config.prompts_file is not None:
+        problem = _resume_problem(config, name)
+        if problem:
+            print(f"run.py: error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     managed = config.out_dir is None
     home = base_dir if managed else config.out_dir
     os.makedirs(home, exist_ok=True)
@@ -298,10 +322,19 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     except StageError as failure:
         from layers_core.results.outputs import write_error_document
 
-        write_error_document(output_paths(staging, name)["json"], failure.error, failure.stage,
+        # managed: the staging dir becomes run-<now>-failed; --out_dir: the error document goes
+        # beside the model's earlier files, which only a successful run replaces
+        target = staging if managed else home
+        write_error_document(output_paths(target, name)["error_json"], failure.error, failure.stage,
                              source.model_id, {"model_source": source.kind, "model_path": source.path,
                                                "argv": sys.argv})
-        where = _publish(staging, home, name, managed, success=False)
+        if managed:
+            where = publish_staging_dir(staging, home, success=False)
+        else:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            where = home
         print(f"{_error_line(name, failure)} (error document in {where})", file=sys.stderr)
         return EXIT_FAILED
     except BaseException:
@@ -309,16 +342,18 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    where = _publish(staging, home, name, managed, success=True)
+    where = _publish(staging, home, name, managed)
     if managed:
         prune_runs(base_dir, config.keep_runs, current=where)
     print(f"✅ {name}: results in {where}")
     return EXIT_OK
 
 
-def _publish(staging: str, home: str, name: str, managed: bool, success: bool) -> str:
+def _publish(staging: str, home: str, name: str, managed: bool) -> str:
+    """A successful model's files: the new run-latest/, or replacing its files in --out_dir as a
+    whole (a stale error document of it included)."""
     if managed:
-        return publish_staging_dir(staging, home, success=success)
+        return publish_staging_dir(staging, home, success=True)
     publish_model_files(staging, home, name)
     return home
 

@@ -17,7 +17,7 @@ from layers_core.norm_utils import apply_norm_or_skip
 from layers_core.numerics import kl_bits_from_log_probs
 
 EVAL_ROWS_PER_BLOCK = 256
-METRICS = ("kl_bits", "kl_bpb", "ce_bits", "top1_agree")
+METRICS = ("kl_final_to_lens_bits", "kl_final_to_lens_bpb", "ce_bits", "top1_agree")
 
 
 def capture(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
@@ -80,8 +80,8 @@ def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]]
                         ce = -log_probs.gather(-1, targets[block].unsqueeze(-1)).sum() / math.log(2)
                         agree = (log_probs.argmax(-1) == final_top1).sum()
                         sums[kind][layer] += torch.stack([kl, ce, agree]).double().cpu()
-    return [{"layer": layer, **{kind: {"kl_bits": float(sums[kind][layer, 0]) / rows_total,
-                                       "kl_bpb": float(sums[kind][layer, 0]) / bytes_total,
+    return [{"layer": layer, **{kind: {"kl_final_to_lens_bits": float(sums[kind][layer, 0]) / rows_total,
+                                       "kl_final_to_lens_bpb": float(sums[kind][layer, 0]) / bytes_total,
                                        "ce_bits": float(sums[kind][layer, 1]) / rows_total,
                                        "top1_agree": float(sums[kind][layer, 2]) / rows_total}
                                 for kind in ("logit", "tuned")}}
@@ -96,7 +96,7 @@ def eval_figure(layers: Sequence[dict], title: str):
     axes = fig.subplots(1, 2)
     xs = [row["layer"] for row in layers]
     for kind, style in (("logit", "--"), ("tuned", "-")):
-        axes[0].plot(xs, [row[kind]["kl_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
+        axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
         axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("KL(final ‖ lens), bits/token")

@@ -23,6 +23,7 @@ class View:
     layer0_norm_fix: str  # diagnostics.layer0_norm_fix (a legacy label)
     description: str
     loader: str | None = None  # "module:function(path, lens_model) -> Lens" for fitted lenses
+    files: tuple[str, ...] = ()  # what a lens path of this view holds (checked before loading)
 
     @property
     def label(self) -> str:
@@ -43,7 +44,7 @@ VIEWS: dict[str, View] = {view.name: view for view in (
     View("none", "final", "no_normalization", "the raw residual, no norm"),
     View("tuned", None, "using_tuned_translator_then_ln_final",
          "an affine translator per layer, then ln_final (fit_lens.py)",
-         loader="layers_core.lens.tuned:load_for_model"),
+         loader="layers_core.lens.tuned:load_for_model", files=("config.json", "params.pt")),
 )}
 NORM_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is None)  # --norm choices
 FITTED_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is not None)

@@ -24,10 +24,12 @@ from layers_core.pipeline.sweep import (
     build_pure_rows,
     forward_with_residuals,
     prompt_token_ids,
+    prompt_tokens,
 )
 
 RAW_CHECK_KL_HIGH_BITS = 1.0  # max KL(norm ‖ raw) at or above this: high lens-artifact risk
 RAW_CHECK_KL_MEDIUM_BITS = 0.5
+CONTROL_MARGIN_MIN_LEAD = 1e-3  # first_control_margin_pos: the control answer leads by this much
 
 
 @dataclass
@@ -54,7 +56,7 @@ def compare_lenses(model: Any, result: SweepResult, settings: SweepSettings,
     rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
                            vocab, replace(settings, norm_strategy=other, lens=None),
                            position=int(result.tokens.shape[1]) - 1)
-    per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_bits": k}
+    per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_chosen_to_other_bits": k}
                  for layer, (a, k) in enumerate(zip(agree, kl))]
     return LensComparison(other, rows, per_layer)
 
@@ -70,7 +72,9 @@ def raw_lens_check(result: SweepResult, strategy: str) -> dict:
     both from ``result.views``.
 
     ``lens_artifact_risk`` is ``high`` if a sampled layer has the answer at rank 1 only under the
-    norm, or max KL(norm ‖ raw) ≥ 1 bit; ``medium`` if ≥ 0.5 bit; else ``low``.
+    norm, or max KL(norm ‖ raw) ≥ 1 bit; ``medium`` if ≥ 0.5 bit; else ``low``. The last layer is
+    listed but left out of the risk (and the max): there the raw residual and ``ln_final``'s
+    output always differ, on every healthy model.
     """
     layers = raw_check_layers(len(result.last_position_resid) - 1)
     norm_lp, raw_lp = result.views.chosen[layers], result.views.raw
@@ -78,18 +82,19 @@ def raw_lens_check(result: SweepResult, strategy: str) -> dict:
     answer_id = result.gold["first_id"]
     norm_rank, raw_rank = _rank(norm_lp, answer_id), _rank(raw_lp, answer_id)
     agree = (norm_lp.argmax(-1) == raw_lp.argmax(-1)).tolist()
-    rows = [{"layer": layer, "kl_norm_vs_raw_bits": k, "top1_agree": bool(a),
+    rows = [{"layer": layer, "kl_norm_to_raw_bits": k, "top1_agree": bool(a),
              "answer_rank_norm": nr, "answer_rank_raw": rr}
             for layer, k, a, nr, rr in zip(layers, kl, agree, norm_rank, raw_rank)]
-    norm_only_semantic = any(r["answer_rank_norm"] == 1 and r["answer_rank_raw"] != 1 for r in rows)
-    max_kl = max(kl)
+    judged = [r for r in rows if r["layer"] < layers[-1]] or rows  # a 0-block model has only layer 0
+    norm_only_semantic = any(r["answer_rank_norm"] == 1 and r["answer_rank_raw"] != 1 for r in judged)
+    max_kl = max(r["kl_norm_to_raw_bits"] for r in judged)
     if norm_only_semantic or max_kl >= RAW_CHECK_KL_HIGH_BITS:
         risk = "high"
     elif max_kl >= RAW_CHECK_KL_MEDIUM_BITS:
         risk = "medium"
     else:
         risk = "low"
-    return {"mode": "sample", "norm": strategy, "layers": rows, "max_kl_norm_vs_raw_bits": max_kl,
+    return {"mode": "sample", "norm": strategy, "layers": rows, "max_kl_norm_to_raw_bits": max_kl,
             "norm_only_semantic_layer": norm_only_semantic, "lens_artifact_risk": risk}
 
 
@@ -97,7 +102,8 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
                     unembed: Unembedding, settings: SweepSettings) -> dict:
     """A control pass: per layer, p(control answer) − p(main answer) at the control prompt's last
     position under the chosen lens, and the first layer where the margin is positive."""
-    _, residuals = forward_with_residuals(model, model.to_tokens(control_prompt), device=unembed.W_U.device)
+    tokens, _ = prompt_tokens(model, control_prompt, settings.truncate)
+    _, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
     lens, _ = settings.lenses(model)
     with torch.inference_mode():
         rows = transformed_rows(lens, [resid[-1:] for resid in residuals])
@@ -110,7 +116,7 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
                 "status": "unresolved", "per_layer": [], "first_control_margin_pos": None,
                 "max_control_margin": None}
     margins = (probs[:, control["first_id"]] - probs[:, main["first_id"]]).tolist()
-    positive = [layer for layer, margin in enumerate(margins) if margin > 0]
+    positive = [layer for layer, margin in enumerate(margins) if margin >= CONTROL_MARGIN_MIN_LEAD]
     return {"control_prompt": control_prompt, "control_answer": control_answer, "status": "ok",
             "per_layer": [{"layer": layer, "control_margin": m} for layer, m in enumerate(margins)],
             "first_control_margin_pos": positive[0] if positive else None,

@@ -19,6 +19,7 @@ from layers_core.collapse_rules import (
     COPY_THRESHOLD,
     ENTROPY_COLLAPSE_BITS,
     copy_collapse_flags,
+    is_headline_copy,
     is_semantic_top1,
     resolve_gold_answer,
 )
@@ -65,6 +66,7 @@ class SweepSettings:
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     lens: Any = field(default=None, compare=False)
     chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
+    truncate: str | None = None  # "left": a prompt longer than the context keeps its end
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
 
     @property
@@ -98,6 +100,7 @@ class SweepResult:
     resid_normed: list[Tensor]  # L × [T, d], the lens's output in the compute dtype (records only)
     last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
     views: LastPositionViews  # every last-position view, decoded once
+    truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
     mid_records: list[dict] = field(default_factory=list)  # --sublayers: the attn rows (layer b+1)
     mid_pure_rows: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -194,6 +197,7 @@ def build_pure_rows(
         ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids, settings.copy_threshold,
         settings.copy_margin, settings.copy_entropy_fallback, ENTROPY_COLLAPSE_BITS)
     resolved = gold["first_id"] is not None
+    prompt_set = set(prompt_ids)
     p_answer = stats.p_answer[:, last].tolist() if resolved else [None] * len(entropy)
     ranks = stats.answer_rank.tolist() if resolved else [None] * len(entropy)
     rows = []
@@ -206,6 +210,8 @@ def build_pure_rows(
         is_answer = rank == 1 if resolved else is_semantic_top1(vocab[top_ids[0]], gold["string"])
         row.update(copy_collapse=bool(copy[layer]), copy_strict=bool(strict[layer]),
                    copy_collapse_prompt=bool(copy_prompt[layer]),
+                   copy_headline=is_headline_copy(top_ids[0], vocab[top_ids[0]], top_p[0], top_p[1], prompt_set,
+                                                  gold["first_id"], settings.copy_threshold, settings.copy_margin),
                    entropy_collapse=h <= ENTROPY_COLLAPSE_BITS, is_answer=is_answer,
                    p_top1=top_p[0], p_top5=sum(top_p[:TOP_K_RECORD]), p_answer=p_answer[layer],
                    answer_rank=rank, kl_to_final_bits=kl)
@@ -228,15 +234,38 @@ class Forwarded:
     residuals: list[Tensor]
     forward_s: float = 0.0
     mids: list[Tensor] | None = None  # --sublayers: n × [T, d], each block's residual after attention
+    truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
 
 
-def forward_prompt(model: Any, prompt: str, device: Any = None, sublayers: bool = False) -> Forwarded:
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than the model's context."""
+
+
+def prompt_tokens(model: Any, prompt: str, truncate: str | None = None) -> tuple[Tensor, int | None]:
+    """(tokens ``[1, T]``, the full length if cut). Never cut silently: a prompt longer than the
+    context raises ``PromptTooLong`` naming both lengths, unless ``truncate="left"``, which keeps
+    its end (the question) after the BOS token, if any."""
+    tokens = model.to_tokens(prompt, truncate=False)
+    length, context = int(tokens.shape[1]), int(model.cfg.n_ctx)
+    if length <= context:
+        return tokens, None
+    if truncate != "left":
+        raise PromptTooLong(f"the prompt is {length} tokens and {model.cfg.model_name} reads at most {context}; "
+                            "shorten it, or --truncate left keeps its last tokens")
+    bos = model.tokenizer.bos_token_id
+    keep_bos = bos is not None and int(tokens[0, 0]) == bos
+    tail = tokens[:, length - (context - int(keep_bos)):]
+    return (torch.cat([tokens[:, :1], tail], dim=1) if keep_bos else tail), length
+
+
+def forward_prompt(model: Any, prompt: str, device: Any = None, sublayers: bool = False,
+                   truncate: str | None = None) -> Forwarded:
     """One prompt through the model with the residual hooks (and the mid-block ones)."""
     started = time.perf_counter()
-    tokens = model.to_tokens(prompt)
+    tokens, full_length = prompt_tokens(model, prompt, truncate)
     mids: list | None = [] if sublayers else None
     model_logits, residuals = forward_with_residuals(model, tokens, device=device, mids=mids)
-    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started, mids)
+    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started, mids, full_length)
 
 
 PARALLEL_BLOCK = "ParallelBlockBridge"  # attention and MLP read one residual and add once
@@ -258,7 +287,7 @@ def right_padded_batch(model: Any, prompts: Sequence[str]) -> tuple[list[Tensor]
     unchanged, so each prompt's real positions get its single-prompt numbers (up to float32
     reordering); read each prompt at its own last real position, never at a pad.
     """
-    rows = [model.to_tokens(prompt)[0] for prompt in prompts]
+    rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
     lengths = torch.tensor([len(row) for row in rows])
     pad_id = model.tokenizer.pad_token_id
     batch = torch.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id,
@@ -313,9 +342,10 @@ def run_sweep(
     memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
-    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device, settings.sublayers)
+    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device, settings.sublayers,
+                                            settings.truncate)
     started = time.perf_counter()
-    str_tokens = list(model.to_str_tokens(prompt))
+    str_tokens = list(model.to_str_tokens(prompt if forwarded.truncated_from is None else forwarded.tokens[0]))
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
     lens, other = settings.lenses(model)
     residuals = forwarded.residuals
@@ -355,7 +385,7 @@ def run_sweep(
         resid_normed=lens_rows if records else [], last_position_resid=last_position_resid, views=views,
         warnings=list(getattr(lens, "warnings", [])),
         timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
-        mid_records=mid_records, mid_pure_rows=mid_pure,
+        mid_records=mid_records, mid_pure_rows=mid_pure, truncated_from=forwarded.truncated_from,
     )
 
 
@@ -409,7 +439,7 @@ def last_layer_consistency(
     if tolerance_bits is None:
         tolerance_bits = CONSISTENCY_TOLERANCE_BITS if exact else HALF_PRECISION_TOLERANCE_BITS
     return {
-        "kl_bits": kl,
+        "kl_model_to_lens_bits": kl,
         "tolerance_bits": tolerance_bits,
         "passed": kl <= tolerance_bits,
         "top1_agree": int(lens_lp.argmax()) == int(model_lp.argmax()),
@@ -424,7 +454,7 @@ def last_layer_consistency(
 
 def self_test(model: Any, prompt: str, answer: str, unembed: Unembedding) -> dict:
     """The self-test gate: one forward, then ``last_layer_consistency`` in the model's dtype."""
-    tokens = model.to_tokens(prompt)
+    tokens, _ = prompt_tokens(model, prompt)
     model_logits, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer)
     gate = unembed.log_probs(gate_row(model, residuals[-1][-1]))
@@ -437,7 +467,7 @@ def _param_dtype(model: Any) -> torch.dtype:
 
 def self_test_verdict(consistency: dict) -> tuple[bool, str]:
     """(passed, the one-line verdict) for a consistency record."""
-    measured = (f"KL(model‖lens) = {consistency['kl_bits']:.3e} bits "
+    measured = (f"KL(model‖lens) = {consistency['kl_model_to_lens_bits']:.3e} bits "
                 f"(tolerance {consistency['tolerance_bits']:g})")
     if consistency["passed"]:
         return True, f"✅ Self-test passed: {measured}"

@@ -110,7 +110,7 @@ def _merged_csv(paths: Sequence[str], order: dict[str, int]) -> str:
 
 
 def _typed_summary(rows: list[dict]) -> list[dict]:
-    integers = set(prompt_sets.LAYER_INDEX_COLUMNS) | {"n_tokens"}
+    integers = set(prompt_sets.LAYER_INDEX_COLUMNS) | set(prompt_sets.TOKEN_COUNT_COLUMNS)
     return [{key: (None if value == "" else int(value)) if key in integers
              else (None if value == "" else float(value)) if key == "final_p_answer" else value
              for key, value in row.items()} for row in rows]

@@ -6,6 +6,7 @@ Torch-free: the worker is forked before torch is imported and must never import 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ def _marks(diagnostics: Mapping[str, Any]) -> dict:
     return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
 
 
-def picture_rows(analysis: Any) -> dict:
+def picture_rows(analysis: Any, heatmap_window: int | None = None) -> dict:
     """The plain data the two pictures of one prompt are drawn from (no tensors: picklable); with
     ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps)."""
     from layers_core.results.outputs import prompt_table_rows  # the parent's side: torch is loaded
@@ -25,14 +26,16 @@ def picture_rows(analysis: Any) -> dict:
     return {"records": records, "pure_rows": pure,
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
-            "diagnostics": analysis.blocks["diagnostics"]}
+            "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
 
 
 def prompt_lens_figure(rows: Mapping[str, Any], title: str):
-    """The logit-lens heatmap of one prompt (``picture_rows``), collapse layers marked."""
+    """The logit-lens heatmap of one prompt (``picture_rows``), collapse layers marked, over the
+    last ``rows["heatmap_window"]`` positions."""
     from layers_core.results import plots
 
-    return plots.lens_heatmap(rows["records"], title, _marks(rows["diagnostics"]))
+    return plots.lens_heatmap(rows["records"], title, _marks(rows["diagnostics"]),
+                              window=rows.get("heatmap_window", plots.HEATMAP_WINDOW))
 
 
 def prompt_curves_figure(rows: Mapping[str, Any], title: str):
@@ -55,9 +58,31 @@ def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], tit
     plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
 
 
-def _serve_pictures(connection: Any) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2): a signal the kernel sends this process when its parent dies
+
+
+def _detach_from_parent(parent_pid: int) -> None:
+    """The worker dies with its parent, however the parent ends (SIGKILL included), and never
+    holds the caller's stdout/stderr open (a caller waiting for EOF on them would hang)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF and close() still end it
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _serve_pictures(connection: Any, parent_pid: int) -> None:
     """The picture worker: import matplotlib and warm its font cache, then draw one request."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _detach_from_parent(parent_pid)
     try:
         from layers_core.results import plots
 
@@ -88,7 +113,7 @@ class PictureWorker:
         if sys.platform.startswith("linux"):
             context = multiprocessing.get_context("fork")
             self._connection, child = context.Pipe()
-            self._process = context.Process(target=_serve_pictures, args=(child,), daemon=True,
+            self._process = context.Process(target=_serve_pictures, args=(child, os.getpid()), daemon=True,
                                             name="layers-core-pictures")
             self._process.start()
 

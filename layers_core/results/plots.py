@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 HEATMAP_MAX_ROWS = 36  # deeper models are strided to this many layer rows (the last always shown)
+HEATMAP_WINDOW = 48  # positions the heatmap shows of a longer prompt (its last ones)
 TOKEN_LABEL_CHARS = 10
 CELL_LABEL_CHARS = 7
 COLOR_BY = {"p_top1": ("prob1", "p(top-1)"), "entropy": ("entropy", "entropy (bits)")}
@@ -61,12 +62,14 @@ def lens_heatmap(
     marks: Mapping[str, int | None] | None = None,
     color_by: str = "p_top1",
     max_rows: int = HEATMAP_MAX_ROWS,
+    window: int | None = HEATMAP_WINDOW,
 ):
     """Layers (rows, layer 0 at the bottom) × positions (columns), each cell the top-1 token.
 
     ``records`` are records rows (``layer``, ``pos``, ``token``, ``top1``, ``prob1``, ``entropy``);
     ``marks`` names layers to flag (e.g. ``{"L_copy": 0, "L_semantic": 30}``). The last column is
-    the prediction of the next, unseen token (⟨NEXT⟩).
+    the prediction of the next, unseen token (⟨NEXT⟩). A prompt longer than ``window`` positions
+    shows its last ``window`` (noted in the title); None shows all.
     """
     import numpy as np
 
@@ -75,14 +78,19 @@ def lens_heatmap(
     scale = 2 if halves else 1
     marks = {name: layer * scale for name, layer in (marks or {}).items() if layer is not None}
     n_rows = max(_depth(r, halves) for r in records) + 1
-    n_pos = max(int(r["pos"]) for r in records) + 1
+    total_pos = max(int(r["pos"]) for r in records) + 1
+    first = 0 if window is None or total_pos <= window else total_pos - window
+    if first:
+        records = [r for r in records if int(r["pos"]) >= first]
+        title = f"{title} — last {window} of {total_pos} positions"
+    n_pos = total_pos - first
     layers = strided_layers(n_rows, list(marks.values()), max_rows)
     values = np.full((len(layers), n_pos), np.nan)
     texts = [[""] * n_pos for _ in layers]
     tokens = [""] * n_pos
     row_of = {layer: i for i, layer in enumerate(layers)}
     for record in records:
-        layer, pos = _depth(record, halves), int(record["pos"])
+        layer, pos = _depth(record, halves), int(record["pos"]) - first
         tokens[pos] = str(record["token"])
         if layer in row_of:
             values[row_of[layer], pos] = float(record[key])

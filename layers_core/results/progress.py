@@ -38,19 +38,25 @@ class ProgressStore:
         """Opens the store: with ``resume``, the outcomes already finished (by index), checked
         against this run's settings; without, an empty store. Returns the finished outcomes."""
         if resume and os.path.isdir(self.directory):
-            self._check_settings()
+            self.check_settings()
             return self._load()
         shutil.rmtree(self.directory, ignore_errors=True)
         os.makedirs(self.directory)
         atomic_write(os.path.join(self.directory, SETTINGS_FILE), json.dumps(self.fingerprint, indent=1))
         return {}
 
-    def _check_settings(self) -> None:
+    def check_settings(self, ignore: Sequence[str] = ()) -> None:
+        """``ProgressMismatch`` unless the checkpoints (if any) were made with this fingerprint,
+        the fields in ``ignore`` aside (those not known yet)."""
+        if not os.path.isdir(self.directory):
+            return
         try:
             with open(os.path.join(self.directory, SETTINGS_FILE), encoding="utf-8") as handle:
                 recorded = json.load(handle)
         except (OSError, ValueError):
             recorded = None
+        if ignore and recorded is not None:
+            recorded = {key: value for key, value in recorded.items() if key not in ignore}
         if recorded != self.fingerprint:
             changed = sorted(key for key in set(self.fingerprint) | set(recorded or {})
                              if (recorded or {}).get(key) != self.fingerprint.get(key))

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 SUMMARY_COLUMNS = [
-    "prompt_id", "prompt", "answer", "n_tokens", "L_copy", "L_copy_strict", "L_semantic",
+    "prompt_id", "prompt", "answer", "prompt_tokens", "answer_tokens", "L_copy", "L_copy_strict", "L_semantic",
     "L_semantic_stable", "L_semantic_margin",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10", "first_kl_below_0.5",
     "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status",
 ]
-LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[4:14]
+LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[5:15]
+TOKEN_COUNT_COLUMNS = ("prompt_tokens", "answer_tokens")
 _DIAGNOSTICS_INDICES = LAYER_INDEX_COLUMNS[:5]  # top-level diagnostics keys; the rest are milestones
 PROMPT_ID_COLUMN = "prompt_id"
 
@@ -101,20 +102,29 @@ def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
 def load_prompt_set(path: str) -> list[PromptItem]:
     """Reads and parses a JSONL prompt set (see ``parse_prompt_set``)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return parse_prompt_set(handle.read(), path)
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as error:
         raise ValueError(f"cannot read prompt set {path}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column "
+                         f"{column}); save the file as UTF-8") from None
+    return parse_prompt_set(text, path)
 
 
-def summary_row(item: PromptItem, n_tokens: int, diagnostics: Mapping[str, Any],
+def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, Any],
                 pure_rows: Sequence[Mapping[str, Any]]) -> dict:
     """One ``output-<name>-summary.csv`` row from a prompt's diagnostics and pure rows."""
     milestones = diagnostics["milestones"]
     last = pure_rows[-1]
     return {
         "prompt_id": item.prompt_id, "prompt": item.prompt, "answer": item.answer,
-        "n_tokens": n_tokens, **{key: diagnostics[key] for key in _DIAGNOSTICS_INDICES},
+        "prompt_tokens": prompt_tokens, "answer_tokens": len(diagnostics["gold_alignment"]["answer_ids"]),
+        **{key: diagnostics[key] for key in _DIAGNOSTICS_INDICES},
         **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[len(_DIAGNOSTICS_INDICES):]},
         "final_top1": last["top1"], "final_p_answer": last["p_answer"],
         "gold_status": diagnostics["gold_alignment"]["status"],

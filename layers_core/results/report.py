@@ -156,7 +156,7 @@ def diagnostics(
 ) -> dict:
     """The legacy diagnostics keys in order, then the new ones."""
     tied = tied_embeddings(model)
-    summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied)
+    summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied, headline=uses_headline_copy(settings.view))
     gold = result.gold
     document = {
         "type": "diagnostics",
@@ -170,7 +170,7 @@ def diagnostics(
         "layer0_position_info": ("additive_pos_embed_included" if has_pos_embed
                                  else "token_only_rotary_model"),
         "context_prompt": result.prompt,
-        "target_prediction": TARGET_PREDICTION.format(answer=gold["string"]),
+        "target_prediction": TARGET_PREDICTION.format(answer=gold["string"] or "no answer given"),
         "L_copy": summary["L_copy"],
         "L_copy_H": summary["L_copy_H"],
         "L_semantic": summary["L_semantic"],
@@ -179,20 +179,28 @@ def diagnostics(
         "copy_rule": {"threshold": settings.copy_threshold, "margin": settings.copy_margin,
                       "entropy_fallback": settings.copy_entropy_fallback,
                       "entropy_fallback_threshold_bits": ENTROPY_COLLAPSE_BITS,
-                      "match": "id_in_prompt_set"},
+                      "match": "id_in_prompt_set",
+                      "headline": "headline" if uses_headline_copy(settings.view) else "seed"},
         "norm_strategy": {"name": settings.view,
                           "architecture": detect_model_architecture(model),
                           "per_layer": result.norm_per_layer, "warnings": result.warnings},
         "gold_alignment": {key: gold[key] for key in
-                           ("ok", "status", "variant", "first_id", "answer_ids", "pieces")},
+                           ("ok", "status", "variant", "first_id", "answer_ids", "pieces", "warnings")},
         "milestones": compute_milestones(result.pure_rows),
         "last_layer_consistency": {**consistency, "post_unembed_transform": transform_record},
         "L_copy_prompt": summary["L_copy_prompt"],
         "tied_embeddings": tied,
         "copy_collapse_excludes_layer0": tied,
         **semantic_milestones(result.pure_rows),
+        "truncation": None if result.truncated_from is None else {
+            "side": "left", "prompt_tokens": result.truncated_from, "kept_tokens": len(result.str_tokens)},
     }
     return document
+
+
+def uses_headline_copy(view_name: str) -> bool:
+    """``L_copy`` follows the headline copy rule, except under the seed's ``arch`` rule (legacy parity)."""
+    return view_name != "arch"
 
 
 def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, skip_layer0_copy: bool) -> dict:
@@ -205,8 +213,9 @@ def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, ski
                                     / max(1, len(comparison.per_layer))),
         "milestones": {chosen: compute_milestones(result.pure_rows),
                        comparison.strategy: compute_milestones(comparison.pure_rows)},
-        "summary": {chosen: summarize_collapse(result.pure_rows, skip_layer0_copy),
-                    comparison.strategy: summarize_collapse(comparison.pure_rows, skip_layer0_copy)},
+        "summary": {chosen: summarize_collapse(result.pure_rows, skip_layer0_copy, uses_headline_copy(chosen)),
+                    comparison.strategy: summarize_collapse(comparison.pure_rows, skip_layer0_copy,
+                                                            uses_headline_copy(comparison.strategy))},
     }
 
 

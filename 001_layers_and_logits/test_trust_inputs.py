@@ -1,0 +1,200 @@
+"""Trust, round 3: no wrong numbers from ordinary inputs, nothing lost on a failure. Each test is
+one numbered case of the round-3 trust review and fails on the code before it."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+import run
+
+import layers_core as lc
+from conftest import assert_clean_failure
+
+BUNDLED = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def bundled(bundled_model_dir):
+    return lc.load(bundled_model_dir, device="cpu")
+
+
+def _snapshot(directory):
+    return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(directory) for f in files}
+
+
+def test_1_an_answers_surrounding_whitespace_is_never_a_token(bundled):
+    """' Buenos Aires' gave the pieces ['Ġ', 'ĠBuenos', 'ĠAires']: L_semantic None, p_sequence 0.00024."""
+    prompt = "The capital of Argentina is"
+    spaced = lc.sweep(bundled, prompt, " Buenos Aires ", control=False)
+    plain = lc.sweep(bundled, prompt, "Buenos Aires", control=False)
+    pd.testing.assert_frame_equal(spaced.pure, plain.pure)
+    pd.testing.assert_frame_equal(spaced.records, plain.records)
+    gold = spaced.document["gold_answer"]
+    assert gold["pieces"] == ["ĠBuenos", "ĠAires"] and gold["p_sequence"] == pytest.approx(0.228, abs=0.02)
+    assert spaced.diagnostics["L_semantic"] == 30  # the model's own top-1 is ' Buenos'
+
+
+def test_2_a_prompt_ending_in_whitespace_scores_its_continuation(bundled, tmp_path, capsys):
+    """'…is ' scored 'ĠBerlin', i.e. 'is␣␣Berlin' (rank 8), without a word."""
+    s = lc.sweep(bundled, "The capital of Germany is ", "Berlin", control=False)
+    alignment = s.diagnostics["gold_alignment"]
+    assert alignment["pieces"] == ["Ber", "lin"] and alignment["variant"] == "no_space"
+    assert "ends in whitespace" in alignment["warnings"][0]
+    assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+                     "--prompt", "The capital of Germany is ", "--answer", "Berlin"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "ends in whitespace" in err[0]
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 40 + "The capital of Germany is"
+
+
+def test_3_a_prompt_longer_than_the_context_is_refused_before_any_forward(tiny_dirs, tmp_path, capsys):
+    """9,005 tokens on an 8,192 context were cut from the end, without a word: the question went."""
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet",
+                     "--prompt", LONG, "--answer", "Berlin"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "the prompt is 1486 tokens" in captured.err and "at most 128" in captured.err
+    error = json.loads((tmp_path / "output-llama.error.json").read_text())["error"]
+    assert error["type"] == "PromptTooLong" and error["stage"] == "lens"
+
+
+def test_3_truncate_left_keeps_the_question_and_the_heatmap_draws_a_window(tiny_dirs, tmp_path):
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet",
+                     "--prompt", LONG, "--answer", "Berlin", "--truncate", "left"]) == 0
+    document = json.loads((tmp_path / "output-llama.json").read_text())
+    assert document["diagnostics"]["truncation"] == {"side": "left", "prompt_tokens": 1486, "kept_tokens": 128}
+    records = pd.read_csv(tmp_path / "output-llama-records.csv", dtype=str, keep_default_na=False)
+    assert len(records) == 4 * 128  # complete: every kept position of every layer
+    assert list(records["token"].iloc[-2:]) == [" Germany", " is"] or records["token"].iloc[-1] == " is"
+    s = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), LONG, "Berlin", truncate="left", control=False)
+    heatmap = s.lens_figure()
+    assert "last 48 of 128 positions" in heatmap.axes[0].get_title()
+    assert len(heatmap.axes[0].get_xticklabels()) == 48
+
+
+def test_4_a_failed_run_never_deletes_a_previous_result(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """A failed run into an --out_dir holding a finished run left only a 558-byte error document."""
+    out = tmp_path / "out"
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet"]) == 0
+    before = _snapshot(out)
+    from layers_core import numerics
+
+    monkeypatch.setattr(numerics, "output_logits_transform", lambda model: lambda z: z * 0.5)  # fails the gate
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet"]) == 1
+    after = _snapshot(out)
+    assert {k: v for k, v in after.items() if k != "output-llama.error.json"} == before
+    assert json.loads(after["output-llama.error.json"])["error"]["type"] == "LensMismatchError"
+    monkeypatch.undo()
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    assert not (out / "output-llama.error.json").exists()  # a success replaces the model's files, error included
+    capsys.readouterr()
+
+
+def test_4_what_can_be_checked_without_the_model_is_checked_before_loading(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--lens", "tuned",
+                  "--lens-path", str(tmp_path / "nonexistent")])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, info.value.code, 2)
+    assert "no tuned lens there (missing config.json, params.pt)" in captured.err
+    assert _snapshot(out) == before
+
+
+def test_6_a_merge_flags_first_piece_ambiguity_over_the_whole_set(bundled_model_dir, tmp_path):
+    """Computed within each shard, the merged JSON flagged 34 prompts where the whole set flags 43."""
+    from layers_core.results.merge import merge
+
+    facts = [{"id": "a", "prompt": "The largest city of the state is", "answer": "New York"},
+             {"id": "b", "prompt": "The capital of India is", "answer": "New Delhi"},
+             {"id": "c", "prompt": "The capital of France is", "answer": "Paris"}]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join(json.dumps(f) for f in facts) + "\n")
+    base = ["--device", "cpu", "--prompts", str(path), "--quiet", "--no-plots", "--name", "llama"]
+    assert run.main([*base, "--out_dir", str(tmp_path / "whole")]) == 0
+    for k in range(2):
+        assert run.main([*base, "--shard", f"{k}/2", "--out_dir", str(tmp_path / f"s{k}")]) == 0
+    merged = merge([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "merged"), plots=False)["llama"]
+    whole = json.loads((tmp_path / "whole" / "output-llama.json").read_text())
+    flags = [entry["gold_answer"]["first_piece_ambiguous"] for entry in whole["prompts"]]
+    assert flags[:2] == [True, True]  # 'a' and 'b' are in different shards
+    assert [entry["gold_answer"]["first_piece_ambiguous"] for entry in merged["prompts"]] == flags
+    shard0 = json.loads((tmp_path / "s0" / "output-llama.json").read_text())
+    assert [e["gold_answer"]["first_piece_ambiguous"] for e in shard0["prompts"]] == [False, False]
+
+
+def test_7_headline_indices_mean_what_they_say(bundled):
+    """Under final, L_copy = 19 was a comma (the entropy fallback); lens_artifact_risk was high on
+    every healthy run (it counted layer n); first_control_margin_pos = 1 came from a ±1e-5 margin."""
+    s = lc.sweep(bundled, lc.DEFAULT_PROMPT, "Berlin")
+    pure, diag = s.pure, s.diagnostics
+    assert diag["copy_rule"]["headline"] == "headline"
+    headline = pure[pure["copy_headline"] & (pure["layer"] > 0)]  # tied embeddings: from layer 1
+    assert diag["copy_collapse_excludes_layer0"] is True
+    assert diag["L_copy"] == (None if headline.empty else int(headline["layer"].iloc[0]))
+    assert diag["L_copy"] != 19 and pure.loc[19, "top1"] == ","  # the comma copies nothing
+    prompt_ids = set(bundled.bridge.tokenizer(lc.DEFAULT_PROMPT, add_special_tokens=False)["input_ids"])
+    for _, row in headline.iterrows():
+        assert any(c.isalnum() for c in row["top1"]) and row["prob1"] > 0.9 and row["prob1"] - row["prob2"] > 0.05
+    assert pure["copy_collapse"].iloc[19]  # the seed's column keeps its meaning
+    raw = s.document["raw_lens_check"]
+    judged = [r for r in raw["layers"] if r["layer"] < 30]
+    assert raw["max_kl_norm_to_raw_bits"] == max(r["kl_norm_to_raw_bits"] for r in judged)
+    margins = [r["control_margin"] for r in s.document["control_margins"]]
+    first = s.document["control_summary"]["first_control_margin_pos"]
+    assert margins[first] >= 1e-3 and all(m < 1e-3 for m in margins[:first])  # a lead, not noise
+    assert first == 29  # under final, Paris leads on the France prompt from layer 29 (0.017)
+    assert {"kl_chosen_to_other_bits", "top1_agree"} <= set(s.document["lens_comparison"]["per_layer"][0])
+    assert "kl_model_to_lens_bits" in diag["last_layer_consistency"]
+    assert bool(prompt_ids)
+
+
+def test_7_under_arch_the_seeds_rule_stays_the_headline(bundled):
+    s = lc.sweep(bundled, lc.DEFAULT_PROMPT, "Berlin", norm="arch")
+    assert s.document["control_summary"]["first_control_margin_pos"] == 30  # was 1: a 1e-5 margin
+    assert s.diagnostics["copy_rule"]["headline"] == "seed"
+    flagged = s.pure[s.pure["copy_collapse"] & (s.pure["layer"] > 0)]
+    assert s.diagnostics["L_copy"] == (None if flagged.empty else int(flagged["layer"].iloc[0]))
+
+
+def test_9_a_bad_byte_in_a_prompt_file_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "set.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "ok", "answer": "c"}\n{"prompt": "caf\xe0"}\n')
+    with pytest.raises(SystemExit) as info:
+        run.main(["--device", "cpu", "--prompts", str(bad)])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, info.value.code, 2)
+    assert f"{bad}:3: not UTF-8 text (byte 0xe0 at column 16)" in captured.err
+
+
+def test_9_token_counts_are_split_and_every_answer_piece_is_kept(tiny_dirs, tmp_path):
+    answer = "Llanfairpwllgwyngyll in Anglesey, Wales"
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"id": "w", "prompt": "The village with the long name is", "answer": answer}) + "\n")
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(path), "--out_dir", str(tmp_path),
+                     "--quiet", "--no-plots"]) == 0
+    summary = pd.read_csv(tmp_path / "output-llama-summary.csv", dtype=str, keep_default_na=False)
+    entry = json.loads((tmp_path / "output-llama.json").read_text())["prompts"][0]
+    pieces = entry["gold_answer"]["pieces"]
+    assert len(pieces) == len(entry["gold_answer"]["answer_ids"]) > 4  # no cap at 4
+    assert int(summary["answer_tokens"].iloc[0]) == len(pieces)
+    assert int(summary["prompt_tokens"].iloc[0]) == entry["prompt_tokens"] != len(pieces)
+
+
+def test_no_answer_gives_the_lens_rows_with_the_answer_columns_empty(tiny_dirs, bundled, tmp_path):
+    s = lc.sweep(bundled, "The capital of Germany is", control=False)
+    assert s.pure["answer_rank"].isna().all() and s.pure["p_answer"].isna().all()
+    assert not s.pure["is_answer"].any() and s.diagnostics["L_semantic"] is None
+    assert s.diagnostics["gold_alignment"]["status"] == "no_answer"
+    assert s.pure["top1"].iloc[-1] == " Berlin"  # the lens itself is unchanged
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
+                     "--prompt", "The capital of Germany is"]) == 0
+    pure = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv", dtype=str, keep_default_na=False)
+    assert (pure["answer_rank"] == "").all() and (pure["p_answer"] == "").all()
