@@ -23,7 +23,8 @@ from layers_core.lens.tuned import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT = "The capital of Germany is called simply"
 TUNED_LENS_CONFIG_FIELDS = ["base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
-                            "base_model_revision", "unembed_hash", "lens_type"]
+                            "base_model_revision", "unembed_hash", "lens_type",
+                            "config_hash"]  # an extra key: the library's from_dict drops it with a warning
 
 
 def test_solver_recovers_a_known_affine_map():
@@ -136,7 +137,7 @@ def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
                      "--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
     document = json.loads((tmp_path / "output-llama.json").read_text())
     check = document["diagnostics"]["last_layer_consistency"]
-    assert check["passed"] is True and check["kl_final_to_lens_bits"] <= 1e-6
+    assert check["passed"] is True and check["kl_model_to_lens_bits"] <= 1e-6
     assert document["diagnostics"]["norm_strategy"]["name"] == "tuned"
     assert (tmp_path / "output-llama-pure-next-token-final.csv").exists()  # the logit lens, --norm final
     tuned = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv")
@@ -146,10 +147,11 @@ def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
 
 
 def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
-    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
-                     "--out_dir", str(tmp_path / "out"), "--quiet"])
+    with pytest.raises(SystemExit) as info:  # found before the model loads
+        run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
+                  "--out_dir", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 1 and "no tuned lens in" in err and "fit_lens.py" in err and err.count("\n") == 1
+    assert info.value.code == 2 and "no tuned lens there" in err and "fit_lens.py" in err and err.count("\n") == 1
     wrong = TunedLens(torch.zeros(2, 8, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="the model has 3 layers of width 64"):
         lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), PROMPT, "Berlin", lens=wrong)
@@ -189,3 +191,72 @@ def test_multi_token_answers_report_length_sequence_probability_and_ambiguity(lo
              {"id": "c", "prompt": PROMPT, "answer": "Paris"}]
     flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model, facts).document["prompts"]]
     assert flags == [True, True, False]
+
+
+# ---- a lens belongs to one model (trust, round 3, case 5) -------------------------------------
+
+def _other_model_named_llama(tiny_dirs, tmp_path):
+    """Another model (its config differs: rope_theta) under the folder name the lens was fitted on."""
+    import shutil
+
+    target = tmp_path / "elsewhere" / "llama"
+    shutil.copytree(tiny_dirs["llama"], target)
+    config = json.loads((target / "config.json").read_text())
+    config["rope_theta"] = 1234.0
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def test_a_fitted_lens_records_its_models_fingerprint(fitted_lens, tiny_dirs):
+    from layers_core.lens.fingerprint import config_hash
+
+    config = json.loads((fitted_lens / "config.json").read_text())
+    assert config["config_hash"] == config_hash(tiny_dirs["llama"])
+    assert len(config["unembed_hash"]) == 64  # the tuned-lens format's field, filled
+
+
+def test_a_lens_of_another_model_is_refused_before_loading(fitted_lens, tiny_dirs, tmp_path, capsys):
+    """A random model saved as …/SmolLM2-135M-Instruct ran --lens tuned with the real model's lens: ✅."""
+    other = _other_model_named_llama(tiny_dirs, tmp_path)
+    argv = ["--device", "cpu", other, "--lens", "tuned", "--lens-path", str(fitted_lens),
+            "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was fitted to another model (its config_hash differ" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing loaded, nothing written
+    assert run.main([*argv, "--allow-foreign-lens"]) == 0
+
+
+def test_same_config_other_weights_is_refused_after_loading(fitted_lens, tiny_dirs, tmp_path, capsys):
+    from tiny_models import build_tiny_model
+
+    twin = build_tiny_model("llama", str(tmp_path / "twin" / "llama"), seed=7)  # same config.json
+    code = run.main(["--device", "cpu", twin, "--lens", "tuned", "--lens-path", str(fitted_lens),
+                     "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 1 and "its unembed_hash differ" in err and "ForeignLensError" in err
+
+
+def test_a_lens_without_fingerprint_loads_with_one_warning(fitted_lens, tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    old = tmp_path / "old-lens"
+    shutil.copytree(fitted_lens, old)
+    config = json.loads((old / "config.json").read_text())
+    config.update(unembed_hash=None, config_hash=None)
+    (old / "config.json").write_text(json.dumps(config))
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(old),
+                     "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "records no model fingerprint" in warnings[0]
+    lens = json.loads((tmp_path / "out" / "output-llama.json").read_text())["provenance"]["lens"]
+    assert lens == {"name": "tuned", "path": str(old), "fingerprint": None}
+
+
+def test_provenance_records_the_lens_and_its_fingerprint(fitted_lens, tiny_dirs, tmp_path):
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(fitted_lens),
+                     "--out_dir", str(tmp_path), "--quiet", "--no-plots"]) == 0
+    lens = json.loads((tmp_path / "output-llama.json").read_text())["provenance"]["lens"]
+    config = json.loads((fitted_lens / "config.json").read_text())
+    assert lens["path"] == str(fitted_lens)
+    assert lens["fingerprint"] == {"config_hash": config["config_hash"], "unembed_hash": config["unembed_hash"]}

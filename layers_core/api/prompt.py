@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
@@ -113,7 +114,8 @@ class Sweep:
         """The whole JSON document of a run of this prompt (``timing`` as measured so far)."""
         body = single_prompt_document(self.lens_model, self.analysis, self.prompt, self.answer,
                                       self.test_prompts, provenance(self.lens_model, self.prompt,
-                                                                    self.started_at, analysis=self.analysis))
+                                                                    self.started_at, analysis=self.analysis,
+                                                                    lens=self.settings.lens))
         return with_timing(body, self.timing, total_seconds(self))
 
     def title(self) -> str:
@@ -185,11 +187,14 @@ class timed:  # noqa: N801 - used as a context manager, like contextlib's lower-
         self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
 
 
-def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None) -> Lens | None:
+def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None,
+                 allow_foreign: bool = False) -> Lens | None:
     """The lens object for ``lens``: None for ``logit`` (the logit lens under ``norm``); a fitted
     lens's name loads it through its registry row (from ``lens_path``, default its cache for
     this model); any object with ``name`` and ``transform`` is used as it is. A lens with
-    ``bind(model)`` is bound to this model."""
+    ``bind(model)`` is bound to this model. A lens with a ``fingerprint`` must have been fitted
+    to this model (``ForeignLensError`` otherwise, unless ``allow_foreign``); one whose
+    fingerprint is None loads with a warning."""
     if lens == LOGIT:
         return None
     if isinstance(lens, str):
@@ -201,17 +206,34 @@ def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None)
     if not isinstance(lens, Lens):
         raise TypeError(f"lens {lens!r} is not a Lens: it needs a name and transform(residual, layer)")
     bind = getattr(lens, "bind", None)
-    return lens if bind is None else bind(lens_model.bridge)
+    lens = lens if bind is None else bind(lens_model.bridge)
+    if hasattr(lens, "fingerprint"):
+        _check_fingerprint(lens, lens_model, allow_foreign)
+    return lens
+
+
+def _check_fingerprint(lens: Any, lens_model: LensModel, allow_foreign: bool) -> None:
+    from layers_core.lens import fingerprint
+
+    if lens.fingerprint is None:
+        warnings.warn(fingerprint.UNFINGERPRINTED.format(path=getattr(lens, "path", None) or "memory"),
+                      fingerprint.UnfingerprintedLensWarning, stacklevel=3)
+        return
+    differing = fingerprint.mismatch(lens.fingerprint, fingerprint.model_fingerprint(lens_model),
+                                     ("config_hash", "unembed_hash"))
+    if differing and not allow_foreign:
+        raise fingerprint.ForeignLensError(
+            fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
 def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
-                     lens_path: str | None = None) -> SweepSettings:
+                     lens_path: str | None = None, allow_foreign_lens: bool = False) -> SweepSettings:
     """The sweep's settings: ``norm`` and the lens (``resolve_lens``) over ``settings``' thresholds."""
     if norm not in NORM_VIEWS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_VIEWS}")
     base = settings or SweepSettings()
     return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32,
-                   lens=resolve_lens(lens_model, lens, lens_path))
+                   lens=resolve_lens(lens_model, lens, lens_path, allow_foreign_lens))
 
 
 def sweep(
@@ -227,6 +249,7 @@ def sweep(
     chat: bool = False,
     sublayers: bool = False,
     truncate: str | None = None,
+    allow_foreign_lens: bool = False,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
@@ -251,10 +274,11 @@ def sweep(
         truncate: None (a prompt longer than the model's context is refused, ``PromptTooLong``,
             naming both lengths, before any forward) or ``"left"`` (keep its last tokens after
             BOS; ``diagnostics.truncation`` says so).
+        allow_foreign_lens: apply a fitted lens whose fingerprint names another model.
     """
     if truncate not in (None, "left"):
         raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
-    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path), chat=chat,
+    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens), chat=chat,
                        sublayers=sublayers, truncate=truncate)
     if sublayers:
         check_sublayers(lens_model.bridge)

@@ -90,7 +90,7 @@ class SweepSet:
         first = self.outcomes[0]  # resumed from checkpoints or analysed here: provenance either way
         analysed = self.sweeps.get(first.prompt_id)
         facts = provenance(self.lens_model, first.entry["prompt"], self.started_at,
-                           analysis=None if analysed is None else analysed.analysis)
+                           analysis=None if analysed is None else analysed.analysis, lens=self.settings.lens)
         set_info = {"path": self.source_path, "total": self.total or len(self.outcomes), "shard": self.shard,
                     "records": self.records, "settings": settings_record(self.settings)}
         body = prompt_set_document([o.entry for o in self.outcomes], self.summary_rows,
@@ -150,6 +150,7 @@ def sweep_set(
     on_batch: Callable[[list[PromptOutcome], list[Sweep]], None] | None = None,
     source_path: str | None = None,
     shard: str | None = None,
+    allow_foreign_lens: bool = False,
 ) -> SweepSet:
     """Sweeps every prompt of a set through one loaded model, in batches.
 
@@ -163,7 +164,7 @@ def sweep_set(
         done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
         on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
     """
-    settings = resolve_settings(lens_model, norm, lens, settings, lens_path)
+    settings = resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens)
     parsed = _items(items)
     indices = list(range(len(parsed))) if indices is None else list(indices)
     outcomes = dict(done or {})

@@ -45,6 +45,7 @@ class ExperimentConfig:
     control_prompt: str | None = None  # None = the default control for the legacy prompt
     control_answer: str | None = None
     allow_lens_mismatch: bool = False  # publish even if the last-layer check fails
+    allow_foreign_lens: bool = False  # apply a fitted lens whose fingerprint names another model
     keep_runs: int = DEFAULT_KEEP_RUNS  # managed mode keeps this many run-<stamp>* directories
     threads: int | None = None  # None = torch's default thread count
     output_name: str | None = None  # file-name stem; None = the model's folder name
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(KL <= 1e-6 bits, float32); writes nothing")
     p.add_argument("--allow-lens-mismatch", action="store_true",
                    help="Publish the results even if the last-layer check fails")
+    p.add_argument("--allow-foreign-lens", action="store_true",
+                   help="apply a fitted lens even if its fingerprint (config.json and W_U hashes) names "
+                        "another model")
     p.add_argument("--quiet", action="store_true", help="Print only errors and the final verdict")
     p.add_argument("--no-plots", action="store_true",
                    help="Do not draw the lens heatmap and layer-curve PNGs")
@@ -245,7 +249,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         quiet=args.quiet,
         plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
         control_prompt=args.control_prompt, control_answer=args.control_answer,
-        allow_lens_mismatch=args.allow_lens_mismatch, keep_runs=args.keep_runs,
+        allow_lens_mismatch=args.allow_lens_mismatch, allow_foreign_lens=args.allow_foreign_lens, keep_runs=args.keep_runs,
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
@@ -266,7 +270,8 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--no-copy-entropy-fallback": not config.copy_entropy_fallback,
                 "--self-test": config.self_test, "--quiet": config.quiet,
                 "--no-plots": not config.plots, "--no-control": not config.control,
-                "--allow-lens-mismatch": config.allow_lens_mismatch, "--records": config.records,
+                "--allow-lens-mismatch": config.allow_lens_mismatch,
+                "--allow-foreign-lens": config.allow_foreign_lens, "--records": config.records,
                 "--resume": config.resume, "--chat": config.chat, "--sublayers": config.sublayers}
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from layers_core.app import threads
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
+from layers_core.lens.fingerprint import UnfingerprintedLensWarning
 from layers_core.model.loading import resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
@@ -145,16 +147,32 @@ def _lens_line(config: ExperimentConfig, result: Any) -> str:
 
 def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str,
                pictures: Any = None) -> dict:
-    from layers_core.api.prompt import sweep
-
-    result = stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
-                        lens=config.lens, lens_path=config.lens_path, control=_control(config),
-                        settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers,
-                        truncate=None if config.truncate == "none" else config.truncate)
+    """One prompt: the sweep, its gates and warnings, the test prompts, the files."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnfingerprintedLensWarning)
+        result = _sweep_one_prompt(config, lm, stages)
+    for warning in caught:
+        if issubclass(warning.category, UnfingerprintedLensWarning):
+            print(f"⚠️  {warning.message}", file=sys.stderr)
     result.heatmap_window = config.heatmap_window
     stages.run("lens", _gate, config, result.analysis.consistency)
     for warning in result.analysis.result.gold["warnings"]:
         print(f"⚠️  {warning}", file=sys.stderr)
+    return _finish_one(config, lm, stages, directory, name, result, pictures)
+
+
+def _sweep_one_prompt(config: ExperimentConfig, lm: Any, stages: Stages) -> Any:
+    from layers_core.api.prompt import sweep
+
+    return stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
+                      lens=config.lens, lens_path=config.lens_path, control=_control(config),
+                      settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers,
+                      truncate=None if config.truncate == "none" else config.truncate,
+                      allow_foreign_lens=config.allow_foreign_lens)
+
+
+def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str, result: Any,
+                pictures: Any) -> dict:
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
     if pictures is not None:
@@ -191,6 +209,34 @@ def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
             "copy_threshold": config.copy_threshold,
             "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
             "records": config.records, "shard": config.shard, "prompts_sha256": digest}
+
+
+def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str | None:
+    """A fitted lens whose recorded ``config.json`` hash differs from the model's, found before
+    the model loads (the W_U hash is checked once it has)."""
+    import json
+
+    from layers_core.lens import fingerprint
+    from layers_core.lens.views import LOGIT, view
+
+    if config.lens == LOGIT:
+        return None
+    source = resolve_model_source(model_id)
+    lens_dir = config.lens_path or _default_lens_dir(config.lens, source.clean_name)
+    model_dir = source.path if source.kind == "local_dir" else None
+    lens_config = os.path.join(lens_dir or "", view(config.lens).files[0]) if view(config.lens).files else ""
+    if not (model_dir and os.path.isfile(lens_config)):
+        return None
+    with open(lens_config, encoding="utf-8") as handle:
+        recorded = json.load(handle)
+    differing = fingerprint.mismatch(recorded, {"config_hash": fingerprint.config_hash(model_dir)}, ("config_hash",))
+    return fingerprint.foreign_lens_message(lens_dir, differing) if differing else None
+
+
+def _default_lens_dir(lens: str, name: str) -> str | None:
+    from layers_core.lens.tuned import default_lens_dir
+
+    return default_lens_dir(name) if lens == "tuned" else None
 
 
 def _resume_problem(config: ExperimentConfig, name: str) -> str | None:
@@ -231,7 +277,8 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
                             lens_path=config.lens_path, settings=_sweep_settings(config),
                             batch_size=config.batch_size,
                             records=config.records, indices=indices, done=done, on_batch=on_batch,
-                            source_path=os.path.abspath(config.prompts_file), shard=config.shard)
+                            source_path=os.path.abspath(config.prompts_file), shard=config.shard,
+                            allow_foreign_lens=config.allow_foreign_lens)
     result.total = len(items)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
@@ -307,11 +354,12 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
         except StageError as failure:
             print(_error_line(name, failure), file=sys.stderr)
             return EXIT_FAILED
-    if config.resume and config.prompts_file is not None:
+    problem = None if config.allow_foreign_lens else _foreign_lens_problem(config, model_id)
+    if problem is None and config.resume and config.prompts_file is not None:
         problem = _resume_problem(config, name)
-        if problem:
-            print(f"run.py: error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
+    if problem:
+        print(f"run.py: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     managed = config.out_dir is None
     home = base_dir if managed else config.out_dir
     os.makedirs(home, exist_ok=True)

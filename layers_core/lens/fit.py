@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.lens.fingerprint import model_fingerprint
 from layers_core.lens.tuned import NormalEquations, TunedLens, solve_translators
 from layers_core.model.lens_model import LensModel
 from layers_core.norm_utils import apply_norm_or_skip
@@ -45,7 +46,8 @@ def fit(lens_model: LensModel, train: Sequence[list[int]], heldout: Sequence[lis
         for residuals, _ in capture(lens_model, chunks, batch_size, progress):
             statistics[split].add(residuals[:, :, 1:].reshape(n_layers + 1, -1, d_model).cpu())
     weights, biases, ridges = solve_translators(statistics["train"], statistics["heldout"])
-    return TunedLens(weights, biases, lens_model.source.path or lens_model.model_id), ridges
+    return TunedLens(weights, biases, lens_model.source.path or lens_model.model_id,
+                     fingerprint=model_fingerprint(lens_model)), ridges
 
 
 def _token_bytes(tokenizer: Any, ids: Tensor) -> int:

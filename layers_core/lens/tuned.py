@@ -40,6 +40,8 @@ class TunedLens:
     biases: Tensor
     base_model: str = ""
     final_norm: Any = field(default=None, compare=False, repr=False)
+    fingerprint: dict | None = field(default=None, compare=False)  # the fitted model's config/W_U hashes
+    path: str | None = field(default=None, compare=False)  # where it was loaded from
     name: ClassVar[str] = "tuned"
 
     def bind(self, model: Any) -> TunedLens:
@@ -82,7 +84,8 @@ class TunedLens:
         os.makedirs(directory, exist_ok=True)
         config = {"base_model_name_or_path": self.base_model, "d_model": int(self.weights.shape[-1]),
                   "num_hidden_layers": self.n_translators, "bias": True, "base_model_revision": None,
-                  "unembed_hash": None, "lens_type": LENS_TYPE}
+                  "unembed_hash": (self.fingerprint or {}).get("unembed_hash"), "lens_type": LENS_TYPE,
+                  "config_hash": (self.fingerprint or {}).get("config_hash")}
         atomic_write(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2) + "\n")
         state = {}
         for index in range(self.n_translators):
@@ -106,7 +109,9 @@ class TunedLens:
         weights = torch.stack([state[f"{i}.weight"].float() for i in range(count)])
         d_model = weights.shape[-1]
         biases = torch.stack([state.get(f"{i}.bias", torch.zeros(d_model)).float() for i in range(count)])
-        return cls(weights, biases, config.get("base_model_name_or_path", ""))
+        fingerprint = {key: config.get(key) for key in ("config_hash", "unembed_hash")}
+        return cls(weights, biases, config.get("base_model_name_or_path", ""),
+                   fingerprint=fingerprint if any(fingerprint.values()) else None, path=directory)
 
     def check_fits(self, n_layers: int, d_model: int) -> None:
         """``ValueError`` unless the lens has one translator per block of a ``d_model`` model."""

@@ -25,8 +25,16 @@ def _bos_prepended(lm: LensModel, tokens: Any) -> bool:
     return bos is not None and int(tokens[0, 0]) == bos
 
 
+def lens_record(lens: Any) -> dict | None:
+    """A fitted or user lens in provenance: its name, where it was read from, the fingerprint of
+    the model it was fitted to (None for the logit lens)."""
+    if lens is None:
+        return None
+    return {"name": lens.name, "path": getattr(lens, "path", None), "fingerprint": getattr(lens, "fingerprint", None)}
+
+
 def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[str] | None = None,
-               analysis: PromptAnalysis | None = None) -> dict:
+               analysis: PromptAnalysis | None = None, lens: Any = None) -> dict:
     """Versions, platform and the facts of this run (device, dtype, source, ``prompt``'s tokens,
     argv); ``analysis`` if the prompt was analysed in this process (else it is tokenised here)."""
     source = lm.source
@@ -36,7 +44,7 @@ def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[
         unembed_dtype=lm.unembed.matmul_dtype, model_source=source.kind,
         model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
         bos_prepended=_bos_prepended(lm, tokens), n_tokens=int(tokens.shape[1]),
-        started_at=started_at, argv=list(sys.argv if argv is None else argv))
+        started_at=started_at, argv=list(sys.argv if argv is None else argv), lens=lens_record(lens))
 
 
 def timing_block(timing: Mapping[str, float], total_s: float) -> dict:

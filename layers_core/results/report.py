@@ -240,6 +240,7 @@ def provenance(
     n_tokens: int | None = None,
     started_at: datetime | None = None,
     argv: Sequence[str] = (),
+    lens: dict | None = None,
 ) -> dict:
     """Versions, platform and run facts; fields not yet known are null."""
     import transformer_lens
@@ -264,6 +265,7 @@ def provenance(
         "n_tokens": n_tokens,
         "started_at": None if started_at is None else started_at.isoformat(),
         "argv": list(argv),
+        "lens": lens,
     }
 
 
