@@ -77,6 +77,10 @@ NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_
 def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monkeypatch):
     """``parse_config(child_argv(c))[1]`` equals ``c`` on everything ``child_argv`` forwards."""
     monkeypatch.setattr("layers_core.app.cli.check_writable_dir", lambda path: None)
+    if config.lens_path is not None:  # the lens files must exist: a usage check before loading
+        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "params.pt").write_bytes(b"")
+        config = dataclasses.replace(config, lens_path=str(tmp_path))
     argv = child_argv(config) + (["--out_dir", config.out_dir] if config.out_dir else [])
     _, parsed = parse_config(argv)
     for field in dataclasses.fields(ExperimentConfig):

@@ -70,7 +70,8 @@ def test_gold_with_space():
     tok = TableTokenizer({PROMPT: [1, 2, 3], f"{PROMPT} Berlin": [1, 2, 3, 40, 41]})
     gold = resolve_gold_answer(tok, PROMPT, "Berlin")
     assert gold == {"string": "Berlin", "pieces": ["t40", "t41"], "first_id": 40,
-                    "answer_ids": [40, 41], "variant": "with_space", "ok": True, "status": "ok"}
+                    "answer_ids": [40, 41], "variant": "with_space", "ok": True, "status": "ok",
+                    "warnings": []}
 
 
 def test_gold_no_space_when_the_space_variant_changes_the_prompt_ids():
@@ -85,7 +86,8 @@ def test_gold_unresolved_when_both_variants_change_the_prompt_ids():
                           f"{PROMPT}Berlin": [1, 7, 3, 50]})
     gold = resolve_gold_answer(tok, PROMPT, "Berlin")
     assert gold == {"string": "Berlin", "pieces": [], "first_id": None, "answer_ids": [],
-                    "variant": "unknown", "ok": False, "status": "unresolved"}
+                    "variant": "unknown", "ok": False, "status": "unresolved",
+                    "warnings": []}
 
 
 def test_gold_prefix_check_is_mandatory_even_when_longer():
@@ -95,10 +97,10 @@ def test_gold_prefix_check_is_mandatory_even_when_longer():
     assert resolve_gold_answer(tok, PROMPT, "Berlin")["status"] == "unresolved"
 
 
-def test_gold_pieces_are_capped_at_four():
+def test_gold_pieces_are_every_piece_of_the_answer():
     tok = TableTokenizer({PROMPT: [1], f"{PROMPT} Berlin": [1, 2, 3, 4, 5, 6]})
     gold = resolve_gold_answer(tok, PROMPT, "Berlin")
-    assert gold["pieces"] == ["t2", "t3", "t4", "t5"] and gold["answer_ids"] == [2, 3, 4, 5, 6]
+    assert gold["pieces"] == ["t2", "t3", "t4", "t5", "t6"] and gold["answer_ids"] == [2, 3, 4, 5, 6]
 
 
 def test_gold_on_the_bundled_tokenizer(bundled_bridge):

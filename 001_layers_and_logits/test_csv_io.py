@@ -20,14 +20,14 @@ from layers_core.csv_io import (
 
 RECORDS_45 = ("layer,pos,token,entropy," + ",".join(f"top{i},prob{i}" for i in range(1, 21))
               + ",rest_mass")
-PURE_54 = RECORDS_45 + (",copy_collapse,entropy_collapse,is_answer,p_top1,p_top5,p_answer,"
-                        "answer_rank,kl_to_final_bits,copy_collapse_prompt")
+PURE_55 = RECORDS_45 + (",copy_collapse,entropy_collapse,is_answer,p_top1,p_top5,p_answer,"
+                        "answer_rank,kl_to_final_bits,copy_collapse_prompt,copy_headline")
 NASTY = ['"', ' ("-', "a,b", "x\ny", "\\core", NEXT_TOKEN_LABEL, "🙂", "", "cr\r", "\r\n", " lead"]
 
 
 def test_exact_headers():
     assert ",".join(records_header()) == RECORDS_45 and len(records_header()) == 45
-    assert ",".join(pure_header()) == PURE_54 and len(pure_header()) == 54  # legacy 48, 5 metrics, 1 flag
+    assert ",".join(pure_header()) == PURE_55 and len(pure_header()) == 55  # legacy 48, 5 metrics, 2 flags
 
 
 def test_header_shape_for_any_k():

@@ -88,7 +88,7 @@ def test_prompt_set_outputs(tiny_set_run, load_bridge):
     records = pd.read_csv(out / "output-qwen3-records.csv", dtype=str, keep_default_na=False)
     pure = pd.read_csv(out / "output-qwen3-pure-next-token.csv", dtype=str, keep_default_na=False)
     assert records.columns[0] == "prompt_id" and pure.columns[0] == "prompt_id"
-    assert len(pure) == 3 * (n + 1) and len(pure.columns) == 55
+    assert len(pure) == 3 * (n + 1) and len(pure.columns) == 56
     doc = _json(out / "output-qwen3.json")
     assert doc["aggregate"]["count"] == 3 and len(doc["prompts"]) == 3
     assert doc["prompts"][1]["control_summary"]["control_answer"] == "Berlin"

@@ -121,7 +121,7 @@ def test_family_outputs_schema_and_consistency(family_runs, load_bridge, family)
     n_tokens = doc["provenance"]["n_tokens"]
     assert records[0] == records_header() and pure[0] == pure_header()
     assert len(records) - 1 == (n + 1) * n_tokens and len(pure) - 1 == n + 1
-    assert all(len(row) == 45 for row in records) and all(len(row) == 54 for row in pure)
+    assert all(len(row) == 45 for row in records) and all(len(row) == 55 for row in pure)
     assert list(doc) == TOP_KEYS
     assert list(doc["diagnostics"]) == DIAG_KEYS
     assert list(doc["provenance"]) == PROVENANCE_KEYS
@@ -243,7 +243,7 @@ def test_nasty_prompt_round_trips_through_both_csvs(tiny_dirs, tmp_path):
     assert "".join(tokens).replace("<|bos|>", "") == prompt
     assert any('"' in t for t in tokens) and any("\n" in t for t in tokens)
     assert any("\\" in t for t in tokens) and any("," in t for t in tokens)
-    assert len(pd.read_csv(pure_path, dtype=str, keep_default_na=False).columns) == 54
+    assert len(pd.read_csv(pure_path, dtype=str, keep_default_na=False).columns) == 55
 
 
 # ---- managed directories and errors ----------------------------------------------------------

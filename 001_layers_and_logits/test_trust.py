@@ -178,7 +178,7 @@ def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, c
     partial = [d for d in os.listdir(managed) if d.endswith("-partial")]
     assert len(partial) == 1
     inside = os.listdir(managed / partial[0])
-    assert "output-gpt2.json" in inside and "output-missing-model.json" in inside
+    assert "output-gpt2.json" in inside and "output-missing-model.error.json" in inside
 
 
 # ---- 6. bad --out_dir -------------------------------------------------------------------------
