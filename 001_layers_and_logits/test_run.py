@@ -29,7 +29,8 @@ DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "un
              "target_prediction", "L_copy", "L_copy_H", "L_semantic", "delta_layers",
              "L_copy_strict", "copy_rule", "norm_strategy", "gold_alignment", "milestones",
              "last_layer_consistency", "L_copy_prompt", "tied_embeddings",
-             "copy_collapse_excludes_layer0", "L_semantic_stable", "L_semantic_margin", "depth_fractions"]
+             "copy_collapse_excludes_layer0", "L_semantic_stable", "L_semantic_margin", "truncation",
+             "depth_fractions"]
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
                    "python_version", "platform", "device", "dtype", "declared_dtype", "unembed_dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",

@@ -89,7 +89,8 @@ def test_successful_publish_rotates_then_replaces(tmp_path):
     assert os.path.basename(staging).startswith(".staging-20250102-093000-")
     assert os.listdir(staging) == ["timestamp-20250102-0930"]
     publish_staging_dir(staging, str(tmp_path), success=True, now_fn=clock(2025, 1, 2, 9, 31))
-    assert os.listdir(tmp_path / "run-latest") == ["timestamp-20250102-0930"]
+    assert sorted(os.listdir(tmp_path / "run-latest")) == [".rotated-name", "timestamp-20250102-0930"]
+    assert (tmp_path / "run-latest" / ".rotated-name").read_text() == "run-20250102-0930\n"  # its future name
     assert (tmp_path / "run-20250101-1200").is_dir()
 
 
@@ -173,3 +174,27 @@ def test_managed_runs_keep_at_most_keep_runs(managed, tiny_dirs):
         assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--quiet", "--no-plots", "--keep-runs", "1"]) == 0
     rotated = [d for d in os.listdir(managed) if d.startswith("run-") and d != "run-latest"]
     assert len(rotated) == 1
+
+
+def test_concurrent_managed_runs_each_know_their_own_directory(tmp_path):
+    """Two runs started in the same minute both printed 'results in …/run-latest'; each now
+    reserves the name it is rotated to, and says so, and that is where its files end up."""
+    from layers_core.run_dir import rotation_target
+
+    clock = lambda: datetime(2025, 1, 1, 12, 0)  # noqa: E731 - both runs in the same minute
+    first, second = create_staging_dir(str(tmp_path), clock), create_staging_dir(str(tmp_path), clock)
+    (tmp_path / "run-20250101-1200").mkdir()  # an older run already holds the plain name
+    for staging, content in ((first, "first"), (second, "second")):
+        atomic_write(os.path.join(staging, "output-m.json"), content)
+    where_first = publish_staging_dir(first, str(tmp_path), success=True, now_fn=clock)
+    promise_first = rotation_target(where_first)
+    where_second = publish_staging_dir(second, str(tmp_path), success=True, now_fn=clock)
+    promise_second = rotation_target(where_second)
+    assert promise_first != promise_second and os.path.basename(promise_first) == "run-20250101-1200-2"
+    with open(os.path.join(promise_first, "output-m.json")) as handle:
+        assert handle.read() == "first"  # the first run is where it said it would be
+    third = create_staging_dir(str(tmp_path), clock)
+    publish_staging_dir(third, str(tmp_path), success=True, now_fn=clock)
+    with open(os.path.join(promise_second, "output-m.json")) as handle:
+        assert handle.read() == "second"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".reserved-run-20250101-1200-2")]

@@ -84,14 +84,60 @@ def rotate_run_latest(base_dir: str, now_fn: Clock = datetime.now) -> str | None
     latest = os.path.join(base_dir, RUN_LATEST)
     if not os.path.isdir(latest):
         return None
-    stamps = sorted(name for name in os.listdir(latest) if name.startswith(TIMESTAMP_PREFIX))
-    if stamps:
-        name = "run-" + stamps[0][len(TIMESTAMP_PREFIX):]
-    else:
-        name = f"run-{now_fn().strftime(MINUTE_FORMAT)}-rotated"
-    target = unique_path(os.path.join(base_dir, name))
+    reserved = _reserved_name(latest)
+    if reserved is not None and not os.path.exists(os.path.join(base_dir, reserved)):
+        target = os.path.join(base_dir, reserved)
+        os.rename(latest, target)
+        _release(base_dir, reserved)
+        return target
+    target = unique_path(os.path.join(base_dir, _rotation_name(latest, now_fn)))
     os.rename(latest, target)
     return target
+
+
+def _rotation_name(run_dir: str, now_fn: Clock) -> str:
+    """``run-<first timestamp in sorted order>``, or ``run-<now>-rotated`` without a timestamp file."""
+    stamps = sorted(name for name in os.listdir(run_dir) if name.startswith(TIMESTAMP_PREFIX))
+    if stamps:
+        return "run-" + stamps[0][len(TIMESTAMP_PREFIX):]
+    return f"run-{now_fn().strftime(MINUTE_FORMAT)}-rotated"
+
+
+ROTATED_NAME_FILE = ".rotated-name"  # inside a published run: the name rotation will give it
+_RESERVATION_PREFIX = ".reserved-"  # in the base dir: a rotation name a published run holds
+
+
+def _reserved_name(run_dir: str) -> str | None:
+    try:
+        with open(os.path.join(run_dir, ROTATED_NAME_FILE), encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _release(base_dir: str, name: str) -> None:
+    try:
+        os.unlink(os.path.join(base_dir, _RESERVATION_PREFIX + name))
+    except FileNotFoundError:
+        pass
+
+
+def reserve_rotation_name(staging_dir: str, base_dir: str, now_fn: Clock = datetime.now) -> str:
+    """Claims, exclusively, the name ``staging_dir`` will be rotated to once it is published and a
+    newer run replaces it (the timestamp rule, suffixed ``-2``, ``-3``… past names taken or held),
+    and records it inside; returns that path. So concurrent runs each know their own directory."""
+    base_name = _rotation_name(staging_dir, now_fn)
+    for attempt in range(1, 10_000):
+        name = base_name if attempt == 1 else f"{base_name}-{attempt}"
+        if os.path.exists(os.path.join(base_dir, name)):
+            continue
+        try:
+            os.close(os.open(os.path.join(base_dir, _RESERVATION_PREFIX + name), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        atomic_write(os.path.join(staging_dir, ROTATED_NAME_FILE), name + "\n")
+        return os.path.join(base_dir, name)
+    raise FileExistsError(f"no free run name for {base_name} in {base_dir}")
 
 
 def setup_run_latest_directory(base_dir: str, now_fn: Clock = datetime.now) -> str:
@@ -183,10 +229,17 @@ def publish_staging_dir(
         target = unique_path(os.path.join(base_dir, f"run-{now_fn().strftime(MINUTE_FORMAT)}-{suffix}"))
         os.rename(staging_dir, target)
         return target
+    reserve_rotation_name(staging_dir, base_dir, now_fn)
     rotate_run_latest(base_dir, now_fn)
     latest = os.path.join(base_dir, RUN_LATEST)
     os.rename(staging_dir, latest)
     return latest
+
+
+def rotation_target(run_dir: str) -> str | None:
+    """Where a published ``run-latest/`` moves when a newer run replaces it (its reservation)."""
+    name = _reserved_name(run_dir)
+    return None if name is None else os.path.join(os.path.dirname(run_dir), name)
 
 
 def output_paths(directory: str, clean_name: str) -> dict[str, str]:

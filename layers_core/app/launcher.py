@@ -22,6 +22,7 @@ from layers_core.run_dir import (
     output_paths,
     prune_runs,
     publish_staging_dir,
+    rotation_target,
     sweep_stale_staging,
 )
 
@@ -90,7 +91,8 @@ def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
         where = publish_staging_dir(directory, base_dir, success=all(succeeded), partial=any(succeeded))
         if all(succeeded):
             prune_runs(base_dir, config.keep_runs, current=where)
-            print(f"results in {where}")
+            later = rotation_target(where)
+            print(f"results in {where}" + (f" (moves to {later} when a newer run publishes)" if later else ""))
         else:
             print(f"some models failed: results in {where}; run-latest/ left as it was")
     return EXIT_OK if all(succeeded) else EXIT_FAILED

@@ -23,6 +23,7 @@ from layers_core.run_dir import (
     prune_runs,
     publish_model_files,
     publish_staging_dir,
+    rotation_target,
     sweep_stale_staging,
 )
 
@@ -393,7 +394,8 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     where = _publish(staging, home, name, managed)
     if managed:
         prune_runs(base_dir, config.keep_runs, current=where)
-    print(f"✅ {name}: results in {where}")
+    later = rotation_target(where) if managed else None
+    print(f"✅ {name}: results in {where}" + (f" (moves to {later} when a newer run publishes)" if later else ""))
     return EXIT_OK
 
 
