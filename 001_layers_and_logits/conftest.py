@@ -45,7 +45,7 @@ def load_bridge(tiny_dirs):
     """Loads (and memoises) a float32 TransformerBridge for a tiny family."""
     import torch
 
-    from layers_core.model.loading import load_model, resolve_model_source
+    from layers_core.models import load_model, resolve_model_source
 
     loaded: dict[str, object] = {}
 
@@ -68,7 +68,7 @@ def bundled_model_dir() -> str:
     reason = _bundled_available()
     if reason:
         pytest.skip(reason)
-    from layers_core.model.loading import ensure_default_model
+    from layers_core.models import ensure_default_model
 
     return ensure_default_model()
 
@@ -77,7 +77,7 @@ def bundled_model_dir() -> str:
 def bundled_bridge(bundled_model_dir):
     import torch
 
-    from layers_core.model.loading import load_model, resolve_model_source
+    from layers_core.models import load_model, resolve_model_source
 
     return load_model(resolve_model_source(bundled_model_dir), "cpu", torch.float32)
 

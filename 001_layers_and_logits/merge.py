@@ -13,12 +13,17 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parses ``DIR... --out DIR [--no-plots]`` and merges; returns the exit code."""
+    """Parses ``DIR... [--out DIR] [--no-plots]`` and merges; returns the exit code."""
     parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", metavar="DIR", help="directories holding run.py results")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where the merged files go")
+    parser.add_argument("--out", metavar="DIR", help="where the merged files go (default: the one input DIR, "
+                        "when it holds the shard-K-of-N folders of a --shard auto run)")
     parser.add_argument("--no-plots", action="store_true", help="skip the summary and comparison PNGs")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if len(args.inputs) != 1:
+            parser.error("--out is required with several input directories")
+        args.out = args.inputs[0]
     from layers_core.results.merge import MergeError, merge
 
     try:

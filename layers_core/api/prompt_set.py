@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
+from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.sweep import SweepSettings, forward_batch
 from layers_core.results import outputs, prompt_sets, report
@@ -175,7 +176,9 @@ def sweep_set(
     device = lens_model.unembed.W_U.device
     for batch in _batches(lens_model, todo, batch_size):
         started = time.perf_counter()
-        forwarded = (forward_batch(lens_model.bridge, [item.prompt for _, item in batch], device)
+        answers = [resolve_gold_answer(lens_model.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
+                   for _, item in batch]  # carried by the same forward: p_sequence needs no other
+        forwarded = (forward_batch(lens_model.bridge, [item.prompt for _, item in batch], device, answers)
                      if batch_size > 1 else [None])  # batch size 1: sweep's own forward
         forward_s = time.perf_counter() - started
         finished = []

@@ -143,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 = one prompt at a time)")
     p.add_argument("--records", action="store_true",
                    help="also write the per-position records CSV for a prompt set")
-    p.add_argument("--shard", metavar="K/N",
+    p.add_argument("--shard", metavar="K/N|auto",
                    help="run only the prompts whose 0-based position in the file is K mod N "
-                        "(requires --out_dir; join shards with merge.py)")
+                        "(requires --out_dir; join shards with merge.py); auto: K/N from torchrun "
+                        "(RANK/WORLD_SIZE; rank 0 then merges into --out_dir) or Slurm, each shard "
+                        "writing --out_dir/shard-K-of-N/")
     p.add_argument("--resume", action="store_true",
                    help="skip the prompts of a set already finished in --out_dir (checkpointed "
                         "per batch)")
@@ -209,12 +211,14 @@ def _check(args: argparse.Namespace) -> str | None:
         if on and args.out_dir is None:
             return f"{flag} requires --out_dir"
     if args.shard is not None:
-        from layers_core.results.prompt_sets import parse_shard
+        from layers_core.results.prompt_sets import AUTO_SHARD, resolve_shard
 
         try:
-            parse_shard(args.shard)
+            resolve_shard(args.shard, os.environ)
         except ValueError as error:
             return str(error)
+        if args.shard == AUTO_SHARD and len(args.model) > 1:
+            return "--shard auto runs one model per launch (start one job per model)"
     if args.prompts is not None:
         for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test), ("--chat", args.chat),
                          ("--sublayers", args.sublayers),

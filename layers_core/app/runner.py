@@ -11,12 +11,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from layers_core.app import threads
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
-from layers_core.model.loading import resolve_model_source
+from layers_core.models import resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
     output_paths,
@@ -409,7 +410,37 @@ def _publish(staging: str, home: str, name: str, managed: bool) -> str:
 
 
 def run_in_process(model_id: str | None, config: ExperimentConfig, base_dir: str) -> int:
-    """One model in this process: start-up, threads, the picture worker, then ``run_single``."""
+    """One model in this process: start-up, threads, the picture worker, then ``run_single``.
+
+    ``--shard auto`` is resolved here from the launcher's environment: the shard writes into
+    ``--out_dir/shard-K-of-N/``; under torchrun every rank then meets at a barrier and rank 0
+    merges the shards into ``--out_dir``.
+    """
+    from layers_core.results.prompt_sets import AUTO_SHARD, SHARD_DIR, resolve_shard
+
+    if config.shard != AUTO_SHARD:
+        return _run_in_process(model_id, config, base_dir)
+    spec = resolve_shard(config.shard, os.environ)
+    shard_config = replace(config, shard=spec.text,
+                           out_dir=os.path.join(config.out_dir, SHARD_DIR.format(k=spec.k, n=spec.n)))
+    if spec.local_rank is not None and config.device in ("auto", "cuda"):
+        _use_local_gpu(spec.local_rank)
+    code = _run_in_process(model_id, shard_config, base_dir)
+    if spec.launcher != "torchrun":
+        return code  # Slurm: one merge.py OUT call after the array (README)
+    from layers_core.app.distributed import merge_after_barrier
+
+    return merge_after_barrier(code, spec, config.out_dir, plots=config.plots, quiet=config.quiet)
+
+
+def _use_local_gpu(local_rank: int) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+
+def _run_in_process(model_id: str | None, config: ExperimentConfig, base_dir: str) -> int:
     from layers_core.results.pictures import PictureWorker
 
     single_prompt = config.prompts_file is None and not config.self_test

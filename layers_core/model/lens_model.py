@@ -25,7 +25,8 @@ from layers_core.device_policy import (
 )
 from layers_core.lens.unembed import Unembedding
 from layers_core.model import footprint
-from layers_core.model.loading import (
+from layers_core.model.tokens import TokenDecoder
+from layers_core.models import (
     LoadReport,
     ModelLoadError,
     ModelSource,
@@ -37,7 +38,6 @@ from layers_core.model.loading import (
     resolve_model_source,
     source_path,
 )
-from layers_core.model.tokens import TokenDecoder
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class SweepResult:
     last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
     views: LastPositionViews  # every last-position view, decoded once
     truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
+    answer_log_prob: float | None = None  # ln Π p(answer_k | prompt, answer_<k), teacher-forced
     mid_records: list[dict] = field(default_factory=list)  # --sublayers: the attn rows (layer b+1)
     mid_pure_rows: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -124,19 +125,21 @@ def check_finite(model_logits: Tensor, residuals: Sequence[Tensor], dtype: torch
 
 
 def forward_with_residuals(
-    model: Any, tokens: Tensor, last_logits_only: bool = True, device: Any = None, mids: list | None = None
+    model: Any, tokens: Tensor, last_logits_only: bool = True, device: Any = None, mids: list | None = None,
+    keep_last: int = 1,
 ) -> tuple[Tensor, list[Tensor]]:
     """One forward pass with the n+1 residual hooks → (model logits float32, L × ``[T, d]``).
 
-    The logits are the model's own, ``[1, V]`` at the last position when ``last_logits_only``
-    (HF's ``logits_to_keep=1`` skips T−1 rows of the head's matmul), else ``[T, V]``. With
+    The logits are the model's own, ``[keep_last, V]`` at the last positions when
+    ``last_logits_only`` (HF's ``logits_to_keep`` skips the other rows of the head's matmul),
+    else ``[T, V]``. With
     ``device`` (the lens device) residuals move there as they are captured, and the logits too.
     ``mids``: a list that receives the n mid-block residuals ``[T, d]`` (``--sublayers``).
     Raises ``NonFiniteError`` if any of them holds inf/NaN.
     """
     n_layers = int(model.cfg.n_layers)
     with torch.inference_mode(), residual_cache(model, device, mid=mids is not None) as (cache, _):
-        logits = model(tokens, logits_to_keep=1) if last_logits_only else model(tokens)
+        logits = model(tokens, logits_to_keep=keep_last) if last_logits_only else model(tokens)
     logits = logits[0].float() if device is None else logits[0].to(device=device, dtype=torch.float32)
     residuals = [cache.pop(name)[0] for name in residual_hook_names(n_layers)]
     if mids is not None:
@@ -235,6 +238,7 @@ class Forwarded:
     forward_s: float = 0.0
     mids: list[Tensor] | None = None  # --sublayers: n × [T, d], each block's residual after attention
     truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
+    answer_log_prob: float | None = None  # ln Π p(answer_k | prompt, answer_<k), teacher-forced
 
 
 class PromptTooLong(ValueError):
@@ -258,14 +262,42 @@ def prompt_tokens(model: Any, prompt: str, truncate: str | None = None) -> tuple
     return (torch.cat([tokens[:, :1], tail], dim=1) if keep_bos else tail), length
 
 
+def _fits(model: Any, prompt_length: int, answer_ids: Sequence[int]) -> bool:
+    """Whether the answer's tokens but the last fit after the prompt in the model's context."""
+    return bool(answer_ids) and prompt_length + len(answer_ids) - 1 <= int(model.cfg.n_ctx)
+
+
+def _answer_log_prob(logits: Tensor, answer_ids: Sequence[int]) -> float:
+    """ln Π p(answer_k): ``logits`` ``[len(answer), V]`` are the model's at the prompt's last
+    position and at each answer token but the last (teacher forcing)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(list(answer_ids), device=log_probs.device).unsqueeze(-1)
+    return float(log_probs.gather(-1, ids).sum())
+
+
 def forward_prompt(model: Any, prompt: str, device: Any = None, sublayers: bool = False,
-                   truncate: str | None = None) -> Forwarded:
-    """One prompt through the model with the residual hooks (and the mid-block ones)."""
+                   truncate: str | None = None, answer_ids: Sequence[int] = ()) -> Forwarded:
+    """One prompt through the model with the residual hooks (and the mid-block ones).
+
+    With ``answer_ids``, the same forward also carries the answer's tokens but the last: under
+    causal attention no prompt position changes, and the logits after them give the answer's
+    teacher-forced probability (``answer_log_prob``) without a second forward.
+    """
     started = time.perf_counter()
     tokens, full_length = prompt_tokens(model, prompt, truncate)
+    length = int(tokens.shape[1])
+    answer_ids = list(answer_ids) if _fits(model, length, answer_ids) else []
+    if len(answer_ids) > 1:
+        follow = torch.tensor([answer_ids[:-1]], dtype=tokens.dtype, device=tokens.device)
+        tokens = torch.cat([tokens, follow], dim=1)
     mids: list | None = [] if sublayers else None
-    model_logits, residuals = forward_with_residuals(model, tokens, device=device, mids=mids)
-    return Forwarded(tokens, model_logits, residuals, time.perf_counter() - started, mids, full_length)
+    logits, residuals = forward_with_residuals(model, tokens, device=device, mids=mids,
+                                               keep_last=max(1, len(answer_ids)))
+    tokens, residuals = tokens[:, :length], [resid[:length] for resid in residuals]
+    mids = None if mids is None else [mid[:length] for mid in mids]
+    answer_log_prob = _answer_log_prob(logits, answer_ids) if answer_ids else None
+    return Forwarded(tokens, logits[:1], residuals, time.perf_counter() - started, mids, full_length,
+                     answer_log_prob)
 
 
 PARALLEL_BLOCK = "ParallelBlockBridge"  # attention and MLP read one residual and add once
@@ -306,21 +338,44 @@ def last_position_logits(model: Any, batch: Tensor, lengths: Tensor) -> Tensor:
     return logits[torch.arange(len(lengths), device=logits.device), column]
 
 
-def forward_batch(model: Any, prompts: Sequence[str], device: Any = None) -> list[Forwarded]:
-    """Several prompts in one right-padded forward pass (``right_padded_batch``); each prompt's
-    residuals are cut to its own length and its logits read at its own last real position."""
+def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
+                  answers: Sequence[Sequence[int]] | None = None) -> list[Forwarded]:
+    """Several prompts in one right-padded forward pass; each prompt's residuals are cut to its
+    own length and its logits read at its own last real position. With ``answers`` (token ids per
+    prompt) each row also carries its answer's tokens but the last, and the same forward gives
+    every answer's teacher-forced probability (as ``forward_prompt`` does for one prompt)."""
     started = time.perf_counter()
-    rows, batch, lengths = right_padded_batch(model, prompts)
+    prompt_rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
+    answers = [list(a) if _fits(model, len(row), a) else []
+               for row, a in zip(prompt_rows, answers or [[]] * len(prompts))]
+    rows = [torch.cat([row, torch.tensor(a[:-1], dtype=row.dtype, device=row.device)])
+            for row, a in zip(prompt_rows, answers)]
+    pad_id = model.tokenizer.pad_token_id
+    batch = torch.full((len(rows), max(len(row) for row in rows)), 0 if pad_id is None else pad_id,
+                       dtype=rows[0].dtype, device=rows[0].device)
+    for index, row in enumerate(rows):
+        batch[index, : len(row)] = row
+    lengths = [len(row) for row in prompt_rows]
+    # the head runs only where some row needs it: a prompt's last position and its answer's
+    wanted = sorted({pos for length, a in zip(lengths, answers)
+                     for pos in range(length - 1, length - 1 + max(1, len(a)))})
     names = residual_hook_names(int(model.cfg.n_layers))
     with torch.inference_mode(), residual_cache(model, device) as (cache, _):
-        last = last_position_logits(model, batch, lengths).to(device=device, dtype=torch.float32)
+        logits = model(batch, logits_to_keep=torch.tensor(wanted, device=batch.device))
+    logits = logits.to(device=device, dtype=torch.float32)
     layers = [cache.pop(name) for name in names]
+    column = {pos: index for index, pos in enumerate(wanted)}
     share = (time.perf_counter() - started) / len(rows)
     forwarded = []
-    for index, length in enumerate(lengths.tolist()):
+    for index, (length, answer) in enumerate(zip(lengths, answers)):
         residuals = [layer[index, :length] for layer in layers]
-        check_finite(last[index], residuals, residuals[0].dtype)
-        forwarded.append(Forwarded(rows[index].unsqueeze(0), last[index : index + 1], residuals, share))
+        last = logits[index, column[length - 1]].unsqueeze(0)
+        check_finite(last, residuals, residuals[0].dtype)
+        log_prob = None
+        if answer:
+            log_prob = _answer_log_prob(logits[index, [column[length - 1 + k] for k in range(len(answer))]], answer)
+        forwarded.append(Forwarded(prompt_rows[index].unsqueeze(0), last, residuals, share,
+                                   answer_log_prob=log_prob))
     return forwarded
 
 
@@ -342,11 +397,11 @@ def run_sweep(
     memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
+    gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device, settings.sublayers,
-                                            settings.truncate)
+                                            settings.truncate, gold["answer_ids"])
     started = time.perf_counter()
     str_tokens = list(model.to_str_tokens(prompt if forwarded.truncated_from is None else forwarded.tokens[0]))
-    gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
     lens, other = settings.lenses(model)
     residuals = forwarded.residuals
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
@@ -386,6 +441,7 @@ def run_sweep(
         warnings=list(getattr(lens, "warnings", [])),
         timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
         mid_records=mid_records, mid_pure_rows=mid_pure, truncated_from=forwarded.truncated_from,
+        answer_log_prob=forwarded.answer_log_prob,
     )
 
 

@@ -6,7 +6,9 @@ numbers it yields alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from layers_core.model.lens_model import LensModel
 from layers_core.numerics import get_post_unembed_transform
@@ -42,6 +44,14 @@ def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
             for key, value in indices.items()}
 
 
+def _p_sequence(model: Any, result: SweepResult) -> float | None:
+    """The answer's teacher-forced probability: from the prompt's own forward, which carried the
+    answer (``forward_prompt``), or by a forward of its own where it did not fit."""
+    if result.answer_log_prob is not None:
+        return math.exp(result.answer_log_prob)
+    return answer_sequence_probability(model, result.tokens, result.gold["answer_ids"], result.model_logits[-1])
+
+
 def analyse_prompt(
     ctx: LensModel,
     settings: SweepSettings,
@@ -70,8 +80,7 @@ def analyse_prompt(
         model, control[0], control[1], answer, ctx.unembed, settings)
     blocks = {
         "diagnostics": diagnostics,
-        "gold_answer": report.gold_answer_block(result.gold, answer_sequence_probability(
-            model, result.tokens, result.gold["answer_ids"], result.model_logits[-1])),
+        "gold_answer": report.gold_answer_block(result.gold, _p_sequence(model, result)),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.view,
                                                         diagnostics["tied_embeddings"]),
         "raw_lens_check": raw_lens_check(result, settings.view),

@@ -52,10 +52,20 @@ class Part:
                 "total": prompt_set.get("total")}
 
 
-def find_parts(directories: Sequence[str]) -> list[Part]:
-    """Every prompt-set document in ``directories`` (error documents and single runs skipped)."""
-    parts = []
+def expand_shard_dirs(directories: Sequence[str]) -> list[str]:
+    """Each directory, or, for one that holds ``shard-K-of-N`` folders (``--shard auto``), those."""
+    expanded = []
     for directory in directories:
+        shards = prompt_sets.shard_dirs(directory) if os.path.isdir(directory) else []
+        expanded += shards or [directory]
+    return expanded
+
+
+def find_parts(directories: Sequence[str]) -> list[Part]:
+    """Every prompt-set document in ``directories`` (error documents and single runs skipped); a
+    directory of ``shard-K-of-N`` folders stands for its shards."""
+    parts = []
+    for directory in expand_shard_dirs(directories):
         if not os.path.isdir(directory):
             raise MergeError(f"not a directory: {directory}")
         for file_name in sorted(os.listdir(directory)):

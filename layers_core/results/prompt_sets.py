@@ -161,6 +161,66 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+AUTO_SHARD = "auto"
+SHARD_DIR = "shard-{k}-of-{n}"  # where a --shard auto shard writes, inside --out_dir
+_SHARD_DIR_PATTERN = r"shard-(\d+)-of-(\d+)$"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """This process's share of a set: shard ``k`` of ``n``, and which launcher said so."""
+
+    k: int
+    n: int
+    launcher: str  # "torchrun", "slurm-array", "slurm-tasks" or "explicit"
+    local_rank: int | None = None  # torchrun: the GPU of this process on its node
+
+    @property
+    def text(self) -> str:
+        return f"{self.k}/{self.n}"
+
+
+def _env_pair(env: Mapping[str, str], index: str, count: str) -> tuple[int, int] | None:
+    if index in env and count in env:
+        return int(env[index]), int(env[count])
+    return None
+
+
+def resolve_shard(text: str, env: Mapping[str, str]) -> ShardSpec:
+    """``K/N``, or ``auto`` read from the launcher's environment: torchrun (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``), a Slurm array (``SLURM_ARRAY_TASK_ID``,
+    ``SLURM_ARRAY_TASK_COUNT``), else Slurm tasks (``SLURM_PROCID``, ``SLURM_NTASKS``).
+    ``ValueError`` (one line) when ``auto`` finds none of them."""
+    if text != AUTO_SHARD:
+        k, n = parse_shard(text)
+        return ShardSpec(k, n, "explicit")
+    for launcher, (index, count) in (("torchrun", ("RANK", "WORLD_SIZE")),
+                                      ("slurm-array", ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")),
+                                      ("slurm-tasks", ("SLURM_PROCID", "SLURM_NTASKS"))):
+        try:
+            pair = _env_pair(env, index, count)
+        except ValueError:
+            raise ValueError(f"--shard auto: {index}/{count} are not integers") from None
+        if pair is not None:
+            k, n = pair
+            if not 0 <= k < n:
+                raise ValueError(f"--shard auto: {index}={k} is not in 0..{count}-1={n - 1}")
+            local = int(env["LOCAL_RANK"]) if launcher == "torchrun" and "LOCAL_RANK" in env else None
+            return ShardSpec(k, n, launcher, local)
+    raise ValueError("--shard auto needs a launcher's environment: torchrun (RANK, WORLD_SIZE) or "
+                     "Slurm (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or SLURM_PROCID/SLURM_NTASKS)")
+
+
+def shard_dirs(directory: str) -> list[str]:
+    """The ``shard-K-of-N`` folders a ``--shard auto`` run left in ``directory``, in K order."""
+    import os
+    import re
+
+    found = [(int(m.group(1)), name) for name in os.listdir(directory)
+             if (m := re.match(_SHARD_DIR_PATTERN, name)) and os.path.isdir(os.path.join(directory, name))]
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
 def shard_of(items: Sequence[PromptItem], shard: tuple[int, int] | None) -> tuple[list[int], list[PromptItem]]:
     """The 0-based file positions and items of shard K of N: the items whose position ≡ K mod N."""
     k, n = shard or (0, 1)

@@ -314,6 +314,13 @@ def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = No
     return bridge.eval()
 
 
+def _current_cuda() -> str:
+    """``cuda:<current device>``: 0 unless a launcher chose this process's GPU (torchrun's LOCAL_RANK)."""
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}"
+
+
 def load_model(source: ModelSource, device: str, dtype: Any, cache_dir: str | None = None, **placement: Any) -> Any:
     """Loads a ``TransformerBridge`` with raw HF weights (no folding, no centring), in eval mode.
 
@@ -337,7 +344,7 @@ def load_model_with_report(
     """``load_model`` plus the ``LoadReport`` of the HF load (``config``, ``local_only``: see
     ``load_hf_model``)."""
     if device_map is None and device != "cpu":
-        device_map = {"": "cuda:0" if device == "cuda" else device}
+        device_map = {"": _current_cuda() if device == "cuda" else device}
     hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir, config, local_only)
     return bridge_for(hf_model, source_path(source, cache_dir), dtype), report
 
