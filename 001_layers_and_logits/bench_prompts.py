@@ -9,8 +9,9 @@ Times three ways through the same facts (the bundled battery, cycled with fresh 
 - ``set_s``: the project's prompt-set path (batched; no control, no records, no pictures);
 - ``sequential_s``: the per-prompt path (``--batch-size 1 --records``; no control, no pictures).
 
-The last line is one JSON object: ``{"model", "prompts", "floor_s", "set_s", "sequential_s",
-"set_over_floor", "sequential_over_set"}``.
+The last line is one JSON object: ``{"model", "prompts", "tokens", "floor_s", "set_s",
+"sequential_s", "<contender>_tokens_per_s", "set_over_floor", "sequential_over_set"}`` (tokens:
+the prompts' tokens, BOS included).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     items = cycled_items(args.prompts)
     floor(hf_model, tokenizer, items[:FLOOR_BATCH])  # warm-up
     sweep_set(lens_model, items[:FLOOR_BATCH])
+    tokens = sum(int(lens_model.bridge.to_tokens(item["prompt"]).shape[1]) for item in items)  # BOS included
     timings = {}
     for name, run in (("floor_s", lambda: floor(hf_model, tokenizer, items)),
                       ("set_s", lambda: sweep_set(lens_model, items)),
@@ -97,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         run()
         timings[name] = round(time.perf_counter() - started, 3)
-        print(f"{name:14s} {timings[name]:8.2f} s", flush=True)
-    result = {"model": lens_model.source.clean_name, "prompts": len(items), **timings,
+        print(f"{name:14s} {timings[name]:8.2f} s  {tokens / timings[name]:8.0f} tokens/s", flush=True)
+    result = {"model": lens_model.source.clean_name, "prompts": len(items), "tokens": tokens, **timings,
+              **{name.replace("_s", "_tokens_per_s"): round(tokens / seconds, 1) for name, seconds in timings.items()},
               "set_over_floor": round(timings["set_s"] / timings["floor_s"], 3),
               "sequential_over_set": round(timings["sequential_s"] / timings["set_s"], 3)}
     print(json.dumps(result))

