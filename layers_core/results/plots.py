@@ -105,7 +105,7 @@ def lens_heatmap(
     for i in range(len(layers)):
         for j in range(n_pos):
             shade = (values[i, j] / vmax) if np.isfinite(values[i, j]) else 0.0
-            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7,
+            ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=7, in_layout=False,
                     color="black" if shade > 0.6 else "white")
     x_labels = [display_token(t) for t in tokens]
     x_labels[-1] = f"{x_labels[-1]}\n→ ⟨NEXT⟩"
