@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-copy-entropy-fallback", action="store_true",
                    help="Do not count entropy < 1 bit as copy collapse")
     p.add_argument("--norm", choices=NORM_VIEWS, default=_DEFAULTS.norm_strategy,
-                   help="Norm applied before unembedding each layer (default: final = ln_final at every layer, the standard logit lens; arch = the seed's next-block rule)")
+                   help="Norm applied before unembedding each layer (default: final = ln_final at every "
+                        "layer, the standard logit lens; arch = the seed's next-block rule)")
     p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
                    help="logit lens, or a tuned lens fitted by fit_lens.py (then the logit lens under "
                         "--norm is written beside it)")
