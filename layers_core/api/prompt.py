@@ -12,7 +12,6 @@ A ``Sweep`` holds what ``run.py`` writes for one prompt, as DataFrames, dicts an
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 import warnings
@@ -25,7 +24,7 @@ import pandas as pd
 
 from layers_core.csv_io import pure_header
 from layers_core.lens.protocol import Lens
-from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, view
+from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, resolve_entry, view
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.prompts import (
     DEFAULT_ANSWER,
@@ -201,8 +200,7 @@ def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None,
         loader = view(lens).loader
         if loader is None:
             raise ValueError(f"unknown lens {lens!r}; expected one of {LENS_CHOICES} or a Lens object")
-        module, _, function = loader.partition(":")
-        lens = getattr(importlib.import_module(module), function)(lens_path, lens_model)
+        lens = resolve_entry(loader)(lens_path, lens_model)
     if not isinstance(lens, Lens):
         raise TypeError(f"lens {lens!r} is not a Lens: it needs a name and transform(residual, layer)")
     bind = getattr(lens, "bind", None)

@@ -236,9 +236,10 @@ def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str
 
 
 def _default_lens_dir(lens: str, name: str) -> str | None:
-    from layers_core.lens.tuned import default_lens_dir
+    from layers_core.lens.views import resolve_entry, view
 
-    return default_lens_dir(name) if lens == "tuned" else None
+    entry = view(lens).default_dir
+    return None if entry is None else resolve_entry(entry)(name)
 
 
 def _resume_problem(config: ExperimentConfig, name: str) -> str | None:

@@ -24,6 +24,7 @@ class View:
     description: str
     loader: str | None = None  # "module:function(path, lens_model) -> Lens" for fitted lenses
     files: tuple[str, ...] = ()  # what a lens path of this view holds (checked before loading)
+    default_dir: str | None = None  # "module:function(clean_name) -> dir": where it lives by default
 
     @property
     def label(self) -> str:
@@ -44,7 +45,8 @@ VIEWS: dict[str, View] = {view.name: view for view in (
     View("none", "final", "no_normalization", "the raw residual, no norm"),
     View("tuned", None, "using_tuned_translator_then_ln_final",
          "an affine translator per layer, then ln_final (fit_lens.py)",
-         loader="layers_core.lens.tuned:load_for_model", files=("config.json", "params.pt")),
+         loader="layers_core.lens.tuned:load_for_model", files=("config.json", "params.pt"),
+         default_dir="layers_core.lens.tuned:default_lens_dir"),
 )}
 NORM_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is None)  # --norm choices
 FITTED_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is not None)
@@ -55,6 +57,14 @@ def view(name: str) -> View:
     """The registry row of ``name``; a user lens not in the registry gets a row of its own
     (compared with the logit lens under ``--norm``)."""
     return VIEWS.get(name) or View(name, None, "user_lens", "a user lens")
+
+
+def resolve_entry(spec: str):
+    """The object a ``module:function`` registry entry names (imported on first use)."""
+    import importlib
+
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def comparison_of(chosen: str, norm_strategy: str) -> str:
