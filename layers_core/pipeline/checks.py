@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from layers_core.collapse_rules import resolve_gold_answer
-from layers_core.csv_io import TOP_K_VERBOSE
+from layers_core.csv_io import TOP_K_RECORD
 from layers_core.lens.stats import stats_from_log_probs
 from layers_core.lens.unembed import Unembedding
 from layers_core.numerics import kl_bits_from_log_probs
@@ -48,7 +48,7 @@ def compare_lenses(model: Any, result: SweepResult, settings: SweepSettings,
     other_lp, chosen_lp = result.views.other, result.views.chosen
     final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
     with torch.inference_mode():
-        stats = stats_from_log_probs(other_lp, final_lp, result.gold["first_id"], TOP_K_VERBOSE)
+        stats = stats_from_log_probs(other_lp, final_lp, result.gold["first_id"], TOP_K_RECORD)  # pure rows
         kl = kl_bits_from_log_probs(chosen_lp, other_lp).tolist()
         agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
     other = settings.comparison_view

@@ -410,7 +410,9 @@ def run_sweep(
         views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),
                                       other, unembed)
         final_log_probs = torch.log_softmax(forwarded.model_logits[-1], dim=-1)
-        stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"], TOP_K_VERBOSE)
+        # the last position's top-20 only where a verbose records row shows it; pure rows show 5
+        stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"],
+                                     TOP_K_VERBOSE if records else TOP_K_RECORD)
         if records and len(str_tokens) > 1:
             earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed.W_U, unembed.b_U,
                                       unembed.transform, None, gold["first_id"], TOP_K_VERBOSE,
