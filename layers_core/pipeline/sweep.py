@@ -320,13 +320,17 @@ def right_padded_batch(model: Any, prompts: Sequence[str]) -> tuple[list[Tensor]
     reordering); read each prompt at its own last real position, never at a pad.
     """
     rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
-    lengths = torch.tensor([len(row) for row in rows])
+    return rows, pad_right(model, rows), torch.tensor([len(row) for row in rows])
+
+
+def pad_right(model: Any, rows: Sequence[Tensor]) -> Tensor:
+    """Token rows ``[T_i]`` as one right-padded batch ``[B, T_max]`` (the tokenizer's pad id)."""
     pad_id = model.tokenizer.pad_token_id
-    batch = torch.full((len(rows), int(lengths.max())), 0 if pad_id is None else pad_id,
+    batch = torch.full((len(rows), max(len(row) for row in rows)), 0 if pad_id is None else pad_id,
                        dtype=rows[0].dtype, device=rows[0].device)
     for index, row in enumerate(rows):
         batch[index, : len(row)] = row
-    return rows, batch, lengths
+    return batch
 
 
 def last_position_logits(model: Any, batch: Tensor, lengths: Tensor) -> Tensor:
@@ -348,13 +352,8 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
     prompt_rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
     answers = [list(a) if _fits(model, len(row), a) else []
                for row, a in zip(prompt_rows, answers or [[]] * len(prompts))]
-    rows = [torch.cat([row, torch.tensor(a[:-1], dtype=row.dtype, device=row.device)])
-            for row, a in zip(prompt_rows, answers)]
-    pad_id = model.tokenizer.pad_token_id
-    batch = torch.full((len(rows), max(len(row) for row in rows)), 0 if pad_id is None else pad_id,
-                       dtype=rows[0].dtype, device=rows[0].device)
-    for index, row in enumerate(rows):
-        batch[index, : len(row)] = row
+    batch = pad_right(model, [torch.cat([row, torch.tensor(a[:-1], dtype=row.dtype, device=row.device)])
+                              for row, a in zip(prompt_rows, answers)])
     lengths = [len(row) for row in prompt_rows]
     # the head runs only where some row needs it: a prompt's last position and its answer's
     wanted = sorted({pos for length, a in zip(lengths, answers)
@@ -365,7 +364,7 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
     logits = logits.to(device=device, dtype=torch.float32)
     layers = [cache.pop(name) for name in names]
     column = {pos: index for index, pos in enumerate(wanted)}
-    share = (time.perf_counter() - started) / len(rows)
+    share = (time.perf_counter() - started) / len(prompt_rows)
     forwarded = []
     for index, (length, answer) in enumerate(zip(lengths, answers)):
         residuals = [layer[index, :length] for layer in layers]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -213,9 +215,6 @@ def resolve_shard(text: str, env: Mapping[str, str]) -> ShardSpec:
 
 def shard_dirs(directory: str) -> list[str]:
     """The ``shard-K-of-N`` folders a ``--shard auto`` run left in ``directory``, in K order."""
-    import os
-    import re
-
     found = [(int(m.group(1)), name) for name in os.listdir(directory)
              if (m := re.match(_SHARD_DIR_PATTERN, name)) and os.path.isdir(os.path.join(directory, name))]
     return [os.path.join(directory, name) for _, name in sorted(found)]
