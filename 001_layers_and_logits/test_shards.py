@@ -11,7 +11,6 @@ import pytest
 import run
 
 import layers_core as lc
-
 from conftest import HERE, RUN_PY
 
 FACTS = [{"id": f"f{i}", "prompt": prompt, "answer": answer} for i, (prompt, answer) in enumerate([

@@ -260,3 +260,28 @@ def test_provenance_records_the_lens_and_its_fingerprint(fitted_lens, tiny_dirs,
     config = json.loads((fitted_lens / "config.json").read_text())
     assert lens["path"] == str(fitted_lens)
     assert lens["fingerprint"] == {"config_hash": config["config_hash"], "unembed_hash": config["unembed_hash"]}
+
+
+def test_a_merged_tuned_set_equals_the_unsharded_run(fitted_lens, tiny_dirs, tmp_path):
+    """The merge used to title its pictures "arch lens" for a tuned set (it read settings["norm"]);
+    runs and merges now share one document builder and one title."""
+    from layers_core.results.merge import merge
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps({"id": f"f{i}", "prompt": f"{PROMPT} {i}", "answer": "Berlin"})
+                               for i in range(4)) + "\n")
+    base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", str(facts), "--lens", "tuned", "--lens-path",
+            str(fitted_lens), "--quiet", "--batch-size", "1"]
+    assert run.main([*base, "--out_dir", str(tmp_path / "whole")]) == 0
+    for k in range(2):
+        assert run.main([*base, "--shard", f"{k}/2", "--out_dir", str(tmp_path / f"s{k}")]) == 0
+    merge([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "merged"))
+    whole, merged = (json.loads((tmp_path / d / "output-llama.json").read_text()) for d in ("whole", "merged"))
+    for volatile in ("merged_from", "shard", "path"):
+        whole["prompt_set"].pop(volatile, None), merged["prompt_set"].pop(volatile, None)
+    assert merged["prompt_set"] == whole["prompt_set"] and merged["aggregate"] == whole["aggregate"]
+    strip = lambda entries: json.loads(json.dumps(entries).replace(str(tmp_path), ""))  # noqa: E731
+    assert strip(merged["prompts"]) == strip(whole["prompts"])
+    for picture in ("summary.png", "curves.png"):  # same rows, same title: the same pixels
+        assert (tmp_path / "merged" / f"output-llama-{picture}").read_bytes() == \
+            (tmp_path / "whole" / f"output-llama-{picture}").read_bytes()
