@@ -78,8 +78,7 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
 def prompt_entry(prompt_id: str, prompt: str, answer: str, analysis: PromptAnalysis) -> dict:
     """One prompt of a set in the document: its id, text, length and every analysis block."""
     return {"prompt_id": prompt_id, "prompt": prompt, "answer": answer,
-            "prompt_tokens": int(analysis.result.tokens.shape[1]),
-            "answer_tokens": len(analysis.result.gold["answer_ids"]), **analysis.blocks}
+            "prompt_tokens": int(analysis.result.tokens.shape[1]), **analysis.blocks}  # answer: gold_answer.n_tokens
 
 
 def with_timing(document: dict, timing: Mapping[str, Any], total_s: float) -> dict:
