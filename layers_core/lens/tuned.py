@@ -47,7 +47,7 @@ class TunedLens:
     def bind(self, model: Any) -> TunedLens:
         """This lens with ``model``'s final norm (``ln_final``), checked to fit the model."""
         self.check_fits(int(model.cfg.n_layers), int(model.cfg.d_model))
-        return replace(self, final_norm=model.ln_final)
+        return replace(self, final_norm=getattr(model, "ln_final", None))
 
     def transform(self, residual: Tensor, layer: int) -> Tensor:
         """Translator ``layer``, then the final norm (``bind`` first)."""

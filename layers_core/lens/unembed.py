@@ -18,7 +18,9 @@ class Unembedding:
 
     ``W_U`` ``[d, V]`` and ``b_U`` ``[V]`` are float32 shadow copies where the compute dtype is
     half precision (or the model's own half-precision W_U, upcast ``chunk_columns`` columns at a
-    time where no copy fits); ``transform`` is the model's head transform on ``[..., V]`` logits.
+    time where no copy fits); ``transform`` is the model's head transform on ``[..., V]`` logits;
+    ``head`` the model's own layers between its final norm and ``W_U`` (ModernBERT-decoder's
+    prediction head), None for almost every family.
     """
 
     W_U: Tensor
@@ -26,6 +28,7 @@ class Unembedding:
     transform: Callable[[Tensor], Tensor]
     force_fp32: bool = False
     chunk_columns: int | None = None  # upcast a half-precision W_U this many columns at a time
+    head: Callable[[Tensor], Tensor] | None = None  # layers between the final norm and W_U, if any
 
     @property
     def matmul_dtype(self) -> torch.dtype:
@@ -37,7 +40,7 @@ class Unembedding:
     def logits(self, x: Tensor) -> Tensor:
         """``[..., d]`` → float32 logits ``[..., V]``, head transform applied."""
         return unembed_logits(x, self.W_U, self.b_U, self.transform, self.force_fp32,
-                              chunk_columns=self.chunk_columns)
+                              chunk_columns=self.chunk_columns, head=self.head)
 
     @torch.inference_mode()
     def log_probs(self, rows: Tensor) -> Tensor:

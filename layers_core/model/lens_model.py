@@ -123,7 +123,24 @@ def analysis_unembedding(bridge: Any, dtype: torch.dtype, fp32_unembed: bool = F
     if chunk is not None and b_U is not None:
         b_U = b_U.float()  # [V]: small
     return Unembedding(W_U, b_U, numerics.output_logits_transform(bridge), force_fp32=use_fp32,
-                       chunk_columns=chunk)
+                       chunk_columns=chunk, head=prediction_head(bridge))
+
+
+def prediction_head(bridge: Any) -> Any:
+    """The model's layers between its final norm and ``W_U`` as a callable ``[..., d]`` →
+    ``[..., d]`` in the input's dtype (the bridge's ``prediction_head``: ModernBERT-decoder's
+    dense → GELU → LayerNorm), or None. The module runs in its own dtype."""
+    component = getattr(bridge, "prediction_head", None)
+    if component is None:
+        return None
+    module = getattr(component, "original_component", component)
+    weight_dtype = next(module.parameters()).dtype
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x.to(weight_dtype)).to(x.dtype)
+
+    return head
 
 
 def load(

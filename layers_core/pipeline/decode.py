@@ -40,7 +40,7 @@ def transformed_rows(lens: Lens, residuals: list[Tensor]) -> list[Tensor]:
 def gate_row(model: Any, last_block_resid: Tensor) -> Tensor:
     """``ln_final`` of ``blocks.{n−1}.hook_resid_post`` at one position ``[1, d]``: the row the
     last-layer gate compares with the model's own logits, whatever the lens."""
-    return apply_norm_or_skip(last_block_resid.reshape(1, -1), model.ln_final)
+    return apply_norm_or_skip(last_block_resid.reshape(1, -1), getattr(model, "ln_final", None))
 
 
 def decode_last_positions(model: Any, last_resid: Tensor, chosen_rows: Tensor, other: Lens,

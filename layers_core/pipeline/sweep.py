@@ -415,7 +415,8 @@ def run_sweep(
         if records and len(str_tokens) > 1:
             earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed.W_U, unembed.b_U,
                                       unembed.transform, None, gold["first_id"], TOP_K_VERBOSE,
-                                      unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns)
+                                      unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns,
+                                      unembed.head)
             stats = followed_by_last_position(earlier, stats)
         mid_stats = None
         if settings.sublayers:  # block b's mid read is the first half of the step to layer b+1
@@ -423,7 +424,7 @@ def run_sweep(
                         for block, mid in enumerate(forwarded.mids)]
             mid_stats = lens_statistics(mid_rows, unembed.W_U, unembed.b_U, unembed.transform, final_log_probs,
                                         gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
-                                        settings.budget_bytes, unembed.chunk_columns)
+                                        settings.budget_bytes, unembed.chunk_columns, unembed.head)
     shown = [_ids_shown(s, str_tokens, records) for s in (stats, mid_stats) if s is not None]
     vocab = decoder.decode_many(torch.unique(torch.cat(shown)).tolist())
     position = int(forwarded.tokens.shape[1]) - 1
