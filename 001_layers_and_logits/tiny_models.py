@@ -178,11 +178,88 @@ def _olmo2():
 EXTRA_FAMILIES: dict[str, TinyFamily] = {"olmo2": TinyFamily("olmo2", _olmo2)}
 
 
+# The family matrix: every attention-based, text-only decoder architecture that the pinned
+# TransformerLens bridges and transformers 5.24 builds from a config (SSM, diffusion and multimodal
+# adapters are out of scope). Each is built by shrinking its config class's defaults
+# (``_SMALL``); the dict holds the few settings a family needs beyond that.
+MATRIX: dict[str, dict] = {
+    "AfmoeForCausalLM": {}, "ApertusForCausalLM": {}, "ArceeForCausalLM": {}, "BitNetForCausalLM": {},
+    "BloomForCausalLM": {}, "CodeGenForCausalLM": {"rotary_dim": 8}, "CohereForCausalLM": {},
+    "Cohere2ForCausalLM": {}, "DeepseekV2ForCausalLM": {}, "DeepseekV3ForCausalLM": {"n_group": 1, "topk_group": 1},
+    "DeepseekV4ForCausalLM": {}, "Ernie4_5ForCausalLM": {}, "Ernie4_5_MoeForCausalLM": {},
+    "Exaone4ForCausalLM": {}, "FalconForCausalLM": {}, "FlexOlmoForCausalLM": {}, "GPT2LMHeadModel": {},
+    "GPTBigCodeForCausalLM": {}, "GPTJForCausalLM": {"rotary_dim": 8},
+    "GPTNeoForCausalLM": {"attention_types": [[["global", "local"], 1]], "window_size": 64},
+    "GPTNeoXForCausalLM": {}, "GemmaForCausalLM": {}, "Gemma2ForCausalLM": {}, "Gemma3ForCausalLM": {},
+    "Gemma4ForCausalLM": {}, "GlmForCausalLM": {}, "Glm4ForCausalLM": {}, "Glm4MoeForCausalLM": {},
+    "Glm4MoeLiteForCausalLM": {}, "GlmMoeDsaForCausalLM": {}, "GptOssForCausalLM": {}, "GraniteForCausalLM": {},
+    "GraniteMoeForCausalLM": {}, "HrmTextForCausalLM": {}, "HunYuanDenseV1ForCausalLM": {},
+    "Jais2ForCausalLM": {}, "JetMoeForCausalLM": {}, "LagunaForCausalLM": {}, "LlamaForCausalLM": {},
+    "Llama4ForCausalLM": {}, "MiniMaxM2ForCausalLM": {}, "Ministral3ForCausalLM": {}, "MistralForCausalLM": {},
+    "MixtralForCausalLM": {}, "ModernBertDecoderForCausalLM": {}, "MptForCausalLM": {},
+    "NanoChatForCausalLM": {}, "NemotronForCausalLM": {}, "OPTForCausalLM": {}, "OlmoForCausalLM": {},
+    "Olmo2ForCausalLM": {}, "Olmo3ForCausalLM": {}, "OlmoeForCausalLM": {}, "OpenAIGPTLMHeadModel": {},
+    "PhiForCausalLM": {}, "Phi3ForCausalLM": {}, "PhimoeForCausalLM": {}, "Qwen2ForCausalLM": {},
+    "Qwen2MoeForCausalLM": {}, "Qwen3ForCausalLM": {}, "Qwen3MoeForCausalLM": {}, "SeedOssForCausalLM": {},
+    "SmolLM3ForCausalLM": {}, "StableLmForCausalLM": {}, "Starcoder2ForCausalLM": {},
+    "VaultGemmaForCausalLM": {}, "XGLMForCausalLM": {}, "YoutuForCausalLM": {},
+    # hybrids: attention mixed with linear attention or short convolutions (one layer of each)
+    "Qwen3NextForCausalLM": {}, "Qwen3_5ForCausalLM": {}, "Qwen3_5MoeForCausalLM": {},
+    "OlmoHybridForCausalLM": {}, "Lfm2ForCausalLM": {"layer_types": ["conv", "full_attention"]},
+    "Lfm2MoeForCausalLM": {"layer_types": ["conv", "full_attention"]},
+}
+_SMALL = dict(
+    hidden_size=64, n_embd=64, d_model=64, intermediate_size=128, ffn_hidden_size=128, n_inner=128,
+    num_hidden_layers=2, n_layer=2, n_layers=2, num_layers=2, num_attention_heads=4, n_head=4, n_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=128, n_positions=128, n_ctx=128,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, n_routed_experts=4,
+    num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    sliding_window=64, tie_word_embeddings=False, **_common(VOCAB_SIZE))
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def matrix_config(architecture: str):
+    """The tiny config of one matrix family: its config class's defaults, shrunk.
+
+    Multi-head latent attention (``qk_rope_head_dim``) keeps its own head_dim and one KV head per
+    head; a config with several layer types gets one layer of each, so hybrids run both kinds.
+    """
+    import transformers
+
+    config_class = getattr(transformers, architecture).config_class
+    defaults = config_class().to_dict()
+    settings = {key: value for key, value in _SMALL.items() if key in defaults}
+    if "qk_rope_head_dim" in defaults:
+        settings.pop("head_dim", None)
+        settings["num_key_value_heads"] = settings["num_attention_heads"]
+    kinds = list(dict.fromkeys(defaults.get("layer_types") or []))
+    if len(kinds) > 1:
+        settings["layer_types"] = kinds
+        settings.update({key: len(kinds) for key in _LAYER_COUNT_KEYS if key in settings})
+    settings.update(MATRIX[architecture])
+    if "layer_types" in settings:
+        settings.update({key: len(settings["layer_types"]) for key in _LAYER_COUNT_KEYS if key in settings})
+    return config_class(**settings)
+
+
+def _matrix_family(architecture: str) -> TinyFamily:
+    def build():
+        import transformers
+
+        return getattr(transformers, architecture)(matrix_config(architecture))
+
+    return TinyFamily(architecture, build)
+
+
 def build_tiny_model(family: str, out_dir: str, seed: int = 0) -> str:
-    """Builds, perturbs and saves one tiny model with its tokenizer into ``out_dir``."""
+    """Builds, perturbs and saves one tiny model with its tokenizer into ``out_dir``.
+
+    ``family``: a fixture family (``FAMILIES``, ``EXTRA_FAMILIES``) or a matrix architecture.
+    """
     import torch
 
-    spec = FAMILIES.get(family) or EXTRA_FAMILIES[family]
+    spec = FAMILIES.get(family) or EXTRA_FAMILIES.get(family) or _matrix_family(family)
     torch.manual_seed(seed)
     model = spec.build().eval()
     _perturb_weights(model, seed + 1, spec.logit_gain)
