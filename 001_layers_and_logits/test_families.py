@@ -13,13 +13,13 @@ cannot pass. The README's family table is checked against the same facts.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
 import pytest
 import torch
 from conftest import HERE
+from hf_reference import entropy_bits, final_norm, hf_head, hf_residuals, kl_bits, load_hf
 from tiny_models import MATRIX, build_tiny_model
 
 from layers_core.lens.protocol import NormLens
@@ -32,8 +32,6 @@ from layers_core.pipeline.sweep import SweepSettings, run_sweep, self_test
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
 TOLERANCE_BITS = 2e-3
 GATE_BITS = 1e-6
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f", "embedding_norm", "layer_norm")
-_LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 
 @pytest.fixture(scope="module")
@@ -47,84 +45,6 @@ def matrix_dir(tmp_path_factory):
         return built[family]
 
     return build
-
-
-def _entropy_bits(log_probs):
-    return float(-(log_probs.exp() * log_probs).nan_to_num().sum(-1) / math.log(2))
-
-
-def _kl_bits(log_p, log_q):
-    return float((log_p.exp() * (log_p - log_q)).nan_to_num().sum(-1) / math.log(2))
-
-
-def _decoder_layers(hf):
-    """(parent module, the decoder layers' ModuleList) found by name and length."""
-    n_layers = hf.config.num_hidden_layers
-    for name, module in hf.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers \
-                and name.rsplit(".", 1)[-1] in _LAYER_LIST_NAMES:
-            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
-            return parent, module
-    raise AssertionError("no decoder layer list found")
-
-
-def _hf_head(hf):
-    """The HF model's own head on a final-normed residual ``[d]`` → float64 log-probs ``[V]``."""
-    config = hf.config
-    output = hf.get_output_embeddings()
-    pre_head = getattr(hf, "lm_head", None)
-    pre_head = None if pre_head is output else pre_head  # ModernBERT-decoder: dense, GELU, LayerNorm
-
-    def head(x):
-        z = output(pre_head(x) if pre_head is not None else x).double()
-        if getattr(config, "logits_scaling", None):
-            z = z / config.logits_scaling
-        if getattr(config, "logit_scale", None):
-            z = z * config.logit_scale
-        cap = getattr(config, "final_logit_softcapping", None)
-        if cap:
-            z = cap * torch.tanh(z / cap)
-        return torch.log_softmax(z, -1)
-
-    return head
-
-
-def _hf_residuals(hf, tokens):
-    """The HF model's own residual stream at the last position: layer 0 (the input of the first
-    decoder layer) and each layer's output, from forward hooks; and its own logits there."""
-    _, layers = _decoder_layers(hf)
-    captured = []
-
-    def before(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"])[0, -1])
-
-    def after(module, args, output):
-        captured.append((output[0] if isinstance(output, (tuple, list)) else output)[0, -1])
-
-    handles = [layers[0].register_forward_pre_hook(before, with_kwargs=True)]
-    handles += [layer.register_forward_hook(after) for layer in layers]
-    try:
-        with torch.no_grad():
-            logits = hf(tokens).logits[0, -1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured, logits
-
-
-def _final_norm(hf):
-    parent, _ = _decoder_layers(hf)
-    for name in _FINAL_NORM_NAMES:
-        module = getattr(parent, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None  # a post-norm model whose blocks end in a norm (OpenAI GPT)
-
-
-def _load_hf(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _config(path):
@@ -143,20 +63,20 @@ def test_family_passes_the_gate_and_both_lenses_match_hf_only_references(matrix_
     unembed = analysis_unembedding(bridge, torch.float32)
     assert self_test(bridge, PROMPT, "Berlin", unembed)["kl_model_to_lens_bits"] <= GATE_BITS
 
-    hf = _load_hf(path)
+    hf = load_hf(path)
     final = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final"), records=False)
-    residuals, hf_logits = _hf_residuals(hf, final.tokens)
-    head, final_norm = _hf_head(hf), _final_norm(hf)
+    residuals, hf_logits = hf_residuals(hf, final.tokens)
+    head, norm = hf_head(hf), final_norm(hf)
     with torch.no_grad():
-        normed_last = residuals[-1] if final_norm is None else final_norm(residuals[-1])
+        normed_last = residuals[-1] if norm is None else norm(residuals[-1])
         model_log_probs = torch.log_softmax(hf_logits.double(), -1)
         # the reference's own head reproduces the HF model's logits (else the reference is wrong)
-        assert _kl_bits(model_log_probs, head(normed_last)) < 1e-9
-        reference = [head(h if final_norm is None else final_norm(h)) for h in residuals]
+        assert kl_bits(model_log_probs, head(normed_last)) < 1e-9
+        reference = [head(h if norm is None else norm(h)) for h in residuals]
     assert len(final.pure_rows) == len(reference) == bridge.cfg.n_layers + 1
     for row, ref in zip(final.pure_rows, reference):
-        assert row["entropy"] == pytest.approx(_entropy_bits(ref), abs=TOLERANCE_BITS)
-        assert row["kl_to_final_bits"] == pytest.approx(_kl_bits(ref, model_log_probs), abs=TOLERANCE_BITS)
+        assert row["entropy"] == pytest.approx(entropy_bits(ref), abs=TOLERANCE_BITS)
+        assert row["kl_to_final_bits"] == pytest.approx(kl_bits(ref, model_log_probs), abs=TOLERANCE_BITS)
         assert row["prob1"] == pytest.approx(float(ref.max().exp()), abs=1e-4)
 
     arch = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="arch"), records=False)
@@ -164,7 +84,7 @@ def test_family_passes_the_gate_and_both_lenses_match_hf_only_references(matrix_
     with torch.no_grad():
         for row, h, (module, _) in zip(arch.pure_rows, residuals, plan):
             ref = head(h if module is None else unwrap_norm(module)(h.reshape(1, -1))[0])
-            assert row["entropy"] == pytest.approx(_entropy_bits(ref), abs=TOLERANCE_BITS)
+            assert row["entropy"] == pytest.approx(entropy_bits(ref), abs=TOLERANCE_BITS)
             assert row["prob1"] == pytest.approx(float(ref.max().exp()), abs=1e-4)
 
 

@@ -125,3 +125,22 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load") as info:
         load_model(resolve_model_source(str(tmp_path)), "cpu", torch.float32)
     assert "\n" not in str(info.value)
+
+
+def test_a_gguf_transformers_cannot_dequantise_is_refused_in_one_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = str(tmp_path / "odd.gguf")
+    writer = gguf.GGUFWriter(path, "no-such-arch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = resolve_model_source(path)
+    assert source.kind == "gguf" and source.clean_name == "odd"
+    with pytest.raises(ModelLoadError, match="cannot dequantise GGUF architecture 'no-such-arch'") as info:
+        load_model(source, "cpu", torch.float32, cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(info.value)

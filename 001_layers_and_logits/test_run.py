@@ -34,7 +34,7 @@ DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "un
 PROVENANCE_KEYS = ["torch_version", "transformers_version", "transformer_lens_version",
                    "python_version", "platform", "device", "dtype", "declared_dtype", "unembed_dtype", "seed",
                    "deterministic_algorithms", "model_source", "model_path", "bos_prepended",
-                   "n_tokens", "started_at", "argv", "lens"]
+                   "n_tokens", "started_at", "argv", "lens", "gguf"]
 ANSWER = "Berlin"
 PROMPT = "The capital of Germany is called simply"
 

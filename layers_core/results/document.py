@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from layers_core.model.lens_model import LensModel
+from layers_core.models import gguf_source
 from layers_core.results import report
 from layers_core.results.analysis import PromptAnalysis
 from layers_core.results.set_document import SCHEMA_VERSION
@@ -44,7 +45,8 @@ def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[
         unembed_dtype=lm.unembed.matmul_dtype, model_source=source.kind,
         model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
         bos_prepended=_bos_prepended(lm, tokens), n_tokens=int(tokens.shape[1]),
-        started_at=started_at, argv=list(sys.argv if argv is None else argv), lens=lens_record(lens))
+        started_at=started_at, argv=list(sys.argv if argv is None else argv), lens=lens_record(lens),
+        gguf=gguf_source(source)[1] if source.kind == "gguf" else None)
 
 
 def timing_block(timing: Mapping[str, float], total_s: float) -> dict:

@@ -241,8 +241,10 @@ def provenance(
     started_at: datetime | None = None,
     argv: Sequence[str] = (),
     lens: dict | None = None,
+    gguf: dict | None = None,
 ) -> dict:
-    """Versions, platform and run facts; fields not yet known are null."""
+    """Versions, platform and run facts; fields not yet known are null. ``gguf``: a GGUF
+    source's file, sha256, architecture and quantisation (None otherwise)."""
     import transformer_lens
     import transformers
 
@@ -266,6 +268,7 @@ def provenance(
         "started_at": None if started_at is None else started_at.isoformat(),
         "argv": list(argv),
         "lens": lens,
+        "gguf": gguf,
     }
 
 
