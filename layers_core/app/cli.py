@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Norm applied before unembedding each layer (default: final = ln_final at every "
                         "layer, the standard logit lens; arch = the seed's next-block rule)")
     p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
-                   help="logit lens, or a tuned lens fitted by fit_lens.py (then the logit lens under "
-                        "--norm is written beside it)")
-    p.add_argument("--lens-path", metavar="DIR",
-                   help="the tuned lens's directory (default: fit_lens.py's cache for the model)")
+                   help="logit lens, or a lens fitted by fit_lens.py: tuned, or jacobian (then the logit "
+                        "lens under --norm is written beside it)")
+    p.add_argument("--lens-path", metavar="PATH",
+                   help="the fitted lens: a tuned lens's directory, a Jacobian lens's .pt file (or a "
+                        "directory holding one); default: fit_lens.py's cache for the model")
     p.add_argument("--sublayers", action="store_true",
                    help="also decode each block's residual after its attention, before its MLP "
                         "(rows with sublayer=attn; not for parallel blocks)")
@@ -163,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _single_artifact(path: str) -> bool:
+    """A lens file, or a directory holding exactly one ``.pt`` (torch-free: runs before loading)."""
+    if os.path.isfile(path):
+        return True
+    return os.path.isdir(path) and sum(name.endswith(".pt") for name in os.listdir(path)) == 1
+
+
 def _check(args: argparse.Namespace) -> str | None:
     """The first usage error in ``args``, or None."""
     if args.answer is not None and args.prompt is None:
@@ -180,7 +188,11 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--no-control and --control-prompt exclude each other"
     if args.lens_path is not None and args.lens == LOGIT:
         return f"--lens-path goes with a fitted lens (--lens {' | '.join(LENS_CHOICES[1:])})"
-    if args.lens_path is not None:
+    if args.lens_path is not None and view(args.lens).single_file:
+        if not _single_artifact(args.lens_path):
+            return (f"--lens-path {args.lens_path}: no {args.lens} lens there (a .pt file, or a directory "
+                    "holding exactly one); fit one with 001_layers_and_logits/fit_lens.py --kind jacobian")
+    elif args.lens_path is not None:
         missing = [name for name in view(args.lens).files if not os.path.isfile(os.path.join(args.lens_path, name))]
         if missing:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (missing {', '.join(missing)}); "

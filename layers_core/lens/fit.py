@@ -54,14 +54,16 @@ def _token_bytes(tokenizer: Any, ids: Tensor) -> int:
     return sum(len(text.encode("utf-8")) for text in tokenizer.batch_decode([[i] for i in ids.tolist()]))
 
 
-def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]], batch_size: int = 8,
+def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batch_size: int = 8,
              progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Per layer ℓ < L on held-out text, for the logit lens (``ln_final``) and the tuned lens:
+    """Per layer ℓ < L on held-out text, for the logit lens (``ln_final``) and a fitted lens
+    (``lens.translate(h, ℓ)`` then ``ln_final``: the tuned or the Jacobian lens, keyed by its name):
     KL(final ‖ lens) in bits per token and per byte, cross-entropy to the next token in bits, and
     top-1 agreement with the model. Positions 1..T−2 (the next token is known there)."""
     n_layers = lens_model.n_layers
     unembed, ln_final = lens_model.unembed, getattr(lens_model.bridge, "ln_final", None)
-    sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in ("logit", "tuned")}
+    kinds = ("logit", lens.name)
+    sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in kinds}
     rows_total, bytes_total = 0, 0
     for residuals, tokens in capture(lens_model, chunks, batch_size, progress):
         d_model = residuals.shape[-1]
@@ -76,7 +78,7 @@ def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]]
                 final_top1 = final.argmax(-1)
                 for layer in range(n_layers):
                     for kind, rows in (("logit", resid[layer, block]),
-                                       ("tuned", lens.translate(resid[layer, block], layer))):
+                                       (lens.name, lens.translate(resid[layer, block], layer))):
                         log_probs = torch.log_softmax(unembed.logits(apply_norm_or_skip(rows, ln_final)), -1)
                         kl = kl_bits_from_log_probs(final, log_probs).sum()
                         ce = -log_probs.gather(-1, targets[block].unsqueeze(-1)).sum() / math.log(2)
@@ -86,18 +88,20 @@ def evaluate(lens_model: LensModel, lens: TunedLens, chunks: Sequence[list[int]]
                                        "kl_final_to_lens_bpb": float(sums[kind][layer, 0]) / bytes_total,
                                        "ce_bits": float(sums[kind][layer, 1]) / rows_total,
                                        "top1_agree": float(sums[kind][layer, 2]) / rows_total}
-                                for kind in ("logit", "tuned")}}
+                                for kind in kinds}}
             for layer in range(n_layers)]
 
 
 def eval_figure(layers: Sequence[dict], title: str):
-    """Held-out KL(final ‖ lens) and top-1 agreement per layer, logit vs tuned lens."""
+    """Held-out KL(final ‖ lens) and top-1 agreement per layer, the logit lens against the
+    fitted lens (the rows' other key)."""
     from layers_core.results.plots import new_figure
 
     fig = new_figure((10, 4))
     axes = fig.subplots(1, 2)
     xs = [row["layer"] for row in layers]
-    for kind, style in (("logit", "--"), ("tuned", "-")):
+    fitted = next(key for key in layers[0] if key not in ("layer", "logit"))
+    for kind, style in (("logit", "--"), (fitted, "-")):
         axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
         axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
     axes[0].set_yscale("log")

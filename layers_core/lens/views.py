@@ -2,7 +2,7 @@
 pictures read it; adding a lens is one class plus one row here).
 
 A *view* is what decoded a table: a norm strategy of the logit lens (``final``, ``arch``,
-``none``) or a fitted lens (``tuned``). Each row names its comparison partner (the lens written
+``none``) or a fitted lens (``tuned``, ``jacobian``). Each row names its comparison partner (the lens written
 beside it; None = the logit lens under ``--norm``), the legacy ``layer0_norm_fix`` label, and for
 fitted lenses the ``module:function`` that loads one for a model.
 """
@@ -25,6 +25,7 @@ class View:
     loader: str | None = None  # "module:function(path, lens_model) -> Lens" for fitted lenses
     files: tuple[str, ...] = ()  # what a lens path of this view holds (checked before loading)
     default_dir: str | None = None  # "module:function(clean_name) -> dir": where it lives by default
+    single_file: bool = False  # the lens path is one file (or a directory holding exactly one)
 
     @property
     def label(self) -> str:
@@ -47,6 +48,10 @@ VIEWS: dict[str, View] = {view.name: view for view in (
          "an affine translator per layer, then ln_final (fit_lens.py)",
          loader="layers_core.lens.tuned:load_for_model", files=("config.json", "params.pt"),
          default_dir="layers_core.lens.tuned:default_lens_dir"),
+    View("jacobian", None, "using_jacobian_transport_then_ln_final",
+         "a d×d Jacobian transport per block (TransformerLens's JacobianLens), then ln_final",
+         loader="layers_core.lens.jacobian:load_for_model",
+         default_dir="layers_core.lens.jacobian:default_lens_dir", single_file=True),
 )}
 NORM_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is None)  # --norm choices
 FITTED_VIEWS = tuple(name for name, view in VIEWS.items() if view.loader is not None)
