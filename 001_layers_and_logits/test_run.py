@@ -22,7 +22,7 @@ FLAGS = ["--device", "--fp32-unembed", "--keep-residuals", "--copy-threshold", "
          "--self-test", "--quiet", "--no-plots"]
 TOP_KEYS = ["prompt", "test_prompts", "temperature_exploration", "diagnostics", "final_prediction",
             "model_stats", "gold_answer", "provenance", "lens_comparison", "raw_lens_check",
-            "control_summary", "control_margins", "schema_version", "timing"]
+            "control_summary", "control_margins", "attribution", "schema_version", "timing"]
 DIAG_KEYS = ["type", "model", "device", "use_norm_lens", "use_fp32_unembed", "unembed_dtype",
              "first_block_ln1_type", "final_ln_type", "layernorm_bias_fix", "norm_alignment_fix",
              "layer0_norm_fix", "mixed_precision_fix", "layer0_position_info", "context_prompt",

@@ -248,7 +248,9 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
     return {"json": f"{stem}.json", "error_json": f"{stem}.error.json", "records": f"{stem}-records.csv",
             "pure": f"{stem}-pure-next-token.csv", "lens_png": f"{stem}-lens.png",
             "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
-            "summary_png": f"{stem}-summary.png", "dir": directory, "name": clean_name}
+            "summary_png": f"{stem}-summary.png", "attribution": f"{stem}-attribution.csv",
+            "lenses": f"{stem}-lenses.csv", "lenses_png": f"{stem}-lenses.png", "tracked": f"{stem}-tracked.csv",
+            "dir": directory, "name": clean_name}
 
 
 def comparison_csv_path(directory: str, clean_name: str, norm_strategy: str) -> str:
@@ -261,7 +263,8 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
     return os.path.join(directory, f"{clean_name}_{layer:02d}_resid.pt")
 
 
-OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png")
+OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png",
+                "attribution", "lenses", "lenses_png", "tracked")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:

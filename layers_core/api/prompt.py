@@ -95,6 +95,13 @@ class Sweep:
         """The pure rows under the other standard lens (``final`` for ``arch``, else ``arch``)."""
         return frame_from_rows(self.analysis.comparison.pure_rows, pure_header())
 
+    @cached_property
+    def attribution(self) -> pd.DataFrame:
+        """The answer's logit split into parts at the last position (``layer, component, logit,
+        cumulative``, and ``logit_vs_control``, ``cumulative_vs_control`` with a control); empty
+        where the model does not decompose (``document["attribution"]["note"]`` says why)."""
+        return outputs.attribution_frame(self.analysis.attribution)
+
     @property
     def diagnostics(self) -> dict:
         """The ``diagnostics`` block: collapse layers, milestones, norms, last-layer check."""
@@ -155,6 +162,7 @@ class Sweep:
         document = self.document  # the test prompts' forward counts before the writes
         with timed(self.timing, "write_s"):
             outputs.write_prompt_tables(paths, self.analysis)
+            outputs.write_attribution(paths, self.analysis.attribution)
             if keep_residuals:
                 outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
         if worker is not None:
@@ -288,7 +296,7 @@ def sweep(
         tokenizer = lens_model.bridge.tokenizer
         text = chat_text(tokenizer, prompt)
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
-    analysis = analyse_prompt(lens_model, settings, text, answer, control)
+    analysis = analyse_prompt(lens_model, settings, text, answer, control, attribution=True)
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)

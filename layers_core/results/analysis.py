@@ -19,6 +19,8 @@ from layers_core.pipeline.checks import (
     control_margins,
     raw_lens_check,
 )
+from layers_core.collapse_rules import resolve_gold_answer
+from layers_core.pipeline.attribution import Attribution, attribute, attribution_block, not_decomposable
 from layers_core.pipeline.sweep import Forwarded, SweepResult, SweepSettings, last_layer_consistency, run_sweep
 from layers_core.results import report
 
@@ -32,7 +34,8 @@ class PromptAnalysis:
     result: SweepResult
     comparison: LensComparison
     consistency: dict
-    blocks: dict  # diagnostics, gold_answer, lens_comparison, raw_lens_check, control_*
+    blocks: dict  # diagnostics, gold_answer, lens_comparison, raw_lens_check, control_*, attribution
+    attribution: Attribution | None = None  # single prompts: the answer logit split into block parts
 
 
 def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
@@ -60,11 +63,13 @@ def analyse_prompt(
     control: tuple[str, str] | None = None,
     forwarded: Forwarded | None = None,
     records: bool = True,
+    attribution: bool = False,
 ) -> PromptAnalysis:
     """Sweep one prompt, then the comparison lens, the raw-residual check and the control.
 
     ``forwarded``: the prompt's forward pass if already done (a batch); ``records``: decode every
-    position (else only the last: the same pure rows, no records).
+    position (else only the last: the same pure rows, no records); ``attribution``: also split
+    the answer's logit into block parts (single prompts).
     """
     model = ctx.bridge
     result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records)
@@ -89,4 +94,21 @@ def analyse_prompt(
                                           "first_control_margin_pos", "max_control_margin")},
         "control_margins": None if margins is None else margins["per_layer"],
     }
-    return PromptAnalysis(result, comparison, consistency, blocks)
+    split = None
+    if attribution:
+        split, blocks["attribution"] = _attribution(model, result, answer, control)
+    return PromptAnalysis(result, comparison, consistency, blocks, split)
+
+
+def _attribution(model: Any, result: SweepResult, answer: str | None,
+                 control: tuple[str, str] | None) -> tuple[Attribution | None, dict]:
+    """The answer logit's split (against the control answer where there is one) and its block."""
+    answer_id = result.gold["first_id"]
+    note = "no attribution: no answer" if answer_id is None else not_decomposable(model)
+    if note is not None:
+        return None, attribution_block(None, note, answer, None)
+    control_id = None
+    if control is not None:
+        control_id = resolve_gold_answer(model.tokenizer, control[0], control[1])["first_id"]
+    split = attribute(model, result.tokens, answer_id, control_id)
+    return split, attribution_block(split, None, answer, None if control_id is None else control[1])

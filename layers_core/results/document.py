@@ -19,6 +19,7 @@ from layers_core.results.set_document import SCHEMA_VERSION
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
+OPTIONAL_BLOCKS = ("attribution", "lenses", "tracked")  # single prompts; the last two when asked for
 
 
 def _bos_prepended(lm: LensModel, tokens: Any) -> bool:
@@ -73,6 +74,7 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
         "gold_answer": blocks["gold_answer"],
         "provenance": provenance_block,
         **{key: blocks[key] for key in CHECK_BLOCKS},
+        **{key: blocks[key] for key in OPTIONAL_BLOCKS if key in blocks},
         "schema_version": SCHEMA_VERSION,
     }
 

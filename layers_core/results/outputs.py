@@ -42,6 +42,35 @@ def write_prompt_tables(paths: Mapping[str, str], analysis: Any) -> None:
                    comparison_csv_path(paths["dir"], paths["name"], analysis.comparison.strategy))
 
 
+ATTRIBUTION_COLUMNS = ["layer", "component", "logit", "cumulative"]
+ATTRIBUTION_CONTROL_COLUMNS = ["logit_vs_control", "cumulative_vs_control"]
+
+
+def _attribution_table(attribution: Any) -> tuple[list[dict], list[str]]:
+    from layers_core.pipeline.attribution import attribution_rows
+
+    if attribution is None:
+        return [], ATTRIBUTION_COLUMNS
+    rows = attribution_rows(attribution)
+    with_control = attribution.head_logit_vs_control is not None
+    return rows, ATTRIBUTION_COLUMNS + (ATTRIBUTION_CONTROL_COLUMNS if with_control else [])
+
+
+def write_attribution(paths: Mapping[str, str], attribution: Any) -> None:
+    """``output-<name>-attribution.csv`` (none where the model does not decompose)."""
+    if attribution is not None:
+        rows, columns = _attribution_table(attribution)
+        atomic_write(paths["attribution"], render_csv(rows, columns))
+
+
+def attribution_frame(attribution: Any):
+    """The attribution table as a DataFrame (empty, with its columns, where there is none)."""
+    import pandas as pd
+
+    rows, columns = _attribution_table(attribution)
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _rows(outcomes: Sequence[PromptOutcome], key: str) -> list[dict]:
     return [{PROMPT_ID_COLUMN: o.prompt_id, **row} for o in outcomes for row in getattr(o, key)]
 

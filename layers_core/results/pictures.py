@@ -22,8 +22,12 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None) -> dict:
     ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps)."""
     from layers_core.results.outputs import prompt_table_rows  # the parent's side: torch is loaded
 
+    from layers_core.pipeline.attribution import attribution_rows
+
     records, pure, _, _ = prompt_table_rows(analysis.result)
+    split = getattr(analysis, "attribution", None)
     return {"records": records, "pure_rows": pure,
+            "attribution": None if split is None else attribution_rows(split),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
@@ -47,7 +51,7 @@ def prompt_curves_figure(rows: Mapping[str, Any], title: str):
         rows["pure_rows"], title, diagnostics["norm_strategy"]["name"], rows["comparison_rows"],
         rows["comparison_strategy"],
         {**_marks(diagnostics), "first_rank_le_5": diagnostics["milestones"]["first_rank_le_5"],
-         "L_semantic_stable": diagnostics["L_semantic_stable"]})
+         "L_semantic_stable": diagnostics["L_semantic_stable"]}, rows.get("attribution"))
 
 
 def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:

@@ -165,17 +165,24 @@ def layer_curves(
     comparison_rows: Sequence[Mapping[str, Any]] | None = None,
     comparison_name: str | None = None,
     marks: Mapping[str, int | None] | None = None,
+    attribution: Sequence[Mapping[str, Any]] | None = None,
 ):
-    """Entropy, p_answer (log, ≤ 1), answer rank (log) and KL to the final layer against layer.
+    """Entropy, p_answer (log, ≤ 1), answer rank (log) and KL to the final layer against layer;
+    with ``attribution`` rows, a panel below: each layer's attention and MLP parts of the answer
+    logit (bars) and their running sum.
 
     A probability that underflowed to 0 cannot sit on a log axis: it is drawn as ▼ on the floor.
     """
+    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     panels = [("entropy", "entropy (bits)", "linear"), ("p_answer", "p(answer)", "log"),
               ("answer_rank", "answer rank", "log"), ("kl_to_final_bits", "KL to final (bits)", "linear")]
-    fig = new_figure((11, 7.5))
-    axes = fig.subplots(2, 2, sharex=True)
+    fig = new_figure((11, 10.5) if attribution else (11, 7.5))
+    grid = fig.add_gridspec(3 if attribution else 2, 2, height_ratios=[1, 1, 0.9] if attribution else None)
+    first = fig.add_subplot(grid[0, 0])
+    axes = np.array([[first, fig.add_subplot(grid[0, 1], sharex=first)],
+                     [fig.add_subplot(grid[1, 0], sharex=first), fig.add_subplot(grid[1, 1], sharex=first)]])
     for ax, (key, label, scale) in zip(axes.flat, panels):
         for rows, name, style in ((pure_rows, lens_name, "-"), (comparison_rows, comparison_name, "--")):
             if rows:
@@ -192,12 +199,36 @@ def layer_curves(
                 ax.axvline(layer, color=color, linestyle=":", linewidth=1.2, label=name)
     for ax in axes[1]:
         ax.set_xlabel("layer (0 = embeddings)")
+    if attribution:
+        _attribution_panel(fig.add_subplot(grid[2, :], sharex=first), attribution)
     axes[0][0].legend(fontsize=8, loc="best")
     if any(text.startswith(("arch lens: p = 0", "final lens: p = 0", "none lens: p = 0"))
            for text in axes[0][1].get_legend_handles_labels()[1]):
         axes[0][1].legend(fontsize=8, loc="best")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+_PART_STYLE = {"embed": ("tab:gray", 0.0), "attn": ("tab:blue", -0.2), "mlp": ("tab:orange", 0.2),
+               "norm_bias": ("tab:purple", 0.0)}
+
+
+def _attribution_panel(ax, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Bars: each part of the answer logit at its layer (block b's attention and MLP at b+1);
+    line: the running sum of the parts (the answer logit, less b_U, after the last)."""
+    for component, (color, offset) in _PART_STYLE.items():
+        parts = [row for row in rows if row["component"] == component]
+        if parts:
+            ax.bar([row["layer"] + offset for row in parts], [row["logit"] for row in parts],
+                   width=0.38 if offset else 0.5, color=color, label=component)
+    after_layer = {row["layer"]: row["cumulative"] for row in rows}  # the sum once a layer's parts are in
+    ax.plot(list(after_layer), list(after_layer.values()), color="black", linewidth=1, marker=".",
+            label="running sum")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("answer logit parts")
+    ax.set_xlabel("layer (block b's parts at b+1)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best", ncol=5)
 
 
 MAX_SMALL_MULTIPLES = 120  # prompts drawn in the small-multiples page (the first ones)

@@ -1,0 +1,230 @@
+"""Direct logit attribution on the raw model: which block wrote the answer's logit.
+
+At the last position the residual after the last block is a sum of parts: the embedding (with
+positional embedding), then for each block its attention part ``resid_mid − resid_pre`` and its
+MLP part ``resid_post − resid_mid`` (differences of residual snapshots, so the parts add up
+exactly whatever norms a block applies inside: Gemma's sandwich norms, OLMo-2's post-norms).
+Parallel blocks have no ``resid_mid``: their attention and MLP output hooks give the parts.
+
+Each part is projected through the final norm with its scale frozen at the final residual, onto
+``W_U[:, answer]``: for an RMSNorm ``p · (s w ⊙ u)``, for a LayerNorm the part is centred first
+and the norm's bias β adds ``β · u``, which no block writes (``norm_bias``). The parts, the bias
+and ``b_U[answer]`` add up to the answer's logit from the model's own head before its transform
+(softcap, logit scaling); ``residual_error`` says by how much they miss. TransformerLens's own
+``direct_logit_attribution`` needs compatibility mode, which this project's raw Bridge never
+enters; the test suite compares the two on a separate folded copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from layers_core.hooks import RESID_MID, RESID_POST, RESID_PRE_0, build_cache_hook
+from layers_core.norm_utils import (
+    LAYERNORM,
+    LAYERNORM_ONE_PLUS,
+    LAYERNORM_PRE,
+    RMSNORM,
+    RMSNORM_ONE_PLUS,
+    RMSNORM_PRE,
+    _affine_params,
+    _epsilon,
+    _get_rms_scale,
+    classify_norm,
+    unwrap_norm,
+)
+
+EMBED, ATTN, MLP, NORM_BIAS = "embed", "attn", "mlp", "norm_bias"
+ATTN_OUT, MLP_OUT = "blocks.{}.hook_attn_out", "blocks.{}.hook_mlp_out"
+PARALLEL_BLOCK = "ParallelBlockBridge"
+TOP_PARTS = 3
+_LINEAR_NORM_KINDS = (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS, RMSNORM, RMSNORM_PRE, RMSNORM_ONE_PLUS)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One prompt's split of the answer logit: ``parts`` ``[(layer, component, logit,
+    logit_vs_control or None)]`` in depth order (layer 0 = the embedding, layer b+1 = block b's
+    parts, ``norm_bias`` last at layer n), ``head_logit`` (the model's own, before the head
+    transform), ``bias`` (``b_U[answer]``) and ``residual_error`` = head_logit − Σparts − bias."""
+
+    parts: list[tuple[int, str, float, float | None]]
+    head_logit: float
+    bias: float
+    residual_error: float
+    head_logit_vs_control: float | None = None
+    bias_vs_control: float | None = None
+
+
+def not_decomposable(model: Any) -> str | None:
+    """Why the answer logit cannot be split into block parts here, or None."""
+    from transformer_lens.tools.analysis._model_state import hybrid_block_types
+
+    hybrid = hybrid_block_types(model)
+    if hybrid:
+        return (f"no attribution: hybrid blocks ({', '.join(hybrid)}) are not the attention + MLP "
+                "layout that attribution splits")
+    if getattr(model, "prediction_head", None) is not None:
+        return "no attribution: the head holds layers between the final norm and W_U (not linear)"
+    ln_final = getattr(model, "ln_final", None)
+    if ln_final is not None and classify_norm(ln_final) not in _LINEAR_NORM_KINDS:
+        return f"no attribution: unknown final norm {type(unwrap_norm(ln_final)).__name__}"
+    names = _part_hooks(model)
+    missing = [name for name in names if name not in model.hook_dict]
+    if missing:
+        return f"no attribution: the model has no hook point {missing[0]}"
+    return None
+
+
+def _is_parallel(model: Any, block: int) -> bool:
+    return type(model.blocks[block]).__name__ == PARALLEL_BLOCK or RESID_MID.format(block) not in model.hook_dict
+
+
+def _part_hooks(model: Any) -> list[str]:
+    names = [RESID_PRE_0]
+    for block in range(int(model.cfg.n_layers)):
+        if _is_parallel(model, block):
+            names += [ATTN_OUT.format(block), MLP_OUT.format(block)]
+        else:
+            names.append(RESID_MID.format(block))
+        names.append(RESID_POST.format(block))
+    return names
+
+
+def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
+    """One forward with the part hooks → (parts ``[P, d]`` float32 at the last position, the
+    final residual ``[d]``, and each part's (layer, component))."""
+    cache: dict[str, Tensor] = {}
+    names = _part_hooks(model)
+    handles = [model.hook_dict[name].add_hook(build_cache_hook(cache, name)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(tokens, logits_to_keep=1)
+    finally:
+        for name, handle in zip(names, handles):
+            handle.hook.remove()
+            registered = getattr(model.hook_dict[name], "fwd_hooks", None)
+            if isinstance(registered, list) and handle in registered:
+                registered.remove(handle)
+    last = {name: tensor[0, -1].float() for name, tensor in cache.items()}
+    parts, labels = [last[RESID_PRE_0]], [(0, EMBED)]
+    previous = last[RESID_PRE_0]
+    for block in range(int(model.cfg.n_layers)):
+        post = last[RESID_POST.format(block)]
+        if _is_parallel(model, block):
+            attn, mlp = last[ATTN_OUT.format(block)], last[MLP_OUT.format(block)]
+            mlp = post - previous - attn  # what the block added besides attention (its MLP, and any bias)
+        else:
+            mid = last[RESID_MID.format(block)]
+            attn, mlp = mid - previous, post - mid
+        parts += [attn, mlp]
+        labels += [(block + 1, ATTN), (block + 1, MLP)]
+        previous = post
+    return torch.stack(parts), previous, labels
+
+
+def frozen_norm_readout(ln_final: Any, final_resid: Tensor, direction: Tensor) -> tuple[Tensor, float]:
+    """(u ``[d]``, bias) with ``norm(x) · direction = x · u + bias`` when the norm's scale is frozen
+    at ``final_resid``: a part ``p`` contributes ``p · u`` (centring folded into u for a LayerNorm)."""
+    if ln_final is None:
+        return direction, 0.0
+    kind, module = classify_norm(ln_final), unwrap_norm(ln_final)
+    eps = _epsilon(module)
+    eps = 1e-5 if eps is None else eps
+    x = final_resid.float()
+    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
+        scale = torch.rsqrt((x - x.mean()).pow(2).mean() + eps)
+        weight, bias = (None, None) if kind == LAYERNORM_PRE else _affine_params(module)
+    else:
+        scale = torch.rsqrt(x.pow(2).mean() + eps)
+        weight, bias = (None if kind == RMSNORM_PRE else _get_rms_scale(module)), None
+    gain = torch.ones_like(x) if weight is None else weight.detach().float().to(x.device)
+    if kind in (RMSNORM_ONE_PLUS, LAYERNORM_ONE_PLUS) and weight is not None:
+        gain = 1.0 + gain
+    u = scale * gain * direction
+    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
+        u = u - u.mean()  # (p − mean p) · v = p · (v − mean v)
+    beta = 0.0 if bias is None else float(bias.detach().float().to(x.device) @ direction)
+    return u, beta
+
+
+def _model_head_logit(model: Any, final_resid: Tensor, answer_id: int) -> float:
+    """The answer's logit from the model's own final norm and head modules, before the head
+    transform (softcap, scaling)."""
+    hf = model.original_model
+    head = hf.get_output_embeddings()
+    ln_final = getattr(model, "ln_final", None)
+    x = final_resid.to(device=head.weight.device, dtype=head.weight.dtype).reshape(1, -1)
+    with torch.inference_mode():
+        normed = x if ln_final is None else unwrap_norm(ln_final)(x)
+        return float(head(normed)[0, answer_id].float())
+
+
+def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None = None) -> Attribution:
+    """Splits the answer's logit at the last position of ``tokens`` ``[1, T]`` into parts (and
+    the logit difference to ``control_id`` where given). Call ``not_decomposable`` first."""
+    parts, final_resid, labels = capture_parts(model, tokens)
+    W_U, b_U = model.unembed.W_U, getattr(model.unembed, "b_U", None)
+    ln_final = getattr(model, "ln_final", None)
+
+    def split(token: int, other: int | None) -> tuple[Tensor, float, float]:
+        direction = W_U[:, token].float().to(parts.device)
+        bias = 0.0 if b_U is None else float(b_U[token])
+        if other is not None:
+            direction = direction - W_U[:, other].float().to(parts.device)
+            bias -= 0.0 if b_U is None else float(b_U[other])
+        u, beta = frozen_norm_readout(ln_final, final_resid, direction)
+        values = torch.cat([parts @ u, torch.tensor([beta], device=parts.device)])
+        return values, bias, beta
+
+    answer_values, answer_bias, _ = split(answer_id, None)
+    labels = labels + [(int(model.cfg.n_layers), NORM_BIAS)]
+    head_logit = _model_head_logit(model, final_resid, answer_id)
+    control_values = control_head = control_bias = None
+    if control_id is not None:
+        control_values, control_bias, _ = split(answer_id, control_id)
+        control_head = head_logit - _model_head_logit(model, final_resid, control_id)
+    answer_list = answer_values.tolist()
+    control_list = control_values.tolist() if control_values is not None else [None] * len(answer_list)
+    rows = [(layer, component, value, vs) for (layer, component), value, vs in zip(labels, answer_list, control_list)]
+    error = head_logit - float(answer_values.double().sum()) - answer_bias
+    return Attribution(rows, head_logit, answer_bias, error, control_head, control_bias)
+
+
+def attribution_rows(attribution: Attribution) -> list[dict]:
+    """The CSV rows: ``layer, component, logit, cumulative`` (and the ``_vs_control`` pair)."""
+    rows, total, total_vs = [], 0.0, 0.0
+    with_control = attribution.head_logit_vs_control is not None
+    for layer, component, value, vs in attribution.parts:
+        total += value
+        row = {"layer": layer, "component": component, "logit": value, "cumulative": total}
+        if with_control:
+            total_vs += vs
+            row.update(logit_vs_control=vs, cumulative_vs_control=total_vs)
+        rows.append(row)
+    return rows
+
+
+def attribution_block(attribution: Attribution | None, note: str | None, answer: str | None,
+                      control_answer: str | None) -> dict:
+    """The JSON's ``attribution``: the three largest parts (by |logit|), the totals and the
+    residual error; or the note that says why there is none."""
+    if attribution is None:
+        return {"note": note}
+    largest = sorted(attribution.parts, key=lambda part: -abs(part[2]))[:TOP_PARTS]
+    block = {
+        "answer": answer, "position": "last", "head_logit": attribution.head_logit, "b_U": attribution.bias,
+        "sum_of_parts": attribution.head_logit - attribution.bias - attribution.residual_error,
+        "residual_error": attribution.residual_error,
+        "largest_parts": [{"layer": layer, "component": component, "logit": value}
+                          for layer, component, value, _ in largest],
+        "note": note,
+    }
+    if attribution.head_logit_vs_control is not None:
+        block["control_answer"] = control_answer
+        block["head_logit_vs_control"] = attribution.head_logit_vs_control
+    return block
