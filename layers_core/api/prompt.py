@@ -33,9 +33,10 @@ from layers_core.pipeline.prompts import (
     DEFAULT_PROMPT,
     chat_text,
 )
+from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS, norm_lenses
 from layers_core.pipeline.sweep import SweepSettings, check_sublayers
 from layers_core.results import outputs, pictures, report
-from layers_core.results.analysis import PromptAnalysis, analyse_prompt
+from layers_core.results.analysis import PromptAnalysis, add_lens_views, analyse_prompt
 from layers_core.results.document import provenance, single_prompt_document, with_timing
 from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.tables import frame_from_rows
@@ -76,6 +77,7 @@ class Sweep:
     timing: dict = field(default_factory=dict)
     clock_start: float | None = None  # perf_counter() at the start of the run, for total_s
     heatmap_window: int | None = HEATMAP_WINDOW  # the heatmap's last positions (None: all)
+    keep_residuals: bool = False  # residuals: the normalised residual stream is kept for the caller
 
     @cached_property
     def pure(self) -> pd.DataFrame:
@@ -101,6 +103,31 @@ class Sweep:
         cumulative``, and ``logit_vs_control``, ``cumulative_vs_control`` with a control); empty
         where the model does not decompose (``document["attribution"]["note"]`` says why)."""
         return outputs.attribution_frame(self.analysis.attribution)
+
+    @cached_property
+    def lenses(self) -> pd.DataFrame:
+        """Every lens at the last position (``compare_lenses=True``): ``lens, layer, entropy,
+        top1, p_answer, answer_rank, kl_to_final_bits``."""
+        if self.analysis.lens_rows is None:
+            raise ValueError("no lens comparison: sweep(..., compare_lenses=True)")
+        return pd.DataFrame(self.analysis.lens_rows, columns=LENSES_COLUMNS)
+
+    @cached_property
+    def tracked(self) -> pd.DataFrame:
+        """Each tracked token's rank and probability per lens and layer (``track=[...]``)."""
+        if self.analysis.tracked_rows is None:
+            raise ValueError("no tracked tokens: sweep(..., track=[' Paris'])")
+        return pd.DataFrame(self.analysis.tracked_rows, columns=TRACKED_COLUMNS)
+
+    @property
+    def residuals(self):
+        """The chosen lens's normalised residual stream ``[layers, positions, d_model]``
+        (``keep_residuals=True``)."""
+        import torch
+
+        if not (self.keep_residuals and self.analysis.result.resid_normed):
+            raise ValueError("no residuals: sweep(..., keep_residuals=True)")
+        return torch.stack(self.analysis.result.resid_normed)
 
     @property
     def diagnostics(self) -> dict:
@@ -163,6 +190,7 @@ class Sweep:
         with timed(self.timing, "write_s"):
             outputs.write_prompt_tables(paths, self.analysis)
             outputs.write_attribution(paths, self.analysis.attribution)
+            outputs.write_lens_views(paths, self.analysis)
             if keep_residuals:
                 outputs.write_residuals(directory, paths["name"], self.analysis.result.resid_normed)
         if worker is not None:
@@ -232,6 +260,26 @@ def _check_fingerprint(lens: Any, lens_model: LensModel, allow_foreign: bool) ->
             fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
+def available_lenses(lens_model: LensModel, settings: SweepSettings, allow_foreign: bool = False) -> dict[str, Lens]:
+    """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
+    under each other norm strategy, and each fitted lens whose files are in the model's lens
+    cache (one that does not load, or belongs to another model, is left out with a warning)."""
+    from layers_core.lens.views import FITTED_VIEWS
+
+    lenses: dict[str, Lens] = dict(norm_lenses(lens_model.bridge, (settings.view, settings.comparison_view)))
+    for name in FITTED_VIEWS:
+        if name in (settings.view, settings.comparison_view):
+            continue
+        directory = resolve_entry(view(name).default_dir)(lens_model.source.clean_name)
+        if not os.path.exists(directory):
+            continue
+        try:
+            lenses[name] = resolve_lens(lens_model, name, None, allow_foreign)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            warnings.warn(f"compare_lenses: the {name} lens in {directory} is left out: {error}", stacklevel=3)
+    return lenses
+
+
 def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
                      lens_path: str | None = None, allow_foreign_lens: bool = False) -> SweepSettings:
     """The sweep's settings: ``norm`` and the lens (``resolve_lens``) over ``settings``' thresholds."""
@@ -256,6 +304,9 @@ def sweep(
     sublayers: bool = False,
     truncate: str | None = None,
     allow_foreign_lens: bool = False,
+    compare_lenses: bool = False,
+    track: list[str] | None = None,
+    keep_residuals: bool = False,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
@@ -281,6 +332,14 @@ def sweep(
             naming both lengths, before any forward) or ``"left"`` (keep its last tokens after
             BOS; ``diagnostics.truncation`` says so).
         allow_foreign_lens: apply a fitted lens whose fingerprint names another model.
+        compare_lenses: also decode the last position through every available lens (``final``,
+            ``arch``, ``none``, and ``tuned``/``jacobian`` where their files are in the model's lens
+            cache, or the chosen fitted lens): ``s.lenses``, the JSON's ``lenses`` milestones. The
+            chosen and comparison lenses' rows are reused, not decoded again.
+        track: tokens (e.g. ``[" Paris", " Munich"]``; their first piece) whose rank and
+            probability ``s.tracked`` gives per layer under every lens of the run.
+        keep_residuals: keep the chosen lens's normalised residual stream, ``s.residuals``
+            ``[layers, positions, d_model]``.
     """
     if truncate not in (None, "left"):
         raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
@@ -297,6 +356,9 @@ def sweep(
         text = chat_text(tokenizer, prompt)
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
     analysis = analyse_prompt(lens_model, settings, text, answer, control, attribution=True)
+    if compare_lenses or track:
+        others = available_lenses(lens_model, settings, allow_foreign_lens) if compare_lenses else None
+        add_lens_views(lens_model, analysis, settings, others, list(track or ()))
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
-    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)
+    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing, keep_residuals=keep_residuals)

@@ -62,6 +62,8 @@ class ExperimentConfig:
     sublayers: bool = False  # also decode each block's residual after attention
     truncate: str = "none"  # none: a prompt longer than the context is refused; left: keep its end
     heatmap_window: int = HEATMAP_WINDOW  # the heatmap shows the last N positions of a longer prompt
+    compare_lenses: bool = False  # every available lens at the last position: output-<name>-lenses.csv
+    track: tuple[str, ...] = ()  # tokens followed per layer under every lens: output-<name>-tracked.csv
 
 
 _DEFAULTS = ExperimentConfig()
@@ -108,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens-path", metavar="PATH",
                    help="the fitted lens: a tuned lens's directory, a Jacobian lens's .pt file (or a "
                         "directory holding one); default: fit_lens.py's cache for the model")
+    p.add_argument("--compare-lenses", action="store_true",
+                   help="decode the last position through every available lens (final, arch, none, and "
+                        "tuned/jacobian where fitted): output-<name>-lenses.csv, a picture, milestones")
+    p.add_argument("--track", nargs="+", metavar="TOKEN", default=None,
+                   help="tokens to follow (e.g. ' Paris'): their rank and probability per layer under "
+                        "every lens of the run, output-<name>-tracked.csv")
     p.add_argument("--sublayers", action="store_true",
                    help="also decode each block's residual after its attention, before its MLP "
                         "(rows with sublayer=attn; not for parallel blocks)")
@@ -234,8 +242,8 @@ def _check(args: argparse.Namespace) -> str | None:
             return "--shard auto runs one model per launch (start one job per model)"
     if args.prompts is not None:
         for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test), ("--chat", args.chat),
-                         ("--sublayers", args.sublayers),
-                         ("--keep-residuals", args.keep_residuals)):
+                         ("--sublayers", args.sublayers), ("--compare-lenses", args.compare_lenses),
+                         ("--track", bool(args.track)), ("--keep-residuals", args.keep_residuals)):
             if on:
                 return f"--prompts and {flag} exclude each other"
         from layers_core.results.prompt_sets import load_prompt_set
@@ -271,7 +279,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentCo
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,
         lens_path=args.lens_path, chat=args.chat, sublayers=args.sublayers, truncate=args.truncate,
-        heatmap_window=args.heatmap_window,
+        heatmap_window=args.heatmap_window, compare_lenses=args.compare_lenses, track=tuple(args.track or ()),
     )
     return list(args.model), config
 
@@ -289,7 +297,8 @@ def child_argv(config: ExperimentConfig) -> list[str]:
                 "--no-plots": not config.plots, "--no-control": not config.control,
                 "--allow-lens-mismatch": config.allow_lens_mismatch,
                 "--allow-foreign-lens": config.allow_foreign_lens, "--records": config.records,
-                "--resume": config.resume, "--chat": config.chat, "--sublayers": config.sublayers}
+                "--resume": config.resume, "--chat": config.chat, "--sublayers": config.sublayers,
+                "--compare-lenses": config.compare_lenses}
     flags += [flag for flag, on in switches.items() if on]
     optional = {"--prompts": config.prompts_file, "--control-prompt": config.control_prompt,
                 "--control-answer": config.control_answer,
@@ -302,6 +311,8 @@ def child_argv(config: ExperimentConfig) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             flags += [flag, value]
+    if config.track:
+        flags += ["--track", *config.track]
     return flags
 
 

@@ -170,7 +170,8 @@ def _sweep_one_prompt(config: ExperimentConfig, lm: Any, stages: Stages) -> Any:
                       lens=config.lens, lens_path=config.lens_path, control=_control(config),
                       settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers,
                       truncate=None if config.truncate == "none" else config.truncate,
-                      allow_foreign_lens=config.allow_foreign_lens)
+                      allow_foreign_lens=config.allow_foreign_lens, compare_lenses=config.compare_lenses,
+                      track=list(config.track))
 
 
 def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str, result: Any,

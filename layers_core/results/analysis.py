@@ -10,8 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
 from layers_core.numerics import get_post_unembed_transform
+from layers_core.pipeline.attribution import Attribution, attribute, attribution_block, not_decomposable
 from layers_core.pipeline.checks import (
     LensComparison,
     answer_sequence_probability,
@@ -19,8 +23,13 @@ from layers_core.pipeline.checks import (
     control_margins,
     raw_lens_check,
 )
-from layers_core.collapse_rules import resolve_gold_answer
-from layers_core.pipeline.attribution import Attribution, attribute, attribution_block, not_decomposable
+from layers_core.pipeline.lens_table import (
+    last_position_log_probs,
+    lens_milestones,
+    lens_rows,
+    track_token_ids,
+    tracked_rows,
+)
 from layers_core.pipeline.sweep import Forwarded, SweepResult, SweepSettings, last_layer_consistency, run_sweep
 from layers_core.results import report
 
@@ -36,6 +45,22 @@ class PromptAnalysis:
     consistency: dict
     blocks: dict  # diagnostics, gold_answer, lens_comparison, raw_lens_check, control_*, attribution
     attribution: Attribution | None = None  # single prompts: the answer logit split into block parts
+    lens_rows: list[dict] | None = None  # compare_lenses: every lens at the last position
+    tracked_rows: list[dict] | None = None  # track: each tracked token per lens and layer
+
+
+def add_lens_views(ctx: LensModel, analysis: PromptAnalysis, settings: SweepSettings,
+                   others: dict[str, Any] | None, track: list[str] | None) -> None:
+    """``compare_lenses`` (``others``: every further lens, by name) and ``track``: the lens table
+    and its milestones block, and the tracked tokens under every lens of the run."""
+    result = analysis.result
+    log_probs = last_position_log_probs(result, settings.view, settings.comparison_view, others or {}, ctx.unembed)
+    if others is not None:
+        final = torch.log_softmax(result.model_logits[-1].float(), dim=-1)
+        analysis.lens_rows = lens_rows(log_probs, final, result.gold["first_id"], ctx.decoder)
+        analysis.blocks["lenses"] = lens_milestones(analysis.lens_rows)
+    if track:
+        analysis.tracked_rows = tracked_rows(log_probs, track_token_ids(ctx.bridge.tokenizer, track))
 
 
 def depth_fractions(diagnostics: dict, n_layers: int) -> dict:

@@ -63,6 +63,16 @@ def write_attribution(paths: Mapping[str, str], attribution: Any) -> None:
         atomic_write(paths["attribution"], render_csv(rows, columns))
 
 
+def write_lens_views(paths: Mapping[str, str], analysis: Any) -> None:
+    """``output-<name>-lenses.csv`` (with ``compare_lenses``) and ``-tracked.csv`` (with ``track``)."""
+    from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS
+
+    if analysis.lens_rows is not None:
+        atomic_write(paths["lenses"], render_csv(analysis.lens_rows, LENSES_COLUMNS))
+    if analysis.tracked_rows is not None:
+        atomic_write(paths["tracked"], render_csv(analysis.tracked_rows, TRACKED_COLUMNS))
+
+
 def attribution_frame(attribution: Any):
     """The attribution table as a DataFrame (empty, with its columns, where there is none)."""
     import pandas as pd

@@ -28,6 +28,7 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None) -> dict:
     split = getattr(analysis, "attribution", None)
     return {"records": records, "pure_rows": pure,
             "attribution": None if split is None else attribution_rows(split),
+            "lens_rows": getattr(analysis, "lens_rows", None),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
@@ -60,6 +61,8 @@ def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], tit
 
     plots.save_figure(prompt_lens_figure(rows, title), paths["lens_png"])
     plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
+    if rows.get("lens_rows"):
+        plots.save_figure(plots.lens_comparison(rows["lens_rows"], f"{title}: every lens"), paths["lenses_png"])
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal the kernel sends this process when its parent dies

@@ -231,6 +231,31 @@ def _attribution_panel(ax, rows: Sequence[Mapping[str, Any]]) -> None:
     ax.legend(fontsize=8, loc="best", ncol=5)
 
 
+def lens_comparison(rows: Sequence[Mapping[str, Any]], title: str):
+    """KL to the final distribution and the answer's rank per layer, one line per lens."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure((11, 4.2))
+    axes = fig.subplots(1, 2, sharex=True)
+    names = list(dict.fromkeys(row["lens"] for row in rows))
+    for name in names:
+        own = [row for row in rows if row["lens"] == name]
+        axes[0].plot([r["layer"] for r in own], [r["kl_to_final_bits"] for r in own], marker=".", label=name)
+        ranked = [r for r in own if r["answer_rank"] is not None]
+        if ranked:
+            axes[1].plot([r["layer"] for r in ranked], [r["answer_rank"] for r in ranked], marker=".", label=name)
+    axes[0].set_ylabel("KL to final (bits)")
+    axes[1].set_ylabel("answer rank")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 MAX_SMALL_MULTIPLES = 120  # prompts drawn in the small-multiples page (the first ones)
 
 
