@@ -6,7 +6,8 @@ Each family is a tiny random model built from its transformers config class
 - the ``final`` lens equals an HF-only reference: the HF model's own decoder-layer outputs
   (forward hooks), its own final norm module and head, and the config's head transform;
 - the ``arch`` lens equals each planned norm's own HF ``forward`` on the HF residual (our
-  float32 re-implementation of every norm kind against the module itself).
+  float32 re-implementation of every norm kind against the module itself);
+- where the blocks decompose, the attribution parts add up to the HF head's own answer logit.
 The reference's head is checked against the HF model's own logits first, so a wrong reference
 cannot pass. The README's family table is checked against the same facts.
 """
@@ -27,6 +28,7 @@ from layers_core.model import upstream
 from layers_core.model.lens_model import analysis_unembedding
 from layers_core.models import ModelLoadError, load_model, resolve_model_source
 from layers_core.norm_utils import classify_norm, unwrap_norm
+from layers_core.pipeline.attribution import attribute, not_decomposable
 from layers_core.pipeline.sweep import SweepSettings, run_sweep, self_test
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
@@ -78,6 +80,12 @@ def test_family_passes_the_gate_and_both_lenses_match_hf_only_references(matrix_
         assert row["entropy"] == pytest.approx(entropy_bits(ref), abs=TOLERANCE_BITS)
         assert row["kl_to_final_bits"] == pytest.approx(kl_bits(ref, model_log_probs), abs=TOLERANCE_BITS)
         assert row["prob1"] == pytest.approx(float(ref.max().exp()), abs=1e-4)
+
+    if not_decomposable(bridge) is None:  # the attribution parts add up to the model's own logit
+        split = attribute(bridge, final.tokens, 11)
+        with torch.no_grad():
+            own = float(hf.get_output_embeddings()(normed_last)[11])
+        assert sum(part[2] for part in split.parts) + split.bias == pytest.approx(own, rel=1e-4, abs=1e-6)
 
     arch = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="arch"), records=False)
     plan = NormLens(bridge, "arch").plan

@@ -77,7 +77,6 @@ class Sweep:
     timing: dict = field(default_factory=dict)
     clock_start: float | None = None  # perf_counter() at the start of the run, for total_s
     heatmap_window: int | None = HEATMAP_WINDOW  # the heatmap's last positions (None: all)
-    keep_residuals: bool = False  # residuals: the normalised residual stream is kept for the caller
 
     @cached_property
     def pure(self) -> pd.DataFrame:
@@ -125,7 +124,7 @@ class Sweep:
         (``keep_residuals=True``)."""
         import torch
 
-        if not (self.keep_residuals and self.analysis.result.resid_normed):
+        if not (self.settings.keep_residuals and self.analysis.result.resid_normed):
             raise ValueError("no residuals: sweep(..., keep_residuals=True)")
         return torch.stack(self.analysis.result.resid_normed)
 
@@ -344,7 +343,7 @@ def sweep(
     if truncate not in (None, "left"):
         raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
     settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens), chat=chat,
-                       sublayers=sublayers, truncate=truncate)
+                       sublayers=sublayers, truncate=truncate, keep_residuals=keep_residuals)
     if sublayers:
         check_sublayers(lens_model.bridge)
     answer = _answer_for(prompt, answer)
@@ -361,4 +360,4 @@ def sweep(
         add_lens_views(lens_model, analysis, settings, others, list(track or ()))
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
-    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing, keep_residuals=keep_residuals)
+    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)

@@ -77,6 +77,14 @@ class SweepSet:
     clock_start: float | None = None
 
     @property
+    def residuals(self) -> dict[str, Any]:
+        """Each prompt's normalised residual stream ``[layers, positions, d_model]`` by prompt id
+        (``keep_residuals=True``; prompts computed in this process)."""
+        if not self.settings.keep_residuals:
+            raise ValueError("no residuals: sweep_set(..., keep_residuals=True)")
+        return {prompt_id: result.residuals for prompt_id, result in self.sweeps.items()}
+
+    @property
     def summary_rows(self) -> list[dict]:
         return [outcome.summary for outcome in self.outcomes]
 
@@ -152,6 +160,7 @@ def sweep_set(
     source_path: str | None = None,
     shard: str | None = None,
     allow_foreign_lens: bool = False,
+    keep_residuals: bool = False,
 ) -> SweepSet:
     """Sweeps every prompt of a set through one loaded model, in batches.
 
@@ -164,8 +173,10 @@ def sweep_set(
         indices: each item's position in its file (default 0, 1, …): outcomes are kept in this order.
         done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
         on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
+        keep_residuals: keep each prompt's normalised residual stream (``SweepSet.residuals``).
     """
-    settings = resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens)
+    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens),
+                       keep_residuals=keep_residuals)
     parsed = _items(items)
     indices = list(range(len(parsed))) if indices is None else list(indices)
     outcomes = dict(done or {})

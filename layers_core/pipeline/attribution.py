@@ -168,7 +168,8 @@ def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None
     """Splits the answer's logit at the last position of ``tokens`` ``[1, T]`` into parts (and
     the logit difference to ``control_id`` where given). Call ``not_decomposable`` first."""
     parts, final_resid, labels = capture_parts(model, tokens)
-    W_U, b_U = model.unembed.W_U, getattr(model.unembed, "b_U", None)
+    W_U, b_U = model.unembed.W_U.detach(), getattr(model.unembed, "b_U", None)
+    b_U = None if b_U is None else b_U.detach()
     ln_final = getattr(model, "ln_final", None)
 
     def split(token: int, other: int | None) -> tuple[Tensor, float, float]:

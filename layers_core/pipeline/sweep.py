@@ -68,6 +68,7 @@ class SweepSettings:
     chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
     truncate: str | None = None  # "left": a prompt longer than the context keeps its end
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
+    keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
 
     @property
     def view(self) -> str:
@@ -405,7 +406,8 @@ def run_sweep(
     residuals = forwarded.residuals
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
     with torch.inference_mode():
-        lens_rows = transformed_rows(lens, residuals if records else [resid[-1:] for resid in residuals])
+        every_position = records or settings.keep_residuals
+        lens_rows = transformed_rows(lens, residuals if every_position else [resid[-1:] for resid in residuals])
         views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),
                                       other, unembed)
         final_log_probs = torch.log_softmax(forwarded.model_logits[-1], dim=-1)
@@ -439,7 +441,7 @@ def run_sweep(
         records=build_records(stats, str_tokens, vocab) if records else [],
         pure_rows=build_pure_rows(stats, prompt_ids, gold, vocab, settings, position=position),
         norm_per_layer=lens_description(lens, len(residuals) - 1),
-        resid_normed=lens_rows if records else [], last_position_resid=last_position_resid, views=views,
+        resid_normed=lens_rows if every_position else [], last_position_resid=last_position_resid, views=views,
         warnings=list(getattr(lens, "warnings", [])),
         timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
         mid_records=mid_records, mid_pure_rows=mid_pure, truncated_from=forwarded.truncated_from,
