@@ -250,6 +250,7 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
             "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
             "summary_png": f"{stem}-summary.png", "attribution": f"{stem}-attribution.csv",
             "lenses": f"{stem}-lenses.csv", "lenses_png": f"{stem}-lenses.png", "tracked": f"{stem}-tracked.csv",
+            "html": f"{stem}.html",
             "dir": directory, "name": clean_name}
 
 
@@ -264,7 +265,7 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
 
 
 OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png",
-                "attribution", "lenses", "lenses_png", "tracked")
+                "attribution", "lenses", "lenses_png", "tracked", "html")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:

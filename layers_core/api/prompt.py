@@ -155,20 +155,45 @@ class Sweep:
         return (f"{self.lens_model.source.clean_name} — {view(self.settings.view).label} — "
                 f"{self.prompt!r}")
 
+    def picture_rows(self) -> dict:
+        """The plain data the pictures and the HTML report are drawn from."""
+        first_id = self.analysis.result.gold["first_id"]
+        answer = None if first_id is None else self.lens_model.decoder.decode_many([first_id])[first_id]
+        return pictures.picture_rows(self.analysis, self.heatmap_window, answer)
+
+    def html(self) -> str:
+        """The interactive report of this prompt as one self-contained HTML page."""
+        from layers_core.results import html_report
+
+        return html_report.render(html_report.prompt_report_data(self.picture_rows(), self.title()))
+
+    def save_html(self, path: str) -> str:
+        """Writes the interactive report to ``path`` (atomically); returns ``path``."""
+        from layers_core.run_dir import atomic_write
+
+        atomic_write(path, self.html())
+        return path
+
+    def _repr_html_(self) -> str:
+        """The report embedded in a notebook cell (an isolated iframe)."""
+        from layers_core.results import html_report
+
+        return html_report.embedded(html_report.prompt_report_data(self.picture_rows(), self.title()))
+
     def lens_figure(self):
         """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""
-        return pictures.prompt_lens_figure(pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
+        return pictures.prompt_lens_figure(self.picture_rows(), self.title())
 
     def curves_figure(self):
         """Entropy, p(answer), answer rank and KL per layer, both lenses, as a ``Figure``."""
-        return pictures.prompt_curves_figure(pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
+        return pictures.prompt_curves_figure(self.picture_rows(), self.title())
 
     def draw_pictures(self, directory: str, name: str | None = None,
                       worker: pictures.PictureWorker | None = None) -> None:
         """Draws the two PNGs into ``directory``: in ``worker`` if given (then ``save`` waits
         for it), else now."""
         paths = output_paths(directory, name or self.lens_model.source.clean_name)
-        args = (paths, pictures.picture_rows(self.analysis, self.heatmap_window), self.title())
+        args = (paths, self.picture_rows(), self.title())
         if worker is None:
             pictures.write_prompt_pictures(*args)
         else:

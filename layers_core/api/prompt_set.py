@@ -107,6 +107,27 @@ class SweepSet:
                                    report.model_stats(self.lens_model.bridge), facts)
         return with_timing(body, self.timing, total_seconds(self))
 
+    def _report_data(self) -> dict:
+        from layers_core.results import html_report
+
+        title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
+        curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in self.outcomes}
+        return html_report.set_report_data([o.summary for o in self.outcomes], curves, self.lens_model.n_layers, title)
+
+    def save_html(self, path: str) -> str:
+        """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""
+        from layers_core.results import html_report
+        from layers_core.run_dir import atomic_write
+
+        atomic_write(path, html_report.render(self._report_data()))
+        return path
+
+    def _repr_html_(self) -> str:
+        """The report embedded in a notebook cell (an isolated iframe)."""
+        from layers_core.results import html_report
+
+        return html_report.embedded(self._report_data())
+
     def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
         """Writes run.py's prompt-set files into ``directory``; returns their paths."""
         os.makedirs(directory, exist_ok=True)

@@ -215,7 +215,8 @@ def comparison_stats(rows: Sequence[dict]) -> dict[str, dict[str, dict]]:
 
 def merge(directories: Sequence[str], out_dir: str, plots: bool = True) -> dict[str, dict]:
     """Merges every model found in ``directories`` into ``out_dir``; with two or more models,
-    also writes ``comparison.csv`` (and ``comparison.png``). Returns the merged documents."""
+    also writes ``comparison.csv`` (and ``comparison.png``, ``comparison.html``). Returns the merged
+    documents."""
     groups: dict[str, list[Part]] = {}
     for part in find_parts(directories):
         groups.setdefault(part.name, []).append(part)
@@ -228,4 +229,8 @@ def merge(directories: Sequence[str], out_dir: str, plots: bool = True) -> dict[
 
             plotting.save_figure(plotting.comparison_figure(comparison_stats(rows), MILESTONES),
                                  os.path.join(out_dir, "comparison.png"))
+            from layers_core.results import html_report
+
+            page = html_report.comparison_report_data(rows, comparison_stats(rows), f"{len(merged)} models")
+            atomic_write(os.path.join(out_dir, "comparison.html"), html_report.render(page))
     return merged

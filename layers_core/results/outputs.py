@@ -115,14 +115,17 @@ def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]
 
 def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome],
                        n_layers: int, title: str) -> None:
-    """The prompt-set summary picture (milestones as fractions of depth) and the small multiples
-    of every prompt's answer rank per layer."""
+    """The prompt-set summary picture (milestones as fractions of depth), the small multiples
+    of every prompt's answer rank per layer, and the HTML report (the prompt table)."""
     from layers_core.results import plots
+
+    from layers_core.results import html_report
 
     summary = [o.summary for o in outcomes]
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
     curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
     plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
+    atomic_write(paths["html"], html_report.render(html_report.set_report_data(summary, curves, n_layers, title)))
 
 
 def write_error_document(path: str, error: BaseException, stage: str, model: str,

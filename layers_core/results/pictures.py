@@ -17,9 +17,10 @@ def _marks(diagnostics: Mapping[str, Any]) -> dict:
     return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
 
 
-def picture_rows(analysis: Any, heatmap_window: int | None = None) -> dict:
-    """The plain data the two pictures of one prompt are drawn from (no tensors: picklable); with
-    ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps)."""
+def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token: str | None = None) -> dict:
+    """The plain data the pictures and the HTML report of one prompt are drawn from (no tensors:
+    picklable); with ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps).
+    ``answer_token``: the answer's first piece as decoded (the report pins it)."""
     from layers_core.results.outputs import prompt_table_rows  # the parent's side: torch is loaded
 
     from layers_core.pipeline.attribution import attribution_rows
@@ -29,9 +30,17 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None) -> dict:
     return {"records": records, "pure_rows": pure,
             "attribution": None if split is None else attribution_rows(split),
             "lens_rows": getattr(analysis, "lens_rows", None),
+            "control": _control_words(analysis.blocks.get("control_summary")), "answer_token": answer_token,
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
+
+
+def _control_words(summary: Mapping[str, Any] | None) -> str | None:
+    if not summary:
+        return None
+    return (f"{summary['control_prompt']!r} → {summary['control_answer']!r}: {summary['status']}; the answer "
+            f"first leads the control answer at layer {summary['first_control_margin_pos']}")
 
 
 def prompt_lens_figure(rows: Mapping[str, Any], title: str):
@@ -56,9 +65,11 @@ def prompt_curves_figure(rows: Mapping[str, Any], title: str):
 
 
 def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
-    """The lens heatmap and the layer curves of one prompt, as PNGs."""
-    from layers_core.results import plots
+    """The lens heatmap and the layer curves of one prompt, as PNGs, and the HTML report."""
+    from layers_core.results import html_report, plots
+    from layers_core.run_dir import atomic_write
 
+    atomic_write(paths["html"], html_report.render(html_report.prompt_report_data(rows, title)))
     plots.save_figure(prompt_lens_figure(rows, title), paths["lens_png"])
     plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
     if rows.get("lens_rows"):

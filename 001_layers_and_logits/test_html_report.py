@@ -1,0 +1,183 @@
+"""The HTML report in a real browser (headless Chromium through selenium), and in a notebook.
+
+These tests never skip: without Chromium and chromedriver they fail, naming what to install
+(``make test`` installs the Debian packages ``chromium`` and ``chromium-driver`` when it can).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import HERE, RUN_PY
+
+BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
+NAME = "SmolLM2-135M-Instruct"
+
+
+def _browser_paths() -> tuple[str, str]:
+    browser = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("the browser tests need Chromium and chromedriver: apt-get install chromium chromium-driver "
+                    "(make test installs them as root), or set CHROMIUM and CHROMEDRIVER")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _open(driver, path):
+    driver.get("file://" + str(path))
+    driver.get_log("browser")  # nothing from an earlier page counts
+
+
+def _js_errors(driver):
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _shown(token: str) -> str:
+    return json.dumps(token, ensure_ascii=False)[1:-1]  # how the page writes a token
+
+
+@pytest.fixture(scope="module")
+def prompt_run(bundled_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    subprocess.run([sys.executable, RUN_PY, "--out_dir", str(out), "--compare-lenses", "--quiet"], check=True)
+    return out
+
+
+def _top_k(row):
+    return [(row[f"top{k}"], float(row[f"prob{k}"])) for k in range(1, 21) if row.get(f"prob{k}")]
+
+
+def test_one_cell_per_layer_and_position_and_no_javascript_error(browser, prompt_run):
+    _open(browser, prompt_run / f"output-{NAME}.html")
+    records = _read_csv(prompt_run / f"output-{NAME}-records.csv")
+    cells = browser.find_elements("css selector", "#heatmap td.cell")
+    assert len(cells) == len(records) == 31 * 17
+    assert {(c.get_attribute("data-layer"), c.get_attribute("data-pos")) for c in cells} == \
+        {(r["layer"], r["pos"]) for r in records}
+    assert _js_errors(browser) == []
+    assert len(browser.find_elements("css selector", "svg.chart path[data-lens]")) == 4 * 3  # final, arch, none
+    assert browser.find_elements("css selector", "#attribution rect[data-component='mlp']")
+    browser.save_screenshot(str(prompt_run / "report.png"))
+    assert os.path.getsize(prompt_run / "report.png") > 10_000
+
+
+@pytest.mark.parametrize("layer,pos", [("30", "16"), ("12", "13"), ("0", "0")])
+def test_hovering_a_cell_shows_its_top_k_as_in_the_records_csv(browser, prompt_run, layer, pos):
+    from selenium.webdriver import ActionChains
+
+    _open(browser, prompt_run / f"output-{NAME}.html")
+    row = next(r for r in _read_csv(prompt_run / f"output-{NAME}-records.csv") if r["layer"] == layer and r["pos"] == pos)
+    cell = browser.find_element("css selector", f"#heatmap td.cell[data-layer='{layer}'][data-pos='{pos}']")
+    ActionChains(browser).move_to_element(cell).perform()
+    tip = browser.find_element("id", "tip")
+    assert tip.is_displayed()
+    shown = [(r.find_element("css selector", ".tok").text, float(r.find_element("css selector", ".prob").text))
+             for r in tip.find_elements("css selector", "tr.tip-row")]
+    expected = _top_k(row)
+    assert [token for token, _ in shown] == [_shown(token) for token, _ in expected]
+    for (_, shown_p), (_, p) in zip(shown, expected):
+        assert shown_p == pytest.approx(p, rel=1e-3, abs=1e-12)
+    assert f"entropy {float(row['entropy']):.4g}"[:12] in tip.find_element("css selector", ".entropy").text[:12]
+    assert _js_errors(browser) == []
+
+
+def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, prompt_run):
+    _open(browser, prompt_run / f"output-{NAME}.html")
+    pure = _read_csv(prompt_run / f"output-{NAME}-pure-next-token.csv")
+    last = [c for c in browser.find_elements("css selector", "#heatmap td.cell") if c.get_attribute("data-pos") == "16"]
+    # the answer is pinned at the start: the last position shows its exact rank from the pure rows
+    assert {c.get_attribute("data-layer"): c.get_attribute("data-rank") for c in last} == \
+        {r["layer"]: r["answer_rank"] for r in pure}
+    box = browser.find_element("id", "pin-input")
+    box.clear()
+    box.send_keys(" Germany\n")
+    expected = {}
+    for row in _read_csv(prompt_run / f"output-{NAME}-records.csv"):
+        tokens = [token for token, _ in _top_k(row)]
+        expected[(row["layer"], row["pos"])] = str(tokens.index(" Germany") + 1) if " Germany" in tokens else ""
+    shown = {(c.get_attribute("data-layer"), c.get_attribute("data-pos")): c.get_attribute("data-rank")
+             for c in browser.find_elements("css selector", "#heatmap td.cell")}
+    assert shown == expected and any(expected.values())
+    assert browser.find_element("id", "pin-status").get_attribute("data-token") == " Germany"
+    assert _js_errors(browser) == []
+
+
+def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_model_dir, tmp_path):
+    out = tmp_path / "battery"
+    subprocess.run([sys.executable, RUN_PY, "--prompts", BATTERY, "--out_dir", str(out), "--quiet"], check=True)
+    _open(browser, out / f"output-{NAME}.html")
+    summary = _read_csv(out / f"output-{NAME}-summary.csv")
+    rows = browser.find_elements("css selector", "#prompt-table tbody tr.prompt")
+    assert len(rows) == len(summary) == 178
+    browser.find_element("css selector", "#prompt-table th[data-column='final_p_answer']").click()
+    ids = [r.get_attribute("data-prompt-id") for r in browser.find_elements("css selector", "#prompt-table tbody tr.prompt")]
+    by_p = sorted(summary, key=lambda r: float(r["final_p_answer"]))
+    assert ids == [r["prompt_id"] for r in by_p]
+    browser.find_element("css selector", "#prompt-table tbody tr[data-prompt-id='Japan']").click()
+    detail = browser.find_element("id", "detail")
+    assert "Prompt Japan" in detail.text and len(detail.find_elements("css selector", "table.topk tr")) == 31
+    assert len(browser.find_elements("css selector", "#milestones circle")) > 100
+    assert _js_errors(browser) == []
+
+
+def test_a_long_prompt_report_is_small_and_opens_fast(browser, bundled_model_dir, tmp_path):
+    """30 layers × 200 positions: under 5 MB (nothing beside it) and drawn in under 2 s."""
+    prompt = " ".join(["The capital of Germany is Berlin and the capital of France is Paris."] * 16)
+    out = tmp_path / "long"
+    subprocess.run([sys.executable, RUN_PY, "--out_dir", str(out), "--prompt", prompt, "--answer", "Berlin",
+                    "--heatmap-window", "200", "--quiet"], check=True)
+    page = out / f"output-{NAME}.html"
+    assert len({row["pos"] for row in _read_csv(out / f"output-{NAME}-records.csv")}) > 200  # the window cuts
+    assert os.path.getsize(page) < 5 * 2**20
+    started = time.perf_counter()
+    _open(browser, page)
+    cells = browser.execute_script("return document.querySelectorAll('#heatmap td.cell').length")
+    assert time.perf_counter() - started < 2.0
+    assert cells == 31 * 200
+    assert _js_errors(browser) == []
+
+
+def test_the_report_renders_in_a_notebook(tiny_dirs, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    code = (f"import layers_core as lc\nlm = lc.load({tiny_dirs['llama']!r})\n"
+            "s = lc.sweep(lm, 'The capital of Germany is called simply', 'Berlin')\ns")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = notebook.cells[0].outputs
+    html = next(o["data"]["text/html"] for o in outputs if o.get("output_type") == "execute_result")
+    assert html.startswith("<iframe srcdoc=") and "report-data" in html and "Berlin" in html

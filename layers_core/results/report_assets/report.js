@@ -1,0 +1,283 @@
+// The interactive report of layers_core: drawn from the JSON in #report-data, no library.
+"use strict";
+(function () {
+  const data = JSON.parse(document.getElementById("report-data").textContent);
+  const root = document.getElementById("report");
+  const vocab = data.vocab;
+  const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "class") node.className = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) node.append(child instanceof Node ? child : String(child));
+    return node;
+  }
+  function svg(tag, attrs) {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+    return node;
+  }
+  const fmt = (p) => (p === null || p === undefined ? "–" : Number(p).toPrecision(4));
+  const show = (text) => JSON.stringify(text).slice(1, -1);  // spaces and newlines made visible
+
+  // ---- line charts: one metric per layer, one line per lens ----
+  function lineChart(title, series, key, log) {
+    const width = 330, height = 190, left = 46, bottom = 22, top = 16;
+    const box = svg("svg", { width, height, class: "chart" });
+    const text = svg("text", { x: left, y: 12, "font-size": 11 });
+    text.textContent = title + (log ? " (log)" : "");
+    box.append(text);
+    const points = [];
+    for (const rows of Object.values(series)) rows.forEach((row, i) => {
+      const v = row[key];
+      if (v !== null && v !== undefined && (!log || v > 0)) points.push([i, v]);
+    });
+    if (!points.length) return box;
+    const n = Math.max(...Object.values(series).map((rows) => rows.length)) - 1 || 1;
+    const ys = points.map((p) => (log ? Math.log10(p[1]) : p[1]));
+    let lo = Math.min(...ys), hi = Math.max(...ys);
+    if (hi === lo) { hi += 1; lo -= log ? 1 : 0; }
+    const X = (i) => left + (i / n) * (width - left - 8);
+    const Y = (v) => top + (1 - ((log ? Math.log10(v) : v) - lo) / (hi - lo)) * (height - top - bottom);
+    for (const [label, y] of [[hi, top], [lo, height - bottom]]) {
+      const t = svg("text", { x: 2, y: y + 4, "font-size": 9 });
+      t.textContent = log ? "1e" + label.toFixed(0) : label.toPrecision(3);
+      box.append(t);
+    }
+    const axis = svg("text", { x: width - 60, y: height - 6, "font-size": 9 });
+    axis.textContent = "layer 0.." + n;
+    box.append(axis);
+    Object.entries(series).forEach(([lens, rows], index) => {
+      const path = rows.map((row, i) => [i, row[key]]).filter(([, v]) => v !== null && v !== undefined && (!log || v > 0))
+        .map(([i, v], j) => (j ? "L" : "M") + X(i).toFixed(1) + " " + Y(v).toFixed(1)).join(" ");
+      box.append(svg("path", { d: path, fill: "none", stroke: COLORS[index % COLORS.length], "stroke-width": 1.5,
+                               "data-lens": lens }));
+    });
+    return box;
+  }
+  function charts(series) {
+    const legend = el("div", { class: "legend" });
+    Object.keys(series).forEach((lens, i) => legend.append(el("span", { style: "color:" + COLORS[i % COLORS.length] }, "━ " + lens + " lens")));
+    return el("div", {}, legend, el("div", { class: "charts" },
+      lineChart("entropy (bits)", series, "entropy", false), lineChart("p(answer)", series, "p_answer", true),
+      lineChart("answer rank", series, "answer_rank", true), lineChart("KL to final (bits)", series, "kl_to_final_bits", false)));
+  }
+
+  // ---- the diagnostics in words ----
+  function diagnostics(d) {
+    const list = el("ul", { class: "diag" });
+    const m = d.milestones;
+    const say = (text, cls) => list.append(el("li", cls ? { class: cls } : {}, text));
+    say(`Lens: ${d.norm}. The answer first reaches rank 1 at layer ${m.first_rank_le_1 ?? "— (never)"}` +
+        `, rank ≤ 5 at ${m.first_rank_le_5 ?? "—"}; it stays rank 1 from layer ${m.L_semantic_stable ?? "— (it does not stay)"}.`);
+    say(`Copy collapse (the model echoing a prompt token): ${m.L_copy ?? "none"}. KL to the final distribution first ≤ 1 bit at layer ${m["first_kl_below_1.0"] ?? "—"}.`);
+    if (d.last_layer_kl_bits !== undefined && d.last_layer_kl_bits !== null)
+      say(`Last-layer check: the lens reproduces the model within ${Number(d.last_layer_kl_bits).toExponential(2)} bits ` +
+          `(tolerance ${d.last_layer_tolerance_bits}) — ${d.last_layer_passed ? "passed" : "FAILED"}.`, d.last_layer_passed ? "ok" : "bad");
+    if (d.lens_artifact_risk) say(`Lens-artifact risk: ${d.lens_artifact_risk}.`);
+    if (d.control) say(`Control: ${d.control}.`);
+    return list;
+  }
+
+  // ---- one prompt: heatmap with hover and a pinned token ----
+  function promptReport() {
+    const heat = data.heatmap;
+    root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
+    const tip = el("div", { id: "tip" });
+    const status = el("span", { id: "pin-status" });
+    const input = el("input", { id: "pin-input", list: "vocab-list", placeholder: "a token, e.g. \" Berlin\"" });
+    const datalist = el("datalist", { id: "vocab-list" }, ...vocab.map((t) => el("option", { value: t })));
+    const table = el("table", { class: "heat", id: "heatmap" });
+    const cells = [];
+    const nRows = heat.layers.length;
+    for (let r = nRows - 1; r >= 0; r--) {  // the last layer on top, as the layers stack
+      const tr = el("tr", {}, el("th", {}, heat.layers[r]));
+      heat.cells[r].forEach((cell, c) => {
+        const td = el("td", { class: "cell", "data-layer": heat.layers[r], "data-pos": heat.positions[c] });
+        td.addEventListener("mouseenter", (event) => showTip(event, r, c));
+        td.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+        td.addEventListener("click", () => pin(vocab[cell[1][0]]));
+        cells.push([td, r, c]);
+        tr.append(td);
+      });
+      table.append(tr);
+    }
+    table.append(el("tr", {}, el("th", {}, "layer"), ...heat.tokens.map((t, c) => el("th", { class: "pos" }, heat.positions[c] + " " + show(t)))));
+    function lastAnswer(r) { return data.answer_last && data.answer_last[r]; }
+    function rankIn(r, c, token) {
+      const cell = heat.cells[r][c];
+      const id = vocab.indexOf(token);
+      if (c === heat.positions.length - 1 && token === data.answer && lastAnswer(r)) return lastAnswer(r).rank;
+      const k = cell[1].indexOf(id);
+      return k >= 0 ? k + 1 : null;  // beyond the recorded top-k
+    }
+    function showTip(event, r, c) {
+      const [entropy, ids, probs] = heat.cells[r][c];
+      const rows = ids.map((id, k) => el("tr", { class: "tip-row" }, el("td", {}, String(k + 1)),
+        el("td", { class: "tok", onclick: () => pin(vocab[id]) }, show(vocab[id])), el("td", { class: "prob" }, fmt(probs[k]))));
+      let answer = "";
+      if (data.answer) {
+        const rank = rankIn(r, c, data.answer);
+        const last = c === heat.positions.length - 1 ? lastAnswer(r) : null;
+        answer = `answer ${show(data.answer)}: ` + (last ? `rank ${last.rank}, p ${fmt(last.p)}` :
+          rank ? `rank ${rank}, p ${fmt(probs[rank - 1])}` : `not in the top ${ids.length}`);
+      }
+      tip.replaceChildren(el("div", {}, `layer ${heat.layers[r]}, position ${heat.positions[c]} ${show(heat.tokens[c])}`),
+        el("div", { class: "entropy" }, `entropy ${fmt(entropy)} bits`), el("div", { class: "answer" }, answer),
+        el("table", {}, ...rows));
+      tip.style.display = "block";
+      tip.style.left = Math.min(event.clientX + 12, window.innerWidth - 260) + "px";
+      tip.style.top = Math.min(event.clientY + 12, window.innerHeight - 200) + "px";
+    }
+    function paint(token) {
+      for (const [td, r, c] of cells) {
+        const [, ids, probs] = heat.cells[r][c];
+        if (token === null) {
+          td.textContent = show(vocab[ids[0]]);
+          td.dataset.rank = "";
+          td.style.background = `rgba(31,119,180,${Math.min(1, probs[0] || 0).toFixed(3)})`;
+        } else {
+          const rank = rankIn(r, c, token);
+          td.textContent = rank ? String(rank) : ">" + ids.length;
+          td.dataset.rank = rank ? String(rank) : "";
+          td.style.background = rank ? `rgba(214,39,40,${(1 / Math.sqrt(rank)).toFixed(3)})` : "#f4f4f4";
+        }
+      }
+    }
+    function pin(token) {
+      input.value = token === null ? "" : token;
+      paint(token);
+      status.textContent = token === null ? "cells: top-1 token, coloured by its probability" :
+        `cells: the rank of ${show(token)} (">k": beyond the recorded top-k)`;
+      status.dataset.token = token === null ? "" : token;
+    }
+    input.addEventListener("keydown", (event) => { if (event.key === "Enter") pin(input.value === "" ? null : input.value); });
+    root.append(el("h2", {}, "Lens heatmap"), el("div", { id: "controls" }, "Pin a token: ", input, datalist,
+      el("button", { onclick: () => pin(input.value === "" ? null : input.value) }, "pin"),
+      el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table), tip);
+    pin(data.answer || null);
+    root.append(el("h2", {}, "Per layer, every lens of the run"), charts(data.curves));
+    if (data.attribution) root.append(el("h2", {}, "Which block wrote the answer (direct logit attribution)"), attributionChart(data.attribution));
+  }
+
+  function attributionChart(rows) {
+    const width = 700, height = 200, left = 40, top = 10, bottom = 24;
+    const box = svg("svg", { width, height, class: "chart", id: "attribution" });
+    const values = rows.map((r) => r.logit).concat(rows.map((r) => r.cumulative), [0]);
+    const lo = Math.min(...values), hi = Math.max(...values);
+    const n = Math.max(...rows.map((r) => r.layer)) + 1;
+    const X = (layer) => left + (layer + 0.5) / n * (width - left - 8);
+    const Y = (v) => top + (1 - (v - lo) / (hi - lo || 1)) * (height - top - bottom);
+    const colors = { embed: "#888", attn: "#1f77b4", mlp: "#ff7f0e", norm_bias: "#9467bd" };
+    const offset = { embed: 0, attn: -0.2, mlp: 0.2, norm_bias: 0 };
+    const barWidth = Math.max(2, (width - left) / n * 0.35);
+    for (const r of rows) {
+      const x = X(r.layer + offset[r.component]) - barWidth / 2;
+      box.append(svg("rect", { x, width: barWidth, y: Math.min(Y(r.logit), Y(0)), height: Math.abs(Y(r.logit) - Y(0)),
+                               fill: colors[r.component], "data-component": r.component, "data-layer": r.layer }));
+    }
+    box.append(svg("line", { x1: left, x2: width, y1: Y(0), y2: Y(0), stroke: "#000", "stroke-width": 0.5 }));
+    const legend = svg("text", { x: left, y: height - 6, "font-size": 10 });
+    legend.textContent = "bars: embed (grey), attention (blue), MLP (orange) parts of the answer logit; block b at layer b+1";
+    box.append(legend);
+    return box;
+  }
+
+  // ---- a prompt set: sortable table, a prompt's view, milestone distributions ----
+  function setReport() {
+    root.append(el("h1", {}, data.title));
+    const columns = data.columns;
+    const table = el("table", { class: "summary", id: "prompt-table" });
+    const head = el("tr", {});
+    let order = data.summary.map((_, i) => i), sortKey = null, ascending = true;
+    columns.forEach((column) => head.append(el("th", { "data-column": column, onclick: () => sort(column) }, column)));
+    const body = el("tbody", {});
+    table.append(el("thead", {}, head), body);
+    const detail = el("div", { id: "detail" });
+    function compare(a, b) {
+      const x = data.summary[a][sortKey], y = data.summary[b][sortKey];
+      if (x === y) return a - b;
+      if (x === null || x === "" || x === undefined) return 1;
+      if (y === null || y === "" || y === undefined) return -1;
+      return (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y))) * (ascending ? 1 : -1);
+    }
+    function sort(column) {
+      ascending = sortKey === column ? !ascending : true;
+      sortKey = column;
+      order = data.summary.map((_, i) => i).sort(compare);
+      fill();
+    }
+    function fill() {
+      body.replaceChildren(...order.map((i) => {
+        const row = data.summary[i];
+        return el("tr", { class: "prompt", "data-prompt-id": row.prompt_id, onclick: (event) => open(row.prompt_id, event.currentTarget) },
+          ...columns.map((c) => el("td", {}, row[c] === null || row[c] === undefined ? "" : show(row[c]))));
+      }));
+    }
+    function open(id, tr) {
+      for (const other of body.querySelectorAll("tr.selected")) other.classList.remove("selected");
+      if (tr) tr.classList.add("selected");
+      const prompt = data.prompts[id];
+      if (!prompt) return;
+      const top = el("table", { class: "topk" }, ...prompt.top.map((ids, layer) => el("tr", {}, el("td", {}, "layer " + layer),
+        ...ids.map((t, k) => el("td", {}, show(vocab[t]) + " " + fmt(prompt.probs[layer][k]))))));
+      detail.replaceChildren(el("h2", {}, "Prompt " + id), charts(prompt.curves), el("h2", {}, "Last position, top-5 per layer"), top);
+    }
+    fill();
+    root.append(el("div", { class: "summary-wrap" }, table), detail);
+    root.append(el("h2", {}, "Milestones as fractions of depth (one dot per prompt, | the median)"), milestoneStrips());
+    if (data.comparison) root.append(el("h2", {}, "Models side by side (median and quartiles of the depth fraction)"), comparisonPanels(data.comparison));
+    if (data.summary.length) open(data.summary[0].prompt_id, body.firstChild);
+  }
+
+  function milestoneStrips() {
+    const width = 560, rowHeight = 22, left = 150;
+    const keys = data.milestones.filter((key) => data.columns.includes(key));
+    const box = svg("svg", { width, height: rowHeight * keys.length + 20, id: "milestones" });
+    keys.forEach((key, i) => {
+      const y = 12 + i * rowHeight;
+      const label = svg("text", { x: 0, y: y + 4, "font-size": 11 });
+      label.textContent = key;
+      box.append(label, svg("line", { x1: left, x2: width - 10, y1: y, y2: y, stroke: "#ccc" }));
+      const fractions = data.summary.map((row) => row[key]).filter((v) => typeof v === "number").map((v) => v / data.n_layers).sort((a, b) => a - b);
+      for (const f of fractions) box.append(svg("circle", { cx: left + f * (width - left - 10), cy: y, r: 2.5, fill: "#1f77b4", "fill-opacity": 0.5 }));
+      if (fractions.length) {
+        const median = fractions[Math.floor((fractions.length - 1) / 2)];
+        const x = left + median * (width - left - 10);
+        box.append(svg("line", { x1: x, x2: x, y1: y - 7, y2: y + 7, stroke: "#d62728", "stroke-width": 2 }));
+      }
+    });
+    return box;
+  }
+
+  function comparisonPanels(stats) {
+    const wrap = el("div", { class: "charts", id: "comparison" });
+    const models = Object.keys(stats);
+    const milestones = Object.keys(stats[models[0]] || {});
+    for (const key of milestones) {
+      const width = 260, height = 30 + 22 * models.length, left = 110;
+      const box = svg("svg", { width, height, class: "chart" });
+      const title = svg("text", { x: 4, y: 12, "font-size": 11 });
+      title.textContent = key;
+      box.append(title);
+      models.forEach((model, i) => {
+        const s = stats[model][key], y = 28 + i * 22;
+        const label = svg("text", { x: 4, y: y + 4, "font-size": 10 });
+        label.textContent = model.slice(0, 16);
+        box.append(label);
+        if (s.median === null) return;
+        const X = (f) => left + f * (width - left - 10);
+        box.append(svg("line", { x1: X(s.q1), x2: X(s.q3), y1: y, y2: y, stroke: COLORS[i % COLORS.length], "stroke-width": 6, "stroke-opacity": 0.4 }));
+        box.append(svg("circle", { cx: X(s.median), cy: y, r: 4, fill: COLORS[i % COLORS.length] }));
+      });
+      wrap.append(box);
+    }
+    return wrap;
+  }
+
+  if (data.kind === "set") setReport(); else promptReport();
+})();
