@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV := venv
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: run test setup
+BROWSER_PACKAGES := chromium chromium-driver
+
+.PHONY: run test setup browser
 
 setup: $(STAMP)
 
@@ -21,5 +23,16 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 run: $(STAMP)
 	$(VENV)/bin/python 001_layers_and_logits/run.py
 
-test: $(STAMP)
+# The HTML report's tests drive headless Chromium: installed here when missing and we can (root,
+# Debian), else one line says what to install. CHROMIUM/CHROMEDRIVER point at other builds.
+browser:
+	@if [ -n "$$CHROMIUM$$CHROMEDRIVER" ] || { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for the browser tests: apt-get install $(BROWSER_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
+	else \
+		echo "make test needs Chromium and chromedriver: install the Debian packages $(BROWSER_PACKAGES)" >&2; exit 1; \
+	fi
+
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q 001_layers_and_logits

@@ -137,14 +137,19 @@
       for (const [td, r, c] of cells) {
         const [, ids, probs] = heat.cells[r][c];
         if (token === null) {
-          td.textContent = show(vocab[ids[0]]);
+          const top1 = vocab[ids[0]] ?? "";
+          td.textContent = top1.trim() === "" ? "␣".repeat(top1.length || 1) : show(top1);  // blank tokens made visible
           td.dataset.rank = "";
-          td.style.background = `rgba(31,119,180,${Math.min(1, probs[0] || 0).toFixed(3)})`;
+          const alpha = Math.min(1, probs[0] || 0);
+          td.style.background = `rgba(31,119,180,${alpha.toFixed(3)})`;
+          td.style.color = alpha > 0.55 ? "#fff" : "#222";
         } else {
           const rank = rankIn(r, c, token);
           td.textContent = rank ? String(rank) : ">" + ids.length;
           td.dataset.rank = rank ? String(rank) : "";
-          td.style.background = rank ? `rgba(214,39,40,${(1 / Math.sqrt(rank)).toFixed(3)})` : "#f4f4f4";
+          const alpha = rank ? 1 / Math.sqrt(rank) : 0;
+          td.style.background = rank ? `rgba(214,39,40,${alpha.toFixed(3)})` : "#f4f4f4";
+          td.style.color = alpha > 0.55 ? "#fff" : "#222";
         }
       }
     }
