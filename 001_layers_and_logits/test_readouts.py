@@ -234,3 +234,13 @@ def test_residuals_as_a_tensor_for_a_prompt_and_a_set(tiny_dirs):
     batch = lc.sweep_set(lm, items, keep_residuals=True, batch_size=2)
     assert tuple(batch.residuals["b"].shape)[::2] == (lm.n_layers + 1, lm.bridge.cfg.d_model)
     assert torch.allclose(batch.residuals["a"], s.residuals, atol=1e-4)
+
+
+def test_attribution_from_the_lens_forward_equals_its_own_forward(tiny_dirs):
+    """A single prompt's split reuses the lens forward's residuals (resid_mid captured with them)."""
+    lm = lc.load(tiny_dirs["llama"])
+    s = lc.sweep(lm, PROMPT, "Berlin")
+    assert s.analysis.result.last_position_mids is not None
+    own = attribute(lm.bridge, s.analysis.result.tokens, s.analysis.result.gold["first_id"], None)
+    reused = s.attribution
+    assert [round(v, 5) for v in reused["logit"]] == [round(part[2], 5) for part in own.parts]

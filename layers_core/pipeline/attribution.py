@@ -80,19 +80,38 @@ def not_decomposable(model: Any) -> str | None:
     return None
 
 
-def _is_parallel(model: Any, block: int) -> bool:
-    return type(model.blocks[block]).__name__ == PARALLEL_BLOCK or RESID_MID.format(block) not in model.hook_dict
+def _parallel_blocks(model: Any) -> list[bool]:
+    """For each block: no ``resid_mid`` between its attention and MLP (a parallel block)."""
+    hooks = model.hook_dict  # built on each access: read once
+    return [type(model.blocks[block]).__name__ == PARALLEL_BLOCK or RESID_MID.format(block) not in hooks
+            for block in range(int(model.cfg.n_layers))]
 
 
 def _part_hooks(model: Any) -> list[str]:
     names = [RESID_PRE_0]
-    for block in range(int(model.cfg.n_layers)):
-        if _is_parallel(model, block):
+    for block, parallel in enumerate(_parallel_blocks(model)):
+        if parallel:
             names += [ATTN_OUT.format(block), MLP_OUT.format(block)]
         else:
             names.append(RESID_MID.format(block))
         names.append(RESID_POST.format(block))
     return names
+
+
+def has_residual_mids(model: Any) -> bool:
+    """Whether every block has a ``resid_mid`` (no parallel block): then the parts come from
+    residual snapshots the lens forward can capture (``SweepSettings.capture_mids``)."""
+    return not any(_parallel_blocks(model))
+
+
+def parts_from_snapshots(residuals: Tensor, mids: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
+    """The parts from the residual stream at the last position: ``residuals`` ``[n+1, d]``
+    (layer 0 = embeddings, layer b+1 = block b's output) and ``mids`` ``[n, d]``."""
+    residuals, mids = residuals.float(), mids.float()
+    attn, mlp = mids - residuals[:-1], residuals[1:] - mids
+    parts = torch.cat([residuals[:1], torch.stack([attn, mlp], dim=1).reshape(-1, residuals.shape[-1])])
+    labels = [(0, EMBED)] + [(block + 1, part) for block in range(mids.shape[0]) for part in (ATTN, MLP)]
+    return parts, residuals[-1], labels
 
 
 def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
@@ -113,9 +132,9 @@ def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tupl
     last = {name: tensor[0, -1].float() for name, tensor in cache.items()}
     parts, labels = [last[RESID_PRE_0]], [(0, EMBED)]
     previous = last[RESID_PRE_0]
-    for block in range(int(model.cfg.n_layers)):
+    for block, parallel in enumerate(_parallel_blocks(model)):
         post = last[RESID_POST.format(block)]
-        if _is_parallel(model, block):
+        if parallel:
             attn, mlp = last[ATTN_OUT.format(block)], last[MLP_OUT.format(block)]
             mlp = post - previous - attn  # what the block added besides attention (its MLP, and any bias)
         else:
@@ -164,10 +183,16 @@ def _model_head_logit(model: Any, final_resid: Tensor, answer_id: int) -> float:
         return float(head(normed)[0, answer_id].float())
 
 
-def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None = None) -> Attribution:
+def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None = None,
+              snapshots: tuple[Tensor, Tensor] | None = None) -> Attribution:
     """Splits the answer's logit at the last position of ``tokens`` ``[1, T]`` into parts (and
-    the logit difference to ``control_id`` where given). Call ``not_decomposable`` first."""
-    parts, final_resid, labels = capture_parts(model, tokens)
+    the logit difference to ``control_id`` where given). ``snapshots``: the last position's
+    residuals ``[n+1, d]`` and mids ``[n, d]`` from the lens forward (else a forward of its own
+    captures the parts). Call ``not_decomposable`` first."""
+    if snapshots is not None:
+        parts, final_resid, labels = parts_from_snapshots(*snapshots)
+    else:
+        parts, final_resid, labels = capture_parts(model, tokens)
     W_U, b_U = model.unembed.W_U.detach(), getattr(model.unembed, "b_U", None)
     b_U = None if b_U is None else b_U.detach()
     ln_final = getattr(model, "ln_final", None)

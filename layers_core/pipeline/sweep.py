@@ -69,6 +69,7 @@ class SweepSettings:
     truncate: str | None = None  # "left": a prompt longer than the context keeps its end
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
     keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
+    capture_mids: bool = False  # the forward also captures each block's resid_mid (attribution reuses it)
 
     @property
     def view(self) -> str:
@@ -107,6 +108,7 @@ class SweepResult:
     mid_pure_rows: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
+    last_position_mids: Tensor | None = None  # [n, d]: each block's resid_mid at T−1, where captured
 
 
 class NonFiniteError(ValueError):
@@ -398,7 +400,8 @@ def run_sweep(
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
-    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device, settings.sublayers,
+    forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device,
+                                            settings.sublayers or settings.capture_mids,
                                             settings.truncate, gold["answer_ids"])
     started = time.perf_counter()
     str_tokens = list(model.to_str_tokens(prompt if forwarded.truncated_from is None else forwarded.tokens[0]))
@@ -445,6 +448,7 @@ def run_sweep(
         warnings=list(getattr(lens, "warnings", [])),
         timing={"forward_s": forwarded.forward_s, "lens_s": time.perf_counter() - started},
         mid_records=mid_records, mid_pure_rows=mid_pure, truncated_from=forwarded.truncated_from,
+        last_position_mids=None if forwarded.mids is None else torch.stack([mid[-1] for mid in forwarded.mids]),
         answer_log_prob=forwarded.answer_log_prob,
     )
 

@@ -7,7 +7,7 @@ numbers it yields alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,13 @@ import torch
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
 from layers_core.numerics import get_post_unembed_transform
-from layers_core.pipeline.attribution import Attribution, attribute, attribution_block, not_decomposable
+from layers_core.pipeline.attribution import (
+    Attribution,
+    attribute,
+    attribution_block,
+    has_residual_mids,
+    not_decomposable,
+)
 from layers_core.pipeline.checks import (
     LensComparison,
     answer_sequence_probability,
@@ -97,6 +103,8 @@ def analyse_prompt(
     the answer's logit into block parts (single prompts).
     """
     model = ctx.bridge
+    if attribution and forwarded is None and has_residual_mids(model):  # the lens forward captures the parts
+        settings = replace(settings, capture_mids=True)
     result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records)
     consistency = last_layer_consistency(result.views.consistency, result.model_logits[-1],
                                          result.gold["first_id"], ctx.unembed, ctx.dtype)
@@ -135,5 +143,8 @@ def _attribution(model: Any, result: SweepResult, answer: str | None,
     control_id = None
     if control is not None:
         control_id = resolve_gold_answer(model.tokenizer, control[0], control[1])["first_id"]
-    split = attribute(model, result.tokens, answer_id, control_id)
+    snapshots = None
+    if result.last_position_mids is not None:
+        snapshots = (result.last_position_resid, result.last_position_mids)
+    split = attribute(model, result.tokens, answer_id, control_id, snapshots)
     return split, attribution_block(split, None, answer, None if control_id is None else control[1])
