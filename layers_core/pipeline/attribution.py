@@ -73,23 +73,23 @@ def not_decomposable(model: Any) -> str | None:
     ln_final = getattr(model, "ln_final", None)
     if ln_final is not None and classify_norm(ln_final) not in _LINEAR_NORM_KINDS:
         return f"no attribution: unknown final norm {type(unwrap_norm(ln_final)).__name__}"
-    names = _part_hooks(model)
-    missing = [name for name in names if name not in model.hook_dict]
+    hooks = model.hook_dict  # built on each access: read once
+    missing = [name for name in _part_hooks(model, hooks) if name not in hooks]
     if missing:
         return f"no attribution: the model has no hook point {missing[0]}"
     return None
 
 
-def _parallel_blocks(model: Any) -> list[bool]:
+def _parallel_blocks(model: Any, hooks: Any = None) -> list[bool]:
     """For each block: no ``resid_mid`` between its attention and MLP (a parallel block)."""
-    hooks = model.hook_dict  # built on each access: read once
+    hooks = model.hook_dict if hooks is None else hooks  # built on each access: read once
     return [type(model.blocks[block]).__name__ == PARALLEL_BLOCK or RESID_MID.format(block) not in hooks
             for block in range(int(model.cfg.n_layers))]
 
 
-def _part_hooks(model: Any) -> list[str]:
+def _part_hooks(model: Any, hooks: Any = None) -> list[str]:
     names = [RESID_PRE_0]
-    for block, parallel in enumerate(_parallel_blocks(model)):
+    for block, parallel in enumerate(_parallel_blocks(model, hooks)):
         if parallel:
             names += [ATTN_OUT.format(block), MLP_OUT.format(block)]
         else:
@@ -118,21 +118,22 @@ def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tupl
     """One forward with the part hooks → (parts ``[P, d]`` float32 at the last position, the
     final residual ``[d]``, and each part's (layer, component))."""
     cache: dict[str, Tensor] = {}
-    names = _part_hooks(model)
-    handles = [model.hook_dict[name].add_hook(build_cache_hook(cache, name)) for name in names]
+    hooks = model.hook_dict
+    names = _part_hooks(model, hooks)
+    handles = [hooks[name].add_hook(build_cache_hook(cache, name)) for name in names]
     try:
         with torch.inference_mode():
             model(tokens, logits_to_keep=1)
     finally:
         for name, handle in zip(names, handles):
             handle.hook.remove()
-            registered = getattr(model.hook_dict[name], "fwd_hooks", None)
+            registered = getattr(hooks[name], "fwd_hooks", None)
             if isinstance(registered, list) and handle in registered:
                 registered.remove(handle)
     last = {name: tensor[0, -1].float() for name, tensor in cache.items()}
     parts, labels = [last[RESID_PRE_0]], [(0, EMBED)]
     previous = last[RESID_PRE_0]
-    for block, parallel in enumerate(_parallel_blocks(model)):
+    for block, parallel in enumerate(_parallel_blocks(model, hooks)):
         post = last[RESID_POST.format(block)]
         if parallel:
             attn, mlp = last[ATTN_OUT.format(block)], last[MLP_OUT.format(block)]
