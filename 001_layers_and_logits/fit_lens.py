@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"❌ {error}", file=sys.stderr)
         return 1
     fitted_s = time.perf_counter() - started
-    with tqdm(total=len(evaluation) * len(evaluation[0]), unit="tok", unit_scale=True, desc="evaluate",
-              file=sys.stderr) as bar:
-        layers = lens_fit.evaluate(lens_model, lens, evaluation, args.batch_size, bar.update)
+    layers = None
+    for each in [lens, *_other_fitted_lenses(lens_model, args.kind)]:
+        with tqdm(total=len(evaluation) * len(evaluation[0]), unit="tok", unit_scale=True,
+                  desc=f"evaluate {each.name}", file=sys.stderr) as bar:
+            rows = lens_fit.evaluate(lens_model, each, evaluation, args.batch_size, bar.update)
+        layers = rows if layers is None else [{**row, each.name: new[each.name]} for row, new in zip(layers, rows)]
     report = {"model": lens_model.model_id, "kind": args.kind, **report,
               "corpus": args.corpus or "python standard-library documentation",
               "fit_s": round(fitted_s, 1), "total_s": round(time.perf_counter() - started, 1), "layers": layers}
@@ -101,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _other_fitted_lenses(lens_model, kind: str) -> list:
+    """The model's other fitted lens, where one is in its lens cache: eval.json compares it too."""
+    from layers_core.api.prompt import resolve_lens
+    from layers_core.lens.views import FITTED_VIEWS, resolve_entry, view
+
+    found = []
+    for name in FITTED_VIEWS:
+        if name != kind and os.path.exists(resolve_entry(view(name).default_dir)(lens_model.source.clean_name)):
+            try:
+                found.append(resolve_lens(lens_model, name))
+            except (ValueError, OSError) as error:
+                print(f"⚠️  the {name} lens in the cache is left out of eval.json: {error}", file=sys.stderr)
+    return found
+
+
 def _fit_tuned(args, lens_model, texts):
     """(the tuned lens, held-out chunks to evaluate on, DIR, eval.json facts), the lens saved."""
     from tqdm import tqdm
@@ -108,7 +126,8 @@ def _fit_tuned(args, lens_model, texts):
     from layers_core.lens import fit as lens_fit
     from layers_core.lens import tuned as tuned_lens
 
-    chunks = tuned_lens.token_chunks(lens_model.bridge.tokenizer, texts, CHUNK_TOKENS, args.tokens * 9 // 8)
+    wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a held-out eighth: at least one chunk of eight
+    chunks = tuned_lens.token_chunks(lens_model.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
     train, heldout = tuned_lens.split_heldout(chunks)
     if not heldout:
         raise ValueError(f"the corpus holds only {len(chunks) * CHUNK_TOKENS} tokens; need at least "

@@ -244,3 +244,20 @@ def test_attribution_from_the_lens_forward_equals_its_own_forward(tiny_dirs):
     own = attribute(lm.bridge, s.analysis.result.tokens, s.analysis.result.gold["first_id"], None)
     reused = s.attribution
     assert list(reused["logit"]) == pytest.approx([part[2] for part in own.parts], abs=1e-5)
+
+
+def test_eval_json_gains_the_jacobian_lens_where_one_was_fitted(tiny_dirs, tmp_path):
+    env = dict(os.environ, LAYERS_CACHE_DIR=str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS_LINES * 4), encoding="utf-8")  # the tuned lens needs 2,048 tokens
+    common = [tiny_dirs["llama"], "--corpus", str(corpus), "--device", "cpu"]
+    subprocess.run([sys.executable, FIT_LENS, *common, "--kind", "jacobian", "--prompts", "2",
+                    "--max-seq-len", "20"], check=True, capture_output=True, env=env)
+    done = subprocess.run([sys.executable, FIT_LENS, *common, "--tokens", "1024"], check=True,
+                          capture_output=True, text=True, env=env)
+    report = json.load(open(os.path.join(done.stdout.strip().splitlines()[-1], "eval.json")))
+    assert report["kind"] == "tuned"
+    for row in report["layers"]:
+        assert {"logit", "tuned", "jacobian"} <= set(row)
+    assert report["layers"][0]["jacobian"] == report["layers"][0]["logit"]  # no matrix for the embeddings
+    assert report["layers"][1]["jacobian"] != report["layers"][1]["logit"]

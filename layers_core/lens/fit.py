@@ -93,15 +93,15 @@ def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batc
 
 
 def eval_figure(layers: Sequence[dict], title: str):
-    """Held-out KL(final ‖ lens) and top-1 agreement per layer, the logit lens against the
-    fitted lens (the rows' other key)."""
+    """Held-out KL(final ‖ lens) and top-1 agreement per layer, the logit lens against every
+    fitted lens (the rows' other keys)."""
     from layers_core.results.plots import new_figure
 
     fig = new_figure((10, 4))
     axes = fig.subplots(1, 2)
     xs = [row["layer"] for row in layers]
-    fitted = next(key for key in layers[0] if key not in ("layer", "logit"))
-    for kind, style in (("logit", "--"), (fitted, "-")):
+    fitted = [key for key in layers[0] if key not in ("layer", "logit")]
+    for kind, style in (("logit", "--"), *((name, "-") for name in fitted)):
         axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
         axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
     axes[0].set_yscale("log")
