@@ -181,3 +181,19 @@ def test_the_report_renders_in_a_notebook(tiny_dirs, tmp_path):
     outputs = notebook.cells[0].outputs
     html = next(o["data"]["text/html"] for o in outputs if o.get("output_type") == "execute_result")
     assert html.startswith("<iframe srcdoc=") and "report-data" in html and "Berlin" in html
+
+
+def test_a_set_with_records_opens_each_prompts_heatmap(browser, tiny_dirs, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"id": "de", "prompt": "The capital of Germany is", "answer": "Berlin"}\n'
+                     '{"id": "fr", "prompt": "The capital of France is called simply", "answer": "Paris"}\n')
+    out = tmp_path / "set"
+    subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], "--prompts", str(facts), "--records",
+                    "--out_dir", str(out), "--quiet"], check=True)
+    _open(browser, out / "output-llama.html")
+    records = _read_csv(out / "output-llama-records.csv")
+    browser.find_element("css selector", "#prompt-table tbody tr[data-prompt-id='fr']").click()
+    cells = browser.find_elements("css selector", "#detail #heatmap td.cell")
+    own = [row for row in records if row["prompt_id"] == "fr"]
+    assert len(cells) == len(own) == 4 * len({row["pos"] for row in own})  # 3 blocks + embeddings
+    assert _js_errors(browser) == []

@@ -128,13 +128,18 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
 
 
 def set_report_data(summary: Sequence[Mapping[str, Any]], curves: Mapping[str, tuple], n_layers: int,
-                    title: str, comparison: Mapping[str, Any] | None = None) -> dict:
+                    title: str, records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                    window: int | None = None) -> dict:
     """The page's data for a prompt set: the summary rows, each prompt's pure rows under both
-    lenses (curves and the last position's top-5 per layer), the milestones as depth fractions."""
+    lenses (curves and the last position's top-5 per layer), the milestones as depth fractions;
+    with ``records`` (a set run with ``--records``) each prompt's heatmap too (the last
+    ``window`` positions)."""
     vocab = _Vocabulary()
     prompts = {}
     for prompt_id, (pure, other, other_name) in curves.items():
+        rows = (records or {}).get(prompt_id)
         prompts[str(prompt_id)] = {
+            **({"heatmap": _cells(rows, vocab, window)} if rows else {}),
             "curves": {"chosen": _curve(pure), other_name: _curve(other)},
             "top": [[vocab.id(str(row.get(f"top{k}", ""))) for k in range(1, 6)] for row in pure],
             "probs": [[_number(row.get(f"prob{k}"), _PROB_DIGITS) for k in range(1, 6)] for row in pure],
@@ -143,7 +148,7 @@ def set_report_data(summary: Sequence[Mapping[str, Any]], curves: Mapping[str, t
     return {"kind": "set", "title": title, "vocab": vocab.strings, "n_layers": n_layers, "columns": columns,
             "summary": [{key: (_number(value) if isinstance(value, (int, float)) else value)
                          for key, value in row.items()} for row in summary],
-            "prompts": prompts, "milestones": list(_MILESTONES), "comparison": comparison}
+            "prompts": prompts, "milestones": list(_MILESTONES), "comparison": None}
 
 
 def comparison_report_data(rows: Sequence[Mapping[str, Any]], stats: Mapping[str, Any], title: str) -> dict:

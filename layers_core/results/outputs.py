@@ -13,6 +13,7 @@ from typing import Any
 from layers_core.csv_io import pure_header, records_header, render_csv, with_sublayer_column, write_pure_csv
 from layers_core.pipeline.sweep import in_depth_order
 from layers_core.results.outcome import PromptOutcome
+from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
 from layers_core.results.report import error_document, to_strict_json
 from layers_core.run_dir import atomic_write, comparison_csv_path, residual_path
@@ -125,7 +126,9 @@ def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcom
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
     curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
     plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
-    atomic_write(paths["html"], html_report.render(html_report.set_report_data(summary, curves, n_layers, title)))
+    records = {o.prompt_id: o.records for o in outcomes if o.records}
+    page = html_report.set_report_data(summary, curves, n_layers, title, records, HEATMAP_WINDOW)
+    atomic_write(paths["html"], html_report.render(page))
 
 
 def write_error_document(path: str, error: BaseException, stage: str, model: str,

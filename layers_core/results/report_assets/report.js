@@ -83,18 +83,16 @@
     return list;
   }
 
-  // ---- one prompt: heatmap with hover and a pinned token ----
-  function promptReport() {
-    const heat = data.heatmap;
-    root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
-    const tip = el("div", { id: "tip" });
+  // ---- the heatmap: hover a cell for its top-k, pin a token to see its rank everywhere ----
+  function heatmapView(heat, answer, answerLast) {
+    const tip = document.getElementById("tip") || document.body.appendChild(el("div", { id: "tip" }));
     const status = el("span", { id: "pin-status" });
     const input = el("input", { id: "pin-input", list: "vocab-list", placeholder: "a token, e.g. \" Berlin\"" });
     const datalist = el("datalist", { id: "vocab-list" }, ...vocab.map((t) => el("option", { value: t })));
     const table = el("table", { class: "heat", id: "heatmap" });
     const cells = [];
-    const nRows = heat.layers.length;
-    for (let r = nRows - 1; r >= 0; r--) {  // the last layer on top, as the layers stack
+    const last = heat.positions.length - 1;
+    for (let r = heat.layers.length - 1; r >= 0; r--) {  // the last layer on top, as the layers stack
       const tr = el("tr", {}, el("th", {}, heat.layers[r]));
       heat.cells[r].forEach((cell, c) => {
         const td = el("td", { class: "cell", "data-layer": heat.layers[r], "data-pos": heat.positions[c] });
@@ -107,27 +105,25 @@
       table.append(tr);
     }
     table.append(el("tr", {}, el("th", {}, "layer"), ...heat.tokens.map((t, c) => el("th", { class: "pos" }, heat.positions[c] + " " + show(t)))));
-    function lastAnswer(r) { return data.answer_last && data.answer_last[r]; }
     function rankIn(r, c, token) {
       const cell = heat.cells[r][c];
-      const id = vocab.indexOf(token);
-      if (c === heat.positions.length - 1 && token === data.answer && lastAnswer(r)) return lastAnswer(r).rank;
-      const k = cell[1].indexOf(id);
+      if (c === last && token === answer && answerLast && answerLast[r]) return answerLast[r].rank;
+      const k = cell[1].indexOf(vocab.indexOf(token));
       return k >= 0 ? k + 1 : null;  // beyond the recorded top-k
     }
     function showTip(event, r, c) {
       const [entropy, ids, probs] = heat.cells[r][c];
       const rows = ids.map((id, k) => el("tr", { class: "tip-row" }, el("td", {}, String(k + 1)),
         el("td", { class: "tok", onclick: () => pin(vocab[id]) }, show(vocab[id])), el("td", { class: "prob" }, fmt(probs[k]))));
-      let answer = "";
-      if (data.answer) {
-        const rank = rankIn(r, c, data.answer);
-        const last = c === heat.positions.length - 1 ? lastAnswer(r) : null;
-        answer = `answer ${show(data.answer)}: ` + (last ? `rank ${last.rank}, p ${fmt(last.p)}` :
+      let line = "";
+      if (answer) {
+        const rank = rankIn(r, c, answer);
+        const exact = c === last && answerLast ? answerLast[r] : null;
+        line = `answer ${show(answer)}: ` + (exact ? `rank ${exact.rank}, p ${fmt(exact.p)}` :
           rank ? `rank ${rank}, p ${fmt(probs[rank - 1])}` : `not in the top ${ids.length}`);
       }
       tip.replaceChildren(el("div", {}, `layer ${heat.layers[r]}, position ${heat.positions[c]} ${show(heat.tokens[c])}`),
-        el("div", { class: "entropy" }, `entropy ${fmt(entropy)} bits`), el("div", { class: "answer" }, answer),
+        el("div", { class: "entropy" }, `entropy ${fmt(entropy)} bits`), el("div", { class: "answer" }, line),
         el("table", {}, ...rows));
       tip.style.display = "block";
       tip.style.left = Math.min(event.clientX + 12, window.innerWidth - 260) + "px";
@@ -161,10 +157,16 @@
       status.dataset.token = token === null ? "" : token;
     }
     input.addEventListener("keydown", (event) => { if (event.key === "Enter") pin(input.value === "" ? null : input.value); });
-    root.append(el("h2", {}, "Lens heatmap"), el("div", { id: "controls" }, "Pin a token: ", input, datalist,
+    pin(answer || null);
+    return el("div", {}, el("div", { id: "controls" }, "Pin a token: ", input, datalist,
       el("button", { onclick: () => pin(input.value === "" ? null : input.value) }, "pin"),
-      el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table), tip);
-    pin(data.answer || null);
+      el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table));
+  }
+
+  // ---- one prompt ----
+  function promptReport() {
+    root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
+    root.append(el("h2", {}, "Lens heatmap"), heatmapView(data.heatmap, data.answer, data.answer_last));
     root.append(el("h2", {}, "Per layer, every lens of the run"), charts(data.curves));
     if (data.attribution) root.append(el("h2", {}, "Which block wrote the answer (direct logit attribution)"), attributionChart(data.attribution));
   }
@@ -231,6 +233,7 @@
       const top = el("table", { class: "topk" }, ...prompt.top.map((ids, layer) => el("tr", {}, el("td", {}, "layer " + layer),
         ...ids.map((t, k) => el("td", {}, show(vocab[t]) + " " + fmt(prompt.probs[layer][k]))))));
       detail.replaceChildren(el("h2", {}, "Prompt " + id), charts(prompt.curves), el("h2", {}, "Last position, top-5 per layer"), top);
+      if (prompt.heatmap) detail.append(el("h2", {}, "Lens heatmap (--records)"), heatmapView(prompt.heatmap, null, null));
     }
     fill();
     root.append(el("div", { class: "summary-wrap" }, table), detail);
