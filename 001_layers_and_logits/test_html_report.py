@@ -140,6 +140,10 @@ def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_mod
     summary = _read_csv(out / f"output-{NAME}-summary.csv")
     rows = browser.find_elements("css selector", "#prompt-table tbody tr.prompt")
     assert len(rows) == len(summary) == 178
+    first = rows[0]
+    for column in ("prompt_tokens", "L_semantic", "final_p_answer"):  # numbers are shown as numbers
+        shown = first.find_element("css selector", f"td[data-column='{column}']").text
+        assert shown == summary[0][column] or float(shown) == pytest.approx(float(summary[0][column]))
     browser.find_element("css selector", "#prompt-table th[data-column='final_p_answer']").click()
     ids = [r.get_attribute("data-prompt-id") for r in browser.find_elements("css selector", "#prompt-table tbody tr.prompt")]
     by_p = sorted(summary, key=lambda r: float(r["final_p_answer"]))
@@ -196,4 +200,21 @@ def test_a_set_with_records_opens_each_prompts_heatmap(browser, tiny_dirs, tmp_p
     cells = browser.find_elements("css selector", "#detail #heatmap td.cell")
     own = [row for row in records if row["prompt_id"] == "fr"]
     assert len(cells) == len(own) == 4 * len({row["pos"] for row in own})  # 3 blocks + embeddings
+    assert _js_errors(browser) == []
+
+
+def test_a_comparison_of_models_has_a_panel_per_milestone(browser, tiny_dirs, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(open(BATTERY, encoding="utf-8").readlines()[:3]), encoding="utf-8")
+    for family in ("llama", "gpt2"):
+        subprocess.run([sys.executable, RUN_PY, tiny_dirs[family], "--prompts", str(facts), "--no-plots", "--quiet",
+                        "--out_dir", str(tmp_path / family)], check=True)
+    subprocess.run([sys.executable, os.path.join(HERE, "merge.py"), str(tmp_path / "llama"), str(tmp_path / "gpt2"),
+                    "--out", str(tmp_path / "both")], check=True, capture_output=True)
+    _open(browser, tmp_path / "both" / "comparison.html")
+    from layers_core.results.merge import MILESTONES
+
+    panels = browser.find_elements("css selector", "#comparison svg.chart")
+    assert len(panels) == len(MILESTONES)
+    assert len(browser.find_elements("css selector", "#prompt-table tbody tr.prompt")) == 6
     assert _js_errors(browser) == []

@@ -191,7 +191,7 @@ def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: st
     stages.run("write", result.save, directory, name=name, plots=config.plots,
                keep_residuals=config.keep_residuals, worker=pictures)
     if config.plots:
-        say(config, f"  plots    {result.timing['plots_s']:6.2f} s  lens heatmap, layer curves "
+        say(config, f"  plots    {result.timing['plots_s']:6.2f} s  lens heatmap, layer curves, HTML report "
                     "(drawn while the test prompts ran; the wait they added)")
     say(config, f"  write    {result.timing['write_s']:6.2f} s  output-{name}.json, CSVs")
     return result.document

@@ -129,7 +129,7 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
 
 def set_report_data(summary: Sequence[Mapping[str, Any]], curves: Mapping[str, tuple], n_layers: int,
                     title: str, records: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                    window: int | None = None) -> dict:
+                    window: int | None = None, lens_name: str = "chosen") -> dict:
     """The page's data for a prompt set: the summary rows, each prompt's pure rows under both
     lenses (curves and the last position's top-5 per layer), the milestones as depth fractions;
     with ``records`` (a set run with ``--records``) each prompt's heatmap too (the last
@@ -140,7 +140,7 @@ def set_report_data(summary: Sequence[Mapping[str, Any]], curves: Mapping[str, t
         rows = (records or {}).get(prompt_id)
         prompts[str(prompt_id)] = {
             **({"heatmap": _cells(rows, vocab, window)} if rows else {}),
-            "curves": {"chosen": _curve(pure), other_name: _curve(other)},
+            "curves": {lens_name: _curve(pure), other_name: _curve(other)},
             "top": [[vocab.id(str(row.get(f"top{k}", ""))) for k in range(1, 6)] for row in pure],
             "probs": [[_number(row.get(f"prob{k}"), _PROB_DIGITS) for k in range(1, 6)] for row in pure],
         }

@@ -179,7 +179,7 @@ def _merged_pictures(paths: dict, name: str, document: dict, summary: list[dict]
                               other) for index, row in zip(document["prompt_set"]["indices"], summary)]
     n_layers = int(document["model_stats"]["num_layers"])
     title = set_picture_title(name, document["prompt_set"]["settings"]["lens"], len(summary))
-    outputs.write_set_pictures(paths, outcomes, n_layers, title)
+    outputs.write_set_pictures(paths, outcomes, n_layers, title, document["prompt_set"]["settings"]["lens"])
 
 
 def comparison_rows(models: dict[str, dict]) -> list[dict]:

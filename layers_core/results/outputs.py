@@ -115,7 +115,7 @@ def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]
 
 
 def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome],
-                       n_layers: int, title: str) -> None:
+                       n_layers: int, title: str, lens_name: str = "chosen") -> None:
     """The prompt-set summary picture (milestones as fractions of depth), the small multiples
     of every prompt's answer rank per layer, and the HTML report (the prompt table)."""
     from layers_core.results import plots
@@ -127,7 +127,7 @@ def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcom
     curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
     plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
     records = {o.prompt_id: o.records for o in outcomes if o.records}
-    page = html_report.set_report_data(summary, curves, n_layers, title, records, HEATMAP_WINDOW)
+    page = html_report.set_report_data(summary, curves, n_layers, title, records, HEATMAP_WINDOW, lens_name)
     atomic_write(paths["html"], html_report.render(page))
 
 

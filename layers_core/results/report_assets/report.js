@@ -222,7 +222,8 @@
       body.replaceChildren(...order.map((i) => {
         const row = data.summary[i];
         return el("tr", { class: "prompt", "data-prompt-id": row.prompt_id, onclick: (event) => open(row.prompt_id, event.currentTarget) },
-          ...columns.map((c) => el("td", {}, row[c] === null || row[c] === undefined ? "" : show(row[c]))));
+          ...columns.map((c) => el("td", { "data-column": c }, row[c] === null || row[c] === undefined ? "" :
+            typeof row[c] === "string" ? show(row[c]) : String(row[c]))));
       }));
     }
     function open(id, tr) {
