@@ -104,7 +104,6 @@ def _diagnostics(diagnostics: Mapping[str, Any], extra: Mapping[str, Any]) -> di
         "last_layer_kl_bits": consistency.get("kl_model_to_lens_bits"),
         "last_layer_passed": consistency.get("passed"),
         "last_layer_tolerance_bits": consistency.get("tolerance_bits"),
-        "lens_artifact_risk": (diagnostics.get("lens_artifact") or {}).get("risk"),
         "norm": diagnostics["norm_strategy"]["name"],
         **extra,
     }
@@ -123,7 +122,8 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
         "kind": "prompt", "title": title, "vocab": vocab.strings, "heatmap": heatmap,
         "answer": answer, "answer_last": last_answer, "curves": _curves(rows),
         "attribution": rows.get("attribution"),
-        "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control")}),
+        "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control"),
+                                                  "lens_artifact_risk": rows.get("lens_artifact_risk")}),
     }
 
 
