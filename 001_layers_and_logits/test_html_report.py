@@ -223,3 +223,16 @@ def test_a_comparison_of_models_has_a_panel_per_milestone(browser, tiny_dirs, tm
     assert len(panels) == len(MILESTONES)
     assert len(browser.find_elements("css selector", "#prompt-table tbody tr.prompt")) == 6
     assert _js_errors(browser) == []
+
+
+def test_sublayers_are_half_steps_in_the_heatmap(browser, tiny_dirs, tmp_path):
+    out = tmp_path / "sub"
+    subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], "--sublayers", "--out_dir", str(out), "--quiet"],
+                   check=True)
+    _open(browser, out / "output-llama.html")
+    records = _read_csv(out / "output-llama-records.csv")
+    cells = browser.find_elements("css selector", "#heatmap td.cell")
+    assert len(cells) == len(records) == 7 * len({row["pos"] for row in records})  # 3 blocks: 2·3 + 1 reads
+    labels = list(dict.fromkeys(c.get_attribute("data-layer") for c in cells))
+    assert labels == ["3", "2½", "2", "1½", "1", "0½", "0"]  # top to bottom: the attn read of block b is b½
+    assert _js_errors(browser) == []
