@@ -261,3 +261,15 @@ def test_eval_json_gains_the_jacobian_lens_where_one_was_fitted(tiny_dirs, tmp_p
         assert {"logit", "tuned", "jacobian"} <= set(row)
     assert report["layers"][0]["jacobian"] == report["layers"][0]["logit"]  # no matrix for the embeddings
     assert report["layers"][1]["jacobian"] != report["layers"][1]["logit"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt-neox"])  # residual snapshots; parallel blocks' own forward
+def test_attribution_in_bfloat16_adds_up_within_the_heads_rounding(tiny_dirs, family):
+    """In half precision the model's own head logit is itself rounded (bf16: 8 bits of mantissa),
+    so the parts (float32 maths on bf16 residuals) meet it within that rounding."""
+    lm = lc.load(tiny_dirs[family], dtype="bfloat16")
+    s = lc.sweep(lm, PROMPT, "Berlin")
+    block = s.document["attribution"]
+    assert block["note"] is None
+    assert abs(block["residual_error"]) <= 1e-2 * max(1.0, abs(block["head_logit"]))
+    assert list(s.attribution["component"])[-1] == "norm_bias"

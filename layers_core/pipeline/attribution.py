@@ -115,12 +115,13 @@ def parts_from_snapshots(residuals: Tensor, mids: Tensor) -> tuple[Tensor, Tenso
 
 
 def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
-    """One forward with the part hooks → (parts ``[P, d]`` float32 at the last position, the
-    final residual ``[d]``, and each part's (layer, component))."""
+    """One forward with the part hooks → (parts ``[P, d]`` float32 at the last position, on the
+    unembedding's device, the final residual ``[d]``, and each part's (layer, component))."""
     cache: dict[str, Tensor] = {}
     hooks = model.hook_dict
     names = _part_hooks(model, hooks)
-    handles = [hooks[name].add_hook(build_cache_hook(cache, name)) for name in names]
+    device = model.unembed.W_U.device  # a model split over GPUs: every part on the lens's device
+    handles = [hooks[name].add_hook(build_cache_hook(cache, name, device)) for name in names]
     try:
         with torch.inference_mode():
             model(tokens, logits_to_keep=1)
