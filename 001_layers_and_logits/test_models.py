@@ -144,3 +144,20 @@ def test_a_gguf_transformers_cannot_dequantise_is_refused_in_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot dequantise GGUF architecture 'no-such-arch'") as info:
         load_model(source, "cpu", torch.float32, cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(info.value)
+
+
+def test_a_gguf_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    from layers_core.model import gguf_models
+
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    calls = []
+    real = gguf_models.sha256_of
+    monkeypatch.setattr(gguf_models, "sha256_of", lambda p: calls.append(p) or real(p))
+    first = gguf_models.cached_sha256(str(path), str(tmp_path / "cache"))
+    assert gguf_models.cached_sha256(str(path), str(tmp_path / "cache")) == first and len(calls) == 1
+    import hashlib
+
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(b"GGUF changed")  # a new size and mtime: hashed again
+    assert gguf_models.cached_sha256(str(path), str(tmp_path / "cache")) != first and len(calls) == 2

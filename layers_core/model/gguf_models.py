@@ -191,11 +191,36 @@ def ensure_packaged(model: PackagedModel, cache_root: str) -> str:
     return ensure_dequantised(model.locate(model, cache_root), target)
 
 
+HASH_INDEX = "gguf-hashes.json"  # path|size|mtime → sha256, so a 40 GB file is hashed once
+
+
+def cached_sha256(gguf_path: str, cache_root: str) -> str:
+    """The file's sha256, remembered in the cache root under its path, size and mtime (a file
+    changed in place gets a new entry)."""
+    import json
+
+    from layers_core.run_dir import atomic_write
+
+    stat = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = os.path.join(cache_root, HASH_INDEX)
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        index[key] = sha256_of(gguf_path)
+        os.makedirs(cache_root, exist_ok=True)
+        atomic_write(index_path, json.dumps(index, indent=1))
+    return index[key]
+
+
 def ensure_gguf(gguf_path: str, cache_root: str) -> tuple[str, dict]:
     """A user's GGUF file → (its float32 directory under ``gguf-<sha256[:16]>``, provenance
     ``{gguf_file, gguf_sha256, gguf_architecture, gguf_quantization}``)."""
     metadata = gguf_metadata(gguf_path)
-    digest = sha256_of(gguf_path)
+    digest = cached_sha256(gguf_path, cache_root)
     directory = ensure_dequantised(gguf_path, os.path.join(cache_root, f"gguf-{digest[:16]}"))
     return directory, {"gguf_file": os.path.abspath(gguf_path), "gguf_sha256": digest,
                        "gguf_architecture": metadata["architecture"],
