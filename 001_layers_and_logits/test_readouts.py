@@ -273,3 +273,16 @@ def test_attribution_in_bfloat16_adds_up_within_the_heads_rounding(tiny_dirs, fa
     assert block["note"] is None
     assert abs(block["residual_error"]) <= 1e-2 * max(1.0, abs(block["head_logit"]))
     assert list(s.attribution["component"])[-1] == "norm_bias"
+
+
+def test_a_jacobian_lens_of_another_model_is_refused(tiny_dirs, jacobian_artifact, tmp_path, capsys):
+    """Our fingerprint replaces TransformerLens's model-name check, and only that one: its other
+    checks (d_model, the layer range) still run with --allow-foreign-lens."""
+    import run
+
+    flags = [tiny_dirs["qwen2"], "--lens", "jacobian", "--lens-path", str(jacobian_artifact),
+             "--out_dir", str(tmp_path), "--quiet", "--no-plots"]
+    assert run.main(flags) == 1
+    assert "ForeignLensError" in capsys.readouterr().err
+    assert run.main([*flags, "--allow-foreign-lens"]) == 1  # 2 blocks: the lens's layer 1 has no place
+    assert "outside the model's 0..0 source range" in capsys.readouterr().err

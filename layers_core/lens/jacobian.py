@@ -14,6 +14,7 @@ transport decoded each layer.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from layers_core.norm_utils import apply_norm_or_skip
 
 ARTIFACT_SUFFIX = ".pt"
 _FINGERPRINT_KEYS = ("config_hash", "unembed_hash")
+_MODEL_NAME_KEYS = ("model_name", "model_revision")  # TL's name check, replaced by the fingerprint
 NO_MATRIX_EMBEDDINGS = "none: the format has no matrix for the embeddings (logit lens)"
 IDENTITY_LAST = "identity: the last block's output is the model's own"
 
@@ -81,11 +83,12 @@ class JacobianLensReader:
         Bridge, the same ``d_model``, source layers in range, the final-layer target). The
         recorded model *name* is not compared where the lens carries this project's fingerprint
         (the config and W_U hashes, checked after binding): a moved model keeps its lens."""
-        try:
-            self.lens.validate_model(model)
-        except ValueError as error:
-            if self.fingerprint is None or "was fitted for model" not in str(error):
-                raise
+        lens = self.lens
+        if self.fingerprint is not None:  # every other check still runs, on a copy without the name
+            lens = copy.copy(self.lens)
+            lens.metadata = {key: value for key, value in self.lens.metadata.items()
+                             if key not in _MODEL_NAME_KEYS}
+        lens.validate_model(model)
         return replace(self, final_norm=getattr(model, "ln_final", None), n_layers=int(model.cfg.n_layers))
 
     def source_layer(self, layer: int) -> int | None:
