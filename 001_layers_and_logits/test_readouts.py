@@ -280,9 +280,12 @@ def test_a_jacobian_lens_of_another_model_is_refused(tiny_dirs, jacobian_artifac
     checks (d_model, the layer range) still run with --allow-foreign-lens."""
     import run
 
-    flags = [tiny_dirs["qwen2"], "--lens", "jacobian", "--lens-path", str(jacobian_artifact),
-             "--out_dir", str(tmp_path), "--quiet", "--no-plots"]
-    assert run.main(flags) == 1
+    def flags(family):
+        return [tiny_dirs[family], "--lens", "jacobian", "--lens-path", str(jacobian_artifact),
+                "--out_dir", str(tmp_path / family), "--quiet", "--no-plots"]
+
+    assert run.main(flags("gpt2")) == 1  # 3 blocks of width 64 like the lens's Llama: only the fingerprint differs
     assert "ForeignLensError" in capsys.readouterr().err
-    assert run.main([*flags, "--allow-foreign-lens"]) == 1  # 2 blocks: the lens's layer 1 has no place
+    assert run.main([*flags("gpt2"), "--allow-foreign-lens"]) == 0
+    assert run.main([*flags("qwen2"), "--allow-foreign-lens"]) == 1  # 2 blocks: the lens's layer 1 has no place
     assert "outside the model's 0..0 source range" in capsys.readouterr().err
