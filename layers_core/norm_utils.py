@@ -171,6 +171,35 @@ def apply_norm_or_skip(
     return y.to(dtype=residual.dtype, device=residual.device)
 
 
+LINEAR_NORM_KINDS = (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS, RMSNORM, RMSNORM_PRE, RMSNORM_ONE_PLUS)
+
+
+def frozen_norm_readout(ln_final: nn.Module | None, final_resid: Tensor,
+                        direction: Tensor) -> tuple[Tensor, float]:
+    """(u ``[d]``, bias) with ``norm(x) · direction = x · u + bias`` when the norm's scale is frozen
+    at ``final_resid``: a part ``p`` contributes ``p · u`` (centring folded into u for a LayerNorm)."""
+    if ln_final is None:
+        return direction, 0.0
+    kind, module = classify_norm(ln_final), unwrap_norm(ln_final)
+    eps = _epsilon(module)
+    eps = 1e-5 if eps is None else eps
+    x = final_resid.float()
+    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
+        scale = torch.rsqrt((x - x.mean()).pow(2).mean() + eps)
+        weight, bias = (None, None) if kind == LAYERNORM_PRE else _affine_params(module)
+    else:
+        scale = torch.rsqrt(x.pow(2).mean() + eps)
+        weight, bias = (None if kind == RMSNORM_PRE else _get_rms_scale(module)), None
+    gain = torch.ones_like(x) if weight is None else weight.detach().float().to(x.device)
+    if kind in (RMSNORM_ONE_PLUS, LAYERNORM_ONE_PLUS) and weight is not None:
+        gain = 1.0 + gain
+    u = scale * gain * direction
+    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
+        u = u - u.mean()  # (p − mean p) · v = p · (v − mean v)
+    beta = 0.0 if bias is None else float(bias.detach().float().to(x.device) @ direction)
+    return u, beta
+
+
 POST_SUBLAYER_NORM = "post_sublayer_norm"  # OLMo-2/OLMo-3: norms only on the sublayers' outputs
 
 

@@ -161,11 +161,16 @@ class Sweep:
         answer = None if first_id is None else self.lens_model.decoder.decode_many([first_id])[first_id]
         return pictures.picture_rows(self.analysis, self.heatmap_window, answer)
 
+    def _report_data(self) -> dict:
+        from layers_core.results import html_report
+
+        return html_report.prompt_report_data(self.picture_rows(), self.title())
+
     def html(self) -> str:
         """The interactive report of this prompt as one self-contained HTML page."""
         from layers_core.results import html_report
 
-        return html_report.render(html_report.prompt_report_data(self.picture_rows(), self.title()))
+        return html_report.render(self._report_data())
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report to ``path`` (atomically); returns ``path``."""
@@ -178,7 +183,7 @@ class Sweep:
         """The report embedded in a notebook cell (an isolated iframe)."""
         from layers_core.results import html_report
 
-        return html_report.embedded(html_report.prompt_report_data(self.picture_rows(), self.title()))
+        return html_report.embedded(self._report_data())
 
     def lens_figure(self):
         """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""

@@ -27,7 +27,6 @@ from layers_core.results import outputs, prompt_sets, report
 from layers_core.results.analysis import analyse_prompt
 from layers_core.results.document import prompt_entry, provenance, with_timing
 from layers_core.results.outcome import PromptOutcome
-from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.prompt_sets import PromptItem
 from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.results.tables import frame_from_rows
@@ -109,13 +108,8 @@ class SweepSet:
         return with_timing(body, self.timing, total_seconds(self))
 
     def _report_data(self) -> dict:
-        from layers_core.results import html_report
-
         title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
-        curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in self.outcomes}
-        records = {o.prompt_id: o.records for o in self.outcomes if o.records}
-        return html_report.set_report_data([o.summary for o in self.outcomes], curves, self.lens_model.n_layers,
-                                           title, records, HEATMAP_WINDOW, self.settings.view)
+        return outputs.set_report_page(self.outcomes, self.lens_model.n_layers, title, self.settings.view)
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""

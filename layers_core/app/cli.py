@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from layers_core.collapse_rules import COPY_MARGIN, COPY_THRESHOLD
-from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, view
+from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, single_file_in, view
 from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
 from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
@@ -172,13 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _single_artifact(path: str) -> bool:
-    """A lens file, or a directory holding exactly one ``.pt`` (torch-free: runs before loading)."""
-    if os.path.isfile(path):
-        return True
-    return os.path.isdir(path) and sum(name.endswith(".pt") for name in os.listdir(path)) == 1
-
-
 def _check(args: argparse.Namespace) -> str | None:
     """The first usage error in ``args``, or None."""
     if args.answer is not None and args.prompt is None:
@@ -197,7 +190,7 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.lens_path is not None and args.lens == LOGIT:
         return f"--lens-path goes with a fitted lens (--lens {' | '.join(LENS_CHOICES[1:])})"
     if args.lens_path is not None and view(args.lens).single_file:
-        if not _single_artifact(args.lens_path):
+        if single_file_in(args.lens_path) is None:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (a .pt file, or a directory "
                     "holding exactly one); fit one with 001_layers_and_logits/fit_lens.py --kind jacobian")
     elif args.lens_path is not None:

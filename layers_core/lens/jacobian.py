@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from layers_core.lens.protocol import describe_plan, plan_warnings
+from layers_core.lens.views import single_file_in
 from layers_core.norm_utils import apply_norm_or_skip
 
 ARTIFACT_SUFFIX = ".pt"
@@ -43,16 +44,6 @@ def default_lens_dir(clean_name: str) -> str:
     return os.path.join(default_cache_root(), "jacobian-lens", clean_name)
 
 
-def artifact_in(path: str) -> str | None:
-    """``path`` itself if it is a file, else the one ``.pt`` file in the directory ``path``."""
-    if os.path.isfile(path):
-        return path
-    if not os.path.isdir(path):
-        return None
-    found = sorted(name for name in os.listdir(path) if name.endswith(ARTIFACT_SUFFIX))
-    return os.path.join(path, found[0]) if len(found) == 1 else None
-
-
 @dataclass(frozen=True)
 class JacobianLensReader:
     """A fitted ``transformer_lens.tools.analysis.JacobianLens`` read as this project's ``Lens``
@@ -70,7 +61,7 @@ class JacobianLensReader:
         """Reads an artifact (a fit of ``fit_lens.py --kind jacobian`` or a published one)."""
         from transformer_lens.tools.analysis import JacobianLens
 
-        artifact = artifact_in(path)
+        artifact = single_file_in(path, ARTIFACT_SUFFIX)
         if artifact is None:
             raise FileNotFoundError(f"no Jacobian lens at {path} (a .pt file, or a directory holding one)")
         lens = JacobianLens.load(artifact)

@@ -9,6 +9,7 @@ fitted lenses the ``module:function`` that loads one for a model.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 LOGIT = "logit"  # --lens logit: the logit lens under --norm
@@ -62,6 +63,18 @@ def view(name: str) -> View:
     """The registry row of ``name``; a user lens not in the registry gets a row of its own
     (compared with the logit lens under ``--norm``)."""
     return VIEWS.get(name) or View(name, None, "user_lens", "a user lens")
+
+
+def single_file_in(path: str, suffix: str = ".pt") -> str | None:
+    """``path`` itself if it is a file, else the one ``*suffix`` file in the directory ``path``
+    (None for none or several): where a single-file lens lives (torch-free: the CLI checks it
+    before loading)."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        return None
+    found = [name for name in os.listdir(path) if name.endswith(suffix)]
+    return os.path.join(path, found[0]) if len(found) == 1 else None
 
 
 def resolve_entry(spec: str):

@@ -24,25 +24,12 @@ import torch
 from torch import Tensor
 
 from layers_core.hooks import RESID_MID, RESID_POST, RESID_PRE_0, build_cache_hook
-from layers_core.norm_utils import (
-    LAYERNORM,
-    LAYERNORM_ONE_PLUS,
-    LAYERNORM_PRE,
-    RMSNORM,
-    RMSNORM_ONE_PLUS,
-    RMSNORM_PRE,
-    _affine_params,
-    _epsilon,
-    _get_rms_scale,
-    classify_norm,
-    unwrap_norm,
-)
+from layers_core.norm_utils import LINEAR_NORM_KINDS, classify_norm, frozen_norm_readout, unwrap_norm
+from layers_core.pipeline.sweep import PARALLEL_BLOCK
 
 EMBED, ATTN, MLP, NORM_BIAS = "embed", "attn", "mlp", "norm_bias"
 ATTN_OUT, MLP_OUT = "blocks.{}.hook_attn_out", "blocks.{}.hook_mlp_out"
-PARALLEL_BLOCK = "ParallelBlockBridge"
 TOP_PARTS = 3
-_LINEAR_NORM_KINDS = (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS, RMSNORM, RMSNORM_PRE, RMSNORM_ONE_PLUS)
 
 
 @dataclass(frozen=True)
@@ -71,7 +58,7 @@ def not_decomposable(model: Any) -> str | None:
     if getattr(model, "prediction_head", None) is not None:
         return "no attribution: the head holds layers between the final norm and W_U (not linear)"
     ln_final = getattr(model, "ln_final", None)
-    if ln_final is not None and classify_norm(ln_final) not in _LINEAR_NORM_KINDS:
+    if ln_final is not None and classify_norm(ln_final) not in LINEAR_NORM_KINDS:
         return f"no attribution: unknown final norm {type(unwrap_norm(ln_final)).__name__}"
     hooks = model.hook_dict  # built on each access: read once
     missing = [name for name in _part_hooks(model, hooks) if name not in hooks]
@@ -146,31 +133,6 @@ def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tupl
         labels += [(block + 1, ATTN), (block + 1, MLP)]
         previous = post
     return torch.stack(parts), previous, labels
-
-
-def frozen_norm_readout(ln_final: Any, final_resid: Tensor, direction: Tensor) -> tuple[Tensor, float]:
-    """(u ``[d]``, bias) with ``norm(x) · direction = x · u + bias`` when the norm's scale is frozen
-    at ``final_resid``: a part ``p`` contributes ``p · u`` (centring folded into u for a LayerNorm)."""
-    if ln_final is None:
-        return direction, 0.0
-    kind, module = classify_norm(ln_final), unwrap_norm(ln_final)
-    eps = _epsilon(module)
-    eps = 1e-5 if eps is None else eps
-    x = final_resid.float()
-    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
-        scale = torch.rsqrt((x - x.mean()).pow(2).mean() + eps)
-        weight, bias = (None, None) if kind == LAYERNORM_PRE else _affine_params(module)
-    else:
-        scale = torch.rsqrt(x.pow(2).mean() + eps)
-        weight, bias = (None if kind == RMSNORM_PRE else _get_rms_scale(module)), None
-    gain = torch.ones_like(x) if weight is None else weight.detach().float().to(x.device)
-    if kind in (RMSNORM_ONE_PLUS, LAYERNORM_ONE_PLUS) and weight is not None:
-        gain = 1.0 + gain
-    u = scale * gain * direction
-    if kind in (LAYERNORM, LAYERNORM_PRE, LAYERNORM_ONE_PLUS):
-        u = u - u.mean()  # (p − mean p) · v = p · (v − mean v)
-    beta = 0.0 if bias is None else float(bias.detach().float().to(x.device) @ direction)
-    return u, beta
 
 
 def _model_head_logit(model: Any, final_resid: Tensor, answer_id: int) -> float:

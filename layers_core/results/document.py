@@ -19,7 +19,7 @@ from layers_core.results.set_document import SCHEMA_VERSION
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
-OPTIONAL_BLOCKS = ("attribution", "lenses", "tracked")  # single prompts; the last two when asked for
+OPTIONAL_BLOCKS = ("attribution", "lenses")  # single prompts; lenses with compare_lenses
 
 
 def _bos_prepended(lm: LensModel, tokens: Any) -> bool:

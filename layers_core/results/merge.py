@@ -227,10 +227,11 @@ def merge(directories: Sequence[str], out_dir: str, plots: bool = True) -> dict[
         if plots:
             from layers_core.results import plots as plotting
 
-            plotting.save_figure(plotting.comparison_figure(comparison_stats(rows), MILESTONES),
+            stats = comparison_stats(rows)
+            plotting.save_figure(plotting.comparison_figure(stats, MILESTONES),
                                  os.path.join(out_dir, "comparison.png"))
             from layers_core.results import html_report
 
-            page = html_report.comparison_report_data(rows, comparison_stats(rows), f"{len(merged)} models")
+            page = html_report.comparison_report_data(rows, stats, f"{len(merged)} models")
             atomic_write(os.path.join(out_dir, "comparison.html"), html_report.render(page))
     return merged

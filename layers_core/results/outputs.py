@@ -115,20 +115,29 @@ def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]
 
 
 def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome],
-                       n_layers: int, title: str, lens_name: str = "chosen") -> None:
+                       n_layers: int, title: str, lens_name: str) -> None:
     """The prompt-set summary picture (milestones as fractions of depth), the small multiples
     of every prompt's answer rank per layer, and the HTML report (the prompt table)."""
-    from layers_core.results import plots
-
-    from layers_core.results import html_report
+    from layers_core.results import html_report, plots
 
     summary = [o.summary for o in outcomes]
     plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
-    curves = {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
-    plots.save_figure(plots.prompt_set_curves(curves, title), paths["curves_png"])
+    plots.save_figure(plots.prompt_set_curves(_set_curves(outcomes), title), paths["curves_png"])
+    atomic_write(paths["html"], html_report.render(set_report_page(outcomes, n_layers, title, lens_name)))
+
+
+def _set_curves(outcomes: Sequence[PromptOutcome]) -> dict[str, tuple]:
+    """Each prompt's pure rows under the chosen and the comparison lens (and that lens's name)."""
+    return {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
+
+
+def set_report_page(outcomes: Sequence[PromptOutcome], n_layers: int, title: str, lens_name: str) -> dict:
+    """The data of a prompt set's HTML report (its heatmaps too where the set kept records)."""
+    from layers_core.results import html_report
+
     records = {o.prompt_id: o.records for o in outcomes if o.records}
-    page = html_report.set_report_data(summary, curves, n_layers, title, records, HEATMAP_WINDOW, lens_name)
-    atomic_write(paths["html"], html_report.render(page))
+    return html_report.set_report_data([o.summary for o in outcomes], _set_curves(outcomes), n_layers, title,
+                                       records, HEATMAP_WINDOW, lens_name)
 
 
 def write_error_document(path: str, error: BaseException, stage: str, model: str,
