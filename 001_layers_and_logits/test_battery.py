@@ -53,6 +53,37 @@ def test_batched_set_equals_one_prompt_at_a_time(load_bridge, family):
         assert len(batched.sweeps[fact["id"]].records) == 0  # records only on request
 
 
+def test_views_decoded_in_groups_through_one_buffer_equal_one_prompt_at_a_time(load_bridge):
+    """A budget of one prompt's views: every group reuses the buffer the previous one was read from."""
+    from layers_core.pipeline.decode import view_rows
+    from layers_core.pipeline.sweep import SweepSettings
+
+    lens_model = lc.load(load_bridge("llama"))
+    one_prompt = view_rows(lens_model.n_layers + 1) * int(lens_model.unembed.W_U.shape[-1]) * 4
+    grouped = sweep_set(lens_model, FACTS, batch_size=5, settings=SweepSettings(budget_bytes=one_prompt))
+    together = sweep_set(lens_model, FACTS, batch_size=5)
+    alone = sweep_set(lens_model, FACTS, batch_size=1)
+    for fact in FACTS:
+        ours, theirs = grouped.sweeps[fact["id"]], alone.sweeps[fact["id"]]
+        assert (ours.pure["entropy"] - theirs.pure["entropy"]).abs().max() <= 1e-5
+        assert (ours.pure["kl_to_final_bits"] - theirs.pure["kl_to_final_bits"]).abs().max() <= 1e-5
+        assert (ours.comparison["entropy"] - theirs.comparison["entropy"]).abs().max() <= 1e-5
+        assert ours.analysis.consistency["kl_model_to_lens_bits"] <= 1e-6
+        pd.testing.assert_frame_equal(ours.pure, together.sweeps[fact["id"]].pure, check_exact=True)
+
+
+def test_a_set_keeps_rows_not_full_vocabulary_tensors(load_bridge):
+    """Each prompt's [L, V] log-probs go once it is analysed (they were 13 MB a prompt on the
+    bundled model), and its model logits are its own [1, V], not a view of its batch's."""
+    lens_model = lc.load(load_bridge("llama"))
+    vocab = int(lens_model.unembed.W_U.shape[-1])
+    for batch_size in (1, 4):
+        result = sweep_set(lens_model, FACTS, batch_size=batch_size)
+        for prompt_sweep in result.sweeps.values():
+            assert prompt_sweep.analysis.result.views is None
+            assert prompt_sweep.analysis.result.model_logits.untyped_storage().nbytes() == vocab * 4
+
+
 def test_batch_of_one_is_the_single_prompt_path_bit_for_bit(load_bridge):
     lens_model = lc.load(load_bridge("llama"))
     in_set = sweep_set(lens_model, FACTS[:2], batch_size=1, records=True)

@@ -1,8 +1,10 @@
 """Prompt sets at speed and at scale: batched forwards, plain-data outcomes, shards and resume.
 
-Prompts are sorted by length and forwarded in right-padded batches; each is then decoded alone
-from its own slice of the batch. Without records only the last position is decoded (the pure
-rows, both standard lenses, the raw check and the control need nothing else). Every prompt's
+Prompts are sorted by length and forwarded in right-padded batches. The last positions of a
+batch's prompts are decoded together, a memory-bounded group at a time into one reused buffer
+(W_U read once per group); each prompt is then analysed from its own views and slices. Without
+records only the last position is decoded (the pure rows, both standard lenses, the raw check
+and the control need nothing else). A prompt keeps its rows, not its ``[L, V]`` log-probs. Every prompt's
 result is also kept as a plain, JSON-serialisable *outcome*, so that finished batches can be
 checkpointed (``progress``) and the set's files written from outcomes alone.
 """
@@ -18,11 +20,13 @@ from functools import cached_property
 from typing import Any
 
 import pandas as pd
+import torch
 
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
-from layers_core.pipeline.sweep import SweepSettings, forward_batch
+from layers_core.pipeline.decode import decode_views, transformed_rows, view_rows
+from layers_core.pipeline.sweep import Forwarded, SweepSettings, forward_batch
 from layers_core.results import outputs, prompt_sets, report
 from layers_core.results.analysis import analyse_prompt
 from layers_core.results.document import prompt_entry, provenance, with_timing
@@ -203,6 +207,7 @@ def sweep_set(
     sweeps: dict[str, Sweep] = {}
     timing = {"forward_s": 0.0, "lens_s": 0.0}
     device = lens_model.unembed.W_U.device
+    group, buffer = _view_groups(lens_model, settings, batch_size)
     for batch in _batches(lens_model, todo, batch_size):
         started = time.perf_counter()
         answers = [resolve_gold_answer(lens_model.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
@@ -211,15 +216,23 @@ def sweep_set(
                      if batch_size > 1 else [None])  # batch size 1: sweep's own forward
         forward_s = time.perf_counter() - started
         finished = []
-        for (index, item), passed in zip(batch, forwarded):
-            control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
-            # batch size 1 is the single-prompt path exactly (every position decoded)
-            result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1)
-            if passed is None:
-                forward_s += result.timing["forward_s"]
-            sweeps[item.prompt_id] = result
-            outcomes[index] = outcome_of(index, item, result, records)
-            finished.append(outcomes[index])
+        pairs = list(zip(batch, forwarded))
+        for first in range(0, len(pairs), group):
+            part = pairs[first : first + group]
+            if batch_size > 1:
+                attach_views(lens_model, settings, [passed for _, passed in part], buffer)
+            for (index, item), passed in part:
+                control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
+                # batch size 1 is the single-prompt path exactly (every position decoded)
+                result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1)
+                if passed is None:
+                    forward_s += result.timing["forward_s"]
+                else:
+                    passed.views = None
+                result.analysis.result.views = None  # [L, V] log-probs (in the buffer, reused next group)
+                sweeps[item.prompt_id] = result
+                outcomes[index] = outcome_of(index, item, result, records)
+                finished.append(outcomes[index])
         timing["forward_s"] += forward_s
         timing["lens_s"] += time.perf_counter() - started - forward_s
         if on_batch is not None:
@@ -227,6 +240,30 @@ def sweep_set(
     ordered = [outcomes[index] for index in sorted(outcomes)]
     return SweepSet(lens_model, ordered, sweeps, settings, records, source_path, shard,
                     timing=timing)
+
+
+def _view_groups(lens_model: LensModel, settings: SweepSettings, batch_size: int) -> tuple[int, Any]:
+    """(prompts whose views are decoded together, the float32 buffer they are decoded into): as
+    many as keep ``[rows, V]`` under ``settings.budget_bytes``; no buffer unprompted (batch size 1)
+    or where the unembedding's matmul is not float32."""
+    rows, vocab = view_rows(lens_model.n_layers + 1), int(lens_model.unembed.W_U.shape[-1])
+    group = max(1, min(batch_size, settings.budget_bytes // (rows * vocab * 4)))
+    if batch_size == 1 or lens_model.unembed.matmul_dtype != torch.float32:
+        return group, None
+    return group, torch.empty((group * rows, vocab), dtype=torch.float32, device=lens_model.unembed.W_U.device)
+
+
+def attach_views(lens_model: LensModel, settings: SweepSettings, forwarded: Sequence[Forwarded],
+                 buffer: Any = None) -> None:
+    """Decodes the last-position views of several forwarded prompts in one unembedding
+    (``decode.decode_views``, into ``buffer`` if given) and attaches each prompt's (``views``)."""
+    chosen, other = settings.lenses(lens_model.bridge)
+    with torch.inference_mode():
+        last = torch.stack([torch.stack([resid[-1] for resid in passed.residuals]) for passed in forwarded])
+        chosen_rows = torch.stack(transformed_rows(chosen, list(last.transpose(0, 1))), dim=1)
+        views = decode_views(lens_model.bridge, last, chosen_rows, other, lens_model.unembed, buffer)
+    for passed, own in zip(forwarded, views):
+        passed.views = own
 
 
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,

@@ -37,15 +37,17 @@ class Unembedding:
             return torch.float32
         return self.W_U.dtype
 
-    def logits(self, x: Tensor) -> Tensor:
-        """``[..., d]`` → float32 logits ``[..., V]``, head transform applied."""
-        return unembed_logits(x, self.W_U, self.b_U, self.transform, self.force_fp32,
+    def logits(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[..., d]`` → float32 logits ``[..., V]``, head transform applied. ``out``: a buffer
+        of the result's shape that receives the product where the matmul is float32."""
+        return unembed_logits(x, self.W_U, self.b_U, self.transform, self.force_fp32, out=out,
                               chunk_columns=self.chunk_columns, head=self.head)
 
     @torch.inference_mode()
-    def log_probs(self, rows: Tensor) -> Tensor:
-        """Float32 log-probs ``[R, V]`` of lens outputs ``[R, d]``: one matmul, W_U read once."""
-        logits = self.logits(rows)
+    def log_probs(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """Float32 log-probs ``[R, V]`` of lens outputs ``[R, d]``: one matmul, W_U read once.
+        ``out``: a reusable ``[R, V]`` float32 buffer (the result then lives in it)."""
+        logits = self.logits(rows, out)
         return torch.log_softmax(logits, dim=-1, out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
 
 

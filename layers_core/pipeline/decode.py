@@ -38,9 +38,11 @@ def transformed_rows(lens: Lens, residuals: list[Tensor]) -> list[Tensor]:
 
 
 def gate_row(model: Any, last_block_resid: Tensor) -> Tensor:
-    """``ln_final`` of ``blocks.{n−1}.hook_resid_post`` at one position ``[1, d]``: the row the
-    last-layer gate compares with the model's own logits, whatever the lens."""
-    return apply_norm_or_skip(last_block_resid.reshape(1, -1), getattr(model, "ln_final", None))
+    """``ln_final`` of ``blocks.{n−1}.hook_resid_post`` at the last position (``[d]`` → ``[1, d]``,
+    or ``[B, d]`` for B prompts): the row the last-layer gate compares with the model's own
+    logits, whatever the lens."""
+    return apply_norm_or_skip(last_block_resid.reshape(-1, last_block_resid.shape[-1]),
+                              getattr(model, "ln_final", None))
 
 
 def decode_last_positions(model: Any, last_resid: Tensor, chosen_rows: Tensor, other: Lens,
@@ -50,12 +52,32 @@ def decode_last_positions(model: Any, last_resid: Tensor, chosen_rows: Tensor, o
     ``last_resid`` ``[L, d]`` is every layer's raw residual at the last position and
     ``chosen_rows`` ``[L, d]`` the chosen lens's output there (already transformed).
     """
-    n_rows = last_resid.shape[0]
+    return decode_views(model, last_resid.unsqueeze(0), chosen_rows.unsqueeze(0), other, unembed)[0]
+
+
+def view_rows(n_layers_plus_one: int) -> int:
+    """How many rows one prompt's views take: two lenses at every layer, the raw check, the gate."""
+    return 2 * n_layers_plus_one + len(raw_check_layers(n_layers_plus_one - 1)) + 1
+
+
+def decode_views(model: Any, last_resid: Tensor, chosen_rows: Tensor, other: Lens, unembed: Unembedding,
+                 out: Tensor | None = None) -> list[LastPositionViews]:
+    """The last-position views of B prompts in one unembedding (W_U read once for all of them).
+
+    ``last_resid`` ``[B, L, d]``: each prompt's raw residual at its last position, every layer;
+    ``chosen_rows`` ``[B, L, d]``: the chosen lens's output there. ``out``: a reusable float32
+    buffer of at least ``B · view_rows(L)`` rows of width V (a fresh ``[rows, V]`` allocation
+    costs as much as the matmul's arithmetic); the views then live in it until it is reused.
+    """
+    n_prompts, n_rows = last_resid.shape[:2]
     raw_layers = raw_check_layers(n_rows - 1)
     with torch.inference_mode():
-        other_rows = torch.cat(transformed_rows(other, list(last_resid.unsqueeze(1))))
-        rows = torch.cat([chosen_rows, other_rows, last_resid[raw_layers], gate_row(model, last_resid[-1])])
-        log_probs = unembed.log_probs(rows)
+        other_rows = torch.stack(transformed_rows(other, list(last_resid.transpose(0, 1))), dim=1)
+        gate = gate_row(model, last_resid[:, -1]).unsqueeze(1)
+        rows = torch.cat([chosen_rows, other_rows, last_resid[:, raw_layers], gate], dim=1)
+        flat = rows.reshape(-1, rows.shape[-1])
+        log_probs = unembed.log_probs(flat, out=None if out is None else out[: flat.shape[0]])
+        log_probs = log_probs.view(n_prompts, rows.shape[1], -1)
     raw_stop = 2 * n_rows + len(raw_layers)
-    return LastPositionViews(chosen=log_probs[:n_rows], other=log_probs[n_rows : 2 * n_rows],
-                             raw=log_probs[2 * n_rows : raw_stop], consistency=log_probs[raw_stop])
+    return [LastPositionViews(chosen=lp[:n_rows], other=lp[n_rows : 2 * n_rows], raw=lp[2 * n_rows : raw_stop],
+                              consistency=lp[raw_stop]) for lp in log_probs]

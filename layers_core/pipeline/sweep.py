@@ -101,7 +101,7 @@ class SweepResult:
     norm_per_layer: list[dict]
     resid_normed: list[Tensor]  # L × [T, d], the lens's output in the compute dtype (records only)
     last_position_resid: Tensor  # [L, d], the raw residual of every layer at T−1
-    views: LastPositionViews  # every last-position view, decoded once
+    views: LastPositionViews | None  # every last-position view, decoded once (a set drops them once analysed)
     truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
     answer_log_prob: float | None = None  # ln Π p(answer_k | prompt, answer_<k), teacher-forced
     mid_records: list[dict] = field(default_factory=list)  # --sublayers: the attn rows (layer b+1)
@@ -242,6 +242,7 @@ class Forwarded:
     mids: list[Tensor] | None = None  # --sublayers: n × [T, d], each block's residual after attention
     truncated_from: int | None = None  # --truncate left: the prompt's full length in tokens
     answer_log_prob: float | None = None  # ln Π p(answer_k | prompt, answer_<k), teacher-forced
+    views: LastPositionViews | None = None  # decoded with the other prompts of its batch (sets)
 
 
 class PromptTooLong(ValueError):
@@ -299,7 +300,8 @@ def forward_prompt(model: Any, prompt: str, device: Any = None, sublayers: bool 
     tokens, residuals = tokens[:, :length], [resid[:length] for resid in residuals]
     mids = None if mids is None else [mid[:length] for mid in mids]
     answer_log_prob = _answer_log_prob(logits, answer_ids) if answer_ids else None
-    return Forwarded(tokens, logits[:1], residuals, time.perf_counter() - started, mids, full_length,
+    last_logits = logits[:1].clone() if len(logits) > 1 else logits  # its own [1, V], not the answer's rows
+    return Forwarded(tokens, last_logits, residuals, time.perf_counter() - started, mids, full_length,
                      answer_log_prob)
 
 
@@ -371,7 +373,7 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
     forwarded = []
     for index, (length, answer) in enumerate(zip(lengths, answers)):
         residuals = [layer[index, :length] for layer in layers]
-        last = logits[index, column[length - 1]].unsqueeze(0)
+        last = logits[index, column[length - 1]].unsqueeze(0).clone()  # not a view: frees the batch's logits
         check_finite(last, residuals, residuals[0].dtype)
         log_prob = None
         if answer:
@@ -395,8 +397,8 @@ def run_sweep(
     chosen lens and build the records and pure rows.
 
     The last position of every layer is decoded once, with every other view the prompt needs
-    (``decode.decode_last_positions``); with ``records`` the other positions are decoded in
-    memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
+    (``decode.decode_last_positions``; a batch's prompts come with theirs, ``Forwarded.views``);
+    with ``records`` the other positions are decoded in memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
@@ -410,9 +412,13 @@ def run_sweep(
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
     with torch.inference_mode():
         every_position = records or settings.keep_residuals
-        lens_rows = transformed_rows(lens, residuals if every_position else [resid[-1:] for resid in residuals])
-        views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),
-                                      other, unembed)
+        lens_rows = []
+        if every_position or forwarded.views is None:
+            lens_rows = transformed_rows(lens, residuals if every_position else [resid[-1:] for resid in residuals])
+        views = forwarded.views
+        if views is None:
+            views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),
+                                          other, unembed)
         final_log_probs = torch.log_softmax(forwarded.model_logits[-1], dim=-1)
         # the last position's top-20 only where a verbose records row shows it; pure rows show 5
         stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"],
