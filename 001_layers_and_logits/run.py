@@ -9,7 +9,6 @@ interrupted. Importing this module does nothing; torch is imported only after pa
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any
@@ -60,9 +59,6 @@ if __name__ == "__main__":
     except ModuleNotFoundError:
         sys.exit("run.py: layers_core is not installed in this Python; run `make setup` "
                  "(or `pip install -e .` from the repository root)")
-    exit_code = main()
-    # Everything left is freed by the OS at exit. Without this the interpreter's final garbage
-    # collections walk the object graph of torch, transformers and TransformerLens: ≈ 1 s here.
-    # Only as a script: in-process callers (tests, notebooks) keep a normal collector.
-    gc.freeze()
-    sys.exit(exit_code)
+    from layers_core.app.main import script_main
+
+    script_main(RUN_BASE_DIR)

@@ -1,5 +1,7 @@
-"""threads: the default thread count gives back the cores other processes keep busy; --threads."""
+"""Start-up resources: the default thread count gives back the cores other processes keep busy
+(--threads overrides); the garbage collector is paused through start-up, then frozen and resumed."""
 
+import gc
 import subprocess
 import sys
 import time
@@ -8,7 +10,7 @@ import pytest
 import run
 import torch
 
-from layers_core.app import threads
+from layers_core.app import collector, threads
 
 
 def test_thread_rule_gives_busy_cores_back():
@@ -49,3 +51,34 @@ def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkey
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet", "--no-plots",
                      "--threads", "1"]) == 0
     assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_collector_resumes_only_what_was_paused():
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    collector.resume_after_load()  # never paused (tests, notebooks): nothing happens
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    collector.pause()
+    try:
+        assert not gc.isenabled()
+        alive = [[index] for index in range(1000)]  # tracked containers
+        collector.resume_after_load()
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(alive)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_the_entry_points_pause_the_collector_and_the_runner_resumes_it(tiny_dirs, tmp_path):
+    probe = ("import gc, layers_core.app.main as m; "
+             "m.main = lambda argv=None, base_dir=None: print('collecting:', gc.isenabled()) or 0; m.script_main()")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "collecting: False")
+    gc.disable()  # as script_main leaves it before the model loads
+    try:
+        assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path), "--quiet",
+                         "--no-plots"]) == 0
+        assert gc.isenabled()  # resumed once the model was loaded
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from layers_core.app import threads
+from layers_core.app import collector, threads
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
 from layers_core.models import resolve_model_source
@@ -311,6 +311,7 @@ def run_model(model_id: str | None, config: ExperimentConfig, directory: str | N
     source = resolve_model_source(model_id)
     say(config, f"▶ {source.clean_name} ({source.kind})")
     lm = stages.run("load", _load, config, model_id)
+    collector.resume_after_load()
     for warning in lm.load_report.warnings():
         print(warning, file=sys.stderr)
     cfg = lm.bridge.cfg
