@@ -135,7 +135,7 @@ class Sweep:
 
     @cached_property
     def test_prompts(self) -> list[dict]:
-        """The 14 legacy test prompts through the model (one batched forward, on first use)."""
+        """The 14 legacy test prompts through the model (batched by length, on first use)."""
         started = time.perf_counter()
         entries = report.test_prompt_entries(self.lens_model.bridge, self.lens_model.decoder)
         self.timing["forward_s"] = self.timing.get("forward_s", 0.0) + time.perf_counter() - started
@@ -201,8 +201,9 @@ class Sweep:
         args = (paths, self.picture_rows(), self.title())
         if worker is None:
             pictures.write_prompt_pictures(*args)
-        else:
-            worker.submit(pictures.write_prompt_pictures, *args)
+            return
+        for write in pictures.PROMPT_PICTURES:  # side by side in the worker's processes
+            worker.submit(write, *args)
 
     def save(self, directory: str, *, name: str | None = None, plots: bool = True,
              keep_residuals: bool = False, worker: pictures.PictureWorker | None = None) -> dict[str, str]:

@@ -64,16 +64,31 @@ def prompt_curves_figure(rows: Mapping[str, Any], title: str):
          "L_semantic_stable": diagnostics["L_semantic_stable"]}, rows.get("attribution"))
 
 
-def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
-    """The lens heatmap and the layer curves of one prompt, as PNGs, and the HTML report."""
+def write_lens_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
+    """The HTML report and the logit-lens heatmap of one prompt."""
     from layers_core.results import html_report, plots
     from layers_core.run_dir import atomic_write
 
     atomic_write(paths["html"], html_report.render(html_report.prompt_report_data(rows, title)))
     plots.save_figure(prompt_lens_figure(rows, title), paths["lens_png"])
+
+
+def write_curve_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
+    """The layer curves of one prompt and, with every lens compared, the lens comparison."""
+    from layers_core.results import plots
+
     plots.save_figure(prompt_curves_figure(rows, title), paths["curves_png"])
     if rows.get("lens_rows"):
         plots.save_figure(plots.lens_comparison(rows["lens_rows"], f"{title}: every lens"), paths["lenses_png"])
+
+
+PROMPT_PICTURES = (write_lens_pictures, write_curve_pictures)  # about equal halves of the drawing
+
+
+def write_prompt_pictures(paths: Mapping[str, str], rows: Mapping[str, Any], title: str) -> None:
+    """Every picture of one prompt (PNGs) and its HTML report."""
+    for write in PROMPT_PICTURES:
+        write(paths, rows, title)
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal the kernel sends this process when its parent dies
@@ -97,72 +112,90 @@ def _detach_from_parent(parent_pid: int) -> None:
 
 
 def _serve_pictures(connection: Any, parent_pid: int) -> None:
-    """The picture worker: import matplotlib and warm its font cache, then draw one request."""
+    """A picture process: import matplotlib and warm its font cache, then draw each request
+    ``(fn, args)`` and answer None (or the error, one line) until None arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _detach_from_parent(parent_pid)
     try:
         from layers_core.results import plots
 
-        plots.save_figure  # noqa: B018 - the import is the point
         figure = plots.new_figure((1, 1))
         figure.text(0.5, 0.5, "warm-up")
         figure.canvas.draw()  # loads the font manager and the Agg renderer
-        request = connection.recv()
-        if request is None:
-            return
-        fn, args = request
-        fn(*args)
-        connection.send(None)
-    except Exception as error:  # reported to the parent, which owns the console
+    except Exception as error:  # reported with the first request
+        connection.recv()
         connection.send(f"{type(error).__name__}: {error}")
+        return
+    while (request := connection.recv()) is not None:
+        fn, args = request
+        try:
+            fn(*args)
+            connection.send(None)
+        except Exception as error:  # reported to the parent, which owns the console
+            connection.send(f"{type(error).__name__}: {error}")
 
 
 class PictureWorker:
-    """A forked process that draws a run's pictures while the parent works on (Linux only).
+    """Forked processes that draw a run's pictures while the parent works on (Linux only).
 
     Start it before torch is imported: the import is single-threaded, so matplotlib's import and
     font cache load on the other core for free; the parent later hands it plain rows
-    (``picture_rows``), never tensors. Where ``fork`` is unavailable, ``submit`` draws inline.
+    (``picture_rows``), never tensors. ``processes`` (default 2: a prompt's pictures come in two
+    halves, ``PROMPT_PICTURES``) draw side by side; requests go to them in turn. Where ``fork``
+    is unavailable, ``submit`` draws inline.
     """
 
-    def __init__(self) -> None:
-        self._connection = self._process = self._pending = None
+    def __init__(self, processes: int = len(PROMPT_PICTURES)) -> None:
+        self._workers: list[list] = []  # [process, connection, requests pending]
+        self._next = 0
         if sys.platform.startswith("linux"):
             context = multiprocessing.get_context("fork")
-            self._connection, child = context.Pipe()
-            self._process = context.Process(target=_serve_pictures, args=(child, os.getpid()), daemon=True,
-                                            name="layers-core-pictures")
-            self._process.start()
+            for index in range(processes):
+                connection, child = context.Pipe()
+                process = context.Process(target=_serve_pictures, args=(child, os.getpid()), daemon=True,
+                                          name=f"layers-core-pictures-{index}")
+                process.start()
+                self._workers.append([process, connection, 0])
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Starts ``fn(*args)`` in the worker (or runs it now without one)."""
-        if self._process is None:
+        """Starts ``fn(*args)`` in the next process (or runs it now without any)."""
+        if not self._workers:
             fn(*args)
             return
-        self._connection.send((fn, args))
-        self._pending = True
+        worker = self._workers[self._next % len(self._workers)]
+        self._next += 1
+        worker[1].send((fn, args))
+        worker[2] += 1
 
     def wait(self) -> None:
-        """Blocks until the submitted work is done; ``RuntimeError`` if it failed."""
-        if not self._pending:
-            return
-        self._pending = False
-        try:
-            problem = self._connection.recv()
-        except EOFError:
-            problem = f"the picture process exited with code {self._process.exitcode}"
-        self._process.join()
-        if problem is not None:
-            raise RuntimeError(f"drawing the pictures failed: {problem}")
+        """Blocks until every submitted request is done; ``RuntimeError`` if one failed."""
+        problems = []
+        for worker in self._workers:
+            process, connection = worker[0], worker[1]
+            while worker[2]:
+                worker[2] -= 1
+                try:
+                    problem = connection.recv()
+                except EOFError:
+                    problem, worker[2] = f"the picture process exited with code {process.exitcode}", 0
+                if problem is not None:
+                    problems.append(problem)
+        if problems:
+            raise RuntimeError(f"drawing the pictures failed: {problems[0]}")
 
     def close(self) -> None:
-        """Ends the worker whether or not it drew anything."""
-        if self._process is None or not self._process.is_alive():
-            return
-        if not self._pending:
-            self._connection.send(None)
-        self._process.join(timeout=1.0)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
+        """Ends the processes whether or not they drew anything (what they were drawing is dropped)."""
+        for process, connection, pending in self._workers:
+            if not process.is_alive():
+                continue
+            if pending:
+                process.terminate()
+            else:
+                connection.send(None)
+        for process, _, _ in self._workers:
+            process.join(timeout=1.0)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        self._workers = []
