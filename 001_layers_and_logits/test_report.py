@@ -1,4 +1,5 @@
-"""report: the batched test prompts equal single-prompt runs; strict JSON; temperature rows."""
+"""report: the batched test prompts equal single-prompt runs (batches of similar length); strict
+JSON; temperature rows."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from layers_core.pipeline.prompts import TEST_PROMPTS
-from layers_core.pipeline.sweep import TokenDecoder
+from layers_core.pipeline.sweep import TokenDecoder, padding_groups
 from layers_core.results.report import last_position_log_probs, temperature_entries, to_strict_json
 
 
@@ -31,6 +32,37 @@ def test_prompts_of_different_lengths_are_read_at_their_own_last_token(load_brid
         short = torch.log_softmax(model(model.to_tokens(prompts[0]))[0, -1].float(), -1)
     assert torch.allclose(batched[0], short, atol=1e-4)
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+def _padded_cost(lengths, groups, per_forward):
+    return sum(len(g) * max(lengths[i] for i in g) + per_forward for g in groups)
+
+
+def test_padding_groups_split_where_padding_costs_more_than_a_forward():
+    lengths = [7, 8, 9, 10, 8, 7, 8, 6, 9, 15, 16, 18, 15, 19]  # the test prompts on the bundled model
+    groups = padding_groups(lengths, per_forward=16)
+    assert [sorted(g) for g in groups] == [[0, 1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+    assert _padded_cost(lengths, groups, 16) == 9 * 10 + 5 * 19 + 32 < 14 * 19 + 16
+    assert padding_groups([5, 5, 5]) == [[0, 1, 2]]  # nothing to gain
+    assert padding_groups([2, 9]) == [[0, 1]]  # a second forward costs more than 7 pads
+    assert padding_groups([3, 1, 2], per_forward=0) == [[1], [2], [0]]  # free forwards: no padding
+    assert padding_groups([]) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_padding_groups_are_an_optimal_partition_of_the_sorted_lengths(seed):
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+    groups = padding_groups(lengths, per_forward=10)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each prompt once
+    ascending = sorted(lengths)
+    best = min(  # every split of the sorted lengths into runs, by brute force
+        _padded_cost(ascending, [list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, len(ascending)))], 10)
+        for r in range(len(ascending)) for cuts in itertools.combinations(range(1, len(ascending)), r))
+    assert _padded_cost(lengths, groups, 10) == best
 
 
 def test_strict_json_turns_non_finite_into_null():

@@ -186,7 +186,7 @@ def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: st
         stages.run("forward", lambda: result.test_prompts)
     say(config, f"  forward  {result.timing['forward_s']:6.2f} s  "
                 f"{result.analysis.result.tokens.shape[1]} tokens, then "
-                f"{len(result.test_prompts)} test prompts in one batch")
+                f"{len(result.test_prompts)} test prompts in batches of similar length")
     say(config, _lens_line(config, result))
     stages.run("write", result.save, directory, name=name, plots=config.plots,
                keep_residuals=config.keep_residuals, worker=pictures)

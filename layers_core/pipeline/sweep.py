@@ -6,6 +6,7 @@ returns plain rows for the CSV writers and the tensors the JSON report needs, an
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -317,15 +318,41 @@ def check_sublayers(model: Any) -> None:
                          "same residual and are added together), so there is no read between them")
 
 
-def right_padded_batch(model: Any, prompts: Sequence[str]) -> tuple[list[Tensor], Tensor, Tensor]:
-    """(each prompt's tokens, the right-padded batch ``[B, T_max]``, lengths ``[B]``).
+PER_FORWARD_TOKENS = 16  # what one more forward costs, in padded positions (≈ 45 ms vs 2.4 ms a row here)
+
+
+def padding_groups(lengths: Sequence[int], per_forward: int = PER_FORWARD_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length, each group one right-padded forward:
+    the runs of the sorted lengths that minimise Σ (rows · longest + ``per_forward``)."""
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    ascending = [lengths[index] for index in order]
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for stop in range(1, len(order) + 1):
+        for start in range(stop):
+            cost = best[start] + (stop - start) * ascending[stop - 1] + per_forward
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    groups, stop = [], len(order)
+    while stop:
+        groups.append(order[cut[stop] : stop])
+        stop = cut[stop]
+    return groups[::-1]
+
+
+def right_padded_batches(model: Any, prompts: Sequence[str]) -> list[tuple[list[int], Tensor, Tensor]]:
+    """The prompts as right-padded batches of similar length (``padding_groups``): for each,
+    (the prompts' indices, the batch ``[B, T_max]``, their lengths ``[B]``).
 
     Under causal attention a real token never attends to the padding after it and positions are
     unchanged, so each prompt's real positions get its single-prompt numbers (up to float32
     reordering); read each prompt at its own last real position, never at a pad.
     """
     rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
-    return rows, pad_right(model, rows), torch.tensor([len(row) for row in rows])
+    batches = []
+    for group in padding_groups([len(row) for row in rows]):
+        members = [rows[index] for index in group]
+        batches.append((group, pad_right(model, members), torch.tensor([len(row) for row in members])))
+    return batches
 
 
 def pad_right(model: Any, rows: Sequence[Tensor]) -> Tensor:

@@ -36,7 +36,7 @@ from layers_core.pipeline.sweep import (
     SweepSettings,
     TokenDecoder,
     last_position_logits,
-    right_padded_batch,
+    right_padded_batches,
 )
 
 SEED = 316
@@ -67,15 +67,19 @@ def topk_entry(log_probs: Tensor, k: int, decoder: TokenDecoder) -> tuple[float,
 
 
 def last_position_log_probs(model: Any, prompts: Sequence[str]) -> Tensor:
-    """Float32 log-probs ``[N, V]`` at each prompt's last token, from one right-padded forward
-    (each row equals that prompt's single-prompt forward)."""
-    _, batch, lengths = right_padded_batch(model, prompts)
+    """Float32 log-probs ``[N, V]`` at each prompt's last token, from right-padded forwards of
+    prompts of similar length (each row equals that prompt's single-prompt forward)."""
+    rows: list[Tensor | None] = [None] * len(prompts)
     with torch.inference_mode():
-        return torch.log_softmax(last_position_logits(model, batch, lengths).float(), dim=-1)
+        for indices, batch, lengths in right_padded_batches(model, prompts):
+            log_probs = torch.log_softmax(last_position_logits(model, batch, lengths).float(), dim=-1)
+            for index, row in zip(indices, log_probs):
+                rows[index] = row
+    return torch.stack(rows)
 
 
 def test_prompt_entries(model: Any, decoder: TokenDecoder) -> list[dict]:
-    """The 14 legacy test prompts: entropy and top-10 at the last position (one batched forward)."""
+    """The 14 legacy test prompts: entropy and top-10 at the last position (batched by length)."""
     entries = []
     for prompt, log_probs in zip(TEST_PROMPTS, last_position_log_probs(model, TEST_PROMPTS)):
         entropy, topk = topk_entry(log_probs, TEST_PROMPT_TOP_K, decoder)
