@@ -4,9 +4,9 @@ Prompts are sorted by length and forwarded in right-padded batches. The last pos
 batch's prompts are decoded together, a memory-bounded group at a time into one reused buffer
 (W_U read once per group); each prompt is then analysed from its own views and slices. Without
 records only the last position is decoded (the pure rows, both standard lenses, the raw check
-and the control need nothing else). A prompt keeps its rows, not its ``[L, V]`` log-probs. Every prompt's
-result is also kept as a plain, JSON-serialisable *outcome*, so that finished batches can be
-checkpointed (``progress``) and the set's files written from outcomes alone.
+and the control need nothing else). A prompt keeps its rows, not its ``[L, V]`` log-probs.
+Every prompt's result is also kept as a plain, JSON-serialisable *outcome*, so that finished
+batches can be checkpointed (``progress``) and the set's files written from outcomes alone.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def sweep_set(
         for first in range(0, len(pairs), group):
             part = pairs[first : first + group]
             if batch_size > 1:
-                attach_views(lens_model, settings, [passed for _, passed in part], buffer)
+                _attach_views(lens_model, settings, [passed for _, passed in part], buffer)
             for (index, item), passed in part:
                 control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
                 # batch size 1 is the single-prompt path exactly (every position decoded)
@@ -244,8 +244,8 @@ def sweep_set(
 
 def _view_groups(lens_model: LensModel, settings: SweepSettings, batch_size: int) -> tuple[int, Any]:
     """(prompts whose views are decoded together, the float32 buffer they are decoded into): as
-    many as keep ``[rows, V]`` under ``settings.budget_bytes``; no buffer unprompted (batch size 1)
-    or where the unembedding's matmul is not float32."""
+    many as keep ``[rows, V]`` under ``settings.budget_bytes``. No buffer for batch size 1 (each
+    prompt is decoded alone, as ``sweep`` does) or where the unembedding's matmul is not float32."""
     rows, vocab = view_rows(lens_model.n_layers + 1), int(lens_model.unembed.W_U.shape[-1])
     group = max(1, min(batch_size, settings.budget_bytes // (rows * vocab * 4)))
     if batch_size == 1 or lens_model.unembed.matmul_dtype != torch.float32:
@@ -253,7 +253,7 @@ def _view_groups(lens_model: LensModel, settings: SweepSettings, batch_size: int
     return group, torch.empty((group * rows, vocab), dtype=torch.float32, device=lens_model.unembed.W_U.device)
 
 
-def attach_views(lens_model: LensModel, settings: SweepSettings, forwarded: Sequence[Forwarded],
+def _attach_views(lens_model: LensModel, settings: SweepSettings, forwarded: Sequence[Forwarded],
                  buffer: Any = None) -> None:
     """Decodes the last-position views of several forwarded prompts in one unembedding
     (``decode.decode_views``, into ``buffer`` if given) and attaches each prompt's (``views``)."""

@@ -180,7 +180,7 @@ def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: st
     result.clock_start = stages.clock_start
     if pictures is not None:
         result.draw_pictures(directory, name, pictures)
-    # the picture worker now holds a core: torch's spinning threads must not wait for it
+    # the picture processes now hold a core: torch's spinning threads must not wait for them
     spare = None if pictures is None or lm.device != "cpu" else max(1, _torch_threads() - 1)
     with threads.torch_threads(spare):
         stages.run("forward", lambda: result.test_prompts)

@@ -425,7 +425,8 @@ def run_sweep(
 
     The last position of every layer is decoded once, with every other view the prompt needs
     (``decode.decode_last_positions``; a batch's prompts come with theirs, ``Forwarded.views``);
-    with ``records`` the other positions are decoded in memory-bounded blocks. Without ``records`` the pure rows are the same and the records empty.
+    with ``records`` the other positions are decoded in memory-bounded blocks. Without
+    ``records`` the pure rows are the same and the records empty.
     """
     decoder = decoder or TokenDecoder(model.tokenizer)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
@@ -441,7 +442,8 @@ def run_sweep(
         every_position = records or settings.keep_residuals
         lens_rows = []
         if every_position or forwarded.views is None:
-            lens_rows = transformed_rows(lens, residuals if every_position else [resid[-1:] for resid in residuals])
+            lens_rows = transformed_rows(lens, residuals if every_position
+                                         else [resid[-1:] for resid in residuals])
         views = forwarded.views
         if views is None:
             views = decode_last_positions(model, last_position_resid, torch.cat([r[-1:] for r in lens_rows]),

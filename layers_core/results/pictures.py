@@ -1,6 +1,6 @@
-"""The pictures of one prompt, and a worker process that draws them off the critical path.
+"""The pictures of one prompt, and the worker processes that draw them off the critical path.
 
-Torch-free: the worker is forked before torch is imported and must never import it.
+Torch-free: the workers are forked before torch is imported and must never import it.
 """
 
 from __future__ import annotations
