@@ -72,6 +72,27 @@ def test_views_decoded_in_groups_through_one_buffer_equal_one_prompt_at_a_time(l
         pd.testing.assert_frame_equal(ours.pure, together.sweeps[fact["id"]].pure, check_exact=True)
 
 
+def test_controls_forwarded_in_a_batch_equal_their_own_forward(load_bridge):
+    controlled = [dict(fact, control_prompt=FACTS[(i + 1) % len(FACTS)]["prompt"],
+                       control_answer=FACTS[(i + 1) % len(FACTS)]["answer"]) for i, fact in enumerate(FACTS)]
+    controlled[2] = FACTS[2]  # a prompt without a control among them
+    lens_model = lc.load(load_bridge("llama"))
+    batched = sweep_set(lens_model, controlled, batch_size=5)
+    alone = sweep_set(lens_model, controlled, batch_size=1)
+    for fact in controlled:
+        ours = batched.sweeps[fact["id"]].analysis.blocks
+        theirs = alone.sweeps[fact["id"]].analysis.blocks
+        if "control_prompt" not in fact:
+            assert ours["control_summary"] is None and theirs["control_summary"] is None
+            continue
+        assert ours["control_summary"]["control_prompt"] == fact["control_prompt"]
+        margins = np.array([row["control_margin"] for row in ours["control_margins"]])
+        expected = np.array([row["control_margin"] for row in theirs["control_margins"]])
+        assert margins.shape == expected.shape == (lens_model.n_layers + 1,)
+        assert np.abs(margins - expected).max() <= 1e-5
+        assert ours["control_summary"]["status"] == theirs["control_summary"]["status"] == "ok"
+
+
 def test_a_set_keeps_rows_not_full_vocabulary_tensors(load_bridge):
     """Each prompt's [L, V] log-probs go once it is analysed (they were 13 MB a prompt on the
     bundled model), and its model logits are its own [1, V], not a view of its batch's."""

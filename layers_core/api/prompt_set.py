@@ -214,6 +214,7 @@ def sweep_set(
                    for _, item in batch]  # carried by the same forward: p_sequence needs no other
         forwarded = (forward_batch(lens_model.bridge, [item.prompt for _, item in batch], device, answers)
                      if batch_size > 1 else [None])  # batch size 1: sweep's own forward
+        controls = _control_forwards(lens_model, batch, device) if batch_size > 1 else {}
         forward_s = time.perf_counter() - started
         finished = []
         pairs = list(zip(batch, forwarded))
@@ -224,7 +225,8 @@ def sweep_set(
             for (index, item), passed in part:
                 control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
                 # batch size 1 is the single-prompt path exactly (every position decoded)
-                result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1)
+                result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1,
+                                          controls.get(index))
                 if passed is None:
                     forward_s += result.timing["forward_s"]
                 else:
@@ -266,13 +268,23 @@ def _attach_views(lens_model: LensModel, settings: SweepSettings, forwarded: Seq
         passed.views = own
 
 
+def _control_forwards(lens_model: LensModel, batch: Sequence[tuple[int, PromptItem]], device: Any) -> dict:
+    """The control prompts of a batch in one right-padded forward: ``{index: Forwarded}``."""
+    with_control = [(index, item.control_prompt) for index, item in batch if item.control_prompt is not None]
+    if not with_control:
+        return {}
+    forwarded = forward_batch(lens_model.bridge, [prompt for _, prompt in with_control], device)
+    return {index: passed for (index, _), passed in zip(with_control, forwarded)}
+
+
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
-                     forwarded: Any, records: bool) -> Sweep:
+                     forwarded: Any, records: bool, control_forwarded: Any = None) -> Sweep:
     from layers_core.api.prompt import default_control
 
     started = time.perf_counter()
     analysis = analyse_prompt(lens_model, settings, item.prompt, item.answer,
-                              default_control(item.prompt, control), forwarded, records)
+                              default_control(item.prompt, control), forwarded, records,
+                              control_forwarded=control_forwarded)
     forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
     return Sweep(lens_model, analysis, item.prompt, item.answer, replace(settings),
                  timing={"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s})

@@ -18,6 +18,7 @@ from layers_core.lens.unembed import Unembedding
 from layers_core.numerics import kl_bits_from_log_probs
 from layers_core.pipeline.decode import raw_check_layers, transformed_rows
 from layers_core.pipeline.sweep import (
+    Forwarded,
     SweepResult,
     SweepSettings,
     TokenDecoder,
@@ -99,11 +100,15 @@ def raw_lens_check(result: SweepResult, strategy: str) -> dict:
 
 
 def control_margins(model: Any, control_prompt: str, control_answer: str, main_answer: str,
-                    unembed: Unembedding, settings: SweepSettings) -> dict:
+                    unembed: Unembedding, settings: SweepSettings, forwarded: Forwarded | None = None) -> dict:
     """A control pass: per layer, p(control answer) − p(main answer) at the control prompt's last
-    position under the chosen lens, and the first layer where the margin is positive."""
-    tokens, _ = prompt_tokens(model, control_prompt, settings.truncate)
-    _, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
+    position under the chosen lens, and the first layer where the margin is positive.
+    ``forwarded``: the control prompt's forward if already done (with a batch's other controls)."""
+    if forwarded is None:
+        tokens, _ = prompt_tokens(model, control_prompt, settings.truncate)
+        _, residuals = forward_with_residuals(model, tokens, device=unembed.W_U.device)
+    else:
+        residuals = forwarded.residuals
     lens, _ = settings.lenses(model)
     with torch.inference_mode():
         rows = transformed_rows(lens, [resid[-1:] for resid in residuals])

@@ -95,12 +95,13 @@ def analyse_prompt(
     forwarded: Forwarded | None = None,
     records: bool = True,
     attribution: bool = False,
+    control_forwarded: Forwarded | None = None,
 ) -> PromptAnalysis:
     """Sweep one prompt, then the comparison lens, the raw-residual check and the control.
 
-    ``forwarded``: the prompt's forward pass if already done (a batch); ``records``: decode every
-    position (else only the last: the same pure rows, no records); ``attribution``: also split
-    the answer's logit into block parts (single prompts).
+    ``forwarded``: the prompt's forward pass if already done (a batch), ``control_forwarded`` the
+    control prompt's; ``records``: decode every position (else only the last: the same pure rows,
+    no records); ``attribution``: also split the answer's logit into block parts (single prompts).
     """
     model = ctx.bridge
     if attribution and forwarded is None and has_residual_mids(model):  # the lens forward captures the parts
@@ -115,7 +116,7 @@ def analyse_prompt(
         get_post_unembed_transform(model))
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))
     margins = None if control is None else control_margins(
-        model, control[0], control[1], answer, ctx.unembed, settings)
+        model, control[0], control[1], answer, ctx.unembed, settings, control_forwarded)
     blocks = {
         "diagnostics": diagnostics,
         "gold_answer": report.gold_answer_block(result.gold, _p_sequence(model, result)),
