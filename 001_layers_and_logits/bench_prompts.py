@@ -7,11 +7,13 @@ Times three ways through the same facts (the bundled battery, cycled with fresh 
   each prompt's last position both standard lenses (norm, unembedding, float32 log-softmax,
   entropy, top-5, answer rank);
 - ``set_s``: the project's prompt-set path (batched; no control, no records, no pictures);
-- ``sequential_s``: the per-prompt path (``--batch-size 1 --records``; no control, no pictures).
+- ``sequential_s``: the per-prompt path (``--batch-size 1 --records``; no control, no pictures);
+- ``set_controls_s``: the set path with each fact's control prompt too, as ``run.py --prompts``
+  runs the battery (no target: the floor has no control pass).
 
 The last line is one JSON object: ``{"model", "prompts", "tokens", "floor_s", "set_s",
-"sequential_s", "<contender>_tokens_per_s", "set_over_floor", "sequential_over_set"}`` (tokens:
-the prompts' tokens, BOS included).
+"sequential_s", "set_controls_s", "<contender>_tokens_per_s", "set_over_floor",
+"sequential_over_set", "set_controls_over_floor"}`` (tokens: the prompts' tokens, BOS included).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
 FLOOR_BATCH = 32
 
 
-def cycled_items(count: int, path: str = BATTERY) -> list[dict]:
-    """``count`` facts from the battery, cycled with fresh ids (``Germany``, ``Germany#2``, …)."""
+def cycled_items(count: int, path: str = BATTERY, controls: bool = False) -> list[dict]:
+    """``count`` facts from the battery, cycled with fresh ids (``Germany``, ``Germany#2``, …);
+    with ``controls``, each with its control prompt and answer."""
     from layers_core.results.prompt_sets import load_prompt_set
 
     facts = load_prompt_set(path)
@@ -36,7 +39,10 @@ def cycled_items(count: int, path: str = BATTERY) -> list[dict]:
     for index in range(count):
         fact = facts[index % len(facts)]
         suffix = "" if index < len(facts) else f"#{index // len(facts) + 1}"
-        items.append({"id": fact.prompt_id + suffix, "prompt": fact.prompt, "answer": fact.answer})
+        item = {"id": fact.prompt_id + suffix, "prompt": fact.prompt, "answer": fact.answer}
+        if controls and fact.control_prompt is not None:
+            item.update(control_prompt=fact.control_prompt, control_answer=fact.control_answer)
+        items.append(item)
     return items
 
 
@@ -93,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep_set(lens_model, items[:FLOOR_BATCH])
     tokens = sum(int(lens_model.bridge.to_tokens(item["prompt"]).shape[1]) for item in items)  # BOS included
     timings = {}
+    controlled = cycled_items(args.prompts, controls=True)
     for name, run in (("floor_s", lambda: floor(hf_model, tokenizer, items)),
                       ("set_s", lambda: sweep_set(lens_model, items)),
-                      ("sequential_s", lambda: sweep_set(lens_model, items, batch_size=1, records=True))):
+                      ("sequential_s", lambda: sweep_set(lens_model, items, batch_size=1, records=True)),
+                      ("set_controls_s", lambda: sweep_set(lens_model, controlled))):
         started = time.perf_counter()
         run()
         timings[name] = round(time.perf_counter() - started, 3)
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": lens_model.source.clean_name, "prompts": len(items), "tokens": tokens, **timings,
               **{name.replace("_s", "_tokens_per_s"): round(tokens / seconds, 1) for name, seconds in timings.items()},
               "set_over_floor": round(timings["set_s"] / timings["floor_s"], 3),
-              "sequential_over_set": round(timings["sequential_s"] / timings["set_s"], 3)}
+              "sequential_over_set": round(timings["sequential_s"] / timings["set_s"], 3),
+              "set_controls_over_floor": round(timings["set_controls_s"] / timings["floor_s"], 3)}
     print(json.dumps(result))
     return 0
 

@@ -189,6 +189,7 @@ def test_bench_prompts_stays_runnable(tiny_dirs, capsys):
     assert bench_prompts.main(["--prompts", "6", "--model", tiny_dirs["llama"]]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["prompts"] == 6 and result["set_s"] > 0 and result["sequential_over_set"] > 0
+    assert result["set_controls_s"] > 0 and result["set_controls_over_floor"] > 0
 
 
 def test_a_set_resumed_entirely_from_checkpoints_keeps_its_provenance(load_bridge):
