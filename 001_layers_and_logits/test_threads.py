@@ -2,6 +2,9 @@
 (--threads overrides); the garbage collector is paused through start-up, then frozen and resumed."""
 
 import gc
+import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,16 +31,38 @@ def test_busy_cores_of_others_subtracts_our_own_time():
     assert threads.busy_cores_of_others(None, end) == 0.0
 
 
+HOG = [sys.executable, "-c", "while True: pass"]
+
+
+def _busy_while(seconds: float = 1.0) -> float:
+    time.sleep(0.3)
+    start = threads.snapshot()
+    time.sleep(seconds)
+    return threads.busy_cores_of_others(start, threads.snapshot())
+
+
 def test_busy_core_is_detected_on_this_machine():
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """Another process's busy core (not our child: started by a shell that exits at once)."""
+    command = " ".join(shlex.quote(part) for part in HOG)
+    launched = subprocess.run(["sh", "-c", f"{command} >/dev/null 2>&1 & echo $!"], capture_output=True, text=True,
+                              check=True)
+    pid = int(launched.stdout.strip())
     try:
-        time.sleep(0.3)
-        start = threads.snapshot()
-        time.sleep(1.0)
-        busy = threads.busy_cores_of_others(start, threads.snapshot())
+        busy = _busy_while()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert busy > 0.6
+
+
+def test_our_own_children_are_not_others():
+    """The picture processes warm up while torch is imported: their CPU is the run's own."""
+    hog = subprocess.Popen(HOG)
+    try:
+        busy = _busy_while()
     finally:
         hog.kill()
-    assert busy > 0.6
+        hog.wait()
+    assert busy < 0.4
 
 
 def test_threads_flag_is_used_and_the_count_restored(tiny_dirs, tmp_path, monkeypatch):
