@@ -1,11 +1,14 @@
-"""plots: real PNGs from run.py, figures from synthetic rows of any depth, --no-plots."""
+"""plots: real PNGs from run.py, figures from synthetic rows of any depth, --no-plots; the picture
+worker's processes."""
 
 import os
 import struct
+import time
 
 import pytest
 import run
 
+from layers_core.results.pictures import PictureWorker
 from layers_core.results.plots import display_token, layer_curves, lens_heatmap, save_figure, strided_layers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -115,3 +118,41 @@ def test_titles_name_the_model_not_its_path(tiny_dirs, tmp_path):
 
     result = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), "Hi", "x", control=False)
     assert result.title().startswith("llama — final lens") and tiny_dirs["llama"] not in result.title()
+
+
+def _write_pid(path):
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+
+
+def _draw_slowly_then_fail(path):
+    time.sleep(0.2)
+    raise ValueError("no ink")
+
+
+def test_picture_worker_draws_side_by_side_and_reports_a_failure_in_one_line(tmp_path):
+    worker = PictureWorker()
+    try:
+        worker.submit(_write_pid, str(tmp_path / "a"))
+        worker.submit(_write_pid, str(tmp_path / "b"))
+        worker.wait()
+        pids = {(tmp_path / name).read_text() for name in "ab"}
+        assert len(pids) == 2 and str(os.getpid()) not in pids  # two processes, neither of them us
+        worker.submit(_write_pid, str(tmp_path / "c"))  # the processes serve more than one request
+        worker.submit(_draw_slowly_then_fail, str(tmp_path / "d"))
+        with pytest.raises(RuntimeError, match=r"^drawing the pictures failed: ValueError: no ink$"):
+            worker.wait()
+        assert (tmp_path / "c").read_text() in pids
+    finally:
+        processes = [process for process, _, _ in worker._workers]
+        worker.close()
+    assert processes and not any(process.is_alive() for process in processes)
+
+
+def test_closing_a_busy_picture_worker_drops_its_work_at_once(tmp_path):
+    worker = PictureWorker(processes=1)
+    processes = [process for process, _, _ in worker._workers]
+    worker.submit(time.sleep, 30)
+    started = time.perf_counter()
+    worker.close()
+    assert time.perf_counter() - started < 5 and not any(process.is_alive() for process in processes)
