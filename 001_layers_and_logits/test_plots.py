@@ -144,14 +144,14 @@ def test_picture_worker_draws_side_by_side_and_reports_a_failure_in_one_line(tmp
             worker.wait()
         assert (tmp_path / "c").read_text() in pids
     finally:
-        processes = [process for process, _, _ in worker._workers]
+        processes = worker.processes
         worker.close()
     assert processes and not any(process.is_alive() for process in processes)
 
 
 def test_closing_a_busy_picture_worker_drops_its_work_at_once(tmp_path):
     worker = PictureWorker(processes=1)
-    processes = [process for process, _, _ in worker._workers]
+    processes = worker.processes
     worker.submit(time.sleep, 30)
     started = time.perf_counter()
     worker.close()

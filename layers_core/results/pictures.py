@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -147,7 +148,7 @@ class PictureWorker:
     """
 
     def __init__(self, processes: int = len(PROMPT_PICTURES)) -> None:
-        self._workers: list[list] = []  # [process, connection, requests pending]
+        self._workers: list[_Drawer] = []
         self._next = 0
         if sys.platform.startswith("linux"):
             context = multiprocessing.get_context("fork")
@@ -156,7 +157,12 @@ class PictureWorker:
                 process = context.Process(target=_serve_pictures, args=(child, os.getpid()), daemon=True,
                                           name=f"layers-core-pictures-{index}")
                 process.start()
-                self._workers.append([process, connection, 0])
+                self._workers.append(_Drawer(process, connection))
+
+    @property
+    def processes(self) -> list[Any]:
+        """The drawing processes (empty without ``fork``, and once closed)."""
+        return [worker.process for worker in self._workers]
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         """Starts ``fn(*args)`` in the next process (or runs it now without any)."""
@@ -165,20 +171,19 @@ class PictureWorker:
             return
         worker = self._workers[self._next % len(self._workers)]
         self._next += 1
-        worker[1].send((fn, args))
-        worker[2] += 1
+        worker.connection.send((fn, args))
+        worker.pending += 1
 
     def wait(self) -> None:
         """Blocks until every submitted request is done; ``RuntimeError`` if one failed."""
         problems = []
         for worker in self._workers:
-            process, connection = worker[0], worker[1]
-            while worker[2]:
-                worker[2] -= 1
+            while worker.pending:
+                worker.pending -= 1
                 try:
-                    problem = connection.recv()
+                    problem = worker.connection.recv()
                 except EOFError:
-                    problem, worker[2] = f"the picture process exited with code {process.exitcode}", 0
+                    problem, worker.pending = f"the picture process exited with code {worker.process.exitcode}", 0
                 if problem is not None:
                     problems.append(problem)
         if problems:
@@ -186,16 +191,25 @@ class PictureWorker:
 
     def close(self) -> None:
         """Ends the processes whether or not they drew anything (what they were drawing is dropped)."""
-        for process, connection, pending in self._workers:
-            if not process.is_alive():
+        for worker in self._workers:
+            if not worker.process.is_alive():
                 continue
-            if pending:
-                process.terminate()
+            if worker.pending:
+                worker.process.terminate()
             else:
-                connection.send(None)
-        for process, _, _ in self._workers:
+                worker.connection.send(None)
+        for process in self.processes:
             process.join(timeout=1.0)
             if process.is_alive():
                 process.terminate()
                 process.join()
         self._workers = []
+
+
+@dataclass
+class _Drawer:
+    """One drawing process of a ``PictureWorker``, its end of the pipe and its unanswered requests."""
+
+    process: Any
+    connection: Any
+    pending: int = 0
