@@ -1,5 +1,5 @@
 """The command line: every usage error in one table, the launcher's flag round trip, and
-``python -m layers_core`` as the same CLI as run.py (from outside the repository too)."""
+``python -m layers_core run`` as the same CLI as run.py (from outside the repository too)."""
 
 import dataclasses
 import json
@@ -88,8 +88,8 @@ def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monke
             assert getattr(parsed, field.name) == getattr(config, field.name), field.name
 
 
-def test_python_m_layers_core_help_is_the_cli_without_torch():
-    code = ("import runpy, sys; sys.argv = ['layers_core', '--help']\n"
+def test_python_m_layers_core_run_help_is_the_cli_without_torch():
+    code = ("import runpy, sys; sys.argv = ['layers_core', 'run', '--help']\n"
             "try:\n    runpy.run_module('layers_core', run_name='__main__')\n"
             "except SystemExit as e:\n    assert e.code == 0\n"
             "assert 'torch' not in sys.modules, 'torch imported by --help'")
@@ -99,10 +99,10 @@ def test_python_m_layers_core_help_is_the_cli_without_torch():
 
 
 def test_two_models_through_python_m_layers_core_from_outside_the_repo(tiny_dirs, tmp_path):
-    """The launcher spawns ``python -m layers_core`` children: nothing depends on the checkout's
+    """The launcher spawns ``python -m layers_core run`` children: nothing depends on the checkout's
     layout or the working directory."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "layers_core", tiny_dirs["llama"], tiny_dirs["gpt2"], "--device",
+    done = subprocess.run([sys.executable, "-m", "layers_core", "run", tiny_dirs["llama"], tiny_dirs["gpt2"], "--device",
                            "cpu", "--out_dir", str(out), "--no-plots", "--quiet"],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr

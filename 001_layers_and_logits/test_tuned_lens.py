@@ -151,7 +151,7 @@ def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
         run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
                   "--out_dir", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "no tuned lens there" in err and "fit_lens.py" in err and err.count("\n") == 1
+    assert info.value.code == 2 and "no tuned lens there" in err and "layers-and-logits fit" in err and err.count("\n") == 1
     wrong = TunedLens(torch.zeros(2, 8, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="the model has 3 layers of width 64"):
         lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), PROMPT, "Berlin", lens=wrong)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+__version__ = "0.4.0"  # the package version (pyproject.toml reads it here); CHANGELOG.md says what changed
+
 _EXPORTS = {
     "model.lens_model": ["LensModel", "load"],
     "api.prompt": ["Sweep", "sweep"],

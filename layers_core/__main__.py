@@ -1,6 +1,6 @@
-"""``python -m layers_core [MODEL ...] [flags]``: the same CLI as ``001_layers_and_logits/run.py``."""
+"""``python -m layers_core SUBCOMMAND ...``: the same command as ``layers-and-logits``."""
 
-from layers_core.app.main import script_main
+from layers_core.app.commands import script_main
 
 if __name__ == "__main__":
     script_main()

@@ -17,6 +17,7 @@ from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.run_dir import DEFAULT_KEEP_RUNS, check_writable_dir
 
 DESCRIPTION = "Layer-by-layer logit-lens sweep"
+RUN_PROG = "run.py"  # the design card's entry; the console command passes "layers-and-logits run"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -47,7 +48,7 @@ class ExperimentConfig:
     allow_lens_mismatch: bool = False  # publish even if the last-layer check fails
     allow_foreign_lens: bool = False  # apply a fitted lens whose fingerprint names another model
     keep_runs: int = DEFAULT_KEEP_RUNS  # managed mode keeps this many run-<stamp>* directories
-    threads: int | None = None  # None = torch's default thread count
+    threads: int | None = None  # None = one thread per core other processes leave idle
     output_name: str | None = None  # file-name stem; None = the model's folder name
     dtype: str = "auto"  # auto = float32 on CPU, the checkpoint's half dtype on GPUs
     device_map: str | None = None  # auto | balanced | sequential: spread over several GPUs
@@ -57,7 +58,7 @@ class ExperimentConfig:
     shard: str | None = None  # "K/N": the prompts whose position in the file is ≡ K mod N
     resume: bool = False  # skip the prompts already checkpointed in --out_dir
     lens: str = LOGIT  # logit | a fitted lens (lens.views.FITTED_VIEWS)
-    lens_path: str | None = None  # the tuned lens's directory; None = fit_lens.py's cache
+    lens_path: str | None = None  # the fitted lens's file or directory; None = the model's lens cache
     chat: bool = False  # wrap the prompt in the tokenizer's chat template (one user turn)
     sublayers: bool = False  # also decode each block's residual after attention
     truncate: str = "none"  # none: a prompt longer than the context is refused; left: keep its end
@@ -77,11 +78,12 @@ class _OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI; defaults come from ``ExperimentConfig``."""
-    p = _OneLineParser(prog="run.py", description=DESCRIPTION)
-    p.add_argument("model", nargs="*", help="Hugging Face model id or local model directory; "
-                   "none = bundled default model; several = one subprocess each")
+def build_parser(prog: str = RUN_PROG) -> argparse.ArgumentParser:
+    """The CLI of ``run`` (``prog`` names it in usage and errors); defaults come from ``ExperimentConfig``."""
+    p = _OneLineParser(prog=prog, description=DESCRIPTION)
+    p.add_argument("model", nargs="*", help="Hugging Face hub id, local model directory, .gguf file (or a "
+                   "directory holding one) or a packaged real model's name (SmolLM2-135M-Instruct, "
+                   "gemma-3-270m); none = the bundled SmolLM2-135M-Instruct; several = one subprocess each")
     p.add_argument("--device", choices=DEVICE_CHOICES, default=_DEFAULTS.device,
                    help="compute device to run on (default: auto = cuda, then mps, then cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=_DEFAULTS.dtype,
@@ -105,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Norm applied before unembedding each layer (default: final = ln_final at every "
                         "layer, the standard logit lens; arch = the seed's next-block rule)")
     p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
-                   help="logit lens, or a lens fitted by fit_lens.py: tuned, or jacobian (then the logit "
+                   help="logit lens, or a lens fitted by `layers-and-logits fit`: tuned, or jacobian (then the logit "
                         "lens under --norm is written beside it)")
     p.add_argument("--lens-path", metavar="PATH",
                    help="the fitted lens: a tuned lens's directory, a Jacobian lens's .pt file (or a "
-                        "directory holding one); default: fit_lens.py's cache for the model")
+                        "directory holding one); default: the lens cache `layers-and-logits fit` writes for the model")
     p.add_argument("--compare-lenses", action="store_true",
                    help="decode the last position through every available lens (final, arch, none, and "
                         "tuned/jacobian where fitted): output-<name>-lenses.csv, a picture, milestones")
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the per-position records CSV for a prompt set")
     p.add_argument("--shard", metavar="K/N|auto",
                    help="run only the prompts whose 0-based position in the file is K mod N "
-                        "(requires --out_dir; join shards with merge.py); auto: K/N from torchrun "
+                        "(requires --out_dir; join shards with `layers-and-logits merge`); auto: K/N from torchrun "
                         "(RANK/WORLD_SIZE; rank 0 then merges into --out_dir) or Slurm, each shard "
                         "writing --out_dir/shard-K-of-N/")
     p.add_argument("--resume", action="store_true",
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-runs", type=int, default=_DEFAULTS.keep_runs, metavar="N",
                    help=f"Keep the newest N run-<stamp> directories (default {DEFAULT_KEEP_RUNS})")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for torch (default: torch's own choice)")
+                   help="CPU threads for torch (default: one per core that other processes leave idle, "
+                        "measured at start-up)")
     return p
 
 
@@ -192,12 +195,12 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.lens_path is not None and view(args.lens).single_file:
         if single_file_in(args.lens_path) is None:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (a .pt file, or a directory "
-                    "holding exactly one); fit one with 001_layers_and_logits/fit_lens.py --kind jacobian")
+                    "holding exactly one); fit one with `layers-and-logits fit --kind jacobian`")
     elif args.lens_path is not None:
         missing = [name for name in view(args.lens).files if not os.path.isfile(os.path.join(args.lens_path, name))]
         if missing:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (missing {', '.join(missing)}); "
-                    "fit one with 001_layers_and_logits/fit_lens.py")
+                    "fit one with `layers-and-logits fit`")
     if args.heatmap_window < 1:
         return f"--heatmap-window must be at least 1, got {args.heatmap_window}"
     if args.threads is not None and args.threads < 1:
@@ -250,9 +253,9 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[list[str], ExperimentConfig]:
+def parse_config(argv: list[str] | None = None, prog: str = RUN_PROG) -> tuple[list[str], ExperimentConfig]:
     """``(models, config)`` from the command line; usage errors exit 2 with one line."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     problem = _check(args)
     if problem:

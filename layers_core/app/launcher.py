@@ -1,4 +1,4 @@
-"""Several models: one child ``python -m layers_core`` process each, all writing into one directory.
+"""Several models: one child ``python -m layers_core run`` process each, all writing into one directory.
 
 Every flag is forwarded. Models whose folder names collide get distinct file names
 (``org1-llama``, ``org2-llama``). In managed mode the batch replaces ``run-latest/`` only if every
@@ -26,7 +26,7 @@ from layers_core.run_dir import (
     sweep_stale_staging,
 )
 
-CHILD = [sys.executable, "-m", "layers_core"]  # the same CLI as run.py, from any install
+CHILD = [sys.executable, "-m", "layers_core", "run"]  # the same CLI as run.py, from any install
 
 
 def _has_valid_json(path: str) -> bool:

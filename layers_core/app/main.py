@@ -1,7 +1,7 @@
 """The command line's entry: flags → a frozen config → one model in-process, or the launcher for
 several → exit code (0 success, 1 run or self-test failure, 2 usage error, 130 interrupted).
 
-``run.py`` and ``python -m layers_core`` both call ``main``; nothing here imports torch before the
+``run.py`` and ``layers-and-logits run`` (``python -m layers_core run``) both call ``main``; nothing here imports torch before the
 flags are parsed, so ``--help`` and usage errors stay fast.
 """
 
@@ -15,7 +15,7 @@ import threading
 from typing import NoReturn
 
 from layers_core.app import collector
-from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, parse_config
+from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, RUN_PROG, parse_config
 
 SCRIPT_DIR_NAME = "001_layers_and_logits"
 
@@ -36,12 +36,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def script_main(base_dir: str | None = None) -> NoReturn:
-    """The process entry of ``run.py`` and ``python -m layers_core``: ``main`` with the garbage
+def script_main(base_dir: str | None = None, argv: list[str] | None = None, prog: str = RUN_PROG) -> NoReturn:
+    """The process entry of ``run.py`` and ``layers-and-logits run``: ``main`` with the garbage
     collector paused through start-up (``collector``), then exit with its code, without the
     interpreter's teardown."""
     collector.pause()
-    exit_code = main(base_dir=base_dir)
+    exit_code = main(argv, base_dir=base_dir, prog=prog)
     # Everything the run wrote is closed. The interpreter's teardown would now destroy the
     # millions of objects of torch, transformers and TransformerLens one by one (≈ 0.2 s here);
     # the OS frees them at once. The exit handlers still run (multiprocessing's, logging's).
@@ -51,13 +51,13 @@ def script_main(base_dir: str | None = None) -> NoReturn:
     os._exit(exit_code)
 
 
-def main(argv: list[str] | None = None, base_dir: str | None = None) -> int:
+def main(argv: list[str] | None = None, base_dir: str | None = None, prog: str = RUN_PROG) -> int:
     """Parses ``argv`` (default ``sys.argv[1:]``) and runs the invocation; returns the exit code.
 
     Ctrl-C ends it with one line (``interrupted``), exit 130; SIGTERM likewise (``terminated``),
     exit 143: checkpoints kept, no staging directory left, ``run-latest/`` untouched.
     """
-    models, config = parse_config(argv)
+    models, config = parse_config(argv, prog)
     base_dir = base_dir or default_base_dir()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None

@@ -101,7 +101,7 @@ class TunedLens:
         config_path, params_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, PARAMS_FILE)
         if not (os.path.isfile(config_path) and os.path.isfile(params_path)):
             raise FileNotFoundError(f"no tuned lens in {directory} (expected {CONFIG_FILE} and {PARAMS_FILE}); "
-                                    "fit one with 001_layers_and_logits/fit_lens.py")
+                                    "fit one with `layers-and-logits fit`")
         with open(config_path, encoding="utf-8") as handle:
             config = json.load(handle)
         state = torch.load(params_path, map_location="cpu", weights_only=True)

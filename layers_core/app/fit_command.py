@@ -1,0 +1,184 @@
+"""``layers-and-logits fit``: fit a lens offline (``fit_lens.py`` is a thin wrapper).
+
+``--kind tuned`` (default) captures the model's residuals on training text (default: Python's own
+documentation, on every machine), fits one affine translator per layer in closed form and writes
+``config.json`` + ``params.pt`` (the tuned-lens library's format). ``--kind jacobian`` fits
+TransformerLens's ``JacobianLens`` on ``--prompts`` prompts of ``--max-seq-len`` tokens from the
+same corpus and writes ``<model>_jacobian_lens.pt`` (the reference artifact format, float16).
+Either is then evaluated against the logit lens on held-out text (``eval.json``, ``eval.png``).
+Everything goes into DIR (default: a per-model cache directory); the last line printed is DIR.
+Exit 0 on success, 1 on failure, 2 on bad usage. Nothing here imports torch before parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+
+DEFAULT_TOKENS = 32_768  # tuned lens: training tokens; a held-out eighth is added on top
+DEFAULT_PROMPTS = 100  # Jacobian lens: the reference reports fits usable from ~100 prompts of 128 tokens
+DEFAULT_MAX_SEQ_LEN = 128
+DEFAULT_DIM_BATCH = 8  # output dimensions per backward pass (memory × this, same FLOPs)
+MIN_SEQ_LEN = 18  # JacobianLens.fit skips the first 16 positions and the last: 18 leaves one
+CHUNK_TOKENS = 256
+EVAL_TOKENS = 2_048
+
+
+FIT_PROG = "fit_lens.py"
+DESCRIPTION = "Fit a tuned or Jacobian lens offline and evaluate it against the logit lens on held-out text"
+
+
+def build_parser(prog: str = FIT_PROG) -> argparse.ArgumentParser:
+    """The parser of ``fit``; every default is shown in ``--help``."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument("model", nargs="?", help="hub id, local directory, .gguf file or packaged model name "
+                        "(default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--kind", choices=("tuned", "jacobian"), default="tuned",
+                        help="which lens to fit (default: %(default)s)")
+    parser.add_argument("--corpus", nargs="+", metavar="FILE",
+                        help="training text: .txt files, or .jsonl with a 'text' field per line "
+                             "(default: Python's standard-library documentation)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help="tuned: training tokens (default: %(default)s)")
+    parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS,
+                        help="jacobian: prompts to average (default: %(default)s)")
+    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                        help="jacobian: tokens per prompt (default: %(default)s)")
+    parser.add_argument("--dim-batch", type=int, default=DEFAULT_DIM_BATCH,
+                        help="jacobian: output dimensions per backward pass (default: %(default)s)")
+    parser.add_argument("--out", metavar="DIR", help="where the lens goes (default: the lens cache)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                        help="compute device (default: %(default)s = cuda, then mps, then cpu)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="chunks of 256 tokens per forward (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
+    """Parses the flags, fits and evaluates the lens; returns the exit code."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.tokens < 4 * CHUNK_TOKENS:
+        parser.error(f"--tokens must be at least {4 * CHUNK_TOKENS}")
+    for flag, value, least in (("--prompts", args.prompts, 1), ("--max-seq-len", args.max_seq_len, MIN_SEQ_LEN),
+                               ("--dim-batch", args.dim_batch, 1)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    for path in args.corpus or []:
+        if not os.path.isfile(path):
+            parser.error(f"--corpus {path}: no such file")
+    from tqdm import tqdm
+
+    from layers_core.app.runner import prepare_runtime
+    from layers_core.lens import fit as lens_fit
+    from layers_core.lens import tuned as tuned_lens
+    from layers_core.model.lens_model import load
+    from layers_core.models import ModelLoadError
+    from layers_core.results.outputs import write_json
+    from layers_core.results.plots import save_figure
+
+    prepare_runtime(args.device)
+    started = time.perf_counter()
+    try:
+        lens_model = load(args.model, device=args.device)
+    except ModelLoadError as error:
+        print(f"❌ {error}", file=sys.stderr)
+        return 1
+    texts = tuned_lens.read_corpus(args.corpus) if args.corpus else tuned_lens.stdlib_documentation()
+    fit = _fit_jacobian if args.kind == "jacobian" else _fit_tuned
+    try:
+        lens, evaluation, out, report = fit(args, lens_model, texts)
+    except ValueError as error:
+        print(f"❌ {error}", file=sys.stderr)
+        return 1
+    fitted_s = time.perf_counter() - started
+    layers = None
+    for each in [lens, *_other_fitted_lenses(lens_model, args.kind)]:
+        with tqdm(total=len(evaluation) * len(evaluation[0]), unit="tok", unit_scale=True,
+                  desc=f"evaluate {each.name}", file=sys.stderr) as bar:
+            rows = lens_fit.evaluate(lens_model, each, evaluation, args.batch_size, bar.update)
+        layers = rows if layers is None else [{**row, each.name: new[each.name]} for row, new in zip(layers, rows)]
+    report = {"model": lens_model.model_id, "kind": args.kind, **report,
+              "corpus": args.corpus or "python standard-library documentation",
+              "fit_s": round(fitted_s, 1), "total_s": round(time.perf_counter() - started, 1), "layers": layers}
+    report["tokens"]["evaluated"] = len(evaluation) * len(evaluation[0])
+    write_json(os.path.join(out, "eval.json"), report)
+    title = f"{lens_model.source.clean_name}: {args.kind} vs logit lens on held-out text"
+    save_figure(lens_fit.eval_figure(layers, title), os.path.join(out, "eval.png"))
+    mean = {kind: sum(row[kind]["kl_final_to_lens_bits"] for row in layers) / len(layers)
+            for kind in ("logit", args.kind)}
+    print(f"✅ held-out mean KL: {args.kind} {mean[args.kind]:.2f} bits/token, logit {mean['logit']:.2f} "
+          f"({report['total_s']:.0f} s)")
+    print(out)
+    return 0
+
+
+def _other_fitted_lenses(lens_model, kind: str) -> list:
+    """The model's other fitted lens, where one is in its lens cache: eval.json compares it too."""
+    from layers_core.api.prompt import resolve_lens
+    from layers_core.lens.views import FITTED_VIEWS, resolve_entry, view
+
+    found = []
+    for name in FITTED_VIEWS:
+        if name != kind and os.path.exists(resolve_entry(view(name).default_dir)(lens_model.source.clean_name)):
+            try:
+                found.append(resolve_lens(lens_model, name))
+            except (ValueError, OSError) as error:
+                print(f"⚠️  the {name} lens in the cache is left out of eval.json: {error}", file=sys.stderr)
+    return found
+
+
+def _fit_tuned(args, lens_model, texts):
+    """(the tuned lens, held-out chunks to evaluate on, DIR, eval.json facts), the lens saved."""
+    from tqdm import tqdm
+
+    from layers_core.lens import fit as lens_fit
+    from layers_core.lens import tuned as tuned_lens
+
+    wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a held-out eighth: at least one chunk of eight
+    chunks = tuned_lens.token_chunks(lens_model.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
+    train, heldout = tuned_lens.split_heldout(chunks)
+    if not heldout:
+        raise ValueError(f"the corpus holds only {len(chunks) * CHUNK_TOKENS} tokens; need at least "
+                         f"{8 * CHUNK_TOKENS}")
+    out = args.out or tuned_lens.default_lens_dir(lens_model.source.clean_name)
+    total = (len(train) + len(heldout)) * CHUNK_TOKENS
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="capture + fit", file=sys.stderr) as bar:
+        lens, ridges = lens_fit.fit(lens_model, train, heldout, args.batch_size, bar.update)
+    lens.save(out)
+    facts = {"tokens": {"train": len(train) * CHUNK_TOKENS, "heldout": len(heldout) * CHUNK_TOKENS},
+             "ridge": ridges}
+    return lens, heldout[: max(1, EVAL_TOKENS // CHUNK_TOKENS)], out, facts
+
+
+def _fit_jacobian(args, lens_model, texts):
+    """(the Jacobian lens, held-out chunks after the fitted text, DIR, eval.json facts), the
+    artifact saved. TransformerLens's ``JacobianLens.fit`` does the fitting (its progress bar
+    shows the time left); the artifact also records this project's model fingerprint."""
+    from transformer_lens.tools.analysis import JacobianLens
+
+    from layers_core.lens import jacobian
+    from layers_core.lens.fingerprint import model_fingerprint
+    from layers_core.run_dir import atomic_write
+
+    length = args.max_seq_len
+    prompts, heldout = jacobian.fit_prompts(lens_model.bridge.tokenizer, texts, args.prompts, length, EVAL_TOKENS)
+    corpus = ",".join(args.corpus) if args.corpus else "python standard-library documentation"
+    fingerprint = model_fingerprint(lens_model)
+    lens = JacobianLens.fit(lens_model.bridge, prompts, corpus=corpus, dim_batch=args.dim_batch,
+                            max_seq_len=length, show_progress=True,
+                            metadata={key: fingerprint[key] for key in ("config_hash", "unembed_hash")})
+    out = args.out or jacobian.default_lens_dir(lens_model.source.clean_name)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, jacobian.artifact_name(lens_model.source.clean_name))
+    buffer = io.BytesIO()
+    lens.save(buffer)
+    atomic_write(path, buffer.getvalue())
+    reader = jacobian.JacobianLensReader.load(path).bind(lens_model.bridge)
+    facts = {"tokens": {"train": lens.n_prompts * length}, "prompts": lens.n_prompts, "max_seq_len": length,
+             "dim_batch": args.dim_batch, "artifact": path, "storage_dtype": "float16"}
+    return reader, heldout, out, facts
+
