@@ -119,3 +119,13 @@ def managed(tmp_path, monkeypatch, tiny_dirs):
     monkeypatch.setattr(run, "RUN_BASE_DIR", str(tmp_path))
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots"]) == 0
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def bundled_cli_run(bundled_model_dir, tmp_path_factory) -> str:
+    """A directory holding ``run.py``'s files for the bundled model (no pictures)."""
+    import run
+
+    out = tmp_path_factory.mktemp("cli")
+    assert run.main(["--device", "cpu", "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    return str(out)

@@ -5,7 +5,6 @@ import re
 
 import pandas as pd
 import pytest
-import run
 import torch
 
 import layers_core as lc
@@ -23,13 +22,6 @@ OUTSIDE_REFERENCE = re.compile("|".join(["SPEC" + r"\.md", "SPEC" + " §", r"\.\
 def bundled_sweep(bundled_model_dir):
     lens_model = lc.load(device="cpu")  # load and sweep in separate statements, as in a notebook
     return lc.sweep(lens_model, DEFAULT_PROMPT, "Berlin")
-
-
-@pytest.fixture(scope="module")
-def bundled_cli_run(bundled_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli")
-    assert run.main(["--device", "cpu", "--device", "cpu", "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
-    return str(out)
 
 
 def test_sweep_pure_equals_the_csv_run_py_writes(bundled_sweep, bundled_cli_run):
@@ -160,28 +152,3 @@ def test_repository_stands_alone():
                     if OUTSIDE_REFERENCE.search(handle.read()):
                         offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
-
-
-def _readme_block(heading: str) -> str:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
-        text = handle.read()
-    section = text.split(heading, 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_notebook_section_runs_as_written(bundled_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(_readme_block("## From a notebook"), "README.md", "exec"), namespace)
-    assert isinstance(namespace["s"], lc.Sweep)
-    assert namespace["s"].pure.iloc[-1]["top1"] == " Berlin"
-
-
-def test_readme_pandas_recipe_runs_as_written(bundled_cli_run, monkeypatch):
-    monkeypatch.chdir(bundled_cli_run)
-    namespace: dict = {}
-    code = _readme_block("Read them with pandas")
-    exec(compile(code.replace("001_layers_and_logits/run-latest/", ""), "README.md", "exec"), namespace)
-    records = namespace["records"]
-    assert records["prob20"].dtype == "float64" and records["token"].map(type).eq(str).all()
-    assert namespace["pure"]["answer_rank"].iloc[-1] == 1

@@ -44,7 +44,7 @@ def test_no_flags_on_the_bundled_model_is_exactly_norm_final(bundled_model_dir, 
     assert document["lens_comparison"]["other"] == "arch"  # the seed's rule, written beside it
     assert (default / f"output-{name}-pure-next-token-arch.csv").exists()
     assert document["schema_version"] == SCHEMA_VERSION == 3
-    # the standard lens on the bundled model: ` Berlin` climbs through the last layers (README)
+    # the standard lens on the bundled model: ` Berlin` climbs through the last layers (docs/outputs.md)
     header, *rows = _rows(default / pure)
     ranks = [int(row[header.index("answer_rank")]) for row in rows]
     assert ranks[-1] == 1 and ranks[28] > ranks[29] > 1

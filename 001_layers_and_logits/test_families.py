@@ -9,7 +9,7 @@ Each family is a tiny random model built from its transformers config class
   float32 re-implementation of every norm kind against the module itself);
 - where the blocks decompose, the attribution parts add up to the HF head's own answer logit.
 The reference's head is checked against the HF model's own logits first, so a wrong reference
-cannot pass. The README's family table is checked against the same facts.
+cannot pass. The docs' family table (docs/models.md) is checked against the same facts.
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ def test_a_family_without_one_residual_stream_is_refused_in_one_line(matrix_dir,
     assert "\n" not in message and family in message and "cannot be lensed" in message
 
 
-def _readme_family_rows() -> dict[str, list[str]]:
-    with open(os.path.join(HERE, "..", "README.md"), encoding="utf-8") as handle:
+def _docs_family_rows() -> dict[str, list[str]]:
+    with open(os.path.join(HERE, "..", "docs", "models.md"), encoding="utf-8") as handle:
         text = handle.read()
-    section = text.split("### Families", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Families", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -116,9 +116,9 @@ def _readme_family_rows() -> dict[str, list[str]]:
     return rows
 
 
-def test_the_readme_family_table_matches_the_matrix(matrix_dir):
+def test_the_docs_family_table_matches_the_matrix(matrix_dir):
     """One row per family: status, the final norm's kind and the head transform, as loaded."""
-    rows = _readme_family_rows()
+    rows = _docs_family_rows()
     assert sorted(rows) == sorted(MATRIX)
     for family in MATRIX:
         status, norm_kind, transform = rows[family][1], rows[family][2], rows[family][3]

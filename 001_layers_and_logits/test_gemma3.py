@@ -1,7 +1,7 @@
 """Gemma-3-270M, the second real model (base, Q4_K_M from the package index, dequantised once).
 
 18 layers, d_model 640, vocabulary 262,144, tied embeddings, sandwich norms ((1+w) RMSNorm).
-The facts asserted here are the ones the README quotes.
+The facts asserted here are the ones docs/models.md quotes.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_the_standard_lens_matches_an_hf_only_reference(gemma3_model_dir, gemma3
         assert row["prob1"] == pytest.approx(float(ref.max().exp()), abs=1e-4)
 
 
-def test_the_readme_facts_on_the_legacy_prompt(gemma3_final):
+def test_the_documented_facts_on_the_legacy_prompt(gemma3_final):
     """` Berlin` first becomes rank 1 at layer 17 of 18 and does not stay: the base model's own
     top-1 is ` "` (` Berlin` rank 6, p ≈ 0.051)."""
     rows = gemma3_final.pure_rows
@@ -76,7 +76,7 @@ def test_the_readme_facts_on_the_legacy_prompt(gemma3_final):
 
 
 def test_bfloat16_agrees_with_float32(gemma3_model_dir, gemma3_final):
-    """README: bf16 gives the same top-1 at 18 of 19 layers, entropy within 0.21 bits (mean
+    """docs/models.md: bf16 gives the same top-1 at 18 of 19 layers, entropy within 0.21 bits (mean
     0.064), and its gate KL is ≈ 2e-4 bits (half-precision tolerance 1e-2)."""
     bridge = load_model(resolve_model_source(gemma3_model_dir), "cpu", torch.bfloat16)
     unembed = analysis_unembedding(bridge, torch.bfloat16)
@@ -122,7 +122,7 @@ def test_a_directory_holding_one_gguf_is_that_file(gemma3_gguf, tmp_path):
 
 
 def test_a_20_fact_battery(gemma3_model_dir, tmp_path):
-    """README: of the first 20 capitals, ` <capital>`'s first piece reaches rank 1 on 9 (8 of them
+    """docs/models.md: of the first 20 capitals, ` <capital>`'s first piece reaches rank 1 on 9 (8 of them
     stay), and rank ≤ 5 on 17; the final top-1 is ` "` on 9 of them."""
     facts = tmp_path / "facts.jsonl"
     with open(os.path.join(os.path.dirname(RUN_PY), "facts", "capitals.jsonl"), encoding="utf-8") as handle:

@@ -120,14 +120,3 @@ def test_layers_core_has_no_import_cycle():
                     seen.add(nxt)
                     stack.append((nxt, path + [nxt]))
     assert cycles == []
-
-
-def test_readme_user_lens_example_runs_as_written(bundled_model_dir):
-    from test_api import _readme_block
-
-    namespace: dict = {}
-    exec(compile(_readme_block("### Your own lens"), "README.md", "exec"), namespace)
-    mine, final = namespace["s"], lc.sweep(namespace["lm"], lc.DEFAULT_PROMPT, "Berlin", norm="final")
-    # RMSNorm is scale-invariant: unit-RMS first, then ln_final, reads what ln_final reads
-    assert (mine.pure["top1"] == final.pure["top1"]).all()
-    assert (mine.pure["entropy"] - final.pure["entropy"]).abs().max() < 1e-3

@@ -322,7 +322,7 @@ def test_launcher_forwards_self_test(tiny_dirs, tmp_path):
     assert done.stdout.count("Self-test passed") == 2
 
 
-# ---- the bundled real model  (README: the bundled model) ------------------------------------------------------
+# ---- the bundled real model  (docs: the bundled model) ------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def bundled_run(bundled_model_dir, tmp_path_factory):

@@ -15,7 +15,9 @@ import threading
 from typing import NoReturn
 
 from layers_core.app import collector
-from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, RUN_PROG, parse_config
+from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, RUN_PROG, build_parser, parse_config
+
+__all__ = ["build_parser", "main", "script_main", "default_base_dir"]  # build_parser: the run subcommand's
 
 SCRIPT_DIR_NAME = "001_layers_and_logits"
 
