@@ -1,4 +1,5 @@
-# Two commands: `make run` (the sweep on the bundled model) and `make test` (the suite).
+# Two commands: `make run` (the sweep on the bundled model) and `make test` (ruff, then the suite:
+# it also builds the docs with `mkdocs build --strict` and the wheel).
 # Both build venv/ from requirements.txt first; the stamp makes a second call install nothing
 # unless requirements.txt changed.
 PYTHON ?= python3
@@ -35,4 +36,5 @@ browser:
 	fi
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q 001_layers_and_logits

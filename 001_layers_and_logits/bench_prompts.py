@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.perf_counter() - started, 3)
         print(f"{name:14s} {timings[name]:8.2f} s  {tokens / timings[name]:8.0f} tokens/s", flush=True)
     result = {"model": lens_model.source.clean_name, "prompts": len(items), "tokens": tokens, **timings,
-              **{name.replace("_s", "_tokens_per_s"): round(tokens / seconds, 1) for name, seconds in timings.items()},
+              **{name.replace("_s", "_tokens_per_s"): round(tokens / seconds, 1) for name,
+                 seconds in timings.items()},
               "set_over_floor": round(timings["set_s"] / timings["floor_s"], 3),
               "sequential_over_set": round(timings["sequential_s"] / timings["set_s"], 3),
               "set_controls_over_floor": round(timings["set_controls_s"] / timings["floor_s"], 3)}

@@ -176,7 +176,8 @@ def test_the_bundled_battery():
     facts = load_prompt_set(BATTERY)
     assert len(facts) >= 150 and len({f.prompt_id for f in facts}) == len(facts)
     for fact in facts:
-        assert fact.prompt == f"Give the city name only, plain text. The capital of {fact.prompt_id} is called simply"
+        assert fact.prompt == ("Give the city name only, plain text. "
+                               f"The capital of {fact.prompt_id} is called simply")
         assert fact.control_answer != fact.answer and fact.control_prompt != fact.prompt
     capitals = {f.prompt_id: f.answer for f in facts}
     assert (capitals["Germany"], capitals["France"], capitals["Japan"], capitals["Australia"]) == \

@@ -102,7 +102,8 @@ def test_two_models_through_python_m_layers_core_from_outside_the_repo(tiny_dirs
     """The launcher spawns ``python -m layers_core run`` children: nothing depends on the checkout's
     layout or the working directory."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "layers_core", "run", tiny_dirs["llama"], tiny_dirs["gpt2"], "--device",
+    done = subprocess.run([sys.executable, "-m", "layers_core", "run", tiny_dirs["llama"], tiny_dirs["gpt2"],
+                           "--device",
                            "cpu", "--out_dir", str(out), "--no-plots", "--quiet"],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr

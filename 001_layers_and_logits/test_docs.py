@@ -135,7 +135,8 @@ def test_every_signature_shown_is_the_codes():
         actual = inspect.signature(_resolve(name)).parameters.values()
         positional = [a.arg for a in written.posonlyargs + written.args]
         keyword = [a.arg for a in written.kwonlyargs]
-        assert positional == [p.name for p in actual if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)], name
+        assert positional == [p.name for p in actual if p.kind in (p.POSITIONAL_ONLY,
+                                                                   p.POSITIONAL_OR_KEYWORD)], name
         assert keyword == [p.name for p in actual if p.kind == p.KEYWORD_ONLY], (page, name)
         defaults = dict(zip(positional[len(positional) - len(written.defaults):], written.defaults))
         defaults.update({a.arg: d for a, d in zip(written.kwonlyargs, written.kw_defaults) if d is not None})
@@ -209,7 +210,8 @@ def test_a_gguf_directory_is_named_after_its_file_as_documented(tmp_path):
     folder.mkdir()
     (folder / "llama-q8_0.gguf").write_bytes(b"GGUF")
     assert resolve_model_source(str(folder)).clean_name == "llama-q8_0"
-    assert "(`model.gguf` → `output-model-*`), not the directory" in " ".join(_text(os.path.join(DOCS, "cli.md")).split())
+    documented = " ".join(_text(os.path.join(DOCS, "cli.md")).split())
+    assert "(`model.gguf` → `output-model-*`), not the directory" in documented
 
 
 def test_the_failure_page_names_every_flag_a_prompt_set_refuses():

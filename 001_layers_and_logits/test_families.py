@@ -19,10 +19,10 @@ import re
 
 import pytest
 import torch
-from conftest import HERE
 from hf_reference import entropy_bits, final_norm, hf_head, hf_residuals, kl_bits, load_hf
 from tiny_models import MATRIX, build_tiny_model
 
+from conftest import HERE
 from layers_core.lens.protocol import NormLens
 from layers_core.model import upstream
 from layers_core.model.lens_model import analysis_unembedding

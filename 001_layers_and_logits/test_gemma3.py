@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
-from conftest import RUN_PY
 from hf_reference import entropy_bits, final_norm, hf_head, hf_residuals, kl_bits, load_hf
 
+from conftest import RUN_PY
 from layers_core.model.lens_model import analysis_unembedding
 from layers_core.models import load_model, resolve_model_source
 from layers_core.pipeline.sweep import SweepSettings, run_sweep, self_test

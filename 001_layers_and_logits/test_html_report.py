@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+
 from conftest import HERE, RUN_PY
 
 BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
@@ -102,7 +103,8 @@ def test_hovering_a_cell_shows_its_top_k_as_in_the_records_csv(browser, prompt_r
     from selenium.webdriver import ActionChains
 
     _open(browser, prompt_run / f"output-{NAME}.html")
-    row = next(r for r in _read_csv(prompt_run / f"output-{NAME}-records.csv") if r["layer"] == layer and r["pos"] == pos)
+    records = _read_csv(prompt_run / f"output-{NAME}-records.csv")
+    row = next(r for r in records if r["layer"] == layer and r["pos"] == pos)
     cell = browser.find_element("css selector", f"#heatmap td.cell[data-layer='{layer}'][data-pos='{pos}']")
     ActionChains(browser).move_to_element(cell).perform()
     tip = browser.find_element("id", "tip")
@@ -120,7 +122,8 @@ def test_hovering_a_cell_shows_its_top_k_as_in_the_records_csv(browser, prompt_r
 def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, prompt_run):
     _open(browser, prompt_run / f"output-{NAME}.html")
     pure = _read_csv(prompt_run / f"output-{NAME}-pure-next-token.csv")
-    last = [c for c in browser.find_elements("css selector", "#heatmap td.cell") if c.get_attribute("data-pos") == "16"]
+    last = [c for c in browser.find_elements("css selector",
+                                             "#heatmap td.cell") if c.get_attribute("data-pos") == "16"]
     # the answer is pinned at the start: the last position shows its exact rank from the pure rows
     assert {c.get_attribute("data-layer"): c.get_attribute("data-rank") for c in last} == \
         {r["layer"]: r["answer_rank"] for r in pure}
@@ -150,7 +153,8 @@ def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_mod
         shown = first.find_element("css selector", f"td[data-column='{column}']").text
         assert shown == summary[0][column] or float(shown) == pytest.approx(float(summary[0][column]))
     browser.find_element("css selector", "#prompt-table th[data-column='final_p_answer']").click()
-    ids = [r.get_attribute("data-prompt-id") for r in browser.find_elements("css selector", "#prompt-table tbody tr.prompt")]
+    ids = [r.get_attribute("data-prompt-id") for r in browser.find_elements("css selector",
+                                                                            "#prompt-table tbody tr.prompt")]
     by_p = sorted(summary, key=lambda r: float(r["final_p_answer"]))
     assert ids == [r["prompt_id"] for r in by_p]
     browser.find_element("css selector", "#prompt-table tbody tr[data-prompt-id='Japan']").click()
@@ -212,9 +216,11 @@ def test_a_comparison_of_models_has_a_panel_per_milestone(browser, tiny_dirs, tm
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(open(BATTERY, encoding="utf-8").readlines()[:3]), encoding="utf-8")
     for family in ("llama", "gpt2"):
-        subprocess.run([sys.executable, RUN_PY, tiny_dirs[family], "--prompts", str(facts), "--no-plots", "--quiet",
+        subprocess.run([sys.executable, RUN_PY, tiny_dirs[family], "--prompts", str(facts), "--no-plots",
+                        "--quiet",
                         "--out_dir", str(tmp_path / family)], check=True)
-    subprocess.run([sys.executable, os.path.join(HERE, "merge.py"), str(tmp_path / "llama"), str(tmp_path / "gpt2"),
+    subprocess.run([sys.executable, os.path.join(HERE, "merge.py"), str(tmp_path / "llama"),
+                    str(tmp_path / "gpt2"),
                     "--out", str(tmp_path / "both")], check=True, capture_output=True)
     _open(browser, tmp_path / "both" / "comparison.html")
     from layers_core.results.merge import MILESTONES

@@ -70,5 +70,6 @@ def test_comparison_across_models(tiny_dirs, tmp_path):
     assert list(table.columns) == COMPARISON_COLUMNS and len(table) == 6
     assert set(table["model"]) == {"llama", "gpt2"}
     with_value = table.dropna(subset=["L_semantic"])
-    assert ((with_value["L_semantic"] / with_value["n_layers"]).round(3) == with_value["L_semantic_fraction"]).all()
+    fraction = (with_value["L_semantic"] / with_value["n_layers"]).round(3)
+    assert (fraction == with_value["L_semantic_fraction"]).all()
     assert os.path.getsize(tmp_path / "both" / "comparison.png") > 10_000

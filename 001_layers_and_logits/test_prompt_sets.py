@@ -129,7 +129,8 @@ def test_raw_lens_check_and_depth_fractions(tiny_dirs, load_bridge, tmp_path):
 
 
 def test_control_flags(tiny_dirs, load_bridge, tmp_path):
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "a"), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "a"), "--quiet",
+                     "--no-plots",
                      "--control-prompt", "The capital of France is called simply",
                      "--control-answer", "Paris"]) == 0
     doc = _json(tmp_path / "a" / "output-llama.json")
@@ -138,7 +139,8 @@ def test_control_flags(tiny_dirs, load_bridge, tmp_path):
     positive = [i for i, m in enumerate(margins) if m >= 1e-3]  # a lead, not noise
     assert doc["control_summary"]["first_control_margin_pos"] == (positive[0] if positive else None)
     assert doc["control_summary"]["max_control_margin"] == max(margins)
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "b"), "--quiet", "--no-plots",
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(tmp_path / "b"), "--quiet",
+                     "--no-plots",
                      "--no-control"]) == 0
     assert _json(tmp_path / "b" / "output-llama.json")["control_summary"] is None
 
@@ -155,7 +157,8 @@ def test_bundled_three_facts_one_model_load(bundled_model_dir, tmp_path, monkeyp
     facts.write_text("\n".join(json.dumps({"id": c, "prompt": template.format(c), "answer": a})
                                for c, a in (("Germany", "Berlin"), ("France", "Paris"),
                                             ("Japan", "Tokyo"))))
-    assert run.main(["--device", "cpu", "--prompts", str(facts), "--out_dir", str(tmp_path / "out"), "--quiet"]) == 0
+    assert run.main(["--device", "cpu", "--prompts", str(facts), "--out_dir", str(tmp_path / "out"),
+                     "--quiet"]) == 0
     assert len(loads) == 1
     name = "SmolLM2-135M-Instruct"
     summary = pd.read_csv(tmp_path / "out" / f"output-{name}-summary.csv")

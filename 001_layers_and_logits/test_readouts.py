@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
-from conftest import HERE, RUN_PY
 from tiny_models import FAMILIES
 
 import layers_core as lc
+from conftest import HERE, RUN_PY
 from layers_core.lens.jacobian import JacobianLensReader, fit_prompts
 from layers_core.models import load_model, resolve_model_source
 from layers_core.pipeline.attribution import attribute, not_decomposable
@@ -142,9 +142,8 @@ def test_attribution_agrees_with_transformer_lens_in_compatibility_mode(tiny_dir
 
 
 def test_hybrid_blocks_get_a_note_and_the_run_succeeds(tmp_path):
-    from tiny_models import build_tiny_model
-
     import run
+    from tiny_models import build_tiny_model
 
     directory = build_tiny_model("Qwen3_5ForCausalLM", str(tmp_path / "hybrid"))
     assert run.main([directory, "--out_dir", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 0
@@ -156,7 +155,8 @@ def test_hybrid_blocks_get_a_note_and_the_run_succeeds(tmp_path):
 def test_attribution_csv_and_json_on_the_bundled_model(bundled_run):
     out, name = bundled_run
     rows = _read_csv(out / f"output-{name}-attribution.csv")
-    assert list(rows[0]) == ["layer", "component", "logit", "cumulative", "logit_vs_control", "cumulative_vs_control"]
+    assert list(rows[0]) == ["layer", "component", "logit", "cumulative", "logit_vs_control",
+                             "cumulative_vs_control"]
     assert len(rows) == 2 + 2 * 30
     document = json.load(open(out / f"output-{name}.json"))
     block = document["attribution"]

@@ -303,7 +303,8 @@ def test_uncached_hub_id_offline_fails_cleanly(tmp_path, capsys):
 
 def test_launcher_two_models_forwards_flags(tiny_dirs, tmp_path):
     done = subprocess.run(
-        [sys.executable, RUN_PY, "--device", "cpu", tiny_dirs["llama"], str(tmp_path / "missing"), "--norm", "final",
+        [sys.executable, RUN_PY, "--device", "cpu", tiny_dirs["llama"], str(tmp_path / "missing"), "--norm",
+         "final",
          "--prompt", PROMPT, "--answer", ANSWER, "--out_dir", str(tmp_path / "out"), "--quiet"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 1

@@ -115,7 +115,8 @@ def test_atomic_write_replaces_and_cleans_up_on_failure(tmp_path):
 
 def test_reused_out_dir_replaces_the_models_files_as_a_whole(tiny_dirs, tmp_path):
     out = tmp_path / "out"
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--keep-residuals"]) == 0
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet",
+                     "--keep-residuals"]) == 0
     assert run.main(["--device", "cpu", tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
     assert (out / "output-llama-lens.png").exists() and (out / "llama_00_resid.pt").exists()
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",

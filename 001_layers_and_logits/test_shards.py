@@ -25,7 +25,8 @@ def unsharded(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("unsharded")
     facts = root / "facts.jsonl"
     facts.write_text("\n".join(json.dumps(f) for f in FACTS) + "\n")
-    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(facts), "--out_dir", str(root / "out"),
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(facts), "--out_dir",
+                     str(root / "out"),
                      "--quiet", "--no-plots"]) == 0
     return facts, root / "out"
 
@@ -43,7 +44,8 @@ def _assert_same_tables(merged, whole):
         for column in frame.columns:
             bits = column in ("entropy", "kl_to_final_bits")  # differences of near-equal terms: absolute
             pd.testing.assert_series_equal(ours[name][column], frame[column], obj=f"{name}:{column}",
-                                           check_exact=False, rtol=0 if bits else 1e-5, atol=1e-5 if bits else 1e-9)
+                                           check_exact=False, rtol=0 if bits else 1e-5,
+                                           atol=1e-5 if bits else 1e-9)
 
 
 def _env(**extra):
@@ -70,7 +72,8 @@ def test_torchrun_two_ranks_equal_an_unsharded_run(unsharded, tiny_dirs, tmp_pat
 def test_a_slurm_array_then_one_merge_equals_an_unsharded_run(unsharded, tiny_dirs, tmp_path):
     facts, whole = unsharded
     out = tmp_path / "out"
-    tasks = [subprocess.Popen([sys.executable, RUN_PY, tiny_dirs["llama"], "--device", "cpu", "--prompts", str(facts),
+    tasks = [subprocess.Popen([sys.executable, RUN_PY, tiny_dirs["llama"], "--device", "cpu", "--prompts",
+                               str(facts),
                                "--shard", "auto", "--out_dir", str(out), "--no-plots", "--quiet"],
                               env=_env(SLURM_ARRAY_TASK_ID=str(k), SLURM_ARRAY_TASK_COUNT="2"),
                               stderr=subprocess.PIPE, text=True) for k in range(2)]

@@ -147,7 +147,8 @@ def test_models_with_the_same_folder_name_keep_distinct_files(tiny_dirs, tmp_pat
     first = _tiny_copy(tiny_dirs, "llama", tmp_path / "org1" / "final")
     second = _tiny_copy(tiny_dirs, "gpt2", tmp_path / "org2" / "final")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, RUN_PY, "--device", "cpu", first, second, "--out_dir", str(out), "--quiet",
+    done = subprocess.run([sys.executable, RUN_PY, "--device", "cpu", first, second, "--out_dir", str(out),
+                           "--quiet",
                            "--no-plots", "--no-control"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "✅ org1-final: SUCCESS" in done.stdout and "✅ org2-final: SUCCESS" in done.stdout
@@ -171,7 +172,8 @@ def test_distinct_names_rule():
 def test_batch_with_a_failed_model_is_published_as_partial(managed, tiny_dirs, capsys):
     before = _snapshot(managed / "run-latest")
     capsys.readouterr()
-    code = run.main(["--device", "cpu", tiny_dirs["gpt2"], str(managed / "missing-model"), "--quiet", "--no-plots"])
+    code = run.main(["--device", "cpu", tiny_dirs["gpt2"], str(managed / "missing-model"), "--quiet",
+                     "--no-plots"])
     captured = capsys.readouterr()
     assert code == 1 and "run-latest/ left as it was" in captured.out
     assert _snapshot(managed / "run-latest") == before

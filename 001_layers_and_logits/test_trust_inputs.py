@@ -177,7 +177,8 @@ def test_9_a_bad_byte_in_a_prompt_file_names_file_and_line(tmp_path, capsys):
 def test_9_token_counts_are_split_and_every_answer_piece_is_kept(tiny_dirs, tmp_path):
     answer = "Llanfairpwllgwyngyll in Anglesey, Wales"
     path = tmp_path / "facts.jsonl"
-    path.write_text(json.dumps({"id": "w", "prompt": "The village with the long name is", "answer": answer}) + "\n")
+    path.write_text(json.dumps({"id": "w", "prompt": "The village with the long name is",
+                                "answer": answer}) + "\n")
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(path), "--out_dir", str(tmp_path),
                      "--quiet", "--no-plots"]) == 0
     summary = pd.read_csv(tmp_path / "output-llama-summary.csv", dtype=str, keep_default_na=False)

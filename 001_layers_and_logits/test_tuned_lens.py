@@ -116,7 +116,8 @@ def test_fit_lens_writes_the_lens_and_its_evaluation(fitted_lens, load_bridge):
         for kind in ("logit", "tuned"):
             assert set(row[kind]) == {"kl_final_to_lens_bits", "kl_final_to_lens_bpb", "ce_bits", "top1_agree"}
             assert row[kind]["kl_final_to_lens_bits"] >= 0 and 0 <= row[kind]["top1_agree"] <= 1
-    mean = {kind: sum(r[kind]["kl_final_to_lens_bits"] for r in report["layers"]) / n for kind in ("logit", "tuned")}
+    mean = {kind: sum(r[kind]["kl_final_to_lens_bits"] for r in report["layers"]) / n
+            for kind in ("logit", "tuned")}
     assert mean["tuned"] < mean["logit"]
 
 
@@ -143,7 +144,8 @@ def test_run_py_with_the_tuned_lens(fitted_lens, tiny_dirs, tmp_path):
     tuned = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv")
     logit = pd.read_csv(tmp_path / "output-llama-pure-next-token-final.csv")
     assert tuned["kl_to_final_bits"].iloc[-1] == pytest.approx(logit["kl_to_final_bits"].iloc[-1], abs=1e-6)
-    assert (tuned["entropy"].iloc[:-1] - logit["entropy"].iloc[:-1]).abs().max() > 1e-5  # another lens: not a copy of the logit rows (float32 noise ~1e-7)
+    # another lens: not a copy of the logit rows (float32 noise ~1e-7)
+    assert (tuned["entropy"].iloc[:-1] - logit["entropy"].iloc[:-1]).abs().max() > 1e-5
 
 
 def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
@@ -151,7 +153,8 @@ def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
         run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(tmp_path / "none"),
                   "--out_dir", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "no tuned lens there" in err and "layers-and-logits fit" in err and err.count("\n") == 1
+    assert info.value.code == 2 and "no tuned lens there" in err and "layers-and-logits fit" in err
+    assert err.count("\n") == 1
     wrong = TunedLens(torch.zeros(2, 8, 8), torch.zeros(2, 8))
     with pytest.raises(ValueError, match="the model has 3 layers of width 64"):
         lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), PROMPT, "Berlin", lens=wrong)
@@ -187,9 +190,11 @@ def test_multi_token_answers_report_length_sequence_probability_and_ambiguity(lo
     expected = sum(float(log_probs[start + k, token]) for k, token in enumerate(gold["answer_ids"]))
     assert gold["p_sequence"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-4)
     assert gold["p_sequence"] < result.pure["p_answer"].iloc[-1]  # the first piece alone is likelier
-    facts = [{"id": "a", "prompt": PROMPT, "answer": "Berlinqz"}, {"id": "b", "prompt": PROMPT, "answer": "Berlinxv"},
+    facts = [{"id": "a", "prompt": PROMPT, "answer": "Berlinqz"},
+             {"id": "b", "prompt": PROMPT, "answer": "Berlinxv"},
              {"id": "c", "prompt": PROMPT, "answer": "Paris"}]
-    flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model, facts).document["prompts"]]
+    flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model,
+                                                                             facts).document["prompts"]]
     assert flags == [True, True, False]
 
 

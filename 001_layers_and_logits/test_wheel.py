@@ -67,7 +67,8 @@ def test_the_wheel_declares_its_dependencies_and_ships_the_report_assets(install
         names = wheel.namelist()
         metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         entry_points = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist")]
+    required = [line.split(":",
+                           1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist")]
     for package in ("torch", "transformer-lens", "transformers", "tokenizers", "gguf", "numpy", "pandas",
                     "matplotlib", "tqdm"):
         assert any(line.startswith(package) and "extra ==" not in line for line in required), package

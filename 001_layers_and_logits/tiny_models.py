@@ -185,7 +185,8 @@ EXTRA_FAMILIES: dict[str, TinyFamily] = {"olmo2": TinyFamily("olmo2", _olmo2)}
 MATRIX: dict[str, dict] = {
     "AfmoeForCausalLM": {}, "ApertusForCausalLM": {}, "ArceeForCausalLM": {}, "BitNetForCausalLM": {},
     "BloomForCausalLM": {}, "CodeGenForCausalLM": {"rotary_dim": 8}, "CohereForCausalLM": {},
-    "Cohere2ForCausalLM": {}, "DeepseekV2ForCausalLM": {}, "DeepseekV3ForCausalLM": {"n_group": 1, "topk_group": 1},
+    "Cohere2ForCausalLM": {}, "DeepseekV2ForCausalLM": {},
+    "DeepseekV3ForCausalLM": {"n_group": 1, "topk_group": 1},
     "DeepseekV4ForCausalLM": {}, "Ernie4_5ForCausalLM": {}, "Ernie4_5_MoeForCausalLM": {},
     "Exaone4ForCausalLM": {}, "FalconForCausalLM": {}, "FlexOlmoForCausalLM": {}, "GPT2LMHeadModel": {},
     "GPTBigCodeForCausalLM": {}, "GPTJForCausalLM": {"rotary_dim": 8},

@@ -51,7 +51,8 @@ def exit_codes() -> str:
     meaning = {cli.EXIT_OK: "success", cli.EXIT_FAILED: "the run, a model or the self-test failed",
                cli.EXIT_USAGE: "usage error (one line, no traceback, nothing written)",
                cli.EXIT_INTERRUPTED: "interrupted (Ctrl-C)", cli.EXIT_TERMINATED: "terminated (SIGTERM)"}
-    return "\n".join(["| exit | meaning |", "|---|---|", *(f"| {code} | {text} |" for code, text in meaning.items())])
+    rows = [f"| {code} | {text} |" for code, text in meaning.items()]
+    return "\n".join(["| exit | meaning |", "|---|---|", *rows])
 
 
 def _replace(match: re.Match) -> str:

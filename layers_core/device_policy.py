@@ -29,7 +29,8 @@ def _is_available(device: str) -> bool:
 def resolve_device(requested: str, warnings: list[str] | None = None) -> str:
     """``auto`` → cuda, then mps, then cpu. An unavailable cuda/mps falls back to cpu.
 
-    The fallback's message (verbatim, as the legacy script printed it) is appended to ``warnings`` for the caller to print.
+    The fallback's message (verbatim, as the legacy script printed it) is appended to ``warnings``
+    for the caller to print.
     """
     if requested not in DEVICES:
         raise ValueError(f"unknown device {requested!r}; expected one of {DEVICES}")

@@ -322,7 +322,8 @@ def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = No
     upstream.fix_model(hf_model)
     try:
         bridge = TransformerBridge.boot_transformers(name_or_path, hf_model=hf_model, tokenizer=tokenizer,
-                                                     dtype=dtype, hf_config_overrides=upstream.bridge_overrides(hf_model.config))
+                                                     dtype=dtype,
+                                                     hf_config_overrides=upstream.bridge_overrides(hf_model.config))
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load {name_or_path}: {_first_line(error)}") from error
     return bridge.eval()
@@ -335,7 +336,8 @@ def _current_cuda() -> str:
     return f"cuda:{torch.cuda.current_device()}"
 
 
-def load_model(source: ModelSource, device: str, dtype: Any, cache_dir: str | None = None, **placement: Any) -> Any:
+def load_model(source: ModelSource, device: str, dtype: Any, cache_dir: str | None = None,
+               **placement: Any) -> Any:
     """Loads a ``TransformerBridge`` with raw HF weights (no folding, no centring), in eval mode.
 
     ``placement``: ``device_map``/``max_memory`` (see ``load_model_with_report``); by default the

@@ -26,6 +26,7 @@ from layers_core.csv_io import pure_header
 from layers_core.lens.protocol import Lens
 from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, resolve_entry, view
 from layers_core.model.lens_model import LensModel
+from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS, norm_lenses
 from layers_core.pipeline.prompts import (
     DEFAULT_ANSWER,
     DEFAULT_CONTROL_ANSWER,
@@ -33,7 +34,6 @@ from layers_core.pipeline.prompts import (
     DEFAULT_PROMPT,
     chat_text,
 )
-from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS, norm_lenses
 from layers_core.pipeline.sweep import SweepSettings, check_sublayers
 from layers_core.results import outputs, pictures, report
 from layers_core.results.analysis import PromptAnalysis, add_lens_views, analyse_prompt
@@ -290,7 +290,8 @@ def _check_fingerprint(lens: Any, lens_model: LensModel, allow_foreign: bool) ->
             fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
-def available_lenses(lens_model: LensModel, settings: SweepSettings, allow_foreign: bool = False) -> dict[str, Lens]:
+def available_lenses(lens_model: LensModel, settings: SweepSettings,
+                     allow_foreign: bool = False) -> dict[str, Lens]:
     """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
     under each other norm strategy, and each fitted lens whose files are in the model's lens
     cache (one that does not load, or belongs to another model, is left out with a warning)."""
@@ -373,7 +374,8 @@ def sweep(
     """
     if truncate not in (None, "left"):
         raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
-    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens), chat=chat,
+    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens),
+                       chat=chat,
                        sublayers=sublayers, truncate=truncate, keep_residuals=keep_residuals)
     if sublayers:
         check_sublayers(lens_model.bridge)

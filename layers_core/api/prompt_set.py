@@ -139,7 +139,8 @@ class SweepSet:
         if plots:
             title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
             with timed(self.timing, "plots_s"):
-                outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title, self.settings.view)
+                outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title,
+                                           self.settings.view)
         document = self.document
         with timed(self.timing, "write_s"):
             outputs.write_json(paths["json"], document)

@@ -107,11 +107,12 @@ def build_parser(prog: str = RUN_PROG) -> argparse.ArgumentParser:
                    help="Norm applied before unembedding each layer (default: final = ln_final at every "
                         "layer, the standard logit lens; arch = the seed's next-block rule)")
     p.add_argument("--lens", choices=LENS_CHOICES, default=_DEFAULTS.lens,
-                   help="logit lens, or a lens fitted by `layers-and-logits fit`: tuned, or jacobian (then the logit "
-                        "lens under --norm is written beside it)")
+                   help="logit lens, or a lens fitted by `layers-and-logits fit`: tuned, or jacobian (then the "
+                        "logit lens under --norm is written beside it)")
     p.add_argument("--lens-path", metavar="PATH",
                    help="the fitted lens: a tuned lens's directory, a Jacobian lens's .pt file (or a "
-                        "directory holding one); default: the lens cache `layers-and-logits fit` writes for the model")
+                        "directory holding one); default: the lens cache `layers-and-logits fit` writes for the "
+                        "model")
     p.add_argument("--compare-lenses", action="store_true",
                    help="decode the last position through every available lens (final, arch, none, and "
                         "tuned/jacobian where fitted): output-<name>-lenses.csv, a picture, milestones")
@@ -157,8 +158,8 @@ def build_parser(prog: str = RUN_PROG) -> argparse.ArgumentParser:
                    help="also write the per-position records CSV for a prompt set")
     p.add_argument("--shard", metavar="K/N|auto",
                    help="run only the prompts whose 0-based position in the file is K mod N "
-                        "(requires --out_dir; join shards with `layers-and-logits merge`); auto: K/N from torchrun "
-                        "(RANK/WORLD_SIZE; rank 0 then merges into --out_dir) or Slurm, each shard "
+                        "(requires --out_dir; join shards with `layers-and-logits merge`); auto: K/N from "
+                        "torchrun (RANK/WORLD_SIZE; rank 0 then merges into --out_dir) or Slurm, each shard "
                         "writing --out_dir/shard-K-of-N/")
     p.add_argument("--resume", action="store_true",
                    help="skip the prompts of a set already finished in --out_dir (checkpointed "
@@ -197,7 +198,8 @@ def _check(args: argparse.Namespace) -> str | None:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (a .pt file, or a directory "
                     "holding exactly one); fit one with `layers-and-logits fit --kind jacobian`")
     elif args.lens_path is not None:
-        missing = [name for name in view(args.lens).files if not os.path.isfile(os.path.join(args.lens_path, name))]
+        missing = [name for name in view(args.lens).files
+                   if not os.path.isfile(os.path.join(args.lens_path, name))]
         if missing:
             return (f"--lens-path {args.lens_path}: no {args.lens} lens there (missing {', '.join(missing)}); "
                     "fit one with `layers-and-logits fit`")
@@ -237,7 +239,8 @@ def _check(args: argparse.Namespace) -> str | None:
         if args.shard == AUTO_SHARD and len(args.model) > 1:
             return "--shard auto runs one model per launch (start one job per model)"
     if args.prompts is not None:
-        for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test), ("--chat", args.chat),
+        for flag, on in (("--prompt", args.prompt is not None), ("--self-test", args.self_test),
+                         ("--chat", args.chat),
                          ("--sublayers", args.sublayers), ("--compare-lenses", args.compare_lenses),
                          ("--track", bool(args.track)), ("--keep-residuals", args.keep_residuals)):
             if on:
@@ -270,7 +273,8 @@ def parse_config(argv: list[str] | None = None, prog: str = RUN_PROG) -> tuple[l
         quiet=args.quiet,
         plots=not args.no_plots, prompts_file=args.prompts, control=not args.no_control,
         control_prompt=args.control_prompt, control_answer=args.control_answer,
-        allow_lens_mismatch=args.allow_lens_mismatch, allow_foreign_lens=args.allow_foreign_lens, keep_runs=args.keep_runs,
+        allow_lens_mismatch=args.allow_lens_mismatch, allow_foreign_lens=args.allow_foreign_lens,
+        keep_runs=args.keep_runs,
         threads=args.threads, output_name=args.output_name, dtype=args.dtype,
         device_map=args.device_map, max_memory=args.max_memory, batch_size=args.batch_size,
         records=args.records, shard=args.shard, resume=args.resume, lens=args.lens,

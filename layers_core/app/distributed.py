@@ -37,7 +37,8 @@ def merge_after_barrier(code: int, spec: Any, out_dir: str, plots: bool = True, 
             return EXIT_FAILED
         if not quiet:
             for name, document in merged.items():
-                print(f"✅ {name}: {spec.n} shards merged into {out_dir} ({document['prompt_set']['count']} prompts)")
+                count = document["prompt_set"]["count"]
+                print(f"✅ {name}: {spec.n} shards merged into {out_dir} ({count} prompts)")
         return code
     finally:
         dist.destroy_process_group()

@@ -1,8 +1,8 @@
 """The command line's entry: flags → a frozen config → one model in-process, or the launcher for
 several → exit code (0 success, 1 run or self-test failure, 2 usage error, 130 interrupted).
 
-``run.py`` and ``layers-and-logits run`` (``python -m layers_core run``) both call ``main``; nothing here imports torch before the
-flags are parsed, so ``--help`` and usage errors stay fast.
+``run.py`` and ``layers-and-logits run`` (``python -m layers_core run``) both call ``main``;
+nothing here imports torch before the flags are parsed, so ``--help`` and usage errors stay fast.
 """
 
 from __future__ import annotations

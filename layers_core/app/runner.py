@@ -132,7 +132,8 @@ def _gate(config: ExperimentConfig, consistency: dict) -> None:
     if consistency["passed"] or config.allow_lens_mismatch:
         return
     raise LensMismatchError(
-        f"the last-layer lens does not reproduce the model's logits: KL {consistency['kl_model_to_lens_bits']:.3e} "
+        "the last-layer lens does not reproduce the model's logits: "
+        f"KL {consistency['kl_model_to_lens_bits']:.3e} "
         f"bits > {consistency['tolerance_bits']:g} ({consistency['compute_dtype']}); "
         "no result is trustworthy (--allow-lens-mismatch publishes anyway)")
 
@@ -232,7 +233,8 @@ def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str
         return None
     with open(lens_config, encoding="utf-8") as handle:
         recorded = json.load(handle)
-    differing = fingerprint.mismatch(recorded, {"config_hash": fingerprint.config_hash(model_dir)}, ("config_hash",))
+    differing = fingerprint.mismatch(recorded, {"config_hash": fingerprint.config_hash(model_dir)},
+                                     ("config_hash",))
     return fingerprint.foreign_lens_message(lens_dir, differing) if differing else None
 
 

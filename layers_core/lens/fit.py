@@ -102,7 +102,8 @@ def eval_figure(layers: Sequence[dict], title: str):
     xs = [row["layer"] for row in layers]
     fitted = [key for key in layers[0] if key not in ("layer", "logit")]
     for kind, style in (("logit", "--"), *((name, "-") for name in fitted)):
-        axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".", label=f"{kind} lens")
+        axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".",
+                     label=f"{kind} lens")
         axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("KL(final ‖ lens), bits/token")

@@ -48,7 +48,8 @@ class Unembedding:
         """Float32 log-probs ``[R, V]`` of lens outputs ``[R, d]``: one matmul, W_U read once.
         ``out``: a reusable ``[R, V]`` float32 buffer (the result then lives in it)."""
         logits = self.logits(rows, out)
-        return torch.log_softmax(logits, dim=-1, out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
+        return torch.log_softmax(logits, dim=-1,
+                                 out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
 
 
 UnembedPath = Unembedding  # the round-2 name, kept for notebooks written against it

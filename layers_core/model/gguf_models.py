@@ -45,7 +45,8 @@ def _file_in_package(filename: str) -> Callable[[PackagedModel, str], str]:
     def locate(model: PackagedModel, cache_root: str) -> str:
         spec = importlib.util.find_spec(model.package)
         if spec is None or spec.origin is None:
-            raise GGUFError(f"{model.name}: package {model.package} is not installed; install it with: {model.install}")
+            raise GGUFError(f"{model.name}: package {model.package} is not installed; "
+                            f"install it with: {model.install}")
         path = os.path.join(os.path.dirname(spec.origin), filename)
         if not os.path.isfile(path):
             raise GGUFError(f"{model.name}: {filename} is missing from {os.path.dirname(path)}; "

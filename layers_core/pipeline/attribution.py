@@ -180,7 +180,8 @@ def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None
         control_head = head_logit - _model_head_logit(model, final_resid, control_id)
     answer_list = answer_values.tolist()
     control_list = control_values.tolist() if control_values is not None else [None] * len(answer_list)
-    rows = [(layer, component, value, vs) for (layer, component), value, vs in zip(labels, answer_list, control_list)]
+    rows = [(layer, component, value, vs)
+            for (layer, component), value, vs in zip(labels, answer_list, control_list)]
     error = head_logit - float(answer_values.double().sum()) - answer_bias
     return Attribution(rows, head_logit, answer_bias, error, control_head, control_bias)
 

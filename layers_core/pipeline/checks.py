@@ -128,7 +128,8 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
             "max_control_margin": max(margins)}
 
 
-def answer_sequence_probability(model: Any, tokens: Tensor, answer_ids: list[int], model_last_logits: Tensor) -> float | None:
+def answer_sequence_probability(model: Any, tokens: Tensor, answer_ids: list[int],
+                                model_last_logits: Tensor) -> float | None:
     """The model's teacher-forced probability of the whole answer after the prompt ``[1, T]``:
     Π_k p(answer_k | prompt, answer_<k) at the final layer (one extra forward for answers of
     several tokens; None for an unresolved answer)."""

@@ -91,6 +91,7 @@ def tracked_rows(log_probs: Mapping[str, Tensor], tracked: Sequence[tuple[str, i
             own = table[:, token_id : token_id + 1]
             ranks = ((table > own).sum(dim=-1) + 1).tolist()
             probs = own[:, 0].exp().tolist()
-            rows += [{"token": text, "token_id": token_id, "lens": name, "layer": layer, "rank": rank, "prob": prob}
+            rows += [{"token": text, "token_id": token_id, "lens": name, "layer": layer, "rank": rank,
+                      "prob": prob}
                      for layer, (rank, prob) in enumerate(zip(ranks, probs))]
     return rows

@@ -404,7 +404,8 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
         check_finite(last, residuals, residuals[0].dtype)
         log_prob = None
         if answer:
-            log_prob = _answer_log_prob(logits[index, [column[length - 1 + k] for k in range(len(answer))]], answer)
+            answer_columns = [column[length - 1 + k] for k in range(len(answer))]
+            log_prob = _answer_log_prob(logits[index, answer_columns], answer)
         forwarded.append(Forwarded(prompt_rows[index].unsqueeze(0), last, residuals, share,
                                    answer_log_prob=log_prob))
     return forwarded

@@ -32,7 +32,8 @@ def lens_record(lens: Any) -> dict | None:
     the model it was fitted to (None for the logit lens)."""
     if lens is None:
         return None
-    return {"name": lens.name, "path": getattr(lens, "path", None), "fingerprint": getattr(lens, "fingerprint", None)}
+    return {"name": lens.name, "path": getattr(lens, "path", None),
+            "fingerprint": getattr(lens, "fingerprint", None)}
 
 
 def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[str] | None = None,
@@ -82,7 +83,8 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
 def prompt_entry(prompt_id: str, prompt: str, answer: str, analysis: PromptAnalysis) -> dict:
     """One prompt of a set in the document: its id, text, length and every analysis block."""
     return {"prompt_id": prompt_id, "prompt": prompt, "answer": answer,
-            "prompt_tokens": int(analysis.result.tokens.shape[1]), **analysis.blocks}  # answer: gold_answer.n_tokens
+            # answer: gold_answer.n_tokens
+            "prompt_tokens": int(analysis.result.tokens.shape[1]), **analysis.blocks}
 
 
 def with_timing(document: dict, timing: Mapping[str, Any], total_s: float) -> dict:

@@ -74,9 +74,11 @@ def _cells(records: Sequence[Mapping[str, Any]], vocab: _Vocabulary, window: int
         tokens[pos] = row["token"]
         top = [(row[f"top{k}"], row[f"prob{k}"]) for k in range(1, REPORT_TOP_K + 1)
                if row.get(f"prob{k}") not in (None, "")]
-        cell = [_number(row["entropy"]), [vocab.id(str(t)) for t, _ in top], [_number(p, _PROB_DIGITS) for _, p in top]]
+        cell = [_number(row["entropy"]), [vocab.id(str(t)) for t, _ in top],
+                [_number(p, _PROB_DIGITS) for _, p in top]]
         rows.setdefault(_layer_label(row), []).append(cell)
-    return {"layers": list(rows), "positions": shown, "tokens": [tokens[p] for p in shown], "cells": list(rows.values())}
+    return {"layers": list(rows), "positions": shown, "tokens": [tokens[p] for p in shown],
+            "cells": list(rows.values())}
 
 
 def _curve(rows: Sequence[Mapping[str, Any]]) -> list[dict]:

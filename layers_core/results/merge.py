@@ -21,7 +21,8 @@ from layers_core.results.outcome import PromptOutcome
 from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
 
-MILESTONES = ["L_copy", "L_semantic", "L_semantic_stable", "L_semantic_margin", "first_rank_le_1", "first_rank_le_5", "first_rank_le_10",
+MILESTONES = ["L_copy", "L_semantic", "L_semantic_stable", "L_semantic_margin", "first_rank_le_1",
+              "first_rank_le_5", "first_rank_le_10",
               "first_kl_below_0.5", "first_kl_below_1.0"]
 COMPARISON_COLUMNS = (["model", "prompt_id", "n_layers"] + MILESTONES
                       + [f"{key}_fraction" for key in MILESTONES])
@@ -76,7 +77,8 @@ def find_parts(directories: Sequence[str]) -> list[Part]:
             if "prompt_set" in document and "indices" in document["prompt_set"]:
                 parts.append(Part(directory, file_name[len(_JSON_PREFIX):-len(_JSON_SUFFIX)], document))
     if not parts:
-        raise MergeError(f"no prompt-set results (output-<name>.json with a prompt_set) in {', '.join(directories)}")
+        raise MergeError("no prompt-set results (output-<name>.json with a prompt_set) in "
+                         f"{', '.join(directories)}")
     return parts
 
 
@@ -129,7 +131,8 @@ def _typed_summary(rows: list[dict]) -> list[dict]:
 def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = True) -> dict:
     """Merges the shards of one model into ``out_dir`` (the files an unsharded run writes)."""
     _check_group(name, parts)
-    entries = sorted(((index, entry) for part in parts for index, entry in zip(part.indices, part.document["prompts"])),
+    entries = sorted(((index, entry) for part in parts for index, entry in zip(part.indices,
+                                                                               part.document["prompts"])),
                      key=lambda pair: pair[0])
     order = {entry["prompt_id"]: index for index, entry in entries}
     paths = output_paths(out_dir, name)
@@ -172,10 +175,12 @@ def _merged_pictures(paths: dict, name: str, document: dict, summary: list[dict]
 
     def by_prompt(text: str) -> dict[str, list[dict]]:
         frame = typed_frame(pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False))
-        return {pid: group.drop(columns="prompt_id").to_dict("records") for pid, group in frame.groupby("prompt_id", sort=False)}
+        return {pid: group.drop(columns="prompt_id").to_dict("records") for pid,
+                group in frame.groupby("prompt_id", sort=False)}
 
     pure, comparison = by_prompt(pure_text), by_prompt(other_text)
-    outcomes = [PromptOutcome(index, row["prompt_id"], {}, row, pure[row["prompt_id"]], comparison[row["prompt_id"]],
+    outcomes = [PromptOutcome(index, row["prompt_id"], {}, row, pure[row["prompt_id"]],
+                              comparison[row["prompt_id"]],
                               other) for index, row in zip(document["prompt_set"]["indices"], summary)]
     n_layers = int(document["model_stats"]["num_layers"])
     title = set_picture_title(name, document["prompt_set"]["settings"]["lens"], len(summary))

@@ -194,7 +194,8 @@ def layer_curves(
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        for (name, layer), color in zip((marks or {}).items(), ("tab:red", "tab:green", "tab:purple", "tab:orange")):
+        colors = ("tab:red", "tab:green", "tab:purple", "tab:orange")
+        for (name, layer), color in zip((marks or {}).items(), colors):
             if layer is not None:
                 ax.axvline(layer, color=color, linestyle=":", linewidth=1.2, label=name)
     for ax in axes[1]:

@@ -160,7 +160,8 @@ def diagnostics(
 ) -> dict:
     """The legacy diagnostics keys in order, then the new ones."""
     tied = tied_embeddings(model)
-    summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied, headline=uses_headline_copy(settings.view))
+    summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied,
+                                 headline=uses_headline_copy(settings.view))
     gold = result.gold
     document = {
         "type": "diagnostics",
