@@ -96,7 +96,7 @@ def test_collector_resumes_only_what_was_paused():
 
 def test_the_entry_points_pause_the_collector_and_the_runner_resumes_it(tiny_dirs, tmp_path):
     probe = ("import gc, layers_core.app.main as m; "
-             "m.main = lambda argv=None, base_dir=None: print('collecting:', gc.isenabled()) or 0; "
+             "m.main = lambda argv=None, base_dir=None, prog=None: print('collecting:', gc.isenabled()) or 0; "
              "m.script_main()")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, "collecting: False")
