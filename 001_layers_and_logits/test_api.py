@@ -128,7 +128,7 @@ def test_the_sweep_function_is_not_shadowed_by_a_module():
     """A module named layers_core/sweep.py would replace the function once imported."""
     import importlib
 
-    for module in ("pipeline.sweep", "results.analysis", "api.prompt", "model.lens_model", "app.runner",
+    for module in ("pipeline.sweep", "pipeline.analysis", "api.prompt", "model.lens_model", "app.runner",
                    "app.cli"):
         importlib.import_module(f"layers_core.{module}")
     assert callable(lc.sweep) and callable(lc.load) and callable(lc.sweep_set)

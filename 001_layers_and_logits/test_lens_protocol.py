@@ -91,8 +91,8 @@ def _layers_core_imports(path):
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names if a.name.startswith("layers_core")}
-        elif isinstance(node,
-                        ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("layers_core"):
+        elif (isinstance(node, ast.ImportFrom) and node.level == 0
+              and (node.module or "").startswith("layers_core")):
             names.add(node.module)
             names |= {f"{node.module}.{a.name}" for a in node.names}
     return names

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
+from layers_core.pipeline.probes import last_token_log_probs
 from layers_core.pipeline.prompts import TEST_PROMPTS
 from layers_core.pipeline.sweep import TokenDecoder, padding_groups
-from layers_core.results.report import last_position_log_probs, temperature_entries, to_strict_json
+from layers_core.results.report import temperature_entries, to_strict_json
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt-neox", "phi"])
 def test_right_padded_batch_equals_single_prompt_runs(load_bridge, family):
     model = load_bridge(family)
-    batched = last_position_log_probs(model, TEST_PROMPTS)
+    batched = last_token_log_probs(model, TEST_PROMPTS)
     with torch.no_grad():
         single = torch.stack([torch.log_softmax(model(model.to_tokens(p))[0, -1].float(), -1)
                               for p in TEST_PROMPTS])
@@ -27,7 +28,7 @@ def test_right_padded_batch_equals_single_prompt_runs(load_bridge, family):
 def test_prompts_of_different_lengths_are_read_at_their_own_last_token(load_bridge):
     model = load_bridge("llama")
     prompts = ["Berlin", "Berlin is the capital of Germany and"]
-    batched = last_position_log_probs(model, prompts)
+    batched = last_token_log_probs(model, prompts)
     with torch.no_grad():
         short = torch.log_softmax(model(model.to_tokens(prompts[0]))[0, -1].float(), -1)
     assert torch.allclose(batched[0], short, atol=1e-4)

@@ -45,7 +45,7 @@ _EXPORTS = {
     "pipeline.sweep": ["SweepSettings", "run_sweep", "last_layer_consistency",
                  "self_test"],
     "pipeline.checks": ["compare_lenses", "raw_lens_check", "control_margins"],
-    "results.analysis": ["analyse_prompt"],
+    "pipeline.analysis": ["analyse_prompt"],
     "results.prompt_sets": ["PromptItem", "parse_prompt_set", "load_prompt_set"],
     "pipeline.prompts": ["DEFAULT_PROMPT", "DEFAULT_ANSWER"],
     "results.plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],

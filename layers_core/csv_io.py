@@ -46,6 +46,9 @@ def pure_header(top_k: int = TOP_K_VERBOSE) -> list[str]:
 
 
 SUBLAYER_COLUMN = "sublayer"  # --sublayers only: "attn" (after attention) or "block" (after the block)
+ATTN, BLOCK = "attn", "block"  # the values of SUBLAYER_COLUMN
+LENSES_COLUMNS = ["lens", "layer", "entropy", "top1", "p_answer", "answer_rank", "kl_to_final_bits"]  # lenses.csv
+TRACKED_COLUMNS = ["token", "token_id", "lens", "layer", "rank", "prob"]  # --track
 
 
 def with_sublayer_column(header: Sequence[str]) -> list[str]:
@@ -114,3 +117,18 @@ def write_csv_files(
     """Writes both CSV files atomically. ``leading_columns`` (e.g. ``prompt_id``) go first."""
     atomic_write(records_path, render_csv(records, [*leading_columns, *records_header(top_k)]))
     atomic_write(pure_path, render_csv(pure_records, [*leading_columns, *pure_header(top_k)]))
+
+
+def in_depth_order(block_rows: Sequence[dict], mid_rows: Sequence[dict], per_layer: int = 1) -> list[dict]:
+    """Block and mid-block rows interleaved by depth (layer 0, then for each layer ℓ ≥ 1 its attn
+    read, then its block read), each tagged with ``sublayer``; ``per_layer`` rows per read (T for
+    records). Without mid rows, the block rows unchanged."""
+    if not mid_rows:
+        return list(block_rows)
+    tagged_blocks = [{**row, SUBLAYER_COLUMN: BLOCK} for row in block_rows]
+    tagged_mids = [{**row, SUBLAYER_COLUMN: ATTN} for row in mid_rows]
+    ordered = tagged_blocks[:per_layer]
+    for start in range(0, len(tagged_mids), per_layer):
+        ordered += tagged_mids[start : start + per_layer]
+        ordered += tagged_blocks[per_layer + start : 2 * per_layer + start]
+    return ordered

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +59,25 @@ class ResidualHookHandle:
         self.removed = True
 
 
+def attach_hooks(model: Any, cache: MutableMapping[str, Any], names: Sequence[str],
+                 device: Any = None) -> list[ResidualHookHandle]:
+    """Attaches one caching hook per name in ``names`` (each stores under its own name); every
+    name must be a hook point of ``model``. On failure nothing stays attached."""
+    hook_points = model.hook_dict
+    missing = [name for name in names if name not in hook_points]
+    if missing:
+        raise ValueError(f"model has no hook point(s) {missing[:3]}; cannot cache the residual")
+    handles: list[ResidualHookHandle] = []
+    try:
+        for name in names:
+            point = hook_points[name]
+            handles.append(ResidualHookHandle(point, point.add_hook(build_cache_hook(cache, name, device))))
+    except BaseException:
+        detach_hooks(handles)
+        raise
+    return handles
+
+
 def attach_residual_hooks(
     model: Any, cache: MutableMapping[str, Any], device: Any = None, mid: bool = False
 ) -> tuple[list[ResidualHookHandle], bool]:
@@ -71,18 +90,7 @@ def attach_residual_hooks(
     names = residual_hook_names(int(model.cfg.n_layers))
     if mid:
         names += mid_hook_names(int(model.cfg.n_layers))
-    hook_points = model.hook_dict
-    missing = [name for name in names if name not in hook_points]
-    if missing:
-        raise ValueError(f"model has no hook point(s) {missing[:3]}; cannot cache the residual")
-    handles = []
-    try:
-        for name in names:
-            point = hook_points[name]
-            handles.append(ResidualHookHandle(point, point.add_hook(build_cache_hook(cache, name, device))))
-    except BaseException:
-        detach_hooks(handles)
-        raise
+    handles = attach_hooks(model, cache, names, device)
     has_pos_embed = getattr(model.cfg, "positional_embedding_type", None) == STANDARD_POSITIONS
     return handles, has_pos_embed
 
@@ -91,6 +99,19 @@ def detach_hooks(handles: list[ResidualHookHandle]) -> None:
     """Removes every handle; safe to call twice."""
     for handle in handles:
         handle.remove()
+
+
+@contextmanager
+def activation_cache(model: Any, names: Sequence[str], device: Any = None) -> Iterator[dict[str, Any]]:
+    """Context manager: ``with activation_cache(model, names) as cache: model(tokens)`` leaves each
+    named hook point's output in ``cache[name]`` (moved to ``device`` as captured). The hooks are
+    removed on exit, also after an exception. The one hook mechanism of the library."""
+    cache: dict[str, Any] = {}
+    handles = attach_hooks(model, cache, names, device)
+    try:
+        yield cache
+    finally:
+        detach_hooks(handles)
 
 
 @contextmanager

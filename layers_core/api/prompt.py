@@ -22,11 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core.csv_io import pure_header
+from layers_core.csv_io import LENSES_COLUMNS, TRACKED_COLUMNS, pure_header
 from layers_core.lens.protocol import Lens
 from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, resolve_entry, view
 from layers_core.model.lens_model import LensModel
-from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS, norm_lenses
+from layers_core.pipeline import probes
+from layers_core.pipeline.analysis import PromptAnalysis, add_lens_views, analyse_prompt
+from layers_core.pipeline.lens_table import norm_lenses
 from layers_core.pipeline.prompts import (
     DEFAULT_ANSWER,
     DEFAULT_CONTROL_ANSWER,
@@ -35,8 +37,7 @@ from layers_core.pipeline.prompts import (
     chat_text,
 )
 from layers_core.pipeline.sweep import SweepSettings, check_sublayers
-from layers_core.results import outputs, pictures, report
-from layers_core.results.analysis import PromptAnalysis, add_lens_views, analyse_prompt
+from layers_core.results import outputs, pictures
 from layers_core.results.document import provenance, single_prompt_document, with_timing
 from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.tables import frame_from_rows
@@ -137,7 +138,7 @@ class Sweep:
     def test_prompts(self) -> list[dict]:
         """The 14 legacy test prompts through the model (batched by length, on first use)."""
         started = time.perf_counter()
-        entries = report.test_prompt_entries(self.lens_model.bridge, self.lens_model.decoder)
+        entries = probes.test_prompt_entries(self.lens_model.bridge, self.lens_model.decoder)
         self.timing["forward_s"] = self.timing.get("forward_s", 0.0) + time.perf_counter() - started
         return entries
 

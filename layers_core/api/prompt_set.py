@@ -25,10 +25,10 @@ import torch
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
+from layers_core.pipeline.analysis import analyse_prompt
 from layers_core.pipeline.decode import decode_views, transformed_rows, view_rows
 from layers_core.pipeline.sweep import Forwarded, SweepSettings, forward_batch
 from layers_core.results import outputs, prompt_sets, report
-from layers_core.results.analysis import analyse_prompt
 from layers_core.results.document import prompt_entry, provenance, with_timing
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PromptItem

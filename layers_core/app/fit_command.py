@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
     from tqdm import tqdm
 
     from layers_core.app.runner import prepare_runtime
-    from layers_core.lens import fit as lens_fit
     from layers_core.lens import tuned as tuned_lens
     from layers_core.model.lens_model import load
     from layers_core.models import ModelLoadError
+    from layers_core.pipeline import fit as lens_fit
     from layers_core.results.outputs import write_json
-    from layers_core.results.plots import save_figure
+    from layers_core.results.plots import lens_eval_figure, save_figure
 
     prepare_runtime(args.device)
     started = time.perf_counter()
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
     report["tokens"]["evaluated"] = len(evaluation) * len(evaluation[0])
     write_json(os.path.join(out, "eval.json"), report)
     title = f"{lens_model.source.clean_name}: {args.kind} vs logit lens on held-out text"
-    save_figure(lens_fit.eval_figure(layers, title), os.path.join(out, "eval.png"))
+    save_figure(lens_eval_figure(layers, title), os.path.join(out, "eval.png"))
     mean = {kind: sum(row[kind]["kl_final_to_lens_bits"] for row in layers) / len(layers)
             for kind in ("logit", args.kind)}
     print(f"✅ held-out mean KL: {args.kind} {mean[args.kind]:.2f} bits/token, logit {mean['logit']:.2f} "
@@ -135,8 +135,8 @@ def _fit_tuned(args, lens_model, texts):
     """(the tuned lens, held-out chunks to evaluate on, DIR, eval.json facts), the lens saved."""
     from tqdm import tqdm
 
-    from layers_core.lens import fit as lens_fit
     from layers_core.lens import tuned as tuned_lens
+    from layers_core.pipeline import fit as lens_fit
 
     wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a held-out eighth: at least one chunk of eight
     chunks = tuned_lens.token_chunks(lens_model.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
@@ -158,19 +158,14 @@ def _fit_jacobian(args, lens_model, texts):
     """(the Jacobian lens, held-out chunks after the fitted text, DIR, eval.json facts), the
     artifact saved. TransformerLens's ``JacobianLens.fit`` does the fitting (its progress bar
     shows the time left); the artifact also records this project's model fingerprint."""
-    from transformer_lens.tools.analysis import JacobianLens
-
     from layers_core.lens import jacobian
-    from layers_core.lens.fingerprint import model_fingerprint
+    from layers_core.pipeline.fit import fit_jacobian
     from layers_core.run_dir import atomic_write
 
     length = args.max_seq_len
     prompts, heldout = jacobian.fit_prompts(lens_model.bridge.tokenizer, texts, args.prompts, length, EVAL_TOKENS)
     corpus = ",".join(args.corpus) if args.corpus else "python standard-library documentation"
-    fingerprint = model_fingerprint(lens_model)
-    lens = JacobianLens.fit(lens_model.bridge, prompts, corpus=corpus, dim_batch=args.dim_batch,
-                            max_seq_len=length, show_progress=True,
-                            metadata={key: fingerprint[key] for key in ("config_hash", "unembed_hash")})
+    lens = fit_jacobian(lens_model, prompts, corpus, args.dim_batch, length)
     out = args.out or jacobian.default_lens_dir(lens_model.source.clean_name)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, jacobian.artifact_name(lens_model.source.clean_name))

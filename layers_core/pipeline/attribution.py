@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layers_core.hooks import RESID_MID, RESID_POST, RESID_PRE_0, build_cache_hook
+from layers_core.hooks import RESID_MID, RESID_POST, RESID_PRE_0
 from layers_core.norm_utils import LINEAR_NORM_KINDS, classify_norm, frozen_norm_readout, unwrap_norm
+from layers_core.pipeline.capture import capture
 from layers_core.pipeline.sweep import PARALLEL_BLOCK
 
 EMBED, ATTN, MLP, NORM_BIAS = "embed", "attn", "mlp", "norm_bias"
 ATTN_OUT, MLP_OUT = "blocks.{}.hook_attn_out", "blocks.{}.hook_mlp_out"
-TOP_PARTS = 3
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,10 @@ def parts_from_snapshots(residuals: Tensor, mids: Tensor) -> tuple[Tensor, Tenso
 def capture_parts(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, str]]]:
     """One forward with the part hooks → (parts ``[P, d]`` float32 at the last position, on the
     unembedding's device, the final residual ``[d]``, and each part's (layer, component))."""
-    cache: dict[str, Tensor] = {}
     hooks = model.hook_dict
     names = _part_hooks(model, hooks)
     device = model.unembed.W_U.device  # a model split over GPUs: every part on the lens's device
-    handles = [hooks[name].add_hook(build_cache_hook(cache, name, device)) for name in names]
-    try:
-        with torch.inference_mode():
-            model(tokens, logits_to_keep=1)
-    finally:
-        for name, handle in zip(names, handles):
-            handle.hook.remove()
-            registered = getattr(hooks[name], "fwd_hooks", None)
-            if isinstance(registered, list) and handle in registered:
-                registered.remove(handle)
+    cache = capture(model, tokens, names, device=device).activations
     last = {name: tensor[0, -1].float() for name, tensor in cache.items()}
     parts, labels = [last[RESID_PRE_0]], [(0, EMBED)]
     previous = last[RESID_PRE_0]
@@ -184,38 +174,3 @@ def attribute(model: Any, tokens: Tensor, answer_id: int, control_id: int | None
             for (layer, component), value, vs in zip(labels, answer_list, control_list)]
     error = head_logit - float(answer_values.double().sum()) - answer_bias
     return Attribution(rows, head_logit, answer_bias, error, control_head, control_bias)
-
-
-def attribution_rows(attribution: Attribution) -> list[dict]:
-    """The CSV rows: ``layer, component, logit, cumulative`` (and the ``_vs_control`` pair)."""
-    rows, total, total_vs = [], 0.0, 0.0
-    with_control = attribution.head_logit_vs_control is not None
-    for layer, component, value, vs in attribution.parts:
-        total += value
-        row = {"layer": layer, "component": component, "logit": value, "cumulative": total}
-        if with_control:
-            total_vs += vs
-            row.update(logit_vs_control=vs, cumulative_vs_control=total_vs)
-        rows.append(row)
-    return rows
-
-
-def attribution_block(attribution: Attribution | None, note: str | None, answer: str | None,
-                      control_answer: str | None) -> dict:
-    """The JSON's ``attribution``: the three largest parts (by |logit|), the totals and the
-    residual error; or the note that says why there is none."""
-    if attribution is None:
-        return {"note": note}
-    largest = sorted(attribution.parts, key=lambda part: -abs(part[2]))[:TOP_PARTS]
-    block = {
-        "answer": answer, "position": "last", "head_logit": attribution.head_logit, "b_U": attribution.bias,
-        "sum_of_parts": attribution.head_logit - attribution.bias - attribution.residual_error,
-        "residual_error": attribution.residual_error,
-        "largest_parts": [{"layer": layer, "component": component, "logit": value}
-                          for layer, component, value, _ in largest],
-        "note": note,
-    }
-    if attribution.head_logit_vs_control is not None:
-        block["control_answer"] = control_answer
-        block["head_logit_vs_control"] = attribution.head_logit_vs_control
-    return block

@@ -16,6 +16,7 @@ from layers_core.csv_io import TOP_K_RECORD
 from layers_core.lens.stats import stats_from_log_probs
 from layers_core.lens.unembed import Unembedding
 from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.pipeline.capture import ALL_POSITIONS, capture
 from layers_core.pipeline.decode import raw_check_layers, transformed_rows
 from layers_core.pipeline.sweep import (
     Forwarded,
@@ -139,8 +140,8 @@ def answer_sequence_probability(model: Any, tokens: Tensor, answer_ids: list[int
     if len(answer_ids) == 1:
         return float(torch.tensor(first).exp())
     follow = torch.tensor([answer_ids[:-1]], dtype=tokens.dtype, device=tokens.device)
-    with torch.inference_mode():
-        logits = model(torch.cat([tokens, follow], dim=1))[0, tokens.shape[1] :].float()
+    logits = capture(model, torch.cat([tokens, follow], dim=1), logits_to_keep=ALL_POSITIONS).logits
+    logits = logits[0, tokens.shape[1] :].float()
     rest = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(answer_ids[1:], device=logits.device)
                                                      .unsqueeze(-1)).sum()
     return float((first + rest.cpu()).exp())

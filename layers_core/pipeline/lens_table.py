@@ -21,9 +21,6 @@ from layers_core.lens.views import NORM_VIEWS
 from layers_core.model.tokens import TokenDecoder
 from layers_core.pipeline.decode import transformed_rows
 
-LENSES_COLUMNS = ["lens", "layer", "entropy", "top1", "p_answer", "answer_rank", "kl_to_final_bits"]
-TRACKED_COLUMNS = ["token", "token_id", "lens", "layer", "rank", "prob"]
-
 
 def norm_lenses(model: Any, skip: Sequence[str]) -> dict[str, Lens]:
     """The logit lens under every norm strategy not in ``skip``."""
@@ -49,7 +46,7 @@ def last_position_log_probs(result: Any, chosen: str, comparison: str, others: M
 
 def lens_rows(log_probs: Mapping[str, Tensor], final_log_probs: Tensor, answer_id: int | None,
               decoder: TokenDecoder) -> list[dict]:
-    """One row per (lens, layer): ``LENSES_COLUMNS``."""
+    """One row per (lens, layer): ``csv_io.LENSES_COLUMNS``."""
     rows = []
     for name, table in log_probs.items():
         stats = stats_from_log_probs(table, final_log_probs, answer_id, top_k=1)

@@ -26,12 +26,11 @@ from layers_core.collapse_rules import (
 )
 from layers_core.csv_io import (
     NEXT_TOKEN_LABEL,
-    SUBLAYER_COLUMN,
     TOP_K_RECORD,
     TOP_K_VERBOSE,
     is_verbose_position,
 )
-from layers_core.hooks import mid_hook_names, residual_cache, residual_hook_names
+from layers_core.hooks import mid_hook_names, residual_hook_names
 from layers_core.lens.protocol import Lens, NormLens, lens_description
 from layers_core.lens.stats import (
     DEFAULT_BUDGET_BYTES,
@@ -44,6 +43,7 @@ from layers_core.lens.unembed import Unembedding
 from layers_core.lens.views import comparison_of
 from layers_core.model.tokens import TokenDecoder
 from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.pipeline.capture import ALL_POSITIONS, capture
 from layers_core.pipeline.decode import LastPositionViews, decode_last_positions, gate_row, transformed_rows
 
 CONSISTENCY_TOLERANCE_BITS = 1e-6  # float32 last-layer lens vs the model's own logits
@@ -142,8 +142,10 @@ def forward_with_residuals(
     Raises ``NonFiniteError`` if any of them holds inf/NaN.
     """
     n_layers = int(model.cfg.n_layers)
-    with torch.inference_mode(), residual_cache(model, device, mid=mids is not None) as (cache, _):
-        logits = model(tokens, logits_to_keep=keep_last) if last_logits_only else model(tokens)
+    points = residual_hook_names(n_layers) + (mid_hook_names(n_layers) if mids is not None else [])
+    captured = capture(model, tokens, points, logits_to_keep=keep_last if last_logits_only else ALL_POSITIONS,
+                       device=device)
+    logits, cache = captured.logits, captured.activations
     logits = logits[0].float() if device is None else logits[0].to(device=device, dtype=torch.float32)
     residuals = [cache.pop(name)[0] for name in residual_hook_names(n_layers)]
     if mids is not None:
@@ -369,7 +371,7 @@ def last_position_logits(model: Any, batch: Tensor, lengths: Tensor) -> Tensor:
     """The model's logits ``[B, V]`` at each row's last real position; the head runs only at the
     distinct last positions (``logits_to_keep``)."""
     last_positions = torch.unique(lengths - 1)  # sorted
-    logits = model(batch, logits_to_keep=last_positions.to(batch.device))
+    logits = capture(model, batch, logits_to_keep=last_positions.to(batch.device)).logits
     column = torch.searchsorted(last_positions, lengths - 1).to(logits.device)
     return logits[torch.arange(len(lengths), device=logits.device), column]
 
@@ -391,9 +393,9 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
     wanted = sorted({pos for length, a in zip(lengths, answers)
                      for pos in range(length - 1, length - 1 + max(1, len(a)))})
     names = residual_hook_names(int(model.cfg.n_layers))
-    with torch.inference_mode(), residual_cache(model, device) as (cache, _):
-        logits = model(batch, logits_to_keep=torch.tensor(wanted, device=batch.device))
-    logits = logits.to(device=device, dtype=torch.float32)
+    keep = torch.tensor(wanted, device=batch.device)
+    captured = capture(model, batch, names, logits_to_keep=keep, device=device)
+    logits, cache = captured.logits.to(device=device, dtype=torch.float32), captured.activations
     layers = [cache.pop(name) for name in names]
     column = {pos: index for index, pos in enumerate(wanted)}
     share = (time.perf_counter() - started) / len(prompt_rows)
@@ -487,24 +489,6 @@ def run_sweep(
         last_position_mids=None if forwarded.mids is None else torch.stack([mid[-1] for mid in forwarded.mids]),
         answer_log_prob=forwarded.answer_log_prob,
     )
-
-
-ATTN, BLOCK = "attn", "block"  # the values of csv_io.SUBLAYER_COLUMN
-
-
-def in_depth_order(block_rows: Sequence[dict], mid_rows: Sequence[dict], per_layer: int = 1) -> list[dict]:
-    """Block and mid-block rows interleaved by depth (layer 0, then for each layer ℓ ≥ 1 its attn
-    read, then its block read), each tagged with ``sublayer``; ``per_layer`` rows per read (T for
-    records). Without mid rows, the block rows unchanged."""
-    if not mid_rows:
-        return list(block_rows)
-    tagged_blocks = [{**row, SUBLAYER_COLUMN: BLOCK} for row in block_rows]
-    tagged_mids = [{**row, SUBLAYER_COLUMN: ATTN} for row in mid_rows]
-    ordered = tagged_blocks[:per_layer]
-    for start in range(0, len(tagged_mids), per_layer):
-        ordered += tagged_mids[start : start + per_layer]
-        ordered += tagged_blocks[per_layer + start : 2 * per_layer + start]
-    return ordered
 
 
 def _ids_shown(stats: LensStats, str_tokens: Sequence[str], records: bool) -> Tensor:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layers_core.model.lens_model import LensModel
 from layers_core.models import gguf_source
 from layers_core.results import report
-from layers_core.results.analysis import PromptAnalysis
 from layers_core.results.set_document import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from layers_core.pipeline.analysis import PromptAnalysis
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")

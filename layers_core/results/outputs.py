@@ -10,8 +10,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from layers_core.csv_io import pure_header, records_header, render_csv, with_sublayer_column, write_pure_csv
-from layers_core.pipeline.sweep import in_depth_order
+from layers_core.csv_io import (
+    LENSES_COLUMNS,
+    TRACKED_COLUMNS,
+    in_depth_order,
+    pure_header,
+    records_header,
+    render_csv,
+    with_sublayer_column,
+    write_pure_csv,
+)
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
@@ -48,7 +56,7 @@ ATTRIBUTION_CONTROL_COLUMNS = ["logit_vs_control", "cumulative_vs_control"]
 
 
 def _attribution_table(attribution: Any) -> tuple[list[dict], list[str]]:
-    from layers_core.pipeline.attribution import attribution_rows
+    from layers_core.results.attribution import attribution_rows
 
     if attribution is None:
         return [], ATTRIBUTION_COLUMNS
@@ -66,7 +74,6 @@ def write_attribution(paths: Mapping[str, str], attribution: Any) -> None:
 
 def write_lens_views(paths: Mapping[str, str], analysis: Any) -> None:
     """``output-<name>-lenses.csv`` (with ``compare_lenses``) and ``-tracked.csv`` (with ``track``)."""
-    from layers_core.pipeline.lens_table import LENSES_COLUMNS, TRACKED_COLUMNS
 
     if analysis.lens_rows is not None:
         atomic_write(paths["lenses"], render_csv(analysis.lens_rows, LENSES_COLUMNS))

@@ -22,7 +22,7 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
     """The plain data the pictures and the HTML report of one prompt are drawn from (no tensors:
     picklable); with ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps).
     ``answer_token``: the answer's first piece as decoded (the report pins it)."""
-    from layers_core.pipeline.attribution import attribution_rows  # the parent's side: torch is loaded
+    from layers_core.results.attribution import attribution_rows
     from layers_core.results.outputs import prompt_table_rows
 
     records, pure, _, _ = prompt_table_rows(analysis.result)

@@ -350,6 +350,29 @@ def comparison_figure(stats: Mapping[str, Mapping[str, Mapping[str, Any]]], mile
     return fig
 
 
+def lens_eval_figure(layers: Sequence[dict], title: str):
+    """Held-out KL(final ‖ lens) and top-1 agreement per layer, the logit lens against every
+    fitted lens (the rows' other keys)."""
+    fig = new_figure((10, 4))
+    axes = fig.subplots(1, 2)
+    xs = [row["layer"] for row in layers]
+    fitted = [key for key in layers[0] if key not in ("layer", "logit")]
+    for kind, style in (("logit", "--"), *((name, "-") for name in fitted)):
+        axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".",
+                     label=f"{kind} lens")
+        axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(final ‖ lens), bits/token")
+    axes[1].set_ylabel("top-1 agreement with the model")
+    axes[1].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save_figure(fig, path: str, dpi: int = 120) -> None:
     """Renders ``fig`` to PNG and writes it atomically; the figure is closed afterwards."""
     from layers_core.run_dir import atomic_write

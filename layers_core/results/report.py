@@ -8,7 +8,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from layers_core.collapse_rules import (
     summarize_collapse,
 )
 from layers_core.lens.views import NORM_VIEWS, view
+from layers_core.model.tokens import TokenDecoder
 from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs
@@ -28,16 +29,10 @@ from layers_core.pipeline.prompts import (
     TARGET_PREDICTION,
     TEMPERATURE_TOP_K,
     TEMPERATURES,
-    TEST_PROMPT_TOP_K,
-    TEST_PROMPTS,
 )
-from layers_core.pipeline.sweep import (
-    SweepResult,
-    SweepSettings,
-    TokenDecoder,
-    last_position_logits,
-    right_padded_batches,
-)
+
+if TYPE_CHECKING:
+    from layers_core.pipeline.sweep import SweepResult, SweepSettings
 
 SEED = 316
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
@@ -64,27 +59,6 @@ def topk_entry(log_probs: Tensor, k: int, decoder: TokenDecoder) -> tuple[float,
     ids, probs = top.indices.tolist(), top.values.exp().tolist()
     vocab = decoder.decode_many(ids)
     return float(entropy_bits_from_log_probs(log_probs)), [[vocab[i], p] for i, p in zip(ids, probs)]
-
-
-def last_position_log_probs(model: Any, prompts: Sequence[str]) -> Tensor:
-    """Float32 log-probs ``[N, V]`` at each prompt's last token, from right-padded forwards of
-    prompts of similar length (each row equals that prompt's single-prompt forward)."""
-    rows: list[Tensor | None] = [None] * len(prompts)
-    with torch.inference_mode():
-        for indices, batch, lengths in right_padded_batches(model, prompts):
-            log_probs = torch.log_softmax(last_position_logits(model, batch, lengths).float(), dim=-1)
-            for index, row in zip(indices, log_probs):
-                rows[index] = row
-    return torch.stack(rows)
-
-
-def test_prompt_entries(model: Any, decoder: TokenDecoder) -> list[dict]:
-    """The 14 legacy test prompts: entropy and top-10 at the last position (batched by length)."""
-    entries = []
-    for prompt, log_probs in zip(TEST_PROMPTS, last_position_log_probs(model, TEST_PROMPTS)):
-        entropy, topk = topk_entry(log_probs, TEST_PROMPT_TOP_K, decoder)
-        entries.append({"type": "test_prompt", "prompt": prompt, "entropy": entropy, "topk": topk})
-    return entries
 
 
 def temperature_entries(model_last_logits: Tensor, decoder: TokenDecoder) -> list[dict]:

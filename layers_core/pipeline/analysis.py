@@ -18,7 +18,6 @@ from layers_core.numerics import get_post_unembed_transform
 from layers_core.pipeline.attribution import (
     Attribution,
     attribute,
-    attribution_block,
     has_residual_mids,
     not_decomposable,
 )
@@ -38,6 +37,7 @@ from layers_core.pipeline.lens_table import (
 )
 from layers_core.pipeline.sweep import Forwarded, SweepResult, SweepSettings, last_layer_consistency, run_sweep
 from layers_core.results import report
+from layers_core.results.attribution import attribution_block
 
 DEPTH_FRACTION_DECIMALS = 3
 

@@ -1,5 +1,6 @@
-"""Fitting and evaluating a tuned lens on a loaded model: capture residuals in batches, solve,
-and compare with the logit lens on held-out text (what ``fit_lens.py`` runs)."""
+"""Fitting and evaluating a lens on a loaded model: capture residuals in batches, solve (or let
+TransformerLens fit its Jacobian lens), and compare with the logit lens on held-out text (what
+``layers-and-logits fit`` runs). Every forward goes through ``pipeline.capture``."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layers_core.hooks import residual_cache, residual_hook_names
+from layers_core.hooks import residual_hook_names
 from layers_core.lens.fingerprint import model_fingerprint
 from layers_core.lens.tuned import NormalEquations, TunedLens, solve_translators
 from layers_core.model.lens_model import LensModel
 from layers_core.norm_utils import apply_norm_or_skip
 from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.pipeline.capture import capture
 
 EVAL_ROWS_PER_BLOCK = 256
-METRICS = ("kl_final_to_lens_bits", "kl_final_to_lens_bpb", "ce_bits", "top1_agree")
 
 
-def capture(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
-            progress: Callable[[int], None] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def capture_chunks(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
+                   progress: Callable[[int], None] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """For each batch of equal-length chunks: (residuals ``[L+1, B, T, d]`` float32 on the lens
     device, tokens ``[B, T]``). ``progress(n)`` is called with the tokens done."""
     bridge = lens_model.bridge
@@ -30,8 +31,7 @@ def capture(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
     device = lens_model.unembed.W_U.device
     for start in range(0, len(chunks), batch_size):
         tokens = torch.tensor(chunks[start : start + batch_size], device=bridge.cfg.device)
-        with torch.inference_mode(), residual_cache(bridge, device) as (cache, _):
-            bridge(tokens, logits_to_keep=1)
+        cache = capture(bridge, tokens, names, device=device).activations
         yield torch.stack([cache.pop(name).float() for name in names]), tokens
         if progress is not None:
             progress(int(tokens.numel()))
@@ -43,7 +43,7 @@ def fit(lens_model: LensModel, train: Sequence[list[int]], heldout: Sequence[lis
     n_layers, d_model = lens_model.n_layers, int(lens_model.bridge.cfg.d_model)
     statistics = {"train": NormalEquations(n_layers, d_model), "heldout": NormalEquations(n_layers, d_model)}
     for split, chunks in (("train", train), ("heldout", heldout)):
-        for residuals, _ in capture(lens_model, chunks, batch_size, progress):
+        for residuals, _ in capture_chunks(lens_model, chunks, batch_size, progress):
             statistics[split].add(residuals[:, :, 1:].reshape(n_layers + 1, -1, d_model).cpu())
     weights, biases, ridges = solve_translators(statistics["train"], statistics["heldout"])
     return TunedLens(weights, biases, lens_model.source.path or lens_model.model_id,
@@ -65,7 +65,7 @@ def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batc
     kinds = ("logit", lens.name)
     sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in kinds}
     rows_total, bytes_total = 0, 0
-    for residuals, tokens in capture(lens_model, chunks, batch_size, progress):
+    for residuals, tokens in capture_chunks(lens_model, chunks, batch_size, progress):
         d_model = residuals.shape[-1]
         resid = residuals[:, :, 1:-1].reshape(n_layers + 1, -1, d_model)  # [L+1, rows, d]
         targets = tokens[:, 2:].reshape(-1).to(resid.device)
@@ -92,26 +92,14 @@ def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batc
             for layer in range(n_layers)]
 
 
-def eval_figure(layers: Sequence[dict], title: str):
-    """Held-out KL(final ‖ lens) and top-1 agreement per layer, the logit lens against every
-    fitted lens (the rows' other keys)."""
-    from layers_core.results.plots import new_figure
+def fit_jacobian(lens_model: LensModel, prompts: Sequence[Any], corpus: str, dim_batch: int,
+                 max_seq_len: int) -> Any:
+    """TransformerLens's ``JacobianLens`` fitted on ``prompts`` (its own estimator and progress
+    bar: one forward and ⌈d/dim_batch⌉ backward passes per prompt), with this project's model
+    fingerprint (config and W_U hashes) in its metadata."""
+    from transformer_lens.tools.analysis import JacobianLens
 
-    fig = new_figure((10, 4))
-    axes = fig.subplots(1, 2)
-    xs = [row["layer"] for row in layers]
-    fitted = [key for key in layers[0] if key not in ("layer", "logit")]
-    for kind, style in (("logit", "--"), *((name, "-") for name in fitted)):
-        axes[0].plot(xs, [row[kind]["kl_final_to_lens_bits"] for row in layers], style, marker=".",
-                     label=f"{kind} lens")
-        axes[1].plot(xs, [row[kind]["top1_agree"] for row in layers], style, marker=".", label=f"{kind} lens")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("KL(final ‖ lens), bits/token")
-    axes[1].set_ylabel("top-1 agreement with the model")
-    axes[1].set_ylim(0, 1)
-    for ax in axes:
-        ax.set_xlabel("layer (0 = embeddings)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return fig
+    fingerprint = model_fingerprint(lens_model)
+    return JacobianLens.fit(lens_model.bridge, prompts, corpus=corpus, dim_batch=dim_batch,
+                            max_seq_len=max_seq_len, show_progress=True,
+                            metadata={key: fingerprint[key] for key in ("config_hash", "unembed_hash")})
