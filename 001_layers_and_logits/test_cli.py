@@ -4,6 +4,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import run
 
 from conftest import HERE, assert_clean_failure
-from layers_core.app.cli import ExperimentConfig, child_argv, parse_config
+from layers_core.app.cli import ExperimentConfig, build_parser, child_argv, flag_of, parse_config
 
 BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
 
@@ -62,6 +63,36 @@ NON_DEFAULT = ExperimentConfig(
     threads=3, prompts_file=BATTERY, batch_size=4, records=True, shard="1/3", resume=True,
     out_dir="/results", prompt=ExperimentConfig().prompt, answer=ExperimentConfig().answer, chat=False)
 NOT_FORWARDED = {"out_dir", "output_name"}  # the launcher passes its own --out_dir and --name
+DEFAULTS = ExperimentConfig()
+# what each setting needs beside it to be valid on its own (a usage rule ties them)
+COMPANIONS = {
+    "answer": {"prompt": "The capital of Peru is"},
+    "max_memory": {"device": "cuda", "device_map": "auto"},
+    "device_map": {"device": "cuda"},
+    "lens_path": {"lens": "tuned"},
+    "control_prompt": {"control_answer": "Paris"},
+    "control_answer": {"control_prompt": "The capital of France is"},
+    "batch_size": {"prompts_file": BATTERY},
+    "records": {"prompts_file": BATTERY},
+    "shard": {"prompts_file": BATTERY, "out_dir": "/results"},
+    "resume": {"prompts_file": BATTERY, "out_dir": "/results"},
+}
+
+
+def _another_value(config_field):
+    """A valid value of the field other than its default."""
+    flag, default = flag_of(config_field), config_field.default
+    if isinstance(default, bool):
+        return not default
+    if flag.choices:
+        return next(choice for choice in flag.choices if choice != default)
+    special = {"copy_threshold": 0.75, "copy_margin": 0.125, "max_memory": "0=70GiB,1=70GiB", "shard": "1/3",
+               "prompts_file": BATTERY, "track": (" Paris", " Munich"), "lens_path": "LENS"}
+    if config_field.name in special:
+        return special[config_field.name]
+    if flag.type is int:
+        return (default or 1) + 2
+    return "The capital of Peru is" if config_field.name != "answer" else "Lima"
 
 
 @pytest.mark.parametrize("config", [
@@ -86,6 +117,51 @@ def test_every_forwarded_setting_survives_the_round_trip(config, tmp_path, monke
     for field in dataclasses.fields(ExperimentConfig):
         if field.name not in NOT_FORWARDED:
             assert getattr(parsed, field.name) == getattr(config, field.name), field.name
+
+
+FORWARDED = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in NOT_FORWARDED]
+
+
+@pytest.mark.parametrize("name", FORWARDED)
+def test_every_flag_survives_parse_child_argv_parse(name, tmp_path, monkeypatch):
+    """Each setting away from its default, alone (with what a usage rule needs beside it), goes
+    through ``child_argv`` and back unchanged: the launcher's children lose nothing."""
+    monkeypatch.setattr("layers_core.app.cli.check_writable_dir", lambda path: None)
+    config_field = next(f for f in dataclasses.fields(ExperimentConfig) if f.name == name)
+    changes = {**COMPANIONS.get(name, {}), name: _another_value(config_field)}
+    if changes.get("lens_path") == "LENS":  # the lens files must exist: a usage check before loading
+        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "params.pt").write_bytes(b"")
+        changes["lens_path"] = str(tmp_path)
+    config = dataclasses.replace(DEFAULTS, **changes)
+    argv = child_argv(config) + (["--out_dir", config.out_dir] if config.out_dir else [])
+    _, parsed = parse_config(argv)
+    assert dataclasses.replace(parsed, out_dir=config.out_dir) == config
+
+
+def test_every_setting_is_a_flag_and_every_flag_a_setting():
+    """The parser is generated from the config: one option per field, nothing else but the model."""
+    options = {action.dest for action in build_parser()._actions
+               if action.option_strings and action.dest != "help"}
+    assert options == {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+def test_each_help_states_the_real_default():
+    """``--threads`` once said "torch's own choice" while the default was one thread per idle core:
+    every option whose setting has a default value names it in its help, as the config holds it."""
+    fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    for action in build_parser()._actions:
+        config_field = fields.get(action.dest)
+        if config_field is None or isinstance(config_field.default, bool):
+            continue
+        text = " ".join((action.help or "").split())
+        default = config_field.default
+        if default in (None, ()):
+            continue
+        shown = "the legacy prompt" if config_field.name == "prompt" else str(default)
+        assert re.search(rf"default( prompt)?:? {re.escape(shown)}\b", text), (action.dest, text)
+    threads = next(a for a in build_parser()._actions if a.dest == "threads")
+    assert "one per core that other processes leave idle" in " ".join(threads.help.split())
 
 
 def test_python_m_layers_core_run_help_is_the_cli_without_torch():

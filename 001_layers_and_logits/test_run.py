@@ -104,7 +104,7 @@ def test_config_defaults_have_one_home():
     config = run.ExperimentConfig()
     assert (config.copy_threshold, config.copy_margin) == (COPY_THRESHOLD, COPY_MARGIN)
     assert (config.prompt, config.answer) == (DEFAULT_PROMPT, DEFAULT_ANSWER)
-    assert parsed.copy_threshold == config.copy_threshold and parsed.norm == config.norm_strategy
+    assert parsed.copy_threshold == config.copy_threshold and parsed.norm_strategy == config.norm_strategy
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.device = "cuda"
 

@@ -9,6 +9,7 @@ imports torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import re
@@ -21,17 +22,24 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _default(action: argparse.Action) -> str:
-    if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._StoreTrueAction):
+def _default(action: argparse.Action, declared: dict) -> str:
+    """The default a user gets: the config field's where the flag sets one (``run``), else argparse's."""
+    value = declared.get(action.dest, action.default)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "off"  # a switch is not given unless you give it
+    if value in (None, (), argparse.SUPPRESS):
         return "–"
-    return f"`{action.default}`"
+    text = str(value)
+    return "the legacy prompt" if len(text) > 40 else f"`{text}`"
 
 
 def flag_table(subcommand: str) -> str:
     """The subcommand's arguments as a markdown table: flag (with its choices), default, help."""
+    from layers_core.app.cli import ExperimentConfig
     from layers_core.app.commands import PROG, SUBCOMMANDS
 
     parser = importlib.import_module(SUBCOMMANDS[subcommand].module).build_parser(f"{PROG} {subcommand}")
+    declared = {f.name: f.default for f in dataclasses.fields(ExperimentConfig)} if subcommand == "run" else {}
     rows = ["| argument | default | meaning |", "|---|---|---|"]
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -40,7 +48,7 @@ def flag_table(subcommand: str) -> str:
         if action.choices:
             name += " {" + ",".join(map(str, action.choices)) + "}"
         help_text = (action.help or "") % {"default": action.default}
-        rows.append(f"| {_cell(name)} | {_default(action)} | {_cell(help_text)} |")
+        rows.append(f"| {_cell(name)} | {_default(action, declared)} | {_cell(help_text)} |")
     return "\n".join(rows)
 
 
