@@ -178,11 +178,11 @@ def _arch():
 def _sweep_setup(model):
     from layers_core.device_policy import unembed_weights_for_analysis
     from layers_core.lens.protocol import lens_norm_plan
-    from layers_core.lens.unembed import UnembedPath
+    from layers_core.lens.unembed import Unembedding
     from layers_core.numerics import output_logits_transform
 
     W_U, b_U = unembed_weights_for_analysis(model, use_fp32=True)
-    unembed = UnembedPath(W_U, b_U, output_logits_transform(model), force_fp32=True)
+    unembed = Unembedding(W_U, b_U, output_logits_transform(model), force_fp32=True)
     return unembed, [module for module, _ in lens_norm_plan(model, "arch")]
 
 

@@ -15,7 +15,7 @@ from tiny_models import FAMILIES
 
 from layers_core.lens.protocol import NormLens
 from layers_core.lens.stats import lens_statistics, rows_per_block
-from layers_core.lens.unembed import UnembedPath
+from layers_core.lens.unembed import Unembedding
 from layers_core.numerics import output_logits_transform
 from layers_core.pipeline.sweep import SweepSettings, run_sweep
 
@@ -71,7 +71,7 @@ def _hf_reference_arch(path, family, tokens):
 
 
 def _ours(model, strategy):
-    unembed = UnembedPath(model.unembed.W_U, model.unembed.b_U, output_logits_transform(model))
+    unembed = Unembedding(model.unembed.W_U, model.unembed.b_U, output_logits_transform(model))
     return run_sweep(model, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy=strategy))
 
 
@@ -119,9 +119,8 @@ def test_a_wrong_norm_would_be_caught(tiny_dirs, load_bridge):
 def _stats(model, budget, result=None):
     result = result or _ours(model, "arch")
     final_lp = torch.log_softmax(result.model_logits[-1], -1)
-    return lens_statistics(result.resid_normed, model.unembed.W_U, model.unembed.b_U,
-                           output_logits_transform(model), final_lp, result.gold["first_id"],
-                           budget_bytes=budget)
+    unembed = Unembedding(model.unembed.W_U, model.unembed.b_U, output_logits_transform(model))
+    return lens_statistics(result.resid_normed, unembed, final_lp, result.gold["first_id"], budget_bytes=budget)
 
 
 def test_row_blocks_give_identical_results(load_bridge):
@@ -139,10 +138,12 @@ def test_half_precision_unembedding_matches_float32(load_bridge):
     model = load_bridge("llama")
     result = _ours(model, "arch")
     final_lp = torch.log_softmax(result.model_logits[-1], -1)
-    args = (output_logits_transform(model), final_lp, result.gold["first_id"])
-    full = lens_statistics(result.resid_normed, model.unembed.W_U, None, *args)
-    half = lens_statistics(result.resid_normed, model.unembed.W_U.detach().to(torch.bfloat16),
-                           None, *args, budget_bytes=1)
+    transform = output_logits_transform(model)
+    full = lens_statistics(result.resid_normed, Unembedding(model.unembed.W_U, None, transform), final_lp,
+                           result.gold["first_id"])
+    half = lens_statistics(result.resid_normed, Unembedding(model.unembed.W_U.detach().to(torch.bfloat16), None,
+                                                            transform), final_lp, result.gold["first_id"],
+                           budget_bytes=1)
     assert half.entropy_bits.dtype == torch.float32
     assert torch.allclose(half.entropy_bits, full.entropy_bits, atol=0.05)
     assert torch.allclose(half.topk_probs[..., 0], full.topk_probs[..., 0], atol=0.02)
@@ -150,7 +151,7 @@ def test_half_precision_unembedding_matches_float32(load_bridge):
 
 def test_peak_logit_memory_respects_the_budget(load_bridge, monkeypatch):
     """The largest [rows, V] float32 block ever built stays within the budget's row count."""
-    from layers_core.lens import stats as lens_module
+    from layers_core.lens import unembed as lens_module  # lens_statistics decodes through Unembedding.logits
 
     model = load_bridge("llama")
     result = _ours(model, "arch")

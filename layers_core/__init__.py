@@ -37,7 +37,7 @@ _EXPORTS = {
     "run_dir": ["setup_run_latest_directory", "rotate_run_latest", "create_staging_dir",
                 "publish_staging_dir", "atomic_write", "unique_path"],
     "lens.protocol": ["Lens", "NormLens", "lens_norm_plan"],
-    "lens.unembed": ["Unembedding", "UnembedPath"],
+    "lens.unembed": ["Unembedding"],
     "lens.views": ["VIEWS", "View"],
     "lens.tuned": ["TunedLens"],
     "lens.stats": ["LensStats", "lens_statistics"],

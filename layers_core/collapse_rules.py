@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the constants load without it
@@ -20,16 +21,24 @@ VARIANT_NO_SPACE = "no_space"
 VARIANT_UNKNOWN = "unknown"
 
 
+@dataclass(frozen=True)
+class CopyRule:
+    """The copy rule's thresholds: p1 > ``threshold`` and p1 − p2 > ``margin``; with
+    ``entropy_fallback``, entropy < ``fallback_bits`` also counts (the seed's rule)."""
+
+    threshold: float = COPY_THRESHOLD
+    margin: float = COPY_MARGIN
+    entropy_fallback: bool = True
+    fallback_bits: float = ENTROPY_COLLAPSE_BITS
+
+
 def copy_collapse_flags(
     top1_ids: Tensor,
     p_top1: Tensor,
     p_top2: Tensor,
     entropy_bits: Tensor,
     prompt_ids: Iterable[int],
-    copy_threshold: float = COPY_THRESHOLD,
-    copy_margin: float = COPY_MARGIN,
-    use_entropy_fallback: bool = True,
-    entropy_fallback_threshold: float = ENTROPY_COLLAPSE_BITS,
+    rule: CopyRule = CopyRule(),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Vectorised copy rule over rows ``[R]``; returns (copy_collapse, strict, copy_collapse_prompt)
     bool tensors.
@@ -43,21 +52,20 @@ def copy_collapse_flags(
     ids = torch.tensor(sorted(set(int(i) for i in prompt_ids)), dtype=top1_ids.dtype,
                        device=top1_ids.device)
     in_prompt = torch.isin(top1_ids, ids)
-    strict = in_prompt & (p_top1 > copy_threshold) & ((p_top1 - p_top2) > copy_margin)
-    if not use_entropy_fallback:
+    strict = in_prompt & (p_top1 > rule.threshold) & ((p_top1 - p_top2) > rule.margin)
+    if not rule.entropy_fallback:
         return strict, strict, strict
-    copy = strict | (entropy_bits < entropy_fallback_threshold)
+    copy = strict | (entropy_bits < rule.fallback_bits)
     return copy, strict, copy & in_prompt
 
 
 def is_headline_copy(top1_id: int, top1_text: str, p_top1: float, p_top2: float, prompt_ids: Iterable[int],
-                     answer_first_id: int | None, copy_threshold: float = COPY_THRESHOLD,
-                     copy_margin: float = COPY_MARGIN) -> bool:
+                     answer_first_id: int | None, rule: CopyRule = CopyRule()) -> bool:
     """The headline copy rule (``L_copy`` from round 3, except under ``--norm arch``): the top-1 is
     a token of the prompt with a letter or digit in it (no punctuation or whitespace), it is not
     the answer's first piece, and p1 > threshold and p1 − p2 > margin; no entropy fallback."""
     return (top1_id in set(prompt_ids) and any(char.isalnum() for char in top1_text)
-            and top1_id != answer_first_id and p_top1 > copy_threshold and p_top1 - p_top2 > copy_margin)
+            and top1_id != answer_first_id and p_top1 > rule.threshold and p_top1 - p_top2 > rule.margin)
 
 
 def detect_copy_collapse(
@@ -82,7 +90,7 @@ def detect_copy_collapse(
     entropy = torch.tensor([entropy_bits if use_fallback else float("inf")])
     flag, _, _ = copy_collapse_flags(
         top.indices[:1], top.values[:1], top.values[1:2], entropy, prompt_ids,
-        copy_threshold, copy_margin, use_fallback, entropy_fallback_threshold,
+        CopyRule(copy_threshold, copy_margin, use_fallback, entropy_fallback_threshold),
     )
     return bool(flag[0])
 

@@ -6,7 +6,6 @@ Everything that becomes a statistic is computed in float32 from one ``log_softma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, TypedDict
 
 import torch
@@ -159,13 +158,11 @@ def unembed_logits(
     force_fp32_unembed: bool = False,
     out: Tensor | None = None,
     chunk_columns: int | None = None,
-    head: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Lens logits ``[..., V]`` float32 from a normalised residual ``[..., d]``.
 
-    ``head`` (a model's layers between its final norm and ``W_U``, e.g. ModernBERT-decoder's
-    dense → GELU → LayerNorm; ``[..., d]`` → ``[..., d]``) → cast (``safe_cast_for_unembed``) →
-    ``@ W_U (+ b_U)`` → float32 → post-unembed transform.
+    Cast (``safe_cast_for_unembed``) → ``@ W_U (+ b_U)`` → float32 → post-unembed transform (a
+    model's layers between its final norm and ``W_U`` are ``lens.unembed.Unembedding.head``'s).
     ``transform`` is either a ``PostUnembedTransform`` dict or a callable (a TransformerLens
     adapter's ``apply_output_logits_transform``), which is then preferred as the model's own rule.
     ``out``, a reusable buffer of the result's shape, receives the product when its dtype is the
@@ -173,8 +170,6 @@ def unembed_logits(
     ``chunk_columns`` and ``force_fp32_unembed``, a half-precision ``W_U`` is upcast ``chunk_columns``
     vocabulary columns at a time (float32 maths without a full float32 copy of ``W_U``).
     """
-    if head is not None:
-        resid_normed = head(resid_normed)
     if chunk_columns and force_fp32_unembed and W_U.is_floating_point() and W_U.dtype != torch.float32:
         logits = _chunked_fp32_matmul(resid_normed.float(), W_U, chunk_columns, out)
     else:

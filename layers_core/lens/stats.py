@@ -8,17 +8,17 @@ Only small ``[rows, k]`` results leave the block, and they cross to the CPU once
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from layers_core.lens.unembed import Unembedding
 from layers_core.numerics import (
     entropy_bits_from_log_probs,
     kl_bits_from_log_probs,
     topk_last_dim,
-    unembed_logits,
 )
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # peak [rows, V] float32 working set of one block
@@ -70,42 +70,35 @@ def _last_position_stats(
 @torch.inference_mode()
 def lens_statistics(
     resid_normed: Sequence[Tensor],
-    W_U: Tensor,
-    b_U: Tensor | None,
-    transform: Callable[[Tensor], Tensor],
+    unembed: Unembedding,
     final_log_probs: Tensor | None,
     answer_id: int | None,
     top_k: int = 20,
-    force_fp32_unembed: bool = False,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    chunk_columns: int | None = None,
-    head: Callable[[Tensor], Tensor] | None = None,
 ) -> LensStats:
-    """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``).
+    """Decodes every (layer, position) row of ``resid_normed`` (L tensors ``[T, d]``) through
+    ``unembed`` (W_U, b_U, the head transform; float32 logits).
 
     ``final_log_probs`` ``[V]`` float32 is the model's own last-position distribution; the KL
     and the answer rank are taken at position T−1 of each layer (the pure next-token rows).
     None: no last-position statistics (``answer_rank`` and ``kl_to_final_bits`` are None).
-    Memory: at most ``budget_bytes`` of ``[rows, V]`` work. ``chunk_columns``: see
-    ``numerics.unembed_logits`` (float32 maths over a half-precision ``W_U``); ``head``: the
-    model's layers between its final norm and ``W_U`` (``Unembedding.head``).
+    Memory: at most ``budget_bytes`` of ``[rows, V]`` work.
     """
     n_layers, seq_len = len(resid_normed), resid_normed[0].shape[0]
     rows = torch.cat(list(resid_normed), dim=0)  # [L·T, d], layer-major
-    block = min(rows_per_block(W_U.shape[-1], budget_bytes), rows.shape[0])
+    vocab = int(unembed.W_U.shape[-1])
+    block = min(rows_per_block(vocab, budget_bytes), rows.shape[0])
     last_rows = torch.arange(n_layers, device=rows.device) * seq_len + (seq_len - 1)
     # Buffers reused by every block: the log-probs, and the float32 matmul's logits (later the
     # entropy's scratch). Fresh [rows, V] allocations cost as much as the arithmetic on them.
-    log_probs_buffer = torch.empty((block, W_U.shape[-1]), dtype=torch.float32, device=rows.device)
-    fp32_matmul = W_U.dtype == torch.float32 or (chunk_columns and force_fp32_unembed)
-    logits_buffer = torch.empty_like(log_probs_buffer) if fp32_matmul else None
+    log_probs_buffer = torch.empty((block, vocab), dtype=torch.float32, device=rows.device)
+    logits_buffer = torch.empty_like(log_probs_buffer) if unembed.float32_matmul else None
     parts: list[tuple] = []
     last_parts: list[tuple] = []
     for start in range(0, rows.shape[0], block):
         stop = min(start + block, rows.shape[0])
-        logits = unembed_logits(rows[start:stop], W_U, b_U, transform, force_fp32_unembed,
-                                out=None if logits_buffer is None else logits_buffer[: stop - start],
-                                chunk_columns=chunk_columns, head=head)
+        buffer = None if logits_buffer is None else logits_buffer[: stop - start]
+        logits = unembed.logits(rows[start:stop], buffer)
         log_probs = torch.log_softmax(logits, dim=-1, out=log_probs_buffer[: stop - start])
         parts.append(_block_stats(log_probs, logits, top_k, answer_id))
         in_block = last_rows[(last_rows >= start) & (last_rows < stop)] - start

@@ -40,8 +40,15 @@ class Unembedding:
     def logits(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """``[..., d]`` → float32 logits ``[..., V]``, head transform applied. ``out``: a buffer
         of the result's shape that receives the product where the matmul is float32."""
+        if self.head is not None:  # e.g. ModernBERT-decoder's dense → GELU → LayerNorm, [..., d] → [..., d]
+            x = self.head(x)
         return unembed_logits(x, self.W_U, self.b_U, self.transform, self.force_fp32, out=out,
-                              chunk_columns=self.chunk_columns, head=self.head)
+                              chunk_columns=self.chunk_columns)
+
+    @property
+    def float32_matmul(self) -> bool:
+        """Whether the product is computed in float32 (a float32 W_U, or a half one upcast in chunks)."""
+        return self.W_U.dtype == torch.float32 or bool(self.chunk_columns and self.force_fp32)
 
     @torch.inference_mode()
     def log_probs(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
@@ -52,4 +59,3 @@ class Unembedding:
                                  out=logits) if logits.is_contiguous() else torch.log_softmax(logits, -1)
 
 
-UnembedPath = Unembedding  # the round-2 name, kept for notebooks written against it

@@ -19,6 +19,7 @@ from layers_core.collapse_rules import (
     COPY_MARGIN,
     COPY_THRESHOLD,
     ENTROPY_COLLAPSE_BITS,
+    CopyRule,
     copy_collapse_flags,
     is_headline_copy,
     is_semantic_top1,
@@ -71,6 +72,11 @@ class SweepSettings:
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
     keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
     capture_mids: bool = False  # the forward also captures each block's resid_mid (attribution reuses it)
+
+    @property
+    def copy_rule(self) -> CopyRule:
+        """The copy rule's thresholds (``collapse_rules.CopyRule``; the entropy fallback at 1 bit)."""
+        return CopyRule(self.copy_threshold, self.copy_margin, self.copy_entropy_fallback)
 
     @property
     def view(self) -> str:
@@ -202,9 +208,8 @@ def build_pure_rows(
     last = stats.entropy_bits.shape[1] - 1
     entropy = stats.entropy_bits[:, last]
     ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
-    copy, strict, copy_prompt = copy_collapse_flags(
-        ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids, settings.copy_threshold,
-        settings.copy_margin, settings.copy_entropy_fallback, ENTROPY_COLLAPSE_BITS)
+    copy, strict, copy_prompt = copy_collapse_flags(ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids,
+                                                    settings.copy_rule)
     resolved = gold["first_id"] is not None
     prompt_set = set(prompt_ids)
     p_answer = stats.p_answer[:, last].tolist() if resolved else [None] * len(entropy)
@@ -220,7 +225,7 @@ def build_pure_rows(
         row.update(copy_collapse=bool(copy[layer]), copy_strict=bool(strict[layer]),
                    copy_collapse_prompt=bool(copy_prompt[layer]),
                    copy_headline=is_headline_copy(top_ids[0], vocab[top_ids[0]], top_p[0], top_p[1], prompt_set,
-                                                  gold["first_id"], settings.copy_threshold, settings.copy_margin),
+                                                  gold["first_id"], settings.copy_rule),
                    entropy_collapse=h <= ENTROPY_COLLAPSE_BITS, is_answer=is_answer,
                    p_top1=top_p[0], p_top5=sum(top_p[:TOP_K_RECORD]), p_answer=p_answer[layer],
                    answer_rank=rank, kl_to_final_bits=kl)
@@ -456,18 +461,15 @@ def run_sweep(
         stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"],
                                      TOP_K_VERBOSE if records else TOP_K_RECORD)
         if records and len(str_tokens) > 1:
-            earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed.W_U, unembed.b_U,
-                                      unembed.transform, None, gold["first_id"], TOP_K_VERBOSE,
-                                      unembed.force_fp32, settings.budget_bytes, unembed.chunk_columns,
-                                      unembed.head)
+            earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed, None, gold["first_id"],
+                                      TOP_K_VERBOSE, settings.budget_bytes)
             stats = followed_by_last_position(earlier, stats)
         mid_stats = None
         if settings.sublayers:  # block b's mid read is the first half of the step to layer b+1
             mid_rows = [lens.transform(mid if records else mid[-1:], block + 1)
                         for block, mid in enumerate(forwarded.mids)]
-            mid_stats = lens_statistics(mid_rows, unembed.W_U, unembed.b_U, unembed.transform, final_log_probs,
-                                        gold["first_id"], TOP_K_VERBOSE, unembed.force_fp32,
-                                        settings.budget_bytes, unembed.chunk_columns, unembed.head)
+            mid_stats = lens_statistics(mid_rows, unembed, final_log_probs, gold["first_id"], TOP_K_VERBOSE,
+                                        settings.budget_bytes)
     shown = [_ids_shown(s, str_tokens, records) for s in (stats, mid_stats) if s is not None]
     vocab = decoder.decode_many(torch.unique(torch.cat(shown)).tolist())
     position = int(forwarded.tokens.shape[1]) - 1
