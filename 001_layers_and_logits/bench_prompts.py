@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import layers_core as lc
     from layers_core.api.prompt_set import sweep_set
     from layers_core.models import ensure_default_model
+    from layers_core.pipeline.sweep import SweepSettings
 
     torch.manual_seed(316)
     directory = args.model or ensure_default_model()
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(int(lens_model.bridge.to_tokens(item["prompt"]).shape[1]) for item in items)  # BOS included
     timings = {}
     controlled = cycled_items(args.prompts, controls=True)
+    one_at_a_time = SweepSettings(batch_size=1, records=True)
     for name, run in (("floor_s", lambda: floor(hf_model, tokenizer, items)),
                       ("set_s", lambda: sweep_set(lens_model, items)),
-                      ("sequential_s", lambda: sweep_set(lens_model, items, batch_size=1, records=True)),
+                      ("sequential_s", lambda: sweep_set(lens_model, items, settings=one_at_a_time)),
                       ("set_controls_s", lambda: sweep_set(lens_model, controlled))):
         started = time.perf_counter()
         run()

@@ -16,7 +16,8 @@ from tiny_models import FAMILIES
 
 import layers_core as lc
 from conftest import RUN_PY
-from layers_core.api.prompt_set import sweep_set
+from layers_core.api.prompt_set import SetPlan, run_prompt_set, sweep_set
+from layers_core.pipeline.sweep import SweepSettings
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import load_prompt_set
 
@@ -41,8 +42,8 @@ def _facts_file(tmp_path, facts):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_batched_set_equals_one_prompt_at_a_time(load_bridge, family):
     lens_model = lc.load(load_bridge(family))
-    batched = sweep_set(lens_model, FACTS, batch_size=4)
-    alone = sweep_set(lens_model, FACTS, batch_size=1)
+    batched = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=4))
+    alone = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=1))
     assert [o.prompt_id for o in batched.outcomes] == [f["id"] for f in FACTS]  # input order
     for fact in FACTS:
         ours, theirs = batched.sweeps[fact["id"]].pure, alone.sweeps[fact["id"]].pure
@@ -60,9 +61,9 @@ def test_views_decoded_in_groups_through_one_buffer_equal_one_prompt_at_a_time(l
 
     lens_model = lc.load(load_bridge("llama"))
     one_prompt = view_rows(lens_model.n_layers + 1) * int(lens_model.unembed.W_U.shape[-1]) * 4
-    grouped = sweep_set(lens_model, FACTS, batch_size=5, settings=SweepSettings(budget_bytes=one_prompt))
-    together = sweep_set(lens_model, FACTS, batch_size=5)
-    alone = sweep_set(lens_model, FACTS, batch_size=1)
+    grouped = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=5, budget_bytes=one_prompt))
+    together = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=5))
+    alone = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=1))
     for fact in FACTS:
         ours, theirs = grouped.sweeps[fact["id"]], alone.sweeps[fact["id"]]
         assert (ours.pure["entropy"] - theirs.pure["entropy"]).abs().max() <= 1e-5
@@ -77,8 +78,8 @@ def test_controls_forwarded_in_a_batch_equal_their_own_forward(load_bridge):
                        control_answer=FACTS[(i + 1) % len(FACTS)]["answer"]) for i, fact in enumerate(FACTS)]
     controlled[2] = FACTS[2]  # a prompt without a control among them
     lens_model = lc.load(load_bridge("llama"))
-    batched = sweep_set(lens_model, controlled, batch_size=5)
-    alone = sweep_set(lens_model, controlled, batch_size=1)
+    batched = sweep_set(lens_model, controlled, settings=SweepSettings(batch_size=5))
+    alone = sweep_set(lens_model, controlled, settings=SweepSettings(batch_size=1))
     for fact in controlled:
         ours = batched.sweeps[fact["id"]].analysis.blocks
         theirs = alone.sweeps[fact["id"]].analysis.blocks
@@ -99,7 +100,7 @@ def test_a_set_keeps_rows_not_full_vocabulary_tensors(load_bridge):
     lens_model = lc.load(load_bridge("llama"))
     vocab = int(lens_model.unembed.W_U.shape[-1])
     for batch_size in (1, 4):
-        result = sweep_set(lens_model, FACTS, batch_size=batch_size)
+        result = sweep_set(lens_model, FACTS, settings=SweepSettings(batch_size=batch_size))
         for prompt_sweep in result.sweeps.values():
             assert prompt_sweep.analysis.result.views is None
             assert prompt_sweep.analysis.result.model_logits.untyped_storage().nbytes() == vocab * 4
@@ -107,7 +108,7 @@ def test_a_set_keeps_rows_not_full_vocabulary_tensors(load_bridge):
 
 def test_batch_of_one_is_the_single_prompt_path_bit_for_bit(load_bridge):
     lens_model = lc.load(load_bridge("llama"))
-    in_set = sweep_set(lens_model, FACTS[:2], batch_size=1, records=True)
+    in_set = sweep_set(lens_model, FACTS[:2], settings=SweepSettings(batch_size=1, records=True))
     for fact in FACTS[:2]:
         alone = lc.sweep(lens_model, fact["prompt"], fact["answer"], control=False)
         pd.testing.assert_frame_equal(in_set.sweeps[fact["id"]].pure, alone.pure, check_exact=True)
@@ -198,7 +199,7 @@ def test_a_set_resumed_entirely_from_checkpoints_keeps_its_provenance(load_bridg
     lens_model = lc.load(load_bridge("llama"))
     fresh = sweep_set(lens_model, FACTS[:2])
     done = {o.index: PromptOutcome.from_record(json.loads(json.dumps(o.to_record()))) for o in fresh.outcomes}
-    resumed = sweep_set(lens_model, FACTS[:2], done=done)
+    resumed = run_prompt_set(lens_model, FACTS[:2], "logit", None, SetPlan(done=done))
     assert resumed.sweeps == {}
     facts = resumed.document["provenance"]
     assert facts == {**fresh.document["provenance"], "started_at": facts["started_at"]}

@@ -234,7 +234,8 @@ def test_sublayers_are_refused_for_parallel_blocks(tiny_dirs, tmp_path, capsys, 
 def test_the_pictures_show_mid_reads_as_half_steps(load_bridge):
     import layers_core as lc
 
-    s = lc.sweep(lc.load(load_bridge("llama")), "The capital of Germany is", "Berlin", sublayers=True)
+    s = lc.sweep(lc.load(load_bridge("llama")), "The capital of Germany is", "Berlin",
+                 settings=lc.SweepSettings(sublayers=True))
     heatmap = s.lens_figure()
     labels = [t.get_text().split("  ◀")[0] for t in heatmap.axes[0].get_yticklabels()]
     assert labels == ["0", "1−½ attn", "1", "2−½ attn", "2", "3−½ attn", "3"]

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -39,7 +40,9 @@ def _all_docs() -> dict[str, str]:
 
 
 def _python_blocks(text: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    """Every fenced Python block, also those indented inside a list item (dedented)."""
+    return [textwrap.dedent(block) for indent, block in
+            re.findall(r"^( *)```python\n(.*?)^\1```", text, re.S | re.M)]
 
 
 def run_blocks(relative: str) -> dict:
@@ -92,12 +95,14 @@ def test_the_notebook_page_runs_as_written(bundled_model_dir, tmp_path, monkeypa
     namespace = run_blocks("docs/api.md")
     assert isinstance(namespace["s"], lc.Sweep) and namespace["s"].pure.iloc[-1]["top1"] == " Berlin"
     assert namespace["facts"].summary["prompt_id"].tolist() == ["de", "fr"]
+    tracked = namespace["arch"].tracked
+    assert set(tracked["token"]) == {" Paris"} and namespace["arch"].diagnostics["norm_strategy"]["name"] == "arch"
     assert (tmp_path / "my-run" / f"{BUNDLED}.json").exists()
 
 
 def test_your_own_lens_runs_as_written(bundled_model_dir):
     namespace = run_blocks("docs/lenses.md")
-    mine, final = namespace["s"], lc.sweep(namespace["lm"], lc.DEFAULT_PROMPT, "Berlin", norm="final")
+    mine, final = namespace["s"], lc.sweep(namespace["lm"], lc.DEFAULT_PROMPT, "Berlin")
     # RMSNorm is scale-invariant: unit-RMS first, then ln_final, reads what ln_final reads
     assert (mine.pure["top1"] == final.pure["top1"]).all()
     assert (mine.pure["entropy"] - final.pure["entropy"]).abs().max() < 1e-3

@@ -137,3 +137,24 @@ def test_capture_removes_its_hooks_when_the_forward_raises(load_bridge):
 def test_capture_refuses_a_hook_point_the_model_lacks(load_bridge):
     with pytest.raises(ValueError, match="no hook point"):
         capture(load_bridge("llama"), torch.tensor([[1, 2]]), ["blocks.99.hook_resid_post"])
+
+
+MAX_PARAMETERS = 7
+
+
+def test_no_public_call_takes_more_than_seven_parameters():
+    """Settings live on one object (``SweepSettings``, ``CopyRule``, ``RunFacts``, ``SetPlan``), not
+    in ever longer signatures; ``self``/``cls`` do not count, ``*args``/``**kwargs`` do."""
+    too_long = {}
+    for relative, path in _modules().items():
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                args = node.args
+                named = args.posonlyargs + args.args + args.kwonlyargs
+                names = [a.arg for a in named if a.arg not in ("self", "cls")]
+                count = len(names) + bool(args.vararg) + bool(args.kwarg)
+                if count > MAX_PARAMETERS:
+                    too_long[f"{relative}:{node.name}"] = count
+    assert too_long == {}

@@ -66,7 +66,7 @@ def test_family_passes_the_gate_and_both_lenses_match_hf_only_references(matrix_
     assert self_test(bridge, PROMPT, "Berlin", unembed)["kl_model_to_lens_bits"] <= GATE_BITS
 
     hf = load_hf(path)
-    final = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final"), records=False)
+    final = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final", records=False))
     residuals, hf_logits = hf_residuals(hf, final.tokens)
     head, norm = hf_head(hf), final_norm(hf)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_family_passes_the_gate_and_both_lenses_match_hf_only_references(matrix_
             own = float(hf.get_output_embeddings()(normed_last)[11])
         assert sum(part[2] for part in split.parts) + split.bias == pytest.approx(own, rel=1e-4, abs=1e-6)
 
-    arch = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="arch"), records=False)
+    arch = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="arch", records=False))
     plan = NormLens(bridge, "arch").plan
     with torch.no_grad():
         for row, h, (module, _) in zip(arch.pure_rows, residuals, plan):

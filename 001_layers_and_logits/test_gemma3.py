@@ -33,7 +33,7 @@ def gemma3(gemma3_model_dir):
 @pytest.fixture(scope="module")
 def gemma3_final(gemma3):
     unembed = analysis_unembedding(gemma3, torch.float32)
-    return run_sweep(gemma3, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final"), records=False)
+    return run_sweep(gemma3, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final", records=False))
 
 
 def test_resolves_by_name_to_the_local_package_never_the_hub(gemma3_model_dir):
@@ -80,7 +80,7 @@ def test_bfloat16_agrees_with_float32(gemma3_model_dir, gemma3_final):
     0.064), and its gate KL is ≈ 2e-4 bits (half-precision tolerance 1e-2)."""
     bridge = load_model(resolve_model_source(gemma3_model_dir), "cpu", torch.bfloat16)
     unembed = analysis_unembedding(bridge, torch.bfloat16)
-    half = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final"), records=False)
+    half = run_sweep(bridge, PROMPT, "Berlin", unembed, SweepSettings(norm_strategy="final", records=False))
     pairs = list(zip(gemma3_final.pure_rows, half.pure_rows))
     assert sum(a["top1"] == b["top1"] for a, b in pairs) >= 18
     drift = [abs(a["entropy"] - b["entropy"]) for a, b in pairs]

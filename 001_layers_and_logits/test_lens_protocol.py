@@ -63,7 +63,7 @@ def test_every_lens_is_decoded_as_unembedding_of_its_transform(load_bridge, fami
 def test_a_user_lens_returning_its_input_equals_norm_none_row_for_row(load_bridge):
     lens_model = lc.load(load_bridge("llama"))
     mine = lc.sweep(lens_model, lc.DEFAULT_PROMPT, "Berlin", lens=IdentityLens())
-    none = lc.sweep(lens_model, lc.DEFAULT_PROMPT, "Berlin", norm="none")
+    none = lc.sweep(lens_model, lc.DEFAULT_PROMPT, "Berlin", settings=lc.SweepSettings(norm_strategy="none"))
     pd.testing.assert_frame_equal(mine.pure, none.pure)
     pd.testing.assert_frame_equal(mine.records, none.records)
     assert mine.diagnostics["norm_strategy"]["name"] == "identity"

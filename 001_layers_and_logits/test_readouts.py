@@ -74,7 +74,7 @@ def test_fit_lens_jacobian_equals_transformer_lens_fit_on_the_same_prompts(tiny_
 def test_jacobian_lens_rows_equal_transformer_lens_readout(tiny_dirs, jacobian_artifact):
     lm = lc.load(tiny_dirs["llama"])
     path = str(jacobian_artifact / "llama_jacobian_lens.pt")
-    s = lc.sweep(lm, PROMPT, "Berlin", lens="jacobian", lens_path=path)
+    s = lc.sweep(lm, PROMPT, "Berlin", lens="jacobian", settings=lc.SweepSettings(lens_path=path))
     assert s.diagnostics["last_layer_consistency"]["passed"]
     readout = JacobianLensReader.load(path).lens.readout(lm.bridge, s.analysis.result.tokens, positions=[-1],
                                                           return_full_logits=True)
@@ -220,7 +220,7 @@ def test_a_rerun_without_the_new_outputs_leaves_no_stale_copy(tiny_dirs, tmp_pat
 
 def test_residuals_as_a_tensor_for_a_prompt_and_a_set(tiny_dirs):
     lm = lc.load(tiny_dirs["llama"])
-    s = lc.sweep(lm, PROMPT, "Berlin", keep_residuals=True)
+    s = lc.sweep(lm, PROMPT, "Berlin", settings=lc.SweepSettings(keep_residuals=True))
     tokens = s.analysis.result.tokens
     assert tuple(s.residuals.shape) == (lm.n_layers + 1, tokens.shape[1], lm.bridge.cfg.d_model)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_residuals_as_a_tensor_for_a_prompt_and_a_set(tiny_dirs):
         lc.sweep(lm, PROMPT, "Berlin").residuals
     items = [{"prompt": PROMPT, "answer": "Berlin", "id": "a"},
              {"prompt": "Berlin is the capital of", "answer": "Germany", "id": "b"}]
-    batch = lc.sweep_set(lm, items, keep_residuals=True, batch_size=2)
+    batch = lc.sweep_set(lm, items, settings=lc.SweepSettings(keep_residuals=True, batch_size=2))
     assert tuple(batch.residuals["b"].shape)[::2] == (lm.n_layers + 1, lm.bridge.cfg.d_model)
     assert torch.allclose(batch.residuals["a"], s.residuals, atol=1e-4)
 

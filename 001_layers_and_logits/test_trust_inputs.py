@@ -70,7 +70,8 @@ def test_3_truncate_left_keeps_the_question_and_the_heatmap_draws_a_window(tiny_
     records = pd.read_csv(tmp_path / "output-llama-records.csv", dtype=str, keep_default_na=False)
     assert len(records) == 4 * 128  # complete: every kept position of every layer
     assert list(records["token"].iloc[-2:]) == [" Germany", " is"] or records["token"].iloc[-1] == " is"
-    s = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), LONG, "Berlin", truncate="left", control=False)
+    s = lc.sweep(lc.load(tiny_dirs["llama"], device="cpu"), LONG, "Berlin", control=False,
+                 settings=lc.SweepSettings(truncate="left"))
     heatmap = s.lens_figure()
     assert "last 48 of 128 positions" in heatmap.axes[0].get_title()
     assert len(heatmap.axes[0].get_xticklabels()) == 48
@@ -157,7 +158,7 @@ def test_7_headline_indices_mean_what_they_say(bundled):
 
 
 def test_7_under_arch_the_seeds_rule_stays_the_headline(bundled):
-    s = lc.sweep(bundled, lc.DEFAULT_PROMPT, "Berlin", norm="arch")
+    s = lc.sweep(bundled, lc.DEFAULT_PROMPT, "Berlin", settings=lc.SweepSettings(norm_strategy="arch"))
     assert s.document["control_summary"]["first_control_margin_pos"] == 30  # was 1: a 1e-5 margin
     assert s.diagnostics["copy_rule"]["headline"] == "seed"
     flagged = s.pure[s.pure["copy_collapse"] & (s.pure["layer"] > 0)]

@@ -127,7 +127,7 @@ def test_a_zero_tuned_lens_is_the_final_logit_lens(load_bridge):
     d, n = int(bridge.cfg.d_model), int(bridge.cfg.n_layers)
     zero = TunedLens(torch.zeros(n, d, d), torch.zeros(n, d))
     tuned = lc.sweep(lens_model, PROMPT, "Berlin", lens=zero, control=False)
-    final = lc.sweep(lens_model, PROMPT, "Berlin", norm="final", control=False)
+    final = lc.sweep(lens_model, PROMPT, "Berlin", control=False)
     pd.testing.assert_frame_equal(tuned.pure, final.pure)
     assert tuned.diagnostics["norm_strategy"]["name"] == "tuned"
     assert tuned.analysis.comparison.strategy == "final"  # the logit lens under --norm (default final) beside it
@@ -164,7 +164,7 @@ def test_tuned_lens_errors(tiny_dirs, tmp_path, capsys):
 
 def test_tied_embeddings_no_longer_make_layer_0_a_copy(bundled_model_dir):
     """The bundled model ties its embeddings: under the final lens layer 0 is the input token."""
-    result = lc.sweep(lc.load(device="cpu"), norm="final", control=False)
+    result = lc.sweep(lc.load(device="cpu"), control=False)
     assert result.diagnostics["tied_embeddings"] is True
     assert result.pure.loc[0, "copy_collapse"]  # the raw flag stays in the CSV
     assert result.diagnostics["L_copy"] != 0 and result.diagnostics["copy_collapse_excludes_layer0"]

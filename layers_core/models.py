@@ -352,13 +352,18 @@ def load_model_with_report(
     device: str,
     dtype: Any,
     cache_dir: str | None = None,
-    device_map: Any = None,
-    max_memory: dict | None = None,
+    *,
     config: Any = None,
     local_only: bool | None = None,
+    **placement: Any,
 ) -> tuple[Any, LoadReport]:
     """``load_model`` plus the ``LoadReport`` of the HF load (``config``, ``local_only``: see
-    ``load_hf_model``)."""
+    ``load_hf_model``). ``placement``: ``device_map`` (default: the whole model on ``device``) and
+    ``max_memory`` (a per-GPU budget)."""
+    device_map, max_memory = placement.get("device_map"), placement.get("max_memory")
+    unknown = set(placement) - {"device_map", "max_memory"}
+    if unknown:
+        raise TypeError(f"unknown placement argument(s) {sorted(unknown)}; expected device_map, max_memory")
     if device_map is None and device != "cpu":
         device_map = {"": _current_cuda() if device == "cuda" else device}
     hf_model, report = load_hf_model(source, dtype, device_map, max_memory, cache_dir, config, local_only)

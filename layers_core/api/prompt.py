@@ -291,8 +291,7 @@ def _check_fingerprint(lens: Any, lens_model: LensModel, allow_foreign: bool) ->
             fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
-def available_lenses(lens_model: LensModel, settings: SweepSettings,
-                     allow_foreign: bool = False) -> dict[str, Lens]:
+def available_lenses(lens_model: LensModel, settings: SweepSettings) -> dict[str, Lens]:
     """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
     under each other norm strategy, and each fitted lens whose files are in the model's lens
     cache (one that does not load, or belongs to another model, is left out with a warning)."""
@@ -306,20 +305,22 @@ def available_lenses(lens_model: LensModel, settings: SweepSettings,
         if not os.path.exists(directory):
             continue
         try:
-            lenses[name] = resolve_lens(lens_model, name, None, allow_foreign)
+            lenses[name] = resolve_lens(lens_model, name, None, settings.allow_foreign_lens)
         except (ValueError, FileNotFoundError, OSError) as error:
             warnings.warn(f"compare_lenses: the {name} lens in {directory} is left out: {error}", stacklevel=3)
     return lenses
 
 
-def resolve_settings(lens_model: LensModel, norm: str, lens: Any, settings: SweepSettings | None,
-                     lens_path: str | None = None, allow_foreign_lens: bool = False) -> SweepSettings:
-    """The sweep's settings: ``norm`` and the lens (``resolve_lens``) over ``settings``' thresholds."""
-    if norm not in NORM_VIEWS:
-        raise ValueError(f"unknown norm {norm!r}; expected one of {NORM_VIEWS}")
+def resolve_settings(lens_model: LensModel, lens: Any, settings: SweepSettings | None) -> SweepSettings:
+    """``settings`` (default ``SweepSettings()``) checked, with the lens resolved (``resolve_lens``,
+    from ``settings.lens_path``) and the model's unembedding precision."""
     base = settings or SweepSettings()
-    return replace(base, norm_strategy=norm, fp32_unembed=lens_model.unembed.force_fp32,
-                   lens=resolve_lens(lens_model, lens, lens_path, allow_foreign_lens))
+    if base.norm_strategy not in NORM_VIEWS:
+        raise ValueError(f"unknown norm_strategy {base.norm_strategy!r}; expected one of {NORM_VIEWS}")
+    if base.truncate not in (None, "left"):
+        raise ValueError(f"truncate={base.truncate!r}: expected None or 'left'")
+    return replace(base, fp32_unembed=lens_model.unembed.force_fp32,
+                   lens=resolve_lens(lens_model, lens, base.lens_path, base.allow_foreign_lens))
 
 
 def sweep(
@@ -327,71 +328,49 @@ def sweep(
     prompt: str = DEFAULT_PROMPT,
     answer: str | None = None,
     *,
-    norm: str = "final",
     lens: Any = "logit",
     control: Control = None,
     settings: SweepSettings | None = None,
-    lens_path: str | None = None,
-    chat: bool = False,
-    sublayers: bool = False,
-    truncate: str | None = None,
-    allow_foreign_lens: bool = False,
-    compare_lenses: bool = False,
-    track: list[str] | None = None,
-    keep_residuals: bool = False,
 ) -> Sweep:
     """Sweeps one prompt: every layer decoded, both standard lenses, raw check and control.
 
     Args:
         answer: the gold answer (default prompt: ``Berlin``); None: no answer, the rows without
             answer columns and no answer milestones. Leading/trailing whitespace is ignored.
-        norm: ``final`` (``ln_final`` everywhere: the standard logit lens, the default), ``arch``
-            (the seed's rule: the norm the model applies next) or ``none`` (raw residual).
-        lens: ``logit`` (the logit lens under ``norm``), ``tuned`` (a lens fitted by
-            ``fit_lens.py``, read from ``lens_path`` or the model's lens cache), or any ``Lens``
-            object (``name`` and ``transform(residual, layer)``, e.g. a ``TunedLens``). Beside a
-            fitted or user lens, the logit lens under ``norm`` is the comparison lens.
+        lens: ``logit`` (the logit lens under ``settings.norm_strategy``), ``tuned`` or
+            ``jacobian`` (a lens fitted by ``layers-and-logits fit``, read from
+            ``settings.lens_path`` or the model's lens cache), or any ``Lens`` object (``name`` and
+            ``transform(residual, layer)``, e.g. a ``TunedLens``). Beside a fitted or user lens,
+            the logit lens under the norm strategy is the comparison lens.
         control: None = France → Paris for the legacy prompt, none otherwise; False = none;
             or a ``(control_prompt, control_answer)`` pair.
-        settings: copy-rule thresholds and memory budget (``norm`` overrides its strategy).
-        chat: wrap the prompt (and the control prompt) as one user turn in the tokenizer's chat
-            template with its generation prompt; the answer is scored as the assistant's first
-            token(s). ``ValueError`` for a tokenizer without a template.
-        sublayers: also decode each block's residual after its attention (``hook_resid_mid``): rows
-            with ``sublayer`` = ``attn`` at layer b+1 for block b, in depth order. ``ValueError``
-            for parallel blocks (no such residual). Milestones count only the block rows.
-        truncate: None (a prompt longer than the model's context is refused, ``PromptTooLong``,
-            naming both lengths, before any forward) or ``"left"`` (keep its last tokens after
-            BOS; ``diagnostics.truncation`` says so).
-        allow_foreign_lens: apply a fitted lens whose fingerprint names another model.
-        compare_lenses: also decode the last position through every available lens (``final``,
-            ``arch``, ``none``, and ``tuned``/``jacobian`` where their files are in the model's lens
-            cache, or the chosen fitted lens): ``s.lenses``, the JSON's ``lenses`` milestones. The
-            chosen and comparison lenses' rows are reused, not decoded again.
-        track: tokens (e.g. ``[" Paris", " Munich"]``; their first piece) whose rank and
-            probability ``s.tracked`` gives per layer under every lens of the run.
-        keep_residuals: keep the chosen lens's normalised residual stream, ``s.residuals``
-            ``[layers, positions, d_model]``.
+        settings: every other switch (``SweepSettings``): ``norm_strategy`` (``final``, ``arch``,
+            ``none``); the copy rule; ``chat`` (the prompt as one user turn of the tokenizer's
+            chat template, the answer as the assistant's first tokens; ``ValueError`` without a
+            template); ``sublayers`` (each block's residual after its attention, as ``attn`` rows
+            at layer b+1; ``ValueError`` for parallel blocks); ``truncate`` (None: a prompt longer
+            than the context raises ``PromptTooLong`` before any forward; ``"left"``: its last
+            tokens are kept); ``compare_lenses`` (every available lens at the last position,
+            ``s.lenses``); ``track`` (tokens followed per layer under every lens, ``s.tracked``);
+            ``keep_residuals`` (``s.residuals`` ``[layers, positions, d_model]``); ``lens_path``
+            and ``allow_foreign_lens`` (which fitted lens, and whether one of another model
+            applies).
     """
-    if truncate not in (None, "left"):
-        raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
-    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens),
-                       chat=chat,
-                       sublayers=sublayers, truncate=truncate, keep_residuals=keep_residuals)
-    if sublayers:
+    settings = replace(resolve_settings(lens_model, lens, settings), attribution=True)
+    if settings.sublayers:
         check_sublayers(lens_model.bridge)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
     control = default_control(prompt, control)
     text = prompt
-    if chat:  # one user turn, then the assistant's turn begins: the answer is its first token(s)
+    if settings.chat:  # one user turn, then the assistant's turn begins: the answer is its first token(s)
         tokenizer = lens_model.bridge.tokenizer
         text = chat_text(tokenizer, prompt)
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
-    analysis = analyse_prompt(lens_model, settings, text, answer, control, attribution=True)
-    if compare_lenses or track:
-        others = available_lenses(lens_model, settings, allow_foreign_lens) if compare_lenses else None
-        add_lens_views(lens_model, analysis, settings, others, list(track or ()))
+    analysis = analyse_prompt(lens_model, settings, text, answer, control)
+    if settings.compare_lenses or settings.track:
+        others = available_lenses(lens_model, settings) if settings.compare_lenses else None
+        add_lens_views(lens_model, analysis, settings, others, list(settings.track))
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)

@@ -167,44 +167,53 @@ def _batches(lens_model: LensModel, todo: list[tuple[int, PromptItem]], batch_si
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
+@dataclass
+class SetPlan:
+    """The command line's plumbing around a prompt set, built by the runner: ``indices`` (each
+    item's position in its file; default 0, 1, …: outcomes keep this order), ``done`` (outcomes
+    already computed, by index, e.g. resumed from checkpoints; not rerun), ``on_batch`` (called
+    with each finished batch's outcomes and sweeps: checkpoints, progress), and the
+    ``source_path`` and ``shard`` the document records."""
+
+    indices: Sequence[int] | None = None
+    done: Mapping[int, PromptOutcome] | None = None
+    on_batch: Callable[[list[PromptOutcome], list[Sweep]], None] | None = None
+    source_path: str | None = None
+    shard: str | None = None
+
+
 def sweep_set(
     lens_model: LensModel,
     items: Iterable[PromptItem | Mapping[str, Any]],
     *,
-    norm: str = "final",
     lens: Any = "logit",
     settings: SweepSettings | None = None,
-    lens_path: str | None = None,
-    batch_size: int | None = None,
-    records: bool = False,
-    indices: Sequence[int] | None = None,
-    done: Mapping[int, PromptOutcome] | None = None,
-    on_batch: Callable[[list[PromptOutcome], list[Sweep]], None] | None = None,
-    source_path: str | None = None,
-    shard: str | None = None,
-    allow_foreign_lens: bool = False,
-    keep_residuals: bool = False,
 ) -> SweepSet:
     """Sweeps every prompt of a set through one loaded model, in batches.
 
     Args:
         items: ``PromptItem``s or dicts with ``prompt``, ``answer`` and optional ``id``,
             ``control_prompt``, ``control_answer``.
-        batch_size: prompts per forward pass (None: chosen from memory; 1: one forward per
-            prompt, exactly ``sweep``'s numbers).
-        records: also decode every position (the records table); else the last position only.
-        indices: each item's position in its file (default 0, 1, …): outcomes are kept in this order.
-        done: outcomes already computed (by index), e.g. resumed from a checkpoint; not rerun.
-        on_batch: called with each finished batch's outcomes and sweeps (checkpoints, progress).
-        keep_residuals: keep each prompt's normalised residual stream (``SweepSet.residuals``).
+        lens: as for ``sweep``.
+        settings: as for ``sweep``; for sets also ``batch_size`` (prompts per forward; None:
+            chosen from memory; 1: one forward per prompt, exactly ``sweep``'s numbers),
+            ``records`` (also decode every position, the records table; default: the last
+            position only) and ``keep_residuals`` (``SweepSet.residuals``).
     """
-    settings = replace(resolve_settings(lens_model, norm, lens, settings, lens_path, allow_foreign_lens),
-                       keep_residuals=keep_residuals)
+    return run_prompt_set(lens_model, items, lens, settings, SetPlan())
+
+
+def run_prompt_set(lens_model: LensModel, items: Iterable[PromptItem | Mapping[str, Any]], lens: Any,
+                   settings: SweepSettings | None, plan: SetPlan) -> SweepSet:
+    """``sweep_set`` with the command line's ``plan`` (shards, resumed outcomes, checkpoints)."""
+    settings = resolve_settings(lens_model, lens, settings)
+    records = bool(settings.records)
     parsed = _items(items)
-    indices = list(range(len(parsed))) if indices is None else list(indices)
-    outcomes = dict(done or {})
+    indices = list(range(len(parsed))) if plan.indices is None else list(plan.indices)
+    outcomes = dict(plan.done or {})
     todo = [(index, item) for index, item in zip(indices, parsed) if index not in outcomes]
-    batch_size = batch_size or default_batch_size(lens_model, parsed)
+    batch_size = settings.batch_size or default_batch_size(lens_model, parsed)
+    analysed = replace(settings, records=records or batch_size == 1)  # batch size 1: sweep's own path
     sweeps: dict[str, Sweep] = {}
     timing = {"forward_s": 0.0, "lens_s": 0.0}
     device = lens_model.unembed.W_U.device
@@ -226,8 +235,7 @@ def sweep_set(
             for (index, item), passed in part:
                 control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
                 # batch size 1 is the single-prompt path exactly (every position decoded)
-                result = _sweep_forwarded(lens_model, item, settings, control, passed, records or batch_size == 1,
-                                          controls.get(index))
+                result = _sweep_forwarded(lens_model, item, analysed, control, passed, controls.get(index))
                 if passed is None:
                     forward_s += result.timing["forward_s"]
                 else:
@@ -238,10 +246,10 @@ def sweep_set(
                 finished.append(outcomes[index])
         timing["forward_s"] += forward_s
         timing["lens_s"] += time.perf_counter() - started - forward_s
-        if on_batch is not None:
-            on_batch(finished, [sweeps[o.prompt_id] for o in finished])
+        if plan.on_batch is not None:
+            plan.on_batch(finished, [sweeps[o.prompt_id] for o in finished])
     ordered = [outcomes[index] for index in sorted(outcomes)]
-    return SweepSet(lens_model, ordered, sweeps, settings, records, source_path, shard,
+    return SweepSet(lens_model, ordered, sweeps, settings, records, plan.source_path, plan.shard,
                     timing=timing)
 
 
@@ -279,13 +287,12 @@ def _control_forwards(lens_model: LensModel, batch: Sequence[tuple[int, PromptIt
 
 
 def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
-                     forwarded: Any, records: bool, control_forwarded: Any = None) -> Sweep:
+                     forwarded: Any, control_forwarded: Any = None) -> Sweep:
     from layers_core.api.prompt import default_control
 
     started = time.perf_counter()
     analysis = analyse_prompt(lens_model, settings, item.prompt, item.answer,
-                              default_control(item.prompt, control), forwarded, records,
-                              control_forwarded=control_forwarded)
+                              default_control(item.prompt, control), forwarded, control_forwarded)
     forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
     return Sweep(lens_model, analysis, item.prompt, item.answer, replace(settings),
                  timing={"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s})

@@ -116,10 +116,15 @@ def _load(config: ExperimentConfig, model_id: str | None) -> Any:
 
 
 def _sweep_settings(config: ExperimentConfig) -> Any:
+    """The command line's switches as the engine's ``SweepSettings`` (the one mapping)."""
     from layers_core.pipeline.sweep import SweepSettings
 
-    return SweepSettings(copy_threshold=config.copy_threshold, copy_margin=config.copy_margin,
-                         copy_entropy_fallback=config.copy_entropy_fallback)
+    return SweepSettings(norm_strategy=config.norm_strategy, copy_threshold=config.copy_threshold,
+                         copy_margin=config.copy_margin, copy_entropy_fallback=config.copy_entropy_fallback,
+                         lens_path=config.lens_path, allow_foreign_lens=config.allow_foreign_lens,
+                         chat=config.chat, truncate=None if config.truncate == "none" else config.truncate,
+                         sublayers=config.sublayers, compare_lenses=config.compare_lenses, track=config.track,
+                         records=config.records or None, batch_size=config.batch_size)  # None: a prompt does
 
 
 def _control(config: ExperimentConfig) -> Any:
@@ -167,12 +172,8 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 def _sweep_one_prompt(config: ExperimentConfig, lm: Any, stages: Stages) -> Any:
     from layers_core.api.prompt import sweep
 
-    return stages.run("lens", sweep, lm, config.prompt, config.answer, norm=config.norm_strategy,
-                      lens=config.lens, lens_path=config.lens_path, control=_control(config),
-                      settings=_sweep_settings(config), chat=config.chat, sublayers=config.sublayers,
-                      truncate=None if config.truncate == "none" else config.truncate,
-                      allow_foreign_lens=config.allow_foreign_lens, compare_lenses=config.compare_lenses,
-                      track=list(config.track))
+    return stages.run("lens", sweep, lm, config.prompt, config.answer, lens=config.lens,
+                      control=_control(config), settings=_sweep_settings(config))
 
 
 def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str, result: Any,
@@ -259,7 +260,7 @@ def _resume_problem(config: ExperimentConfig, name: str) -> str | None:
 def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
     from tqdm import tqdm
 
-    from layers_core.api.prompt_set import sweep_set
+    from layers_core.api.prompt_set import SetPlan, run_prompt_set
     from layers_core.results.progress import ProgressStore
     from layers_core.results.prompt_sets import load_prompt_set, parse_shard, shard_of
 
@@ -279,12 +280,8 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
                 store.record(outcomes)
             bar.update(len(outcomes))
 
-        result = stages.run("lens", sweep_set, lm, chosen, norm=config.norm_strategy, lens=config.lens,
-                            lens_path=config.lens_path, settings=_sweep_settings(config),
-                            batch_size=config.batch_size,
-                            records=config.records, indices=indices, done=done, on_batch=on_batch,
-                            source_path=os.path.abspath(config.prompts_file), shard=config.shard,
-                            allow_foreign_lens=config.allow_foreign_lens)
+        plan = SetPlan(indices, done, on_batch, os.path.abspath(config.prompts_file), config.shard)
+        result = stages.run("lens", run_prompt_set, lm, chosen, config.lens, _sweep_settings(config), plan)
     result.total = len(items)
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start

@@ -152,7 +152,6 @@ def load(
     fp32_unembed: bool = False,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
-    cache_dir: str | None = None,
 ) -> LensModel:
     """Loads a model for the lens in one call.
 
@@ -168,6 +167,9 @@ def load(
         device_map: ``auto``, ``balanced``, ``sequential`` or a dict: spread the model over
             several GPUs (default: the whole model on ``device``). ``max_memory``: per-GPU budget.
 
+    Converted models (the bundled one, GGUF files) are cached in ``$LAYERS_CACHE_DIR`` (else
+    ``$XDG_CACHE_HOME/layers_core``, else ``~/.cache/layers_core``).
+
     Raises:
         ModelLoadError: the model cannot be found, fits nowhere, or cannot be loaded (one line).
     """
@@ -182,8 +184,8 @@ def load(
         declared = declared_dtype(config)
         dtype = _auto_dtype(source, config, device, max_memory) if dtype == "auto" else parse_dtype(dtype)
         check_fits(source, config, device, dtype, max_memory)
-        bridge, report = load_model_with_report(source, device, dtype, cache_dir, device_map, max_memory,
-                                                config=config, local_only=local_only)
+        bridge, report = load_model_with_report(source, device, dtype, config=config, local_only=local_only,
+                                                device_map=device_map, max_memory=max_memory)
     elif _is_bridge(model):
         bridge, source = model, _source_of_object(model.original_model)
         dtype, device = _param_dtype_and_device(bridge)

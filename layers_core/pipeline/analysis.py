@@ -14,7 +14,6 @@ import torch
 
 from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
-from layers_core.numerics import get_post_unembed_transform
 from layers_core.pipeline.attribution import (
     Attribution,
     attribute,
@@ -55,18 +54,18 @@ class PromptAnalysis:
     tracked_rows: list[dict] | None = None  # track: each tracked token per lens and layer
 
 
-def add_lens_views(ctx: LensModel, analysis: PromptAnalysis, settings: SweepSettings,
+def add_lens_views(lm: LensModel, analysis: PromptAnalysis, settings: SweepSettings,
                    others: dict[str, Any] | None, track: list[str] | None) -> None:
     """``compare_lenses`` (``others``: every further lens, by name) and ``track``: the lens table
     and its milestones block, and the tracked tokens under every lens of the run."""
     result = analysis.result
-    log_probs = last_position_log_probs(result, settings.view, settings.comparison_view, others or {}, ctx.unembed)
+    log_probs = last_position_log_probs(result, settings.view, settings.comparison_view, others or {}, lm.unembed)
     if others is not None:
         final = torch.log_softmax(result.model_logits[-1].float(), dim=-1)
-        analysis.lens_rows = lens_rows(log_probs, final, result.gold["first_id"], ctx.decoder)
+        analysis.lens_rows = lens_rows(log_probs, final, result.gold["first_id"], lm.decoder)
         analysis.blocks["lenses"] = lens_milestones(analysis.lens_rows)
     if track:
-        analysis.tracked_rows = tracked_rows(log_probs, track_token_ids(ctx.bridge.tokenizer, track))
+        analysis.tracked_rows = tracked_rows(log_probs, track_token_ids(lm.bridge.tokenizer, track))
 
 
 def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
@@ -87,36 +86,33 @@ def _p_sequence(model: Any, result: SweepResult) -> float | None:
 
 
 def analyse_prompt(
-    ctx: LensModel,
+    lm: LensModel,
     settings: SweepSettings,
     prompt: str,
     answer: str,
     control: tuple[str, str] | None = None,
     forwarded: Forwarded | None = None,
-    records: bool = True,
-    attribution: bool = False,
     control_forwarded: Forwarded | None = None,
 ) -> PromptAnalysis:
     """Sweep one prompt, then the comparison lens, the raw-residual check and the control.
 
     ``forwarded``: the prompt's forward pass if already done (a batch), ``control_forwarded`` the
-    control prompt's; ``records``: decode every position (else only the last: the same pure rows,
-    no records); ``attribution``: also split the answer's logit into block parts (single prompts).
+    control prompt's. ``settings.records``: decode every position (else only the last: the same
+    pure rows, no records); ``settings.attribution``: also split the answer's logit into block
+    parts (single prompts).
     """
-    model = ctx.bridge
+    attribution = settings.attribution
+    model = lm.bridge
     if attribution and forwarded is None and has_residual_mids(model):  # the lens forward captures the parts
         settings = replace(settings, capture_mids=True)
-    result = run_sweep(model, prompt, answer, ctx.unembed, settings, ctx.decoder, forwarded, records)
+    result = run_sweep(model, prompt, answer, lm.unembed, settings, lm.decoder, forwarded)
     consistency = last_layer_consistency(result.views.consistency, result.model_logits[-1],
-                                         result.gold["first_id"], ctx.unembed, ctx.dtype)
-    comparison = compare_lenses(model, result, settings, ctx.decoder)
-    diagnostics = report.diagnostics(
-        model, ctx.model_id, ctx.device, result, settings, ctx.unembed.matmul_dtype,
-        model.cfg.positional_embedding_type == "standard", consistency,
-        get_post_unembed_transform(model))
+                                         result.gold["first_id"], lm.unembed, lm.dtype)
+    comparison = compare_lenses(model, result, settings, lm.decoder)
+    diagnostics = report.diagnostics(lm, result, settings, consistency)
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))
     margins = None if control is None else control_margins(
-        model, control[0], control[1], answer, ctx.unembed, settings, control_forwarded)
+        model, control[0], control[1], answer, lm.unembed, settings, control_forwarded)
     blocks = {
         "diagnostics": diagnostics,
         "gold_answer": report.gold_answer_block(result.gold, _p_sequence(model, result)),

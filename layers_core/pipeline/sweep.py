@@ -54,23 +54,32 @@ HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this muc
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """The knobs of one sweep (the standard logit lens by default; legacy copy-rule thresholds).
+    """Every switch of a sweep or a prompt set, in one place (the standard logit lens by default;
+    the legacy copy-rule thresholds).
 
-    ``lens``: a ``Lens`` decoding the main tables (None: the logit lens under ``norm_strategy``);
-    the comparison lens is its registry partner, or the logit lens under ``norm_strategy``.
+    ``lens``: a resolved ``Lens`` decoding the main tables (None: the logit lens under
+    ``norm_strategy``); ``sweep``/``sweep_set`` fill it from their ``lens`` argument. The
+    comparison lens is its registry partner, or the logit lens under ``norm_strategy``.
     """
 
-    norm_strategy: str = "final"
+    norm_strategy: str = "final"  # final (ln_final everywhere, the standard logit lens) | arch | none
     copy_threshold: float = COPY_THRESHOLD
     copy_margin: float = COPY_MARGIN
     copy_entropy_fallback: bool = True
     fp32_unembed: bool = False
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    budget_bytes: int = DEFAULT_BUDGET_BYTES  # at most this much [rows, V] float32 work at a time
     lens: Any = field(default=None, compare=False)
+    lens_path: str | None = None  # a fitted lens's file or directory (None: the model's lens cache)
+    allow_foreign_lens: bool = False  # apply a fitted lens whose fingerprint names another model
     chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
     truncate: str | None = None  # "left": a prompt longer than the context keeps its end
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
     keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
+    compare_lenses: bool = False  # also every available lens at the last position (Sweep.lenses)
+    track: tuple[str, ...] = ()  # tokens followed per layer under every lens (Sweep.tracked)
+    records: bool | None = None  # decode every position; None: a single prompt does, a set does not
+    batch_size: int | None = None  # prompts per forward in a set (None: chosen from memory)
+    attribution: bool = False  # split the answer's logit into block parts (single prompts)
     capture_mids: bool = False  # the forward also captures each block's resid_mid (attribution reuses it)
 
     @property
@@ -426,16 +435,16 @@ def run_sweep(
     settings: SweepSettings = SweepSettings(),
     decoder: TokenDecoder | None = None,
     forwarded: Forwarded | None = None,
-    records: bool = True,
 ) -> SweepResult:
     """Forward once with hooks (unless ``forwarded`` is given), decode every layer through the
     chosen lens and build the records and pure rows.
 
     The last position of every layer is decoded once, with every other view the prompt needs
     (``decode.decode_last_positions``; a batch's prompts come with theirs, ``Forwarded.views``);
-    with ``records`` the other positions are decoded in memory-bounded blocks. Without
-    ``records`` the pure rows are the same and the records empty.
+    with ``settings.records`` (None counts as on) the other positions are decoded in
+    memory-bounded blocks. Without records the pure rows are the same and the records empty.
     """
+    records = settings.records is not False
     decoder = decoder or TokenDecoder(model.tokenizer)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device,

@@ -44,13 +44,13 @@ def provenance(lm: LensModel, prompt: str, started_at: datetime, argv: Sequence[
     argv); ``analysis`` if the prompt was analysed in this process (else it is tokenised here)."""
     source = lm.source
     tokens = analysis.result.tokens if analysis is not None else lm.bridge.to_tokens(prompt)
-    return report.provenance(
+    return report.provenance_block(report.RunFacts(
         device=lm.device, dtype=lm.dtype, declared_dtype=lm.declared_dtype,
         unembed_dtype=lm.unembed.matmul_dtype, model_source=source.kind,
         model_path=source.path or getattr(lm.bridge.original_model.config, "_name_or_path", ""),
         bos_prepended=_bos_prepended(lm, tokens), n_tokens=int(tokens.shape[1]),
         started_at=started_at, argv=list(sys.argv if argv is None else argv), lens=lens_record(lens),
-        gguf=gguf_source(source)[1] if source.kind == "gguf" else None)
+        gguf=gguf_source(source)[1] if source.kind == "gguf" else None))
 
 
 def timing_block(timing: Mapping[str, float], total_s: float) -> dict:

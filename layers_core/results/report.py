@@ -7,6 +7,7 @@ import math
 import platform
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from layers_core.lens.views import NORM_VIEWS, view
 from layers_core.model.tokens import TokenDecoder
 from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
-from layers_core.numerics import entropy_bits_from_log_probs
+from layers_core.numerics import entropy_bits_from_log_probs, get_post_unembed_transform
 from layers_core.pipeline.prompts import (
     FINAL_PREDICTION_TOP_K,
     TARGET_PREDICTION,
@@ -32,6 +33,7 @@ from layers_core.pipeline.prompts import (
 )
 
 if TYPE_CHECKING:
+    from layers_core.model.lens_model import LensModel
     from layers_core.pipeline.sweep import SweepResult, SweepSettings
 
 SEED = 316
@@ -121,29 +123,22 @@ def _legacy_norm_labels(model: Any, strategy: str, per_layer: Sequence[dict]) ->
     }
 
 
-def diagnostics(
-    model: Any,
-    model_id: str,
-    device: str,
-    result: SweepResult,
-    settings: SweepSettings,
-    unembed_dtype: torch.dtype,
-    has_pos_embed: bool,
-    consistency: dict,
-    transform_record: dict,
-) -> dict:
-    """The legacy diagnostics keys in order, then the new ones."""
+def diagnostics(lm: LensModel, result: SweepResult, settings: SweepSettings, consistency: dict) -> dict:
+    """The legacy diagnostics keys in order, then the new ones: of ``lm``'s sweep ``result`` under
+    ``settings``, with the last-layer ``consistency`` block."""
+    model = lm.bridge
+    has_pos_embed = getattr(model.cfg, "positional_embedding_type", None) == "standard"
     tied = tied_embeddings(model)
     summary = summarize_collapse(result.pure_rows, skip_layer0_copy=tied,
                                  headline=uses_headline_copy(settings.view))
     gold = result.gold
     document = {
         "type": "diagnostics",
-        "model": model_id,
-        "device": device,
+        "model": lm.model_id,
+        "device": lm.device,
         "use_norm_lens": settings.view != "none",
         "use_fp32_unembed": settings.fp32_unembed,
-        "unembed_dtype": str(unembed_dtype),
+        "unembed_dtype": str(lm.unembed.matmul_dtype),
         **_legacy_norm_labels(model, settings.view, result.norm_per_layer),
         "mixed_precision_fix": "casting_to_fp32_before_unembed",
         "layer0_position_info": ("additive_pos_embed_included" if has_pos_embed
@@ -166,7 +161,7 @@ def diagnostics(
         "gold_alignment": {key: gold[key] for key in
                            ("ok", "status", "variant", "first_id", "answer_ids", "pieces", "warnings")},
         "milestones": compute_milestones(result.pure_rows),
-        "last_layer_consistency": {**consistency, "post_unembed_transform": transform_record},
+        "last_layer_consistency": {**consistency, "post_unembed_transform": get_post_unembed_transform(model)},
         "L_copy_prompt": summary["L_copy_prompt"],
         "tied_embeddings": tied,
         "copy_collapse_excludes_layer0": tied,
@@ -207,25 +202,32 @@ def gold_answer_block(gold: dict, p_sequence: float | None = None) -> dict:
             "first_piece_ambiguous": False}
 
 
-def provenance(
-    *,
-    device: str | None = None,
-    dtype: torch.dtype | None = None,
-    declared_dtype: torch.dtype | None = None,
-    unembed_dtype: torch.dtype | None = None,
-    model_source: str | None = None,
-    model_path: str | None = None,
-    bos_prepended: bool | None = None,
-    n_tokens: int | None = None,
-    started_at: datetime | None = None,
-    argv: Sequence[str] = (),
-    lens: dict | None = None,
-    gguf: dict | None = None,
-) -> dict:
-    """Versions, platform and run facts; fields not yet known are null. ``gguf``: a GGUF
-    source's file, sha256, architecture and quantisation (None otherwise)."""
+@dataclass(frozen=True)
+class RunFacts:
+    """What provenance records of a run besides versions and platform; unknown facts are None.
+    ``gguf``: a GGUF source's file, sha256, architecture and quantisation."""
+
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    declared_dtype: torch.dtype | None = None
+    unembed_dtype: torch.dtype | None = None
+    model_source: str | None = None
+    model_path: str | None = None
+    bos_prepended: bool | None = None
+    n_tokens: int | None = None
+    started_at: datetime | None = None
+    argv: Sequence[str] = ()
+    lens: dict | None = None
+    gguf: dict | None = None
+
+
+def provenance_block(facts: RunFacts) -> dict:
+    """The JSON ``provenance`` block: versions, platform, seed and ``facts`` (null where unknown)."""
     import transformer_lens
     import transformers
+
+    def name(dtype: torch.dtype | None) -> str | None:
+        return None if dtype is None else str(dtype)
 
     return {
         "torch_version": torch.__version__,
@@ -234,20 +236,20 @@ def provenance(
         or _dist_version("transformer-lens"),
         "python_version": sys.version.split()[0],
         "platform": platform.platform(),
-        "device": device,
-        "dtype": None if dtype is None else str(dtype),
-        "declared_dtype": None if declared_dtype is None else str(declared_dtype),
-        "unembed_dtype": None if unembed_dtype is None else str(unembed_dtype),
+        "device": facts.device,
+        "dtype": name(facts.dtype),
+        "declared_dtype": name(facts.declared_dtype),
+        "unembed_dtype": name(facts.unembed_dtype),
         "seed": SEED,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "model_source": model_source,
-        "model_path": model_path,
-        "bos_prepended": bos_prepended,
-        "n_tokens": n_tokens,
-        "started_at": None if started_at is None else started_at.isoformat(),
-        "argv": list(argv),
-        "lens": lens,
-        "gguf": gguf,
+        "model_source": facts.model_source,
+        "model_path": facts.model_path,
+        "bos_prepended": facts.bos_prepended,
+        "n_tokens": facts.n_tokens,
+        "started_at": None if facts.started_at is None else facts.started_at.isoformat(),
+        "argv": list(facts.argv),
+        "lens": facts.lens,
+        "gguf": facts.gguf,
     }
 
 
