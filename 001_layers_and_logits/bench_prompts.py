@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import layers_core as lc
     from layers_core.api.prompt_set import sweep_set
-    from layers_core.models import ensure_default_model
+    from layers_core.model.loading import ensure_default_model
     from layers_core.pipeline.sweep import SweepSettings
 
     torch.manual_seed(316)

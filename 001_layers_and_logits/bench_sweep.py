@@ -189,7 +189,7 @@ def _sweep_setup(model):
 def bench_model(name: str, path: str, runs: int) -> dict:
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
     from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
     from layers_core.pipeline.sweep import TokenDecoder, run_sweep
 
@@ -221,7 +221,7 @@ def bench_scaling(path: str, runs: int) -> list[dict]:
     """Seconds per (layer, position) row of the sweep for prompts of 16 to 512 tokens."""
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
     from layers_core.pipeline.sweep import run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
@@ -241,7 +241,7 @@ def long_prompt_child(path: str) -> None:
     """Child process: peak RSS after the forward alone, then after the whole sweep."""
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
     from layers_core.pipeline.sweep import forward_with_residuals, run_sweep
 
     model = load_model(resolve_model_source(path), "cpu", torch.float32)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_child:
         long_prompt_child(args.long_child)
         return 0
-    from layers_core.models import ensure_default_model
+    from layers_core.model.loading import ensure_default_model
 
     report: dict = {"models": []}
     with tempfile.TemporaryDirectory() as tmp:

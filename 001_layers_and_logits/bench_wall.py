@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per contender (median)")
     args = parser.parse_args(argv)
-    from layers_core.models import ensure_default_model
+    from layers_core.model.loading import ensure_default_model
     from layers_core.pipeline.prompts import DEFAULT_PROMPT
 
     path = ensure_default_model()

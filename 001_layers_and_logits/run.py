@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None, config) -> dict:
     """Runs one model and writes its files into ``output_files["dir"]``; returns the JSON document."""
     from layers_core.app.runner import run_model
-    from layers_core.models import resolve_model_source
+    from layers_core.model.loading import resolve_model_source
 
     name = (output_files or {}).get("name") or resolve_model_source(model_id).clean_name
     return run_model(model_id, config, None if output_files is None else output_files["dir"], name)

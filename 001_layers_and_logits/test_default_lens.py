@@ -195,7 +195,7 @@ def test_sublayers_on_tiny_llama_match_an_hf_only_reference(tiny_dirs, tmp_path)
         (0, "block"), (1, "attn"), (1, "block"), (2, "attn"), (2, "block"), (3, "attn"), (3, "block")]
     records = pd.read_csv(tmp_path / "output-llama-records.csv", dtype=str, keep_default_na=False)
     assert len(records) == (2 * n + 1) * (int(pure["pos"].iloc[0]) + 1)
-    from layers_core.models import load_model, resolve_model_source
+    from layers_core.model.loading import load_model, resolve_model_source
 
     bridge = load_model(resolve_model_source(tiny_dirs["llama"]), "cpu", torch.float32)
     reference = _hf_mid_reference(tiny_dirs["llama"], bridge.to_tokens(run.ExperimentConfig().prompt))

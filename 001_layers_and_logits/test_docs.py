@@ -209,7 +209,7 @@ def test_the_worked_reading_quotes_the_run(bundled_cli_run):
 
 
 def test_a_gguf_directory_is_named_after_its_file_as_documented(tmp_path):
-    from layers_core.models import resolve_model_source
+    from layers_core.model.loading import resolve_model_source
 
     folder = tmp_path / "my-models"
     folder.mkdir()

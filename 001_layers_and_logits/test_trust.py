@@ -231,7 +231,7 @@ def test_a_signal_to_a_real_run_ends_it_in_one_line(tiny_dirs, tmp_path, signum,
 # ---- 8. the hub without network ---------------------------------------------------------------
 
 def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
-    from layers_core import models
+    from layers_core.model import loading as models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
@@ -243,7 +243,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, capsys):
 
 
 def test_hub_probe_gives_up_within_its_timeout():
-    from layers_core import models
+    from layers_core.model import loading as models
 
     started = time.perf_counter()
     models._hub_reachable(timeout_s=0.5)  # no network here: refused, unresolvable or timed out

@@ -30,7 +30,7 @@ _EXPORTS = {
                        "resolve_gold_answer", "summarize_collapse", "compute_milestones"],
     "device_policy": ["resolve_device", "choose_dtype", "should_auto_promote_unembed",
                       "unembed_weights_for_analysis"],
-    "models": ["ModelSource", "clean_model_name", "resolve_model_source", "ensure_default_model",
+    "model.loading": ["ModelSource", "clean_model_name", "resolve_model_source", "ensure_default_model",
                "load_model"],
     "hooks": ["residual_hook_names", "build_cache_hook", "attach_residual_hooks", "detach_hooks",
               "residual_cache"],

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
     from layers_core.app.runner import prepare_runtime
     from layers_core.lens import tuned as tuned_lens
     from layers_core.model.lens_model import load
-    from layers_core.models import ModelLoadError
+    from layers_core.model.loading import ModelLoadError
     from layers_core.pipeline import fit as lens_fit
     from layers_core.results.outputs import write_json
     from layers_core.results.plots import lens_eval_figure, save_figure

@@ -15,7 +15,7 @@ import sys
 import time
 
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig, child_argv
-from layers_core.models import clean_model_name
+from layers_core.model.loading import clean_model_name
 from layers_core.run_dir import (
     create_staging_dir,
     distinct_names,

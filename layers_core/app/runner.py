@@ -17,7 +17,7 @@ from typing import Any
 from layers_core.app import collector, threads
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
-from layers_core.models import resolve_model_source
+from layers_core.model.loading import resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
     output_paths,

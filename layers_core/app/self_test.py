@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None, prog: str = SELF_TEST_PROG) -> int:
 
     from layers_core.app.runner import prepare_runtime
     from layers_core.model.lens_model import load
-    from layers_core.models import ModelLoadError
+    from layers_core.model.loading import ModelLoadError
     from layers_core.pipeline.prompts import DEFAULT_ANSWER, DEFAULT_PROMPT
     from layers_core.pipeline.sweep import self_test, self_test_verdict
 

@@ -48,7 +48,7 @@ def unembed_hash(W_U: Any) -> str:
 
 def model_fingerprint(lens_model: Any) -> dict:
     """``{config_hash, unembed_hash}`` of a loaded ``LensModel``."""
-    from layers_core.models import source_path
+    from layers_core.model.loading import source_path
 
     directory = source_path(lens_model.source) if lens_model.source.kind != "object" else ""
     return {"config_hash": config_hash(directory) if directory else None,

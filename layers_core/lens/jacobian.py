@@ -39,7 +39,7 @@ def artifact_name(clean_name: str) -> str:
 
 def default_lens_dir(clean_name: str) -> str:
     """The per-model lens cache: ``<cache root>/jacobian-lens/<name>``."""
-    from layers_core.models import default_cache_root
+    from layers_core.model.loading import default_cache_root
 
     return os.path.join(default_cache_root(), "jacobian-lens", clean_name)
 

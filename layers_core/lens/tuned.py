@@ -256,7 +256,7 @@ def split_heldout(chunks: Sequence[list[int]], every: int = 8) -> tuple[list[lis
 
 def default_lens_dir(clean_name: str) -> str:
     """The per-model lens cache, next to the bundled model's: ``<cache root>/tuned-lens/<name>``."""
-    from layers_core.models import default_cache_root
+    from layers_core.model.loading import default_cache_root
 
     return os.path.join(default_cache_root(), "tuned-lens", clean_name)
 

@@ -25,8 +25,7 @@ from layers_core.device_policy import (
 )
 from layers_core.lens.unembed import Unembedding
 from layers_core.model import footprint
-from layers_core.model.tokens import TokenDecoder
-from layers_core.models import (
+from layers_core.model.loading import (
     LoadReport,
     ModelLoadError,
     ModelSource,
@@ -38,6 +37,7 @@ from layers_core.models import (
     resolve_model_source,
     source_path,
 )
+from layers_core.model.tokens import TokenDecoder
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from layers_core.model.lens_model import LensModel
-from layers_core.models import gguf_source
+from layers_core.model.loading import gguf_source
 from layers_core.results import report
 from layers_core.results.set_document import SCHEMA_VERSION
 

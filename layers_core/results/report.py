@@ -21,8 +21,8 @@ from layers_core.collapse_rules import (
     summarize_collapse,
 )
 from layers_core.lens.views import NORM_VIEWS, view
+from layers_core.model.loading import tied_embeddings
 from layers_core.model.tokens import TokenDecoder
-from layers_core.models import tied_embeddings
 from layers_core.norm_utils import classify_norm, detect_model_architecture, unwrap_norm
 from layers_core.numerics import entropy_bits_from_log_probs, get_post_unembed_transform
 from layers_core.pipeline.prompts import (
