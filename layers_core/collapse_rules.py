@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the constants load without it
     from torch import Tensor
@@ -114,7 +114,21 @@ PROMPT_ENDS_IN_SPACE = ("the prompt ends in whitespace: the answer is scored as 
                         "(no second space); drop the trailing space to score the answer with its own")
 
 
-def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, space_first: bool = True) -> dict:
+class GoldAnswer(TypedDict):
+    """The answer resolved to token ids (``resolve_gold_answer``); the JSON's ``gold_alignment``."""
+
+    string: str | None  # the answer as typed, stripped (None: no answer)
+    pieces: list[str]  # every token of the answer, as the tokenizer spells it
+    first_id: int | None  # the first piece's id: what the rank and the milestones follow
+    answer_ids: list[int]  # every piece's id (teacher-forced p_sequence)
+    variant: str  # with_space | no_space | unknown
+    ok: bool  # resolved as a continuation of the prompt
+    status: str  # ok | unresolved | no_answer
+    warnings: list[str]
+
+
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *,
+                        space_first: bool = True) -> GoldAnswer:
     """Resolves the answer to token ids as the continuation of ``prompt``.
 
     The answer's leading and trailing whitespace never becomes a token: ``" Buenos Aires"`` is
@@ -144,13 +158,14 @@ def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, spac
     return _unresolved(answer, "unresolved", warnings)
 
 
-def _resolved(tokenizer: Any, answer: str, answer_ids: list[int], variant: str, warnings: list[str]) -> dict:
+def _resolved(tokenizer: Any, answer: str, answer_ids: list[int], variant: str,
+              warnings: list[str]) -> GoldAnswer:
     return {"string": answer, "pieces": list(tokenizer.convert_ids_to_tokens(answer_ids)),
             "first_id": answer_ids[0], "answer_ids": answer_ids, "variant": variant, "ok": True,
             "status": "ok", "warnings": warnings}
 
 
-def _unresolved(answer: str | None, status: str, warnings: list[str]) -> dict:
+def _unresolved(answer: str | None, status: str, warnings: list[str]) -> GoldAnswer:
     return {"string": answer, "pieces": [], "first_id": None, "answer_ids": [], "variant": VARIANT_UNKNOWN,
             "ok": False, "status": status, "warnings": warnings}
 

@@ -69,7 +69,7 @@ def _answer_for(prompt: str, answer: str | None) -> str | None:
 class Sweep:
     """One prompt through the lens: tables, diagnostics, the run document and pictures."""
 
-    lens_model: LensModel
+    lm: LensModel
     analysis: PromptAnalysis
     prompt: str
     answer: str
@@ -138,28 +138,28 @@ class Sweep:
     def test_prompts(self) -> list[dict]:
         """The 14 legacy test prompts through the model (batched by length, on first use)."""
         started = time.perf_counter()
-        entries = probes.test_prompt_entries(self.lens_model.bridge, self.lens_model.decoder)
+        entries = probes.test_prompt_entries(self.lm.bridge, self.lm.decoder)
         self.timing["forward_s"] = self.timing.get("forward_s", 0.0) + time.perf_counter() - started
         return entries
 
     @property
     def document(self) -> dict:
         """The whole JSON document of a run of this prompt (``timing`` as measured so far)."""
-        body = single_prompt_document(self.lens_model, self.analysis, self.prompt, self.answer,
-                                      self.test_prompts, provenance(self.lens_model, self.prompt,
+        body = single_prompt_document(self.lm, self.analysis, self.prompt, self.answer,
+                                      self.test_prompts, provenance(self.lm, self.prompt,
                                                                     self.started_at, analysis=self.analysis,
                                                                     lens=self.settings.lens))
         return with_timing(body, self.timing, total_seconds(self))
 
     def title(self) -> str:
         """Model name, lens and prompt, for pictures."""
-        return (f"{self.lens_model.source.clean_name} — {view(self.settings.view).label} — "
+        return (f"{self.lm.source.clean_name} — {view(self.settings.view).label} — "
                 f"{self.prompt!r}")
 
     def picture_rows(self) -> dict:
         """The plain data the pictures and the HTML report are drawn from."""
         first_id = self.analysis.result.gold["first_id"]
-        answer = None if first_id is None else self.lens_model.decoder.decode_many([first_id])[first_id]
+        answer = None if first_id is None else self.lm.decoder.decode_many([first_id])[first_id]
         return pictures.picture_rows(self.analysis, self.heatmap_window, answer)
 
     def _report_data(self) -> dict:
@@ -198,7 +198,7 @@ class Sweep:
                       worker: pictures.PictureWorker | None = None) -> None:
         """Draws the two PNGs into ``directory``: in ``worker`` if given (then ``save`` waits
         for it), else now."""
-        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        paths = output_paths(directory, name or self.lm.source.clean_name)
         args = (paths, self.picture_rows(), self.title())
         if worker is None:
             pictures.write_prompt_pictures(*args)
@@ -213,7 +213,7 @@ class Sweep:
         ``worker``: a picture worker already drawing them (``draw_pictures``); ``save`` waits for it.
         """
         os.makedirs(directory, exist_ok=True)
-        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        paths = output_paths(directory, name or self.lm.source.clean_name)
         if plots and worker is None:
             with timed(self.timing, "plots_s"):
                 self.draw_pictures(directory, name)
@@ -253,7 +253,7 @@ class timed:  # noqa: N801 - used as a context manager, like contextlib's lower-
         self.timing[self.key] = self.timing.get(self.key, 0.0) + time.perf_counter() - self.started
 
 
-def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None,
+def resolve_lens(lm: LensModel, lens: Any, lens_path: str | None = None,
                  allow_foreign: bool = False) -> Lens | None:
     """The lens object for ``lens``: None for ``logit`` (the logit lens under ``norm``); a fitted
     lens's name loads it through its registry row (from ``lens_path``, default its cache for
@@ -267,51 +267,51 @@ def resolve_lens(lens_model: LensModel, lens: Any, lens_path: str | None = None,
         loader = view(lens).loader
         if loader is None:
             raise ValueError(f"unknown lens {lens!r}; expected one of {LENS_CHOICES} or a Lens object")
-        lens = resolve_entry(loader)(lens_path, lens_model)
+        lens = resolve_entry(loader)(lens_path, lm)
     if not isinstance(lens, Lens):
         raise TypeError(f"lens {lens!r} is not a Lens: it needs a name and transform(residual, layer)")
     bind = getattr(lens, "bind", None)
-    lens = lens if bind is None else bind(lens_model.bridge)
+    lens = lens if bind is None else bind(lm.bridge)
     if hasattr(lens, "fingerprint"):
-        _check_fingerprint(lens, lens_model, allow_foreign)
+        _check_fingerprint(lens, lm, allow_foreign)
     return lens
 
 
-def _check_fingerprint(lens: Any, lens_model: LensModel, allow_foreign: bool) -> None:
+def _check_fingerprint(lens: Any, lm: LensModel, allow_foreign: bool) -> None:
     from layers_core.lens import fingerprint
 
     if lens.fingerprint is None:
         warnings.warn(fingerprint.UNFINGERPRINTED.format(path=getattr(lens, "path", None) or "memory"),
                       fingerprint.UnfingerprintedLensWarning, stacklevel=3)
         return
-    differing = fingerprint.mismatch(lens.fingerprint, fingerprint.model_fingerprint(lens_model),
+    differing = fingerprint.mismatch(lens.fingerprint, fingerprint.model_fingerprint(lm),
                                      ("config_hash", "unembed_hash"))
     if differing and not allow_foreign:
         raise fingerprint.ForeignLensError(
             fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
-def available_lenses(lens_model: LensModel, settings: SweepSettings) -> dict[str, Lens]:
+def available_lenses(lm: LensModel, settings: SweepSettings) -> dict[str, Lens]:
     """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
     under each other norm strategy, and each fitted lens whose files are in the model's lens
     cache (one that does not load, or belongs to another model, is left out with a warning)."""
     from layers_core.lens.views import FITTED_VIEWS
 
-    lenses: dict[str, Lens] = dict(norm_lenses(lens_model.bridge, (settings.view, settings.comparison_view)))
+    lenses: dict[str, Lens] = dict(norm_lenses(lm.bridge, (settings.view, settings.comparison_view)))
     for name in FITTED_VIEWS:
         if name in (settings.view, settings.comparison_view):
             continue
-        directory = resolve_entry(view(name).default_dir)(lens_model.source.clean_name)
+        directory = resolve_entry(view(name).default_dir)(lm.source.clean_name)
         if not os.path.exists(directory):
             continue
         try:
-            lenses[name] = resolve_lens(lens_model, name, None, settings.allow_foreign_lens)
+            lenses[name] = resolve_lens(lm, name, None, settings.allow_foreign_lens)
         except (ValueError, FileNotFoundError, OSError) as error:
             warnings.warn(f"compare_lenses: the {name} lens in {directory} is left out: {error}", stacklevel=3)
     return lenses
 
 
-def resolve_settings(lens_model: LensModel, lens: Any, settings: SweepSettings | None) -> SweepSettings:
+def resolve_settings(lm: LensModel, lens: Any, settings: SweepSettings | None) -> SweepSettings:
     """``settings`` (default ``SweepSettings()``) checked, with the lens resolved (``resolve_lens``,
     from ``settings.lens_path``) and the model's unembedding precision."""
     base = settings or SweepSettings()
@@ -319,12 +319,12 @@ def resolve_settings(lens_model: LensModel, lens: Any, settings: SweepSettings |
         raise ValueError(f"unknown norm_strategy {base.norm_strategy!r}; expected one of {NORM_VIEWS}")
     if base.truncate not in (None, "left"):
         raise ValueError(f"truncate={base.truncate!r}: expected None or 'left'")
-    return replace(base, fp32_unembed=lens_model.unembed.force_fp32,
-                   lens=resolve_lens(lens_model, lens, base.lens_path, base.allow_foreign_lens))
+    return replace(base, fp32_unembed=lm.unembed.force_fp32,
+                   lens=resolve_lens(lm, lens, base.lens_path, base.allow_foreign_lens))
 
 
 def sweep(
-    lens_model: LensModel,
+    lm: LensModel,
     prompt: str = DEFAULT_PROMPT,
     answer: str | None = None,
     *,
@@ -356,21 +356,21 @@ def sweep(
             and ``allow_foreign_lens`` (which fitted lens, and whether one of another model
             applies).
     """
-    settings = replace(resolve_settings(lens_model, lens, settings), attribution=True)
+    settings = replace(resolve_settings(lm, lens, settings), attribution=True)
     if settings.sublayers:
-        check_sublayers(lens_model.bridge)
+        check_sublayers(lm.bridge)
     answer = _answer_for(prompt, answer)
     started = time.perf_counter()
     control = default_control(prompt, control)
     text = prompt
     if settings.chat:  # one user turn, then the assistant's turn begins: the answer is its first token(s)
-        tokenizer = lens_model.bridge.tokenizer
+        tokenizer = lm.bridge.tokenizer
         text = chat_text(tokenizer, prompt)
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
-    analysis = analyse_prompt(lens_model, settings, text, answer, control)
+    analysis = analyse_prompt(lm, settings, text, answer, control)
     if settings.compare_lenses or settings.track:
-        others = available_lenses(lens_model, settings) if settings.compare_lenses else None
-        add_lens_views(lens_model, analysis, settings, others, list(settings.track))
+        others = available_lenses(lm, settings) if settings.compare_lenses else None
+        add_lens_views(lm, analysis, settings, others, list(settings.track))
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
-    return Sweep(lens_model, analysis, prompt, answer, settings, timing=timing)
+    return Sweep(lm, analysis, prompt, answer, settings, timing=timing)

@@ -41,12 +41,12 @@ BATCH_MEMORY_BYTES = 1 * 2**30  # residuals and activations of one batch, at mos
 ACTIVATION_FACTOR = 4  # activations of a forward per residual-stream copy (attention, MLP, cache)
 
 
-def default_batch_size(lens_model: LensModel, items: Sequence[PromptItem]) -> int:
+def default_batch_size(lm: LensModel, items: Sequence[PromptItem]) -> int:
     """As many prompts as keep a batch's residuals and activations under ``BATCH_MEMORY_BYTES``
     (at most ``MAX_BATCH``): (n+1) layers × longest prompt × d_model × dtype size × factor each."""
-    cfg = lens_model.bridge.cfg
+    cfg = lm.bridge.cfg
     longest = max(len(item.prompt) for item in items) // 2 + 2  # ≥ tokens for BPE vocabularies
-    per_prompt = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lens_model.dtype.itemsize
+    per_prompt = (int(cfg.n_layers) + 1) * longest * int(cfg.d_model) * lm.dtype.itemsize
     return max(1, min(MAX_BATCH, BATCH_MEMORY_BYTES // (per_prompt * ACTIVATION_FACTOR)))
 
 
@@ -68,7 +68,7 @@ class SweepSet:
     """A prompt set through the lens: plain outcomes in file order, and the ``Sweep`` of every
     prompt computed in this process (prompts resumed from a checkpoint have outcomes only)."""
 
-    lens_model: LensModel
+    lm: LensModel
     outcomes: list[PromptOutcome]
     sweeps: dict[str, Sweep]
     settings: SweepSettings
@@ -102,18 +102,18 @@ class SweepSet:
         """The JSON document of a prompt-set run (``document.prompt_set_document``)."""
         first = self.outcomes[0]  # resumed from checkpoints or analysed here: provenance either way
         analysed = self.sweeps.get(first.prompt_id)
-        facts = provenance(self.lens_model, first.entry["prompt"], self.started_at,
+        facts = provenance(self.lm, first.entry["prompt"], self.started_at,
                            analysis=None if analysed is None else analysed.analysis, lens=self.settings.lens)
         set_info = {"path": self.source_path, "total": self.total or len(self.outcomes), "shard": self.shard,
                     "records": self.records, "settings": settings_record(self.settings)}
         body = prompt_set_document([o.entry for o in self.outcomes], self.summary_rows,
                                    [o.index for o in self.outcomes], set_info,
-                                   report.model_stats(self.lens_model.bridge), facts)
+                                   report.model_stats(self.lm.bridge), facts)
         return with_timing(body, self.timing, total_seconds(self))
 
     def _report_data(self) -> dict:
-        title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
-        return outputs.set_report_page(self.outcomes, self.lens_model.n_layers, title, self.settings.view)
+        title = set_picture_title(self.lm.source.clean_name, self.settings.view, len(self.outcomes))
+        return outputs.set_report_page(self.outcomes, self.lm.n_layers, title, self.settings.view)
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""
@@ -132,14 +132,14 @@ class SweepSet:
     def save(self, directory: str, *, name: str | None = None, plots: bool = True) -> dict[str, str]:
         """Writes run.py's prompt-set files into ``directory``; returns their paths."""
         os.makedirs(directory, exist_ok=True)
-        paths = output_paths(directory, name or self.lens_model.source.clean_name)
+        paths = output_paths(directory, name or self.lm.source.clean_name)
         with timed(self.timing, "write_s"):
             outputs.write_set_tables(paths, self.outcomes, self.records)
             outputs.write_summary(paths, self.summary_rows)
         if plots:
-            title = set_picture_title(self.lens_model.source.clean_name, self.settings.view, len(self.outcomes))
+            title = set_picture_title(self.lm.source.clean_name, self.settings.view, len(self.outcomes))
             with timed(self.timing, "plots_s"):
-                outputs.write_set_pictures(paths, self.outcomes, self.lens_model.n_layers, title,
+                outputs.write_set_pictures(paths, self.outcomes, self.lm.n_layers, title,
                                            self.settings.view)
         document = self.document
         with timed(self.timing, "write_s"):
@@ -160,9 +160,9 @@ def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:
     return parsed
 
 
-def _batches(lens_model: LensModel, todo: list[tuple[int, PromptItem]], batch_size: int):
+def _batches(lm: LensModel, todo: list[tuple[int, PromptItem]], batch_size: int):
     """Batches of (index, item), prompts of similar length together (sorted by token count)."""
-    lengths = {index: len(lens_model.bridge.tokenizer(item.prompt)["input_ids"]) for index, item in todo}
+    lengths = {index: len(lm.bridge.tokenizer(item.prompt)["input_ids"]) for index, item in todo}
     ordered = sorted(todo, key=lambda pair: (lengths[pair[0]], pair[0]))
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
@@ -183,7 +183,7 @@ class SetPlan:
 
 
 def sweep_set(
-    lens_model: LensModel,
+    lm: LensModel,
     items: Iterable[PromptItem | Mapping[str, Any]],
     *,
     lens: Any = "logit",
@@ -200,42 +200,42 @@ def sweep_set(
             ``records`` (also decode every position, the records table; default: the last
             position only) and ``keep_residuals`` (``SweepSet.residuals``).
     """
-    return run_prompt_set(lens_model, items, lens, settings, SetPlan())
+    return run_prompt_set(lm, items, lens, settings, SetPlan())
 
 
-def run_prompt_set(lens_model: LensModel, items: Iterable[PromptItem | Mapping[str, Any]], lens: Any,
+def run_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, Any]], lens: Any,
                    settings: SweepSettings | None, plan: SetPlan) -> SweepSet:
     """``sweep_set`` with the command line's ``plan`` (shards, resumed outcomes, checkpoints)."""
-    settings = resolve_settings(lens_model, lens, settings)
+    settings = resolve_settings(lm, lens, settings)
     records = bool(settings.records)
     parsed = _items(items)
     indices = list(range(len(parsed))) if plan.indices is None else list(plan.indices)
     outcomes = dict(plan.done or {})
     todo = [(index, item) for index, item in zip(indices, parsed) if index not in outcomes]
-    batch_size = settings.batch_size or default_batch_size(lens_model, parsed)
+    batch_size = settings.batch_size or default_batch_size(lm, parsed)
     analysed = replace(settings, records=records or batch_size == 1)  # batch size 1: sweep's own path
     sweeps: dict[str, Sweep] = {}
     timing = {"forward_s": 0.0, "lens_s": 0.0}
-    device = lens_model.unembed.W_U.device
-    group, buffer = _view_groups(lens_model, settings, batch_size)
-    for batch in _batches(lens_model, todo, batch_size):
+    device = lm.unembed.W_U.device
+    group, buffer = _view_groups(lm, settings, batch_size)
+    for batch in _batches(lm, todo, batch_size):
         started = time.perf_counter()
-        answers = [resolve_gold_answer(lens_model.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
+        answers = [resolve_gold_answer(lm.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
                    for _, item in batch]  # carried by the same forward: p_sequence needs no other
-        forwarded = (forward_batch(lens_model.bridge, [item.prompt for _, item in batch], device, answers)
+        forwarded = (forward_batch(lm.bridge, [item.prompt for _, item in batch], device, answers)
                      if batch_size > 1 else [None])  # batch size 1: sweep's own forward
-        controls = _control_forwards(lens_model, batch, device) if batch_size > 1 else {}
+        controls = _control_forwards(lm, batch, device) if batch_size > 1 else {}
         forward_s = time.perf_counter() - started
         finished = []
         pairs = list(zip(batch, forwarded))
         for first in range(0, len(pairs), group):
             part = pairs[first : first + group]
             if batch_size > 1:
-                _attach_views(lens_model, settings, [passed for _, passed in part], buffer)
+                _attach_views(lm, settings, [passed for _, passed in part], buffer)
             for (index, item), passed in part:
                 control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
                 # batch size 1 is the single-prompt path exactly (every position decoded)
-                result = _sweep_forwarded(lens_model, item, analysed, control, passed, controls.get(index))
+                result = _sweep_forwarded(lm, item, analysed, control, passed, controls.get(index))
                 if passed is None:
                     forward_s += result.timing["forward_s"]
                 else:
@@ -249,50 +249,50 @@ def run_prompt_set(lens_model: LensModel, items: Iterable[PromptItem | Mapping[s
         if plan.on_batch is not None:
             plan.on_batch(finished, [sweeps[o.prompt_id] for o in finished])
     ordered = [outcomes[index] for index in sorted(outcomes)]
-    return SweepSet(lens_model, ordered, sweeps, settings, records, plan.source_path, plan.shard,
+    return SweepSet(lm, ordered, sweeps, settings, records, plan.source_path, plan.shard,
                     timing=timing)
 
 
-def _view_groups(lens_model: LensModel, settings: SweepSettings, batch_size: int) -> tuple[int, Any]:
+def _view_groups(lm: LensModel, settings: SweepSettings, batch_size: int) -> tuple[int, Any]:
     """(prompts whose views are decoded together, the float32 buffer they are decoded into): as
     many as keep ``[rows, V]`` under ``settings.budget_bytes``. No buffer for batch size 1 (each
     prompt is decoded alone, as ``sweep`` does) or where the unembedding's matmul is not float32."""
-    rows, vocab = view_rows(lens_model.n_layers + 1), int(lens_model.unembed.W_U.shape[-1])
+    rows, vocab = view_rows(lm.n_layers + 1), int(lm.unembed.W_U.shape[-1])
     group = max(1, min(batch_size, settings.budget_bytes // (rows * vocab * 4)))
-    if batch_size == 1 or lens_model.unembed.matmul_dtype != torch.float32:
+    if batch_size == 1 or lm.unembed.matmul_dtype != torch.float32:
         return group, None
-    return group, torch.empty((group * rows, vocab), dtype=torch.float32, device=lens_model.unembed.W_U.device)
+    return group, torch.empty((group * rows, vocab), dtype=torch.float32, device=lm.unembed.W_U.device)
 
 
-def _attach_views(lens_model: LensModel, settings: SweepSettings, forwarded: Sequence[Forwarded],
+def _attach_views(lm: LensModel, settings: SweepSettings, forwarded: Sequence[Forwarded],
                  buffer: Any = None) -> None:
     """Decodes the last-position views of several forwarded prompts in one unembedding
     (``decode.decode_views``, into ``buffer`` if given) and attaches each prompt's (``views``)."""
-    chosen, other = settings.lenses(lens_model.bridge)
+    chosen, other = settings.lenses(lm.bridge)
     with torch.inference_mode():
         last = torch.stack([torch.stack([resid[-1] for resid in passed.residuals]) for passed in forwarded])
         chosen_rows = torch.stack(transformed_rows(chosen, list(last.transpose(0, 1))), dim=1)
-        views = decode_views(lens_model.bridge, last, chosen_rows, other, lens_model.unembed, buffer)
+        views = decode_views(lm.bridge, last, chosen_rows, other, lm.unembed, buffer)
     for passed, own in zip(forwarded, views):
         passed.views = own
 
 
-def _control_forwards(lens_model: LensModel, batch: Sequence[tuple[int, PromptItem]], device: Any) -> dict:
+def _control_forwards(lm: LensModel, batch: Sequence[tuple[int, PromptItem]], device: Any) -> dict:
     """The control prompts of a batch in one right-padded forward: ``{index: Forwarded}``."""
     with_control = [(index, item.control_prompt) for index, item in batch if item.control_prompt is not None]
     if not with_control:
         return {}
-    forwarded = forward_batch(lens_model.bridge, [prompt for _, prompt in with_control], device)
+    forwarded = forward_batch(lm.bridge, [prompt for _, prompt in with_control], device)
     return {index: passed for (index, _), passed in zip(with_control, forwarded)}
 
 
-def _sweep_forwarded(lens_model: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
+def _sweep_forwarded(lm: LensModel, item: PromptItem, settings: SweepSettings, control: Any,
                      forwarded: Any, control_forwarded: Any = None) -> Sweep:
     from layers_core.api.prompt import default_control
 
     started = time.perf_counter()
-    analysis = analyse_prompt(lens_model, settings, item.prompt, item.answer,
+    analysis = analyse_prompt(lm, settings, item.prompt, item.answer,
                               default_control(item.prompt, control), forwarded, control_forwarded)
     forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
-    return Sweep(lens_model, analysis, item.prompt, item.answer, replace(settings),
+    return Sweep(lm, analysis, item.prompt, item.answer, replace(settings),
                  timing={"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s})

@@ -83,30 +83,30 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
     prepare_runtime(args.device)
     started = time.perf_counter()
     try:
-        lens_model = load(args.model, device=args.device)
+        lm = load(args.model, device=args.device)
     except ModelLoadError as error:
         print(f"❌ {error}", file=sys.stderr)
         return 1
     texts = tuned_lens.read_corpus(args.corpus) if args.corpus else tuned_lens.stdlib_documentation()
     fit = _fit_jacobian if args.kind == "jacobian" else _fit_tuned
     try:
-        lens, evaluation, out, report = fit(args, lens_model, texts)
+        lens, evaluation, out, report = fit(args, lm, texts)
     except ValueError as error:
         print(f"❌ {error}", file=sys.stderr)
         return 1
     fitted_s = time.perf_counter() - started
     layers = None
-    for each in [lens, *_other_fitted_lenses(lens_model, args.kind)]:
+    for each in [lens, *_other_fitted_lenses(lm, args.kind)]:
         with tqdm(total=len(evaluation) * len(evaluation[0]), unit="tok", unit_scale=True,
                   desc=f"evaluate {each.name}", file=sys.stderr) as bar:
-            rows = lens_fit.evaluate(lens_model, each, evaluation, args.batch_size, bar.update)
+            rows = lens_fit.evaluate(lm, each, evaluation, args.batch_size, bar.update)
         layers = rows if layers is None else [{**row, each.name: new[each.name]} for row, new in zip(layers, rows)]
-    report = {"model": lens_model.model_id, "kind": args.kind, **report,
+    report = {"model": lm.model_id, "kind": args.kind, **report,
               "corpus": args.corpus or "python standard-library documentation",
               "fit_s": round(fitted_s, 1), "total_s": round(time.perf_counter() - started, 1), "layers": layers}
     report["tokens"]["evaluated"] = len(evaluation) * len(evaluation[0])
     write_json(os.path.join(out, "eval.json"), report)
-    title = f"{lens_model.source.clean_name}: {args.kind} vs logit lens on held-out text"
+    title = f"{lm.source.clean_name}: {args.kind} vs logit lens on held-out text"
     save_figure(lens_eval_figure(layers, title), os.path.join(out, "eval.png"))
     mean = {kind: sum(row[kind]["kl_final_to_lens_bits"] for row in layers) / len(layers)
             for kind in ("logit", args.kind)}
@@ -116,22 +116,22 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
     return 0
 
 
-def _other_fitted_lenses(lens_model, kind: str) -> list:
+def _other_fitted_lenses(lm, kind: str) -> list:
     """The model's other fitted lens, where one is in its lens cache: eval.json compares it too."""
     from layers_core.api.prompt import resolve_lens
     from layers_core.lens.views import FITTED_VIEWS, resolve_entry, view
 
     found = []
     for name in FITTED_VIEWS:
-        if name != kind and os.path.exists(resolve_entry(view(name).default_dir)(lens_model.source.clean_name)):
+        if name != kind and os.path.exists(resolve_entry(view(name).default_dir)(lm.source.clean_name)):
             try:
-                found.append(resolve_lens(lens_model, name))
+                found.append(resolve_lens(lm, name))
             except (ValueError, OSError) as error:
                 print(f"⚠️  the {name} lens in the cache is left out of eval.json: {error}", file=sys.stderr)
     return found
 
 
-def _fit_tuned(args, lens_model, texts):
+def _fit_tuned(args, lm, texts):
     """(the tuned lens, held-out chunks to evaluate on, DIR, eval.json facts), the lens saved."""
     from tqdm import tqdm
 
@@ -139,22 +139,22 @@ def _fit_tuned(args, lens_model, texts):
     from layers_core.pipeline import fit as lens_fit
 
     wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a held-out eighth: at least one chunk of eight
-    chunks = tuned_lens.token_chunks(lens_model.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
+    chunks = tuned_lens.token_chunks(lm.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
     train, heldout = tuned_lens.split_heldout(chunks)
     if not heldout:
         raise ValueError(f"the corpus holds only {len(chunks) * CHUNK_TOKENS} tokens; need at least "
                          f"{8 * CHUNK_TOKENS}")
-    out = args.out or tuned_lens.default_lens_dir(lens_model.source.clean_name)
+    out = args.out or tuned_lens.default_lens_dir(lm.source.clean_name)
     total = (len(train) + len(heldout)) * CHUNK_TOKENS
     with tqdm(total=total, unit="tok", unit_scale=True, desc="capture + fit", file=sys.stderr) as bar:
-        lens, ridges = lens_fit.fit(lens_model, train, heldout, args.batch_size, bar.update)
+        lens, ridges = lens_fit.fit(lm, train, heldout, args.batch_size, bar.update)
     lens.save(out)
     facts = {"tokens": {"train": len(train) * CHUNK_TOKENS, "heldout": len(heldout) * CHUNK_TOKENS},
              "ridge": ridges}
     return lens, heldout[: max(1, EVAL_TOKENS // CHUNK_TOKENS)], out, facts
 
 
-def _fit_jacobian(args, lens_model, texts):
+def _fit_jacobian(args, lm, texts):
     """(the Jacobian lens, held-out chunks after the fitted text, DIR, eval.json facts), the
     artifact saved. TransformerLens's ``JacobianLens.fit`` does the fitting (its progress bar
     shows the time left); the artifact also records this project's model fingerprint."""
@@ -163,16 +163,16 @@ def _fit_jacobian(args, lens_model, texts):
     from layers_core.run_dir import atomic_write
 
     length = args.max_seq_len
-    prompts, heldout = jacobian.fit_prompts(lens_model.bridge.tokenizer, texts, args.prompts, length, EVAL_TOKENS)
+    prompts, heldout = jacobian.fit_prompts(lm.bridge.tokenizer, texts, args.prompts, length, EVAL_TOKENS)
     corpus = ",".join(args.corpus) if args.corpus else "python standard-library documentation"
-    lens = fit_jacobian(lens_model, prompts, corpus, args.dim_batch, length)
-    out = args.out or jacobian.default_lens_dir(lens_model.source.clean_name)
+    lens = fit_jacobian(lm, prompts, corpus, args.dim_batch, length)
+    out = args.out or jacobian.default_lens_dir(lm.source.clean_name)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, jacobian.artifact_name(lens_model.source.clean_name))
+    path = os.path.join(out, jacobian.artifact_name(lm.source.clean_name))
     buffer = io.BytesIO()
     lens.save(buffer)
     atomic_write(path, buffer.getvalue())
-    reader = jacobian.JacobianLensReader.load(path).bind(lens_model.bridge)
+    reader = jacobian.JacobianLensReader.load(path).bind(lm.bridge)
     facts = {"tokens": {"train": lens.n_prompts * length}, "prompts": lens.n_prompts, "max_seq_len": length,
              "dim_batch": args.dim_batch, "artifact": path, "storage_dtype": "float16"}
     return reader, heldout, out, facts

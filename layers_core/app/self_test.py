@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None, prog: str = SELF_TEST_PROG) -> int:
 
     prepare_runtime(args.device)  # seeded and deterministic, exactly like run
     try:
-        lens_model = load(args.model, device=args.device, dtype=torch.float32)
+        lm = load(args.model, device=args.device, dtype=torch.float32)
     except ModelLoadError as error:
         print(f"❌ {error}", file=sys.stderr)
         return 1
-    consistency = self_test(lens_model.bridge, DEFAULT_PROMPT, DEFAULT_ANSWER, lens_model.unembed)
+    consistency = self_test(lm.bridge, DEFAULT_PROMPT, DEFAULT_ANSWER, lm.unembed)
     passed, line = self_test_verdict(consistency)
     print(line)
     return 0 if passed else 1

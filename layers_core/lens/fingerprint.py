@@ -46,13 +46,13 @@ def unembed_hash(W_U: Any) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(lens_model: Any) -> dict:
+def model_fingerprint(lm: Any) -> dict:
     """``{config_hash, unembed_hash}`` of a loaded ``LensModel``."""
     from layers_core.model.loading import source_path
 
-    directory = source_path(lens_model.source) if lens_model.source.kind != "object" else ""
+    directory = source_path(lm.source) if lm.source.kind != "object" else ""
     return {"config_hash": config_hash(directory) if directory else None,
-            "unembed_hash": unembed_hash(lens_model.bridge.unembed.W_U)}
+            "unembed_hash": unembed_hash(lm.bridge.unembed.W_U)}
 
 
 def mismatch(recorded: dict | None, actual: dict, keys: tuple[str, ...]) -> list[str]:

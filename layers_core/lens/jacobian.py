@@ -124,9 +124,9 @@ class JacobianLensReader:
         return plan_warnings([(self.final_norm, "ln_final")])
 
 
-def load_for_model(path: str | None, lens_model: Any) -> JacobianLensReader:
+def load_for_model(path: str | None, lm: Any) -> JacobianLensReader:
     """The registry's loader: the artifact at ``path`` (default: this model's lens cache)."""
-    return JacobianLensReader.load(path or default_lens_dir(lens_model.source.clean_name))
+    return JacobianLensReader.load(path or default_lens_dir(lm.source.clean_name))
 
 
 def fit_prompts(tokenizer: Any, texts: Any, n_prompts: int, max_seq_len: int,

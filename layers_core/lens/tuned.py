@@ -261,6 +261,6 @@ def default_lens_dir(clean_name: str) -> str:
     return os.path.join(default_cache_root(), "tuned-lens", clean_name)
 
 
-def load_for_model(path: str | None, lens_model: Any) -> TunedLens:
+def load_for_model(path: str | None, lm: Any) -> TunedLens:
     """The registry's loader: the lens in ``path`` (default: this model's lens cache)."""
-    return TunedLens.load(path or default_lens_dir(lens_model.source.clean_name))
+    return TunedLens.load(path or default_lens_dir(lm.source.clean_name))

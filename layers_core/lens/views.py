@@ -23,7 +23,7 @@ class View:
     partner: str | None  # the comparison view; None = the logit lens under --norm
     layer0_norm_fix: str  # diagnostics.layer0_norm_fix (a legacy label)
     description: str
-    loader: str | None = None  # "module:function(path, lens_model) -> Lens" for fitted lenses
+    loader: str | None = None  # "module:function(path, lm) -> Lens" for fitted lenses
     files: tuple[str, ...] = ()  # what a lens path of this view holds (checked before loading)
     default_dir: str | None = None  # "module:function(clean_name) -> dir": where it lives by default
     single_file: bool = False  # the lens path is one file (or a directory holding exactly one)

@@ -34,7 +34,14 @@ from layers_core.pipeline.lens_table import (
     track_token_ids,
     tracked_rows,
 )
-from layers_core.pipeline.sweep import Forwarded, SweepResult, SweepSettings, last_layer_consistency, run_sweep
+from layers_core.pipeline.sweep import (
+    Forwarded,
+    LastLayerConsistency,
+    SweepResult,
+    SweepSettings,
+    last_layer_consistency,
+    run_sweep,
+)
 from layers_core.results import report
 from layers_core.results.attribution import attribution_block
 
@@ -47,7 +54,7 @@ class PromptAnalysis:
 
     result: SweepResult
     comparison: LensComparison
-    consistency: dict
+    consistency: LastLayerConsistency
     blocks: dict  # diagnostics, gold_answer, lens_comparison, raw_lens_check, control_*, attribution
     attribution: Attribution | None = None  # single prompts: the answer logit split into block parts
     lens_rows: list[dict] | None = None  # compare_lenses: every lens at the last position

@@ -22,13 +22,13 @@ from layers_core.pipeline.capture import capture
 EVAL_ROWS_PER_BLOCK = 256
 
 
-def capture_chunks(lens_model: LensModel, chunks: Sequence[list[int]], batch_size: int,
+def capture_chunks(lm: LensModel, chunks: Sequence[list[int]], batch_size: int,
                    progress: Callable[[int], None] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """For each batch of equal-length chunks: (residuals ``[L+1, B, T, d]`` float32 on the lens
     device, tokens ``[B, T]``). ``progress(n)`` is called with the tokens done."""
-    bridge = lens_model.bridge
-    names = residual_hook_names(lens_model.n_layers)
-    device = lens_model.unembed.W_U.device
+    bridge = lm.bridge
+    names = residual_hook_names(lm.n_layers)
+    device = lm.unembed.W_U.device
     for start in range(0, len(chunks), batch_size):
         tokens = torch.tensor(chunks[start : start + batch_size], device=bridge.cfg.device)
         cache = capture(bridge, tokens, names, device=device).activations
@@ -37,40 +37,40 @@ def capture_chunks(lens_model: LensModel, chunks: Sequence[list[int]], batch_siz
             progress(int(tokens.numel()))
 
 
-def fit(lens_model: LensModel, train: Sequence[list[int]], heldout: Sequence[list[int]], batch_size: int = 8,
+def fit(lm: LensModel, train: Sequence[list[int]], heldout: Sequence[list[int]], batch_size: int = 8,
         progress: Callable[[int], None] | None = None) -> tuple[TunedLens, list[float]]:
     """The closed-form tuned lens (position 0 excluded) and the ridge chosen for each layer."""
-    n_layers, d_model = lens_model.n_layers, int(lens_model.bridge.cfg.d_model)
+    n_layers, d_model = lm.n_layers, int(lm.bridge.cfg.d_model)
     statistics = {"train": NormalEquations(n_layers, d_model), "heldout": NormalEquations(n_layers, d_model)}
     for split, chunks in (("train", train), ("heldout", heldout)):
-        for residuals, _ in capture_chunks(lens_model, chunks, batch_size, progress):
+        for residuals, _ in capture_chunks(lm, chunks, batch_size, progress):
             statistics[split].add(residuals[:, :, 1:].reshape(n_layers + 1, -1, d_model).cpu())
     weights, biases, ridges = solve_translators(statistics["train"], statistics["heldout"])
-    return TunedLens(weights, biases, lens_model.source.path or lens_model.model_id,
-                     fingerprint=model_fingerprint(lens_model)), ridges
+    return TunedLens(weights, biases, lm.source.path or lm.model_id,
+                     fingerprint=model_fingerprint(lm)), ridges
 
 
 def _token_bytes(tokenizer: Any, ids: Tensor) -> int:
     return sum(len(text.encode("utf-8")) for text in tokenizer.batch_decode([[i] for i in ids.tolist()]))
 
 
-def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batch_size: int = 8,
+def evaluate(lm: LensModel, lens: Any, chunks: Sequence[list[int]], batch_size: int = 8,
              progress: Callable[[int], None] | None = None) -> list[dict]:
     """Per layer ℓ < L on held-out text, for the logit lens (``ln_final``) and a fitted lens
     (``lens.translate(h, ℓ)`` then ``ln_final``: the tuned or the Jacobian lens, keyed by its name):
     KL(final ‖ lens) in bits per token and per byte, cross-entropy to the next token in bits, and
     top-1 agreement with the model. Positions 1..T−2 (the next token is known there)."""
-    n_layers = lens_model.n_layers
-    unembed, ln_final = lens_model.unembed, getattr(lens_model.bridge, "ln_final", None)
+    n_layers = lm.n_layers
+    unembed, ln_final = lm.unembed, getattr(lm.bridge, "ln_final", None)
     kinds = ("logit", lens.name)
     sums = {kind: torch.zeros((n_layers, 3), dtype=torch.float64) for kind in kinds}
     rows_total, bytes_total = 0, 0
-    for residuals, tokens in capture_chunks(lens_model, chunks, batch_size, progress):
+    for residuals, tokens in capture_chunks(lm, chunks, batch_size, progress):
         d_model = residuals.shape[-1]
         resid = residuals[:, :, 1:-1].reshape(n_layers + 1, -1, d_model)  # [L+1, rows, d]
         targets = tokens[:, 2:].reshape(-1).to(resid.device)
         rows_total += len(targets)
-        bytes_total += _token_bytes(lens_model.bridge.tokenizer, targets)
+        bytes_total += _token_bytes(lm.bridge.tokenizer, targets)
         for start in range(0, len(targets), EVAL_ROWS_PER_BLOCK):
             block = slice(start, start + EVAL_ROWS_PER_BLOCK)
             with torch.inference_mode():
@@ -92,14 +92,14 @@ def evaluate(lens_model: LensModel, lens: Any, chunks: Sequence[list[int]], batc
             for layer in range(n_layers)]
 
 
-def fit_jacobian(lens_model: LensModel, prompts: Sequence[Any], corpus: str, dim_batch: int,
+def fit_jacobian(lm: LensModel, prompts: Sequence[Any], corpus: str, dim_batch: int,
                  max_seq_len: int) -> Any:
     """TransformerLens's ``JacobianLens`` fitted on ``prompts`` (its own estimator and progress
     bar: one forward and ⌈d/dim_batch⌉ backward passes per prompt), with this project's model
     fingerprint (config and W_U hashes) in its metadata."""
     from transformer_lens.tools.analysis import JacobianLens
 
-    fingerprint = model_fingerprint(lens_model)
-    return JacobianLens.fit(lens_model.bridge, prompts, corpus=corpus, dim_batch=dim_batch,
+    fingerprint = model_fingerprint(lm)
+    return JacobianLens.fit(lm.bridge, prompts, corpus=corpus, dim_batch=dim_batch,
                             max_seq_len=max_seq_len, show_progress=True,
                             metadata={key: fingerprint[key] for key in ("config_hash", "unembed_hash")})

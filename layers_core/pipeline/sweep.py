@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from layers_core.collapse_rules import (
     COPY_THRESHOLD,
     ENTROPY_COLLAPSE_BITS,
     CopyRule,
+    GoldAnswer,
     copy_collapse_flags,
     is_headline_copy,
     is_semantic_top1,
@@ -50,6 +51,22 @@ from layers_core.pipeline.decode import LastPositionViews, decode_last_positions
 CONSISTENCY_TOLERANCE_BITS = 1e-6  # float32 last-layer lens vs the model's own logits
 HALF_PRECISION_TOLERANCE_BITS = 1e-2  # the same gate when the model computes in bf16/fp16
 HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this much
+
+
+class LastLayerConsistency(TypedDict):
+    """The self-test: the last layer decoded through ``ln_final`` against the model's own logits
+    (the JSON's ``diagnostics.last_layer_consistency``, without ``post_unembed_transform``)."""
+
+    kl_model_to_lens_bits: float  # KL(model ‖ lens) at the last position
+    tolerance_bits: float  # 1e-6 in float32, 1e-2 in half precision
+    passed: bool  # kl_model_to_lens_bits <= tolerance_bits
+    top1_agree: bool
+    p_top1_lens: float
+    p_top1_model: float
+    p_answer_lens: float | None  # None without a resolved answer
+    p_answer_model: float | None
+    compute_dtype: str
+    warn_high_last_layer_kl: bool  # KL >= 0.25 bits
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,7 @@ class SweepResult:
     prompt: str
     tokens: Tensor  # [1, T] on the model's device
     str_tokens: list[str]
-    gold: dict
+    gold: GoldAnswer
     model_logits: Tensor  # [1, V] float32, the model's own at the last position
     records: list[dict]
     pure_rows: list[dict]
@@ -204,7 +221,7 @@ def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, 
 def build_pure_rows(
     stats: LensStats,
     prompt_ids: Iterable[int],
-    gold: dict,
+    gold: GoldAnswer,
     vocab: dict[int, str],
     settings: SweepSettings,
     position: int | None = None,
@@ -517,7 +534,7 @@ def last_layer_consistency(
     unembed: Unembedding,
     compute_dtype: torch.dtype,
     tolerance_bits: float | None = None,
-) -> dict:
+) -> LastLayerConsistency:
     """The lens at the last layer through ``ln_final`` vs the model's own logits.
 
     ``gate_log_probs`` ``[V]`` is that lens row (``LastPositionViews.consistency``: ``ln_final`` of

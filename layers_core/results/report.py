@@ -16,6 +16,7 @@ from torch import Tensor
 
 from layers_core.collapse_rules import (
     ENTROPY_COLLAPSE_BITS,
+    GoldAnswer,
     compute_milestones,
     semantic_milestones,
     summarize_collapse,
@@ -34,7 +35,7 @@ from layers_core.pipeline.prompts import (
 
 if TYPE_CHECKING:
     from layers_core.model.lens_model import LensModel
-    from layers_core.pipeline.sweep import SweepResult, SweepSettings
+    from layers_core.pipeline.sweep import LastLayerConsistency, SweepResult, SweepSettings
 
 SEED = 316
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
@@ -123,7 +124,8 @@ def _legacy_norm_labels(model: Any, strategy: str, per_layer: Sequence[dict]) ->
     }
 
 
-def diagnostics(lm: LensModel, result: SweepResult, settings: SweepSettings, consistency: dict) -> dict:
+def diagnostics(lm: LensModel, result: SweepResult, settings: SweepSettings,
+                consistency: LastLayerConsistency) -> dict:
     """The legacy diagnostics keys in order, then the new ones: of ``lm``'s sweep ``result`` under
     ``settings``, with the last-layer ``consistency`` block."""
     model = lm.bridge
@@ -193,7 +195,7 @@ def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, ski
     }
 
 
-def gold_answer_block(gold: dict, p_sequence: float | None = None) -> dict:
+def gold_answer_block(gold: GoldAnswer, p_sequence: float | None = None) -> dict:
     """The top-level ``gold_answer`` record: the resolved answer, its token count, the model's
     teacher-forced probability of all of it (``p_sequence``), and ``first_piece_ambiguous``
     (False here; a prompt set sets it when another answer shares the first token)."""
