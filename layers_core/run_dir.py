@@ -163,7 +163,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_staging(base_dir: str) -> list[str]:
+def remove_stale_staging(base_dir: str) -> list[str]:
     """Removes staging directories left by dead processes of this host; returns their paths.
 
     Another host's staging directories are never touched (shards of one battery may share a

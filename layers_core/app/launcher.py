@@ -22,8 +22,8 @@ from layers_core.run_dir import (
     output_paths,
     prune_runs,
     publish_staging_dir,
+    remove_stale_staging,
     rotation_target,
-    sweep_stale_staging,
 )
 
 CHILD = [sys.executable, "-m", "layers_core", "run"]  # the same CLI as run.py, from any install
@@ -60,7 +60,7 @@ def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
     managed = config.out_dir is None and not config.self_test
     directory = None
     if managed:
-        sweep_stale_staging(base_dir)
+        remove_stale_staging(base_dir)
         directory = create_staging_dir(base_dir)
     elif not config.self_test:
         directory = config.out_dir

@@ -24,8 +24,8 @@ from layers_core.run_dir import (
     prune_runs,
     publish_model_files,
     publish_staging_dir,
+    remove_stale_staging,
     rotation_target,
-    sweep_stale_staging,
 )
 
 CUBLAS_WORKSPACE = ":4096:8"  # deterministic cuBLAS without the 1 MiB-workspace warning of :16:8
@@ -199,10 +199,10 @@ def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: st
     return result.document
 
 
-LOADED_FACTS = ("model", "dtype")  # fingerprint fields known only once the model is loaded
+LOADED_FACTS = ("model", "dtype")  # checkpoint settings known only once the model is loaded
 
 
-def _fingerprint(config: ExperimentConfig, lm: Any) -> dict:
+def _checkpoint_settings(config: ExperimentConfig, lm: Any) -> dict:
     """What a prompt set's checkpoints depend on (a resumed run must match it); without ``lm``,
     the fields known before loading."""
     import hashlib
@@ -251,7 +251,7 @@ def _resume_problem(config: ExperimentConfig, name: str) -> str | None:
     from layers_core.results.progress import ProgressMismatch, ProgressStore
 
     try:
-        ProgressStore(config.out_dir, name, _fingerprint(config, None)).check_settings(ignore=LOADED_FACTS)
+        ProgressStore(config.out_dir, name, _checkpoint_settings(config, None)).check_settings(ignore=LOADED_FACTS)
     except ProgressMismatch as mismatch:
         return str(mismatch)
     return None
@@ -266,7 +266,9 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 
     items = load_prompt_set(config.prompts_file)
     indices, chosen = shard_of(items, None if config.shard is None else parse_shard(config.shard))
-    store = None if config.out_dir is None else ProgressStore(config.out_dir, name, _fingerprint(config, lm))
+    store = None
+    if config.out_dir is not None:
+        store = ProgressStore(config.out_dir, name, _checkpoint_settings(config, lm))
     done = {} if store is None else stages.run("lens", store.start, config.resume)
     resumed = sum(index in done for index in indices)
     if resumed:
@@ -367,7 +369,7 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     managed = config.out_dir is None
     home = base_dir if managed else config.out_dir
     os.makedirs(home, exist_ok=True)
-    sweep_stale_staging(home)
+    remove_stale_staging(home)
     staging = create_staging_dir(home)
     try:
         run_model(model_id, config, staging, name, stages, pictures)

