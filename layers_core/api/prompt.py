@@ -31,10 +31,10 @@ from layers_core.pipeline.analysis import PromptAnalysis, add_lens_views, analys
 from layers_core.pipeline.lens_table import norm_lenses
 from layers_core.pipeline.prompts import (
     DEFAULT_ANSWER,
-    DEFAULT_CONTROL_ANSWER,
-    DEFAULT_CONTROL_PROMPT,
     DEFAULT_PROMPT,
+    Control,
     chat_text,
+    default_control,
 )
 from layers_core.pipeline.sweep import SweepSettings, check_sublayers
 from layers_core.results import outputs, pictures
@@ -42,19 +42,6 @@ from layers_core.results.document import provenance, single_prompt_document, wit
 from layers_core.results.plots import HEATMAP_WINDOW
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
-
-Control = tuple[str, str] | bool | None
-
-
-def default_control(prompt: str, control: Control) -> tuple[str, str] | None:
-    """None → France → Paris for the legacy prompt (no control otherwise); False → none."""
-    if control is None:
-        return (DEFAULT_CONTROL_PROMPT, DEFAULT_CONTROL_ANSWER) if prompt == DEFAULT_PROMPT else None
-    if control is False:
-        return None
-    if control is True:
-        raise ValueError("control=True is ambiguous: pass (control_prompt, control_answer)")
-    return tuple(control)
 
 
 def _answer_for(prompt: str, answer: str | None) -> str | None:

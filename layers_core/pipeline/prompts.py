@@ -32,6 +32,18 @@ FINAL_PREDICTION_TOP_K = 20
 # The control pass (same template, another country): a lens that "finds" Berlin here is suspect.
 DEFAULT_CONTROL_PROMPT = "Give the city name only, plain text. The capital of France is called simply"
 DEFAULT_CONTROL_ANSWER = "Paris"
+Control = tuple[str, str] | bool | None  # a (prompt, answer) pair; None: the default; False: none
+
+
+def default_control(prompt: str, control: Control) -> tuple[str, str] | None:
+    """None → France → Paris for the legacy prompt (no control otherwise); False → none."""
+    if control is None:
+        return (DEFAULT_CONTROL_PROMPT, DEFAULT_CONTROL_ANSWER) if prompt == DEFAULT_PROMPT else None
+    if control is False:
+        return None
+    if control is True:
+        raise ValueError("control=True is ambiguous: pass (control_prompt, control_answer)")
+    return tuple(control)
 
 
 def chat_text(tokenizer: Any, prompt: str) -> str:
