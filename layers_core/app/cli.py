@@ -23,6 +23,9 @@ RUN_PROG = "run.py"  # the design card's entry; the console command passes "laye
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+ONE_MODEL_HELP = ("hub id, local directory, .gguf file or packaged model name (default: the bundled "
+                  "SmolLM2-135M-Instruct)")  # the model argument of fit and self-test
 MODEL, LENS, PROMPT, OUTPUT, COMPUTE = "model", "lens", "prompt", "output", "compute"
 GROUPS = {MODEL: "the model", LENS: "the lens", PROMPT: "prompts and answers", OUTPUT: "outputs",
           COMPUTE: "compute"}
@@ -85,7 +88,7 @@ class ExperimentConfig:
     are generated from these fields."""
 
     # the model: where and in what dtype it is loaded
-    device: str = setting("auto", "--device", group=MODEL, choices=("auto", "cuda", "mps", "cpu"),
+    device: str = setting("auto", "--device", group=MODEL, choices=DEVICE_CHOICES,
                           help="compute device to run on (default: auto = cuda, then mps, then cpu)")
     dtype: str = setting("auto", "--dtype", group=MODEL, choices=("auto", "float32", "bfloat16", "float16"),
                          help="compute dtype (default: auto = float32 on CPU; on GPUs the checkpoint's declared "

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from layers_core.app.cli import DEVICE_CHOICES, ONE_MODEL_HELP
+
 DEFAULT_TOKENS = 32_768  # tuned lens: training tokens; a held-out eighth is added on top
 DEFAULT_PROMPTS = 100  # Jacobian lens: the reference reports fits usable from ~100 prompts of 128 tokens
 DEFAULT_MAX_SEQ_LEN = 128
@@ -34,8 +36,7 @@ DESCRIPTION = "Fit a tuned or Jacobian lens offline and evaluate it against the 
 def build_parser(prog: str = FIT_PROG) -> argparse.ArgumentParser:
     """The parser of ``fit``; every default is shown in ``--help``."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    parser.add_argument("model", nargs="?", help="hub id, local directory, .gguf file or packaged model name "
-                        "(default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("model", nargs="?", help=ONE_MODEL_HELP)
     parser.add_argument("--kind", choices=("tuned", "jacobian"), default="tuned",
                         help="which lens to fit (default: %(default)s)")
     parser.add_argument("--corpus", nargs="+", metavar="FILE",
@@ -50,7 +51,7 @@ def build_parser(prog: str = FIT_PROG) -> argparse.ArgumentParser:
     parser.add_argument("--dim-batch", type=int, default=DEFAULT_DIM_BATCH,
                         help="jacobian: output dimensions per backward pass (default: %(default)s)")
     parser.add_argument("--out", metavar="DIR", help="where the lens goes (default: the lens cache)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="compute device (default: %(default)s = cuda, then mps, then cpu)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="chunks of 256 tokens per forward (default: %(default)s)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from layers_core.app.cli import DEVICE_CHOICES, ONE_MODEL_HELP
+
 SELF_TEST_PROG = "kl_sanity_test.py"
 DESCRIPTION = "Check that the last-layer lens reproduces the model's own logits (KL <= 1e-6 bits, float32)"
 
@@ -18,9 +20,8 @@ DESCRIPTION = "Check that the last-layer lens reproduces the model's own logits 
 def build_parser(prog: str = SELF_TEST_PROG) -> argparse.ArgumentParser:
     """The parser of ``self-test``."""
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    parser.add_argument("model", nargs="?", help="hub id, local directory, .gguf file or packaged model name "
-                        "(default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"],
+    parser.add_argument("model", nargs="?", help=ONE_MODEL_HELP)
+    parser.add_argument("--device", default="cpu", choices=DEVICE_CHOICES,
                         help="compute device (default: %(default)s)")
     return parser
 
