@@ -19,7 +19,8 @@ _MARKER = re.compile(r"\{\{ (flags|include): ([\w.\-]+) \}\}|\{\{ exit-codes \}\
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """One table cell: one line, pipes escaped, ``<name>`` shown as text rather than read as HTML."""
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _default(action: argparse.Action, declared: dict) -> str:
