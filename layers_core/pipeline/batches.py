@@ -85,26 +85,25 @@ def analyse_batches(lm: LensModel, todo: Sequence[tuple[int, PromptItem]], setti
             if batch_size > 1:
                 _attach_views(lm, settings, [passed for _, passed in part], buffer)
             for (index, item), passed in part:
-                analysed = _analyse(lm, item, settings, passed, controls.get(index))
+                analysis, timing = _analyse(lm, item, settings, passed, controls.get(index))
                 if passed is None:
-                    forward_s += analysed.timing["forward_s"]
+                    forward_s += timing["forward_s"]
                 else:
                     passed.views = None
-                analysed.analysis.result.views = None  # [L, V] log-probs (in the buffer, reused next group)
-                done.append(AnalysedPrompt(index, item, analysed.analysis, analysed.timing))
+                analysis.result.views = None  # [L, V] log-probs (in the buffer, reused next group)
+                done.append(AnalysedPrompt(index, item, analysis, timing))
         yield AnalysedBatch(done, forward_s, time.perf_counter() - started - forward_s)
 
 
 def _analyse(lm: LensModel, item: PromptItem, settings: SweepSettings, forwarded: Forwarded | None,
-             control_forwarded: Forwarded | None) -> AnalysedPrompt:
+             control_forwarded: Forwarded | None) -> tuple[PromptAnalysis, dict[str, float]]:
     """One prompt of a batch through ``analyse_prompt``, timed as ``sweep`` times a prompt."""
     control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
     started = time.perf_counter()
     analysis = analyse_prompt(lm, settings, item.prompt, item.answer, default_control(item.prompt, control),
                               forwarded, control_forwarded)
     forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
-    return AnalysedPrompt(0, item, analysis, {"forward_s": forward_s,
-                                              "lens_s": time.perf_counter() - started - forward_s})
+    return analysis, {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
 
 
 def _view_groups(lm: LensModel, settings: SweepSettings, batch_size: int) -> tuple[int, Any]:
