@@ -200,3 +200,88 @@ def test_no_answer_gives_the_lens_rows_with_the_answer_columns_empty(tiny_dirs, 
                      "--prompt", "The capital of Germany is"]) == 0
     pure = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv", dtype=str, keep_default_na=False)
     assert (pure["answer_rank"] == "").all() and (pure["p_answer"] == "").all()
+
+
+# ---- round 4: one line for damaged inputs (#31, the first cases) ----------------------------------
+
+def _saved_lens(directory):
+    import torch
+
+    from layers_core.lens.tuned import TunedLens
+
+    TunedLens(torch.zeros(3, 4, 4), torch.zeros(3, 4), "tiny").save(str(directory))
+    return directory
+
+
+def test_a_tuned_lens_config_that_is_broken_json_is_one_usage_line(tiny_dirs, tmp_path, capsys):
+    """It was a 34-line JSONDecodeError traceback (the pre-load fingerprint check read it raw)."""
+    lens = _saved_lens(tmp_path / "lens")
+    (lens / "config.json").write_text("{not json")
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--lens", "tuned", "--lens-path", str(lens),
+                     "--out_dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 2)
+    assert f"{lens / 'config.json'}: not a valid tuned-lens config (JSONDecodeError" in captured.err
+    assert captured.err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "no tensor 2.weight (1 of the 3 translators' weights missing)"),
+    ("garbage", "not a readable tuned-lens state dict"),
+    ("list", "not a valid tuned-lens config (a JSON list, not an object)"),
+    ("layers", "num_hidden_layers must be a positive integer, got 'three'"),
+])
+def test_a_damaged_tuned_lens_is_refused_naming_the_file(tmp_path, damage, message):
+    """A missing tensor was ``KeyError: '2.weight'``; a garbage params.pt ``pop from empty list``."""
+    import torch
+
+    from layers_core.lens.tuned import TunedLens
+
+    lens = _saved_lens(tmp_path)
+    params, config = lens / "params.pt", lens / "config.json"
+    if damage == "missing":
+        state = torch.load(params, weights_only=True)
+        del state["2.weight"]
+        torch.save(state, params)
+    elif damage == "garbage":
+        params.write_bytes(os.urandom(64))
+    elif damage == "list":
+        config.write_text("[1, 2]")
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": "three"}))
+    with pytest.raises(ValueError) as refused:
+        TunedLens.load(str(lens))
+    assert message in str(refused.value) and str(lens) in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_dangling_symlink_out_dir_is_a_usage_error(tmp_path, capsys):
+    """It was ``FileExistsError`` from makedirs, after the model had loaded."""
+    link = tmp_path / "results"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(SystemExit) as info:
+        run.main(["--device", "cpu", "--out_dir", str(link)])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, info.value.code, 2)
+    assert f"{link} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in captured.err
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", " "])
+def test_a_name_with_a_path_separator_is_refused_before_loading(name, capsys):
+    """``--name a/b`` failed after the whole run, and then its error document failed too."""
+    with pytest.raises(SystemExit) as info:
+        run.main(["--device", "cpu", "--name", name])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, info.value.code, 2)
+    assert "a file-name stem, without a path separator" in captured.err and captured.err.count("\n") == 1
+
+
+def test_jsonl_with_line_separators_inside_strings_is_valid():
+    """U+2028 and U+0085 are valid inside a JSON string; ``str.splitlines`` cut the line there."""
+    from layers_core.results.prompt_sets import parse_prompt_set
+
+    prompts = ["The capital\u2028of Peru is", "The capital\u0085of Chile is"]
+    text = "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\r\n"
+                   for p, a in zip(prompts, ("Lima", "Santiago")))
+    items = parse_prompt_set(text, "facts.jsonl")
+    assert [item.prompt for item in items] == prompts and [item.prompt_id for item in items] == ["1", "2"]

@@ -196,6 +196,9 @@ def check_writable_dir(path: str) -> str | None:
     """None if ``path`` is (or can be made) a directory this process can write; else why not."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # a dangling symbolic link: makedirs would fail on it
+            target = os.readlink(existing)
+            return f"--out_dir {path}: {existing} is a symbolic link to {target}, which does not exist"
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"--out_dir {path}: {existing} is a file, not a directory"

@@ -67,6 +67,15 @@ def _in_interval(flag: str, interval: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _file_stem(name: str | None) -> str | None:
+    """``--name`` becomes part of file names: no path separator, not empty, not a dot name."""
+    if name is None:
+        return None
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\", os.sep)):
+        return f"--name {name!r}: a file-name stem, without a path separator"
+    return None
+
+
 def _not_empty(flag: str) -> Callable[[Any], str | None]:
     return lambda value: None if value is None or value.strip() else f"{flag} must not be empty"
 
@@ -176,7 +185,7 @@ class ExperimentConfig:
     out_dir: str | None = setting(None, "--out_dir", "--out-dir", group=OUTPUT, metavar="DIR",
                                   help="Output directory to save CSV & JSON results (default: managed "
                                        "run-latest next to run.py)")
-    output_name: str | None = setting(None, "--name", group=OUTPUT, metavar="NAME",
+    output_name: str | None = setting(None, "--name", group=OUTPUT, metavar="NAME", check=_file_stem,
                                       help="File-name stem of the outputs (default: the model's folder name)")
     records: bool = setting(False, "--records", group=OUTPUT,
                             help="also write the per-position records CSV for a prompt set")

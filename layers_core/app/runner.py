@@ -219,9 +219,8 @@ def _checkpoint_settings(config: ExperimentConfig, lm: Any) -> dict:
 def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str | None:
     """A fitted lens whose recorded ``config.json`` hash differs from the model's, found before
     the model loads (the W_U hash is checked once it has)."""
-    import json
-
     from layers_core.lens import fingerprint
+    from layers_core.lens.tuned import read_lens_config
     from layers_core.lens.views import LOGIT, view
 
     if config.lens == LOGIT:
@@ -232,8 +231,10 @@ def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str
     lens_config = os.path.join(lens_dir or "", view(config.lens).files[0]) if view(config.lens).files else ""
     if not (model_dir and os.path.isfile(lens_config)):
         return None
-    with open(lens_config, encoding="utf-8") as handle:
-        recorded = json.load(handle)
+    try:
+        recorded = read_lens_config(lens_config)
+    except ValueError as error:
+        return f"--lens-path {lens_dir}: {error}"
     differing = fingerprint.mismatch(recorded, {"config_hash": fingerprint.config_hash(model_dir)},
                                      ("config_hash",))
     return fingerprint.foreign_lens_message(lens_dir, differing) if differing else None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -102,10 +104,20 @@ class TunedLens:
         if not (os.path.isfile(config_path) and os.path.isfile(params_path)):
             raise FileNotFoundError(f"no tuned lens in {directory} (expected {CONFIG_FILE} and {PARAMS_FILE}); "
                                     "fit one with `layers-and-logits fit`")
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        state = torch.load(params_path, map_location="cpu", weights_only=True)
-        count = int(config["num_hidden_layers"])
+        config = read_lens_config(config_path)
+        try:
+            state = torch.load(params_path, map_location="cpu", weights_only=True)
+        except DAMAGED_FILE_ERRORS as error:
+            raise ValueError(f"{params_path}: not a readable tuned-lens state dict "
+                             f"({_first_line(error)})") from error
+        count = config.get("num_hidden_layers")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{config_path}: num_hidden_layers must be a positive integer, got {count!r}")
+        tensors = state if isinstance(state, dict) else {}
+        missing = [f"{i}.weight" for i in range(count) if f"{i}.weight" not in tensors]
+        if missing:
+            raise ValueError(f"{params_path}: no tensor {missing[0]} ({len(missing)} of the {count} translators' "
+                             "weights missing)")
         weights = torch.stack([state[f"{i}.weight"].float() for i in range(count)])
         d_model = weights.shape[-1]
         biases = torch.stack([state.get(f"{i}.bias", torch.zeros(d_model)).float() for i in range(count)])
@@ -118,6 +130,29 @@ class TunedLens:
         if (self.n_translators, int(self.weights.shape[-1])) != (n_layers, d_model):
             raise ValueError(f"the tuned lens has {self.n_translators} translators of width "
                              f"{self.weights.shape[-1]}; the model has {n_layers} layers of width {d_model}")
+
+
+# what torch.load raises for a damaged file: a bad pickle, zip or header, a truncated stream
+DAMAGED_FILE_ERRORS = (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, IndexError, KeyError,
+                       ValueError, OSError)
+
+
+def read_lens_config(path: str) -> dict:
+    """A tuned lens's ``config.json`` as a dict; ``ValueError`` naming the file when it is not
+    valid UTF-8 JSON holding an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a valid tuned-lens config ({_first_line(error)})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a valid tuned-lens config (a JSON {type(config).__name__}, not an object)")
+    return config
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ---- fitting ----------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
     of the first problem."""
     items: list[PromptItem] = []
     seen: set[str] = set()
-    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+    # lines end at \n only: U+2028, U+0085 and the like are valid inside a JSON string
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{source}:{number}"
