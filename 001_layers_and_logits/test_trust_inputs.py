@@ -285,3 +285,27 @@ def test_jsonl_with_line_separators_inside_strings_is_valid():
                    for p, a in zip(prompts, ("Lima", "Santiago")))
     items = parse_prompt_set(text, "facts.jsonl")
     assert [item.prompt for item in items] == prompts and [item.prompt_id for item in items] == ["1", "2"]
+
+
+def test_a_directory_holding_two_ggufs_is_one_line_and_an_error_document(tmp_path, capsys):
+    """It was a full traceback, and no error document (the source was resolved before any stage)."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    code = run.main(["--device", "cpu", str(folder), "--out_dir", str(tmp_path / "out"), "--no-plots"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "holds 2 .gguf files (a.gguf, b.gguf); name one of them" in captured.err
+    document = json.loads((tmp_path / "out" / "output-weights.error.json").read_text())
+    assert "name one of them" in json.dumps(document)
+
+
+def test_the_control_line_names_what_leads_on_the_control_prompt():
+    """The report said "the answer first leads the control answer"; the margin is the control
+    answer's lead over the answer, on the control prompt."""
+    from layers_core.results.pictures import control_words
+
+    line = control_words({"control_prompt": "… France …", "control_answer": "Paris", "status": "ok",
+                          "first_control_margin_pos": 29})
+    assert line.endswith("on the control prompt the control answer first leads the answer at layer 29")

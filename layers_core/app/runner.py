@@ -17,7 +17,7 @@ from typing import Any
 from layers_core.app import collector, threads
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
-from layers_core.model.loading import resolve_model_source
+from layers_core.model.loading import ModelLoadError, ModelSource, clean_model_name, resolve_model_source
 from layers_core.run_dir import (
     create_staging_dir,
     output_paths,
@@ -29,6 +29,19 @@ from layers_core.run_dir import (
 )
 
 CUBLAS_WORKSPACE = ":4096:8"  # deterministic cuBLAS without the 1 MiB-workspace warning of :16:8
+
+
+def named_source(model_id: str | None) -> ModelSource:
+    """The model's source; where the argument cannot be resolved (a directory holding two .gguf
+    files), a stand-in named after it, so that the load stage reports the error in one line and
+    leaves an error document instead of a traceback."""
+    try:
+        return resolve_model_source(model_id)
+    except ModelLoadError:
+        path = os.path.abspath(os.path.expanduser(model_id or ""))
+        local = os.path.isdir(path)
+        return ModelSource("local_dir" if local else "hf_id", model_id or "", path if local else None,
+                           clean_model_name(model_id or ""))
 
 
 class StageError(RuntimeError):
@@ -225,7 +238,10 @@ def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str
 
     if config.lens == LOGIT:
         return None
-    source = resolve_model_source(model_id)
+    try:
+        source = resolve_model_source(model_id)
+    except ModelLoadError:  # the load stage reports it
+        return None
     lens_dir = config.lens_path or _default_lens_dir(config.lens, source.clean_name)
     model_dir = source.path if source.kind == "local_dir" else None
     lens_config = os.path.join(lens_dir or "", view(config.lens).files[0]) if view(config.lens).files else ""
@@ -310,7 +326,7 @@ def run_model(model_id: str | None, config: ExperimentConfig, directory: str | N
     resolve_device(config.device, device_warnings)
     for warning in device_warnings:
         print(warning, file=sys.stderr)
-    source = resolve_model_source(model_id)
+    source = named_source(model_id)
     say(config, f"▶ {source.clean_name} ({source.kind})")
     lm = stages.run("load", _load, config, model_id)
     collector.resume_after_load()
@@ -353,7 +369,7 @@ def self_test_exit(consistency: dict) -> int:
 def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, stages: Stages,
                pictures: Any = None) -> int:
     """One model: staging → run → publish, or the error document; returns the exit code."""
-    source = resolve_model_source(model_id)
+    source = named_source(model_id)
     name = config.output_name or source.clean_name
     if config.self_test:
         try:

@@ -30,18 +30,21 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
     return {"records": records, "pure_rows": pure,
             "attribution": None if split is None else attribution_rows(split),
             "lens_rows": getattr(analysis, "lens_rows", None),
-            "control": _control_words(analysis.blocks.get("control_summary")), "answer_token": answer_token,
+            "control": control_words(analysis.blocks.get("control_summary")), "answer_token": answer_token,
             "lens_artifact_risk": (analysis.blocks.get("raw_lens_check") or {}).get("lens_artifact_risk"),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
 
 
-def _control_words(summary: Mapping[str, Any] | None) -> str | None:
+def control_words(summary: Mapping[str, Any] | None) -> str | None:
+    """The report's control line. The margin is p(control answer) − p(answer) on the control
+    prompt, so what first leads there is the control answer."""
     if not summary:
         return None
-    return (f"{summary['control_prompt']!r} → {summary['control_answer']!r}: {summary['status']}; the answer "
-            f"first leads the control answer at layer {summary['first_control_margin_pos']}")
+    return (f"{summary['control_prompt']!r} → {summary['control_answer']!r}: {summary['status']}; on the "
+            f"control prompt the control answer first leads the answer at layer "
+            f"{summary['first_control_margin_pos']}")
 
 
 def prompt_lens_figure(rows: Mapping[str, Any], title: str):
