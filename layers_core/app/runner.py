@@ -352,7 +352,7 @@ def _torch_threads() -> int:
 
 
 def _error_line(name: str, failure: StageError) -> str:
-    from layers_core.results.report import first_line
+    from layers_core.errors import first_line
 
     return f"❌ {name}: {failure.stage} failed: {type(failure.error).__name__}: {first_line(failure.error)}"
 

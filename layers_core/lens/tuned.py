@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from layers_core.errors import first_line
 from layers_core.lens.protocol import describe_plan, plan_warnings
 from layers_core.norm_utils import apply_norm_or_skip
 
@@ -109,7 +110,7 @@ class TunedLens:
             state = torch.load(params_path, map_location="cpu", weights_only=True)
         except DAMAGED_FILE_ERRORS as error:
             raise ValueError(f"{params_path}: not a readable tuned-lens state dict "
-                             f"({_first_line(error)})") from error
+                             f"({type(error).__name__}: {first_line(error)})") from error
         count = config.get("num_hidden_layers")
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{config_path}: num_hidden_layers must be a positive integer, got {count!r}")
@@ -144,15 +145,11 @@ def read_lens_config(path: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a valid tuned-lens config ({_first_line(error)})") from error
+        raise ValueError(f"{path}: not a valid tuned-lens config "
+                         f"({type(error).__name__}: {first_line(error)})") from error
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a valid tuned-lens config (a JSON {type(config).__name__}, not an object)")
     return config
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # ---- fitting ----------------------------------------------------------------------------------

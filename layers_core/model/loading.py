@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from layers_core.errors import first_line
 from layers_core.model import gguf_models, upstream
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -29,6 +30,9 @@ class ModelSource:
     model_id: str
     path: str | None
     clean_name: str
+
+
+ERROR_LINE_LIMIT = 240  # characters of an underlying error quoted in a load failure
 
 
 def clean_model_name(model_id: str) -> str:
@@ -118,10 +122,8 @@ def gguf_source(source: ModelSource, cache_dir: str | None = None) -> tuple[str,
     return directory, dict(provenance)
 
 
-def _first_line(error: BaseException, limit: int = 240) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _first_line(error: BaseException) -> str:
+    return first_line(error, ERROR_LINE_LIMIT)
 
 
 def _check_local_dir(path: str) -> None:

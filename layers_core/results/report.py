@@ -21,6 +21,7 @@ from layers_core.collapse_rules import (
     semantic_milestones,
     summarize_collapse,
 )
+from layers_core.errors import first_line
 from layers_core.lens.views import NORM_VIEWS, view
 from layers_core.model.loading import tied_embeddings
 from layers_core.model.tokens import TokenDecoder
@@ -262,12 +263,6 @@ def _dist_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-blank line of an exception's message (its class name if it has none)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def error_document(
