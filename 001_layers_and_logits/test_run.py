@@ -184,7 +184,9 @@ def test_norm_strategies(tiny_dirs, tmp_path, strategy, layer0_norm, label):
     assert diag["layer0_norm_fix"] == layer0_norm
     assert diag["use_norm_lens"] is (strategy != "none")
     assert {entry["norm"] for entry in diag["norm_strategy"]["per_layer"]} == {label}
-    assert diag["last_layer_consistency"]["passed"] is True  # the gate always uses ln_final
+    check = diag["last_layer_consistency"]
+    assert check["pipeline_passed"] is True  # the gate always uses ln_final
+    assert check["passed"] is (strategy != "none")  # the raw lens's last layer is not the model's
 
 
 def test_none_differs_from_final(tiny_dirs, tmp_path):

@@ -105,9 +105,10 @@ def kl_bits_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def answer_rank(logits: Tensor, answer_id: int) -> int:
-    """1 + the number of tokens strictly more probable than ``answer_id``; ties favour the answer."""
+    """1 + the number of tokens strictly more probable than ``answer_id``; ties favour the answer;
+    a NaN answer log-prob ranks last (V + 1)."""
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return int((log_probs > log_probs[..., answer_id]).sum().item()) + 1
+    return int((~(log_probs <= log_probs[..., answer_id])).sum().item()) + 1  # NaN: never ahead
 
 
 def _positive_or_none(value: Any) -> float | None:

@@ -147,13 +147,24 @@ def _control(config: ExperimentConfig) -> Any:
 
 
 def _gate(config: ExperimentConfig, consistency: dict) -> None:
-    if consistency["passed"] or config.allow_lens_mismatch:
+    """The pipeline's own last-layer check (``ln_final``) is the gate; a chosen lens that changes
+    the last layer is only reported (``lens_mismatch_line``)."""
+    if consistency.get("pipeline_passed", consistency["passed"]) or config.allow_lens_mismatch:
         return
     raise LensMismatchError(
         "the last-layer lens does not reproduce the model's logits: "
-        f"KL {consistency['kl_model_to_lens_bits']:.3e} "
+        f"KL {consistency.get('pipeline_kl_bits', consistency['kl_model_to_lens_bits']):.3e} "
         f"bits > {consistency['tolerance_bits']:g} ({consistency['compute_dtype']}); "
         "no result is trustworthy (--allow-lens-mismatch publishes anyway)")
+
+
+def lens_mismatch_line(consistency: dict) -> str | None:
+    """The warning for a chosen lens whose last layer is not the model's (the pipeline's is)."""
+    if consistency["passed"]:
+        return None
+    return (f"⚠️  the {consistency.get('lens', 'chosen')} lens does not reproduce the model at the last layer: "
+            f"KL(model‖lens) {consistency['kl_model_to_lens_bits']:.3e} bits > {consistency['tolerance_bits']:g}; "
+            "its last rows are the lens's, not the model's")
 
 
 def _lens_line(config: ExperimentConfig, result: Any) -> str:
@@ -177,6 +188,9 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
             print(f"⚠️  {warning.message}", file=sys.stderr)
     result.heatmap_window = config.heatmap_window
     stages.run("lens", _gate, config, result.analysis.consistency)
+    mismatch = lens_mismatch_line(result.analysis.consistency)
+    if mismatch:
+        print(mismatch, file=sys.stderr)
     for warning in result.analysis.result.gold["warnings"]:
         print(f"⚠️  {warning}", file=sys.stderr)
     return _finish_one(config, lm, stages, directory, name, result, pictures)
@@ -292,9 +306,15 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
         say(config, f"  resume   {resumed} of {len(chosen)} prompts already done in {config.out_dir}")
     with tqdm(total=len(chosen), initial=resumed, unit="prompt", disable=config.quiet, file=sys.stdout,
               dynamic_ncols=True) as bar:
+        warned: list[str] = []
+
         def on_batch(outcomes: list[dict], sweeps: list[Any]) -> None:
             for result in sweeps:
                 _gate(config, result.analysis.consistency)
+                mismatch = lens_mismatch_line(result.analysis.consistency)
+                if mismatch and not warned:  # once per set: every prompt shares the lens
+                    warned.append(mismatch)
+                    bar.write(mismatch, file=sys.stderr)
             if store is not None:
                 store.record(outcomes)
             bar.update(len(outcomes))

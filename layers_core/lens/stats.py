@@ -63,8 +63,14 @@ def _last_position_stats(
     kl = kl_bits_from_log_probs(log_probs, final_log_probs)
     if answer_id is None:
         return kl, None
-    rank = (log_probs > log_probs[:, answer_id : answer_id + 1]).sum(dim=-1) + 1  # ties: answer
-    return kl, rank
+    return kl, ranks_of(log_probs, answer_id)
+
+
+def ranks_of(log_probs: Tensor, answer_id: int) -> Tensor:
+    """1 + the number of tokens strictly more probable than the answer, per row (ties favour the
+    answer). A NaN never helps the answer: a NaN token counts as more probable, and a row whose
+    answer log-prob is NaN ranks last (V + 1), so it never reaches a rank milestone."""
+    return (~(log_probs <= log_probs[:, answer_id : answer_id + 1])).sum(dim=-1) + 1
 
 
 @torch.inference_mode()

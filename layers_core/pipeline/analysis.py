@@ -39,7 +39,7 @@ from layers_core.pipeline.sweep import (
     LastLayerConsistency,
     SweepResult,
     SweepSettings,
-    last_layer_consistency,
+    lens_consistency,
     run_sweep,
 )
 from layers_core.results import report
@@ -113,8 +113,8 @@ def analyse_prompt(
     if attribution and forwarded is None and has_residual_mids(model):  # the lens forward captures the parts
         settings = replace(settings, capture_mids=True)
     result = run_sweep(model, prompt, answer, lm.unembed, settings, lm.decoder, forwarded)
-    consistency = last_layer_consistency(result.views.consistency, result.model_logits[-1],
-                                         result.gold["first_id"], lm.unembed, lm.dtype)
+    consistency = lens_consistency(result.views, result.model_logits[-1], result.gold["first_id"], lm.unembed,
+                                   lm.dtype, settings.view)
     comparison = compare_lenses(model, result, settings, lm.decoder)
     diagnostics = report.diagnostics(lm, result, settings, consistency)
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))

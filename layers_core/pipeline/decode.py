@@ -32,9 +32,27 @@ def raw_check_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers // 4, n_layers // 2, (3 * n_layers) // 4, n_layers})
 
 
-def transformed_rows(lens: Lens, residuals: list[Tensor]) -> list[Tensor]:
-    """Layer ℓ's residual ``[rows, d]`` through ``lens.transform(·, ℓ)``, for every layer."""
-    return [lens.transform(resid, layer) for layer, resid in enumerate(residuals)]
+class NonFiniteLensError(ValueError):
+    """A lens turned a finite residual into inf/NaN (a damaged fitted lens, a user lens's bug)."""
+
+
+def transformed_rows(lens: Lens, residuals: list[Tensor], first_layer: int = 0) -> list[Tensor]:
+    """Layer ℓ's residual ``[rows, d]`` through ``lens.transform(·, ℓ)``, for every layer (ℓ from
+    ``first_layer``). Raises ``NonFiniteLensError`` naming the lens (and its file) and the first
+    layer whose output holds inf/NaN: the residuals are checked finite, so only the lens can have
+    made them (one sync)."""
+    rows = [lens.transform(resid, layer) for layer, resid in enumerate(residuals, start=first_layer)]
+    finite = torch.stack([torch.isfinite(row).all() for row in rows]).tolist() if rows else []
+    if not all(finite):
+        raise NonFiniteLensError(f"{lens_label(lens)} produced non-finite values (inf/NaN) at layer "
+                                 f"{first_layer + finite.index(False)}; no number it gives can be trusted")
+    return rows
+
+
+def lens_label(lens: Lens) -> str:
+    """``the tuned lens (/path/to/lens)``: the lens by name, and the file it was read from."""
+    path = getattr(lens, "path", None)
+    return f"the {getattr(lens, 'name', type(lens).__name__)} lens" + (f" ({path})" if path else "")
 
 
 def gate_row(model: Any, last_block_resid: Tensor) -> Tensor:

@@ -53,13 +53,17 @@ HALF_PRECISION_TOLERANCE_BITS = 1e-2  # the same gate when the model computes in
 HIGH_LAST_LAYER_KL_BITS = 0.25  # warn when the lens misses the head by this much
 
 
-class LastLayerConsistency(TypedDict):
-    """The self-test: the last layer decoded through ``ln_final`` against the model's own logits
-    (the JSON's ``diagnostics.last_layer_consistency``, without ``post_unembed_transform``)."""
+class LastLayerConsistency(TypedDict, total=False):
+    """The last layer decoded through the chosen lens against the model's own logits (the JSON's
+    ``diagnostics.last_layer_consistency``, without ``post_unembed_transform``). The self-test
+    decodes through ``ln_final``; a run also records ``lens`` and the pipeline's own check."""
 
     kl_model_to_lens_bits: float  # KL(model ‖ lens) at the last position
     tolerance_bits: float  # 1e-6 in float32, 1e-2 in half precision
     passed: bool  # kl_model_to_lens_bits <= tolerance_bits
+    lens: str  # the chosen lens (a run)
+    pipeline_kl_bits: float  # the same KL through ln_final: the pipeline itself (a run)
+    pipeline_passed: bool  # the gate: False means no row of the run can be trusted (a run)
     top1_agree: bool
     p_top1_lens: float
     p_top1_model: float
@@ -492,8 +496,8 @@ def run_sweep(
             stats = followed_by_last_position(earlier, stats)
         mid_stats = None
         if settings.sublayers:  # block b's mid read is the first half of the step to layer b+1
-            mid_rows = [lens.transform(mid if records else mid[-1:], block + 1)
-                        for block, mid in enumerate(forwarded.mids)]
+            mid_rows = transformed_rows(lens, [mid if records else mid[-1:] for mid in forwarded.mids],
+                                        first_layer=1)
             mid_stats = lens_statistics(mid_rows, unembed, final_log_probs, gold["first_id"], TOP_K_VERBOSE,
                                         settings.budget_bytes)
     shown = [_ids_shown(s, str_tokens, records) for s in (stats, mid_stats) if s is not None]
@@ -553,7 +557,7 @@ def last_layer_consistency(
     return {
         "kl_model_to_lens_bits": kl,
         "tolerance_bits": tolerance_bits,
-        "passed": kl <= tolerance_bits,
+        "passed": bool(kl <= tolerance_bits),
         "top1_agree": int(lens_lp.argmax()) == int(model_lp.argmax()),
         "p_top1_lens": float(lens_lp.max().exp()),
         "p_top1_model": float(model_lp.max().exp()),
@@ -562,6 +566,17 @@ def last_layer_consistency(
         "compute_dtype": str(compute_dtype),
         "warn_high_last_layer_kl": kl >= HIGH_LAST_LAYER_KL_BITS,
     }
+
+
+def lens_consistency(views: LastPositionViews, model_last_logits: Tensor, answer_id: int | None,
+                     unembed: Unembedding, compute_dtype: torch.dtype, lens_name: str) -> LastLayerConsistency:
+    """``last_layer_consistency`` through the chosen lens's last row, with the pipeline's own
+    check (``ln_final``, the gate) beside it: a lens that changes the last layer fails here while
+    the pipeline passes."""
+    checked = last_layer_consistency(views.chosen[-1], model_last_logits, answer_id, unembed, compute_dtype)
+    pipeline = last_layer_consistency(views.consistency, model_last_logits, answer_id, unembed, compute_dtype)
+    return {**checked, "lens": lens_name, "pipeline_kl_bits": pipeline["kl_model_to_lens_bits"],
+            "pipeline_passed": pipeline["passed"]}
 
 
 def self_test(model: Any, prompt: str, answer: str, unembed: Unembedding) -> dict:
