@@ -95,7 +95,7 @@ def _pure_rows(path):
 
 def test_the_gguf_file_runs_and_equals_the_dequantised_directory(gemma3_gguf, gemma3_model_dir, tmp_path):
     """``run.py <the assembled .gguf>`` dequantises it (cached by content hash) and its rows equal
-    those of the packaged directory, which was converted separately."""
+    those of the packaged directory (the same file: its conversion is reused)."""
     out_file, out_dir = tmp_path / "file", tmp_path / "dir"
     flags = ["--no-plots", "--quiet", "--no-control"]
     for model, out in ((gemma3_gguf, out_file), (gemma3_model_dir, out_dir)):

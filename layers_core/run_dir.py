@@ -9,12 +9,14 @@ with some failures becomes ``run-<now>-partial``, one with none ``run-<now>-fail
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import datetime
 
 from layers_core.lens.views import VIEWS
@@ -149,22 +151,25 @@ def setup_run_latest_directory(base_dir: str, now_fn: Clock = datetime.now) -> s
     return latest
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This host's name as it appears in staging and lock names (file-name safe)."""
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
+    """True if no process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def remove_stale_staging(base_dir: str) -> list[str]:
-    """Removes staging directories left by dead processes of this host; returns their paths.
+    """Removes staging directories left by dead processes of this host (first finishing or
+    undoing a publish one was in: ``recover_publish``); returns their paths.
 
     Another host's staging directories are never touched (shards of one battery may share a
     filesystem), nor are those of live processes.
@@ -174,7 +179,8 @@ def remove_stale_staging(base_dir: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(base_dir)):
         match = _STAGING_NAME.match(name)
-        if match and match["host"] == _host() and not _pid_alive(int(match["pid"])):
+        if match and match["host"] == host_name() and process_gone(int(match["pid"])):
+            recover_publish(os.path.join(base_dir, name))
             shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
             removed.append(os.path.join(base_dir, name))
     return removed
@@ -210,10 +216,14 @@ def check_writable_dir(path: str) -> str | None:
 def create_staging_dir(base_dir: str, now_fn: Clock = datetime.now) -> str:
     """Creates ``.staging-<%Y%m%d-%H%M%S>-<host>-<pid>`` with its timestamp file; returns its path."""
     os.makedirs(base_dir, exist_ok=True)
-    name = f"{STAGING_PREFIX}{now_fn().strftime(SECOND_FORMAT)}-{_host()}-{os.getpid()}"
+    name = f"{STAGING_PREFIX}{now_fn().strftime(SECOND_FORMAT)}-{host_name()}-{os.getpid()}"
     staging = unique_path(os.path.join(base_dir, name))
     os.makedirs(staging)
-    write_timestamp_file(staging, now_fn)
+    try:
+        write_timestamp_file(staging, now_fn)
+    except BaseException:  # a full disk: leave no empty staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging
 
 
@@ -284,21 +294,142 @@ def model_output_files(directory: str, clean_name: str) -> set[str]:
     return {path for path in candidates if os.path.isfile(path)}
 
 
+PUBLISH_JOURNAL = ".publish.json"  # in a staging dir: what its publish replaces, and whether it committed
+_REPLACED_DIR = ".replaced"  # in a staging dir: the model's old files that the new set does not overwrite
+
+
+class PublishError(OSError):
+    """A model's old files could not be moved aside; they are all back in place."""
+
+
 def publish_model_files(staging_dir: str, directory: str, clean_name: str) -> list[str]:
     """Replaces model ``clean_name``'s files in ``directory`` as a whole by those in
-    ``staging_dir``: its old files are deleted (other models' stay), the new ones renamed in, and
-    the staging directory removed. Returns the published paths."""
-    for path in model_output_files(directory, clean_name):
-        os.unlink(path)
-    published = []
-    for name in sorted(os.listdir(staging_dir)):
-        if name.startswith(TIMESTAMP_PREFIX):
-            continue
-        target = os.path.join(directory, name)
-        os.replace(os.path.join(staging_dir, name), target)
-        published.append(target)
+    ``staging_dir`` (other models' files stay); returns the published paths.
+
+    Journaled, so that the complete old set or the complete new set survives any failure:
+    a journal is written into the staging dir; the old files the new set does not overwrite are
+    moved (renamed, never deleted) into it; the journal is marked committed; the new files are
+    renamed over their old names; the staging dir goes. One old file that cannot be moved puts
+    the others back and raises ``PublishError``. A process killed outright leaves the journal:
+    ``recover_publish`` (run by the next run's stale-staging sweep) finishes a committed publish
+    and undoes one that was not.
+    """
+    new = sorted(name for name in os.listdir(staging_dir)
+                 if not name.startswith(TIMESTAMP_PREFIX) and not name.startswith("."))
+    obsolete = sorted(os.path.basename(path) for path in model_output_files(directory, clean_name)
+                      if os.path.basename(path) not in new)
+    journal = {"directory": os.path.abspath(directory), "new": new, "obsolete": obsolete, "committed": False}
+    journal_path = os.path.join(staging_dir, PUBLISH_JOURNAL)
+    atomic_write(journal_path, json.dumps(journal))
+    replaced = os.path.join(staging_dir, _REPLACED_DIR)
+    os.makedirs(replaced, exist_ok=True)
+    moved: list[str] = []
+    for name in obsolete:
+        try:
+            os.rename(os.path.join(directory, name), os.path.join(replaced, name))
+        except OSError as error:
+            for back in reversed(moved):
+                os.rename(os.path.join(replaced, back), os.path.join(directory, back))
+            os.unlink(journal_path)
+            raise PublishError(error.errno, f"cannot replace {clean_name}'s files in {directory}: {name}: "
+                                            f"{error.strerror}; its earlier files are kept") from error
+        moved.append(name)
+    atomic_write(journal_path, json.dumps({**journal, "committed": True}))
+    _finish_publish(staging_dir, journal)
+    return [os.path.join(directory, name) for name in new]
+
+
+def _finish_publish(staging_dir: str, journal: dict) -> None:
+    for name in journal["new"]:
+        source = os.path.join(staging_dir, name)
+        if os.path.exists(source):
+            os.replace(source, os.path.join(journal["directory"], name))
     shutil.rmtree(staging_dir, ignore_errors=True)
-    return published
+
+
+def recover_publish(staging_dir: str) -> str | None:
+    """Completes (committed) or undoes (not committed) the publish a killed process left in
+    ``staging_dir``; returns ``"completed"``, ``"undone"`` or None (no publish was under way)."""
+    try:
+        with open(os.path.join(staging_dir, PUBLISH_JOURNAL), encoding="utf-8") as handle:
+            journal = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if journal.get("committed"):
+        _finish_publish(staging_dir, journal)
+        return "completed"
+    replaced = os.path.join(staging_dir, _REPLACED_DIR)
+    for name in journal.get("obsolete", []):
+        source, target = os.path.join(replaced, name), os.path.join(journal["directory"], name)
+        if os.path.exists(source) and not os.path.exists(target):
+            os.rename(source, target)
+    return "undone"
+
+
+@contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Holds ``signums`` (default SIGTERM and SIGINT) until the block ends, then delivers them:
+    a publish is never cut in half by ``timeout`` or Ctrl-C. A no-op outside the main thread."""
+    import signal
+    import threading
+
+    signums = signums or (signal.SIGTERM, signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []  # a mask would not do: any of torch's threads may take the signal
+    previous = {signum: signal.signal(signum, lambda received, frame: pending.append(received))
+                for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing the same model's results into the directory."""
+
+
+@contextmanager
+def model_lock(directory: str, clean_name: str) -> Iterator[str]:
+    """Holds ``.lock-<name>`` in ``directory`` (created exclusively, holding ``host pid``) while a
+    run writes model ``clean_name`` there. A lock whose process on this host is gone is taken
+    over; a live holder raises ``RunLockedError`` naming it."""
+    path = os.path.join(directory, f".lock-{clean_name}")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and holder[0] == host_name() and process_gone(holder[1]):
+                with suppress(FileNotFoundError):
+                    os.unlink(path)  # a stale lock of a killed run
+                continue
+            who = "another process" if holder is None else f"process {holder[1]} on {holder[0]}"
+            raise RunLockedError(f"{who} is writing {clean_name}'s results into {directory} "
+                                 f"(lock {path}); wait for it, or use another --out_dir") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{host_name()} {os.getpid()}\n")
+        break
+    else:
+        raise RunLockedError(f"could not take the lock {path}")
+    try:
+        yield path
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _lock_holder(path: str) -> tuple[str, int] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            host, pid = handle.read().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
 
 
 def distinct_names(model_ids: list[str], clean_names: list[str]) -> list[str]:

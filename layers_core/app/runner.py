@@ -7,6 +7,7 @@ strict-JSON error document and exit code 1; nothing here parses flags.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -19,13 +20,17 @@ from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConf
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
 from layers_core.model.loading import ModelLoadError, ModelSource, clean_model_name, resolve_model_source
 from layers_core.run_dir import (
+    PublishError,
+    RunLockedError,
     create_staging_dir,
+    model_lock,
     output_paths,
     prune_runs,
     publish_model_files,
     publish_staging_dir,
     remove_stale_staging,
     rotation_target,
+    signals_deferred,
 )
 
 CUBLAS_WORKSPACE = ":4096:8"  # deterministic cuBLAS without the 1 MiB-workspace warning of :16:8
@@ -120,12 +125,21 @@ def _thread_count(config: ExperimentConfig, before: threads.CpuSnapshot | None) 
 
 def _load(config: ExperimentConfig, model_id: str | None) -> Any:
     from layers_core.app.cli import parse_max_memory
+    from layers_core.model.gguf_models import CacheRepairWarning
     from layers_core.model.lens_model import load
 
     dtype = "float32" if config.self_test and config.dtype == "auto" else config.dtype
     max_memory = None if config.max_memory is None else parse_max_memory(config.max_memory)
-    return load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed,
-                device_map=config.device_map, max_memory=max_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheRepairWarning)
+        lm = load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed,
+                  device_map=config.device_map, max_memory=max_memory)
+    for warning in caught:
+        if issubclass(warning.category, CacheRepairWarning):
+            print(f"⚠️  {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return lm
 
 
 def _sweep_settings(config: ExperimentConfig) -> Any:
@@ -226,7 +240,7 @@ def _finish_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: st
     return result.document
 
 
-LOADED_FACTS = ("model", "dtype")  # checkpoint settings known only once the model is loaded
+LOADED_FACTS = ("model", "dtype", "model_fingerprint")  # checkpoint settings known once the model is loaded
 
 
 def _checkpoint_settings(config: ExperimentConfig, lm: Any) -> dict:
@@ -236,7 +250,10 @@ def _checkpoint_settings(config: ExperimentConfig, lm: Any) -> dict:
 
     with open(config.prompts_file, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
-    loaded = {} if lm is None else {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype)}
+    from layers_core.lens.fingerprint import run_fingerprint
+
+    loaded = {} if lm is None else {"model": lm.source.path or lm.source.model_id, "dtype": str(lm.dtype),
+                                    "model_fingerprint": run_fingerprint(lm)}
     return {**loaded, "norm": config.norm_strategy, "lens": config.lens, "lens_path": config.lens_path,
             "copy_threshold": config.copy_threshold,
             "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
@@ -325,8 +342,6 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
     result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
     result.clock_start = stages.clock_start
     stages.run("write", result.save, directory, name=name, plots=config.plots)
-    if store is not None:
-        store.finish()  # the outputs are written (staged); a later --resume has nothing to skip
     say(config, f"  forward  {result.timing['forward_s']:6.2f} s, lens {result.timing['lens_s']:6.2f} s, "
                 f"{len(chosen)} prompts")
     return result.document
@@ -406,8 +421,29 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     managed = config.out_dir is None
     home = base_dir if managed else config.out_dir
     os.makedirs(home, exist_ok=True)
+    if managed:
+        return _staged_run(model_id, config, base_dir, home, name, stages, pictures)
+    try:
+        with model_lock(home, name):
+            return _staged_run(model_id, config, base_dir, home, name, stages, pictures)
+    except RunLockedError as locked:
+        print(f"❌ {name}: {locked}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _staged_run(model_id: str | None, config: ExperimentConfig, base_dir: str, home: str, name: str,
+                stages: Stages, pictures: Any) -> int:
+    """Staging → run → publish (then a finished set's checkpoints go), or the error document."""
+    from layers_core.errors import first_line
+
+    source = named_source(model_id)
+    managed = config.out_dir is None
     remove_stale_staging(home)
-    staging = create_staging_dir(home)
+    try:
+        staging = create_staging_dir(home)
+    except OSError as error:  # a full disk, a quota
+        print(f"❌ {name}: cannot create a staging directory in {home}: {first_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         run_model(model_id, config, staging, name, stages, pictures)
     except StageError as failure:
@@ -422,18 +458,24 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
         if managed:
             where = publish_staging_dir(staging, home, success=False)
         else:
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
             where = home
         print(f"{_error_line(name, failure)} (error document in {where})", file=sys.stderr)
         return EXIT_FAILED
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    where = _publish(staging, home, name, managed)
+    try:
+        with signals_deferred():
+            where = _publish(staging, home, name, managed)
+    except PublishError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"❌ {name}: {error.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    if config.prompts_file is not None and not managed:
+        from layers_core.results.progress import ProgressStore
+
+        ProgressStore(home, name, {}).finish()  # published: a later --resume has nothing to skip
     if managed:
         prune_runs(base_dir, config.keep_runs, current=where)
     later = rotation_target(where) if managed else None

@@ -55,6 +55,31 @@ def model_fingerprint(lm: Any) -> dict:
             "unembed_hash": unembed_hash(lm.bridge.unembed.W_U)}
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weight_files_hash(model_dir: str) -> str | None:
+    """sha256 over the name, size and mtime of every weight file in ``model_dir`` (None without
+    any): weights rewritten at the same path change it, without reading gigabytes."""
+    if not os.path.isdir(model_dir):
+        return None
+    facts = []
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(model_dir, name)):
+            stat = os.stat(os.path.join(model_dir, name))
+            facts.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest() if facts else None
+
+
+def run_fingerprint(lm: Any) -> dict:
+    """What a resumed prompt set must find unchanged: ``model_fingerprint`` and the weight files'
+    ``weight_files_hash``."""
+    from layers_core.model.loading import source_path
+
+    directory = source_path(lm.source) if lm.source.kind != "object" else ""
+    return {**model_fingerprint(lm), "weights_hash": weight_files_hash(directory) if directory else None}
+
+
 def mismatch(recorded: dict | None, actual: dict, keys: tuple[str, ...]) -> list[str]:
     """The fingerprint keys on which a lens and a model both have a value and differ."""
     recorded = recorded or {}

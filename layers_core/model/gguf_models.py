@@ -5,6 +5,11 @@ directory in the model cache; every later run loads that directory. The conversi
 to a temporary sibling and renamed into place, so an interrupted or racing conversion never
 leaves a broken cache. A user's file is cached under a key of its content hash (sha256), so a
 renamed or moved copy reuses the cache and an edited file never does.
+
+Every converted directory records its files' size, mtime and sha256 (``.layers-cache.json``);
+an entry that no longer matches (a file truncated or written over in place) is converted again,
+never used. A conversion killed outright leaves a ``.<entry>.converting-<host>-<pid>-*``
+directory, removed by the next conversion on that host once its process is gone.
 """
 
 from __future__ import annotations
@@ -12,15 +17,26 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from layers_core.run_dir import atomic_write, host_name, process_gone
 
 GGUF_SUFFIX = ".gguf"
 _CACHE_COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 _HASH_BLOCK_BYTES = 1 << 22
+CACHE_MANIFEST = ".layers-cache.json"  # in a converted directory: its files' size, mtime, sha256
+_CONVERTING = re.compile(r"\.(?P<entry>.+)\.converting-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+class CacheRepairWarning(UserWarning):
+    """A model-cache entry no longer matched what was converted and is being converted again."""
 
 
 class GGUFError(RuntimeError):
@@ -119,8 +135,11 @@ def gguf_metadata(path: str) -> dict:
 
     try:
         fields = GGUFReader(path).fields
-    except (ValueError, OSError) as error:
-        raise GGUFError(f"{path} is not a readable GGUF file: {error}") from error
+    except Exception as error:  # a truncated file fails deep in the reader (IndexError, struct.error…)
+        from layers_core.errors import first_line
+
+        raise GGUFError(f"{path} is not a readable GGUF file (truncated or damaged: "
+                        f"{type(error).__name__}: {first_line(error)})") from error
 
     def value(key: str):
         field = fields.get(key)
@@ -134,8 +153,84 @@ def gguf_metadata(path: str) -> dict:
     return {"architecture": value("general.architecture"), "quantization": quantization}
 
 
-def _cache_is_complete(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, name)) for name in _CACHE_COMPLETE_FILES)
+def _file_facts(path: str, digest: str | None = None) -> dict:
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest or sha256_of(path)}
+
+
+def write_cache_manifest(directory: str, source_sha256: str | None = None) -> None:
+    """Records every file of a converted directory (size, mtime, sha256) and the GGUF it came from."""
+    files = {name: _file_facts(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+             if name != CACHE_MANIFEST and os.path.isfile(os.path.join(directory, name))}
+    atomic_write(os.path.join(directory, CACHE_MANIFEST),
+                 json.dumps({"source_sha256": source_sha256, "files": files}, indent=1))
+
+
+def _read_manifest(directory: str) -> dict | None:
+    try:
+        with open(os.path.join(directory, CACHE_MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def cache_problem(directory: str) -> str | None:
+    """Why the converted directory cannot be used as it is, or None if every recorded file still
+    has its size and mtime (or, with another mtime, its sha256: a copy, a ``touch``)."""
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        return "it records no manifest of its files (converted before layers-and-logits 0.4, or damaged)"
+    if not set(_CACHE_COMPLETE_FILES) <= set(manifest["files"]):
+        return "its manifest lacks a model file"
+    touched = False
+    for name, recorded in manifest["files"].items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        stat = os.stat(path)
+        if stat.st_size != recorded.get("size"):
+            return f"{name} is {stat.st_size} bytes, {recorded.get('size')} when converted"
+        if stat.st_mtime_ns != recorded.get("mtime_ns"):
+            if sha256_of(path) != recorded.get("sha256"):
+                return f"{name} was changed after it was converted (its sha256 differs)"
+            recorded["mtime_ns"], touched = stat.st_mtime_ns, True
+    if touched:  # same bytes, new mtime: remember it, so the next run need not hash again
+        try:
+            atomic_write(os.path.join(directory, CACHE_MANIFEST), json.dumps(manifest, indent=1))
+        except OSError:
+            pass
+    return None
+
+
+def _usable(directory: str) -> bool:
+    """A complete cache entry that still matches its manifest; a damaged one is moved away (with a
+    ``CacheRepairWarning``) so that it is converted again."""
+    if not os.path.isdir(directory):
+        return False
+    problem = cache_problem(directory)
+    if problem is None:
+        return True
+    warnings.warn(CacheRepairWarning(f"model cache entry {directory}: {problem}; converting it again"),
+                  stacklevel=2)
+    doomed = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.stale-", dir=os.path.dirname(directory))
+    try:
+        os.rename(directory, os.path.join(doomed, "entry"))
+    except FileNotFoundError:  # another process moved it first
+        pass
+    shutil.rmtree(doomed, ignore_errors=True)
+    return False
+
+
+def remove_stale_conversions(cache_root: str) -> list[str]:
+    """Removes conversion directories whose process (on this host) is gone; returns their paths."""
+    removed = []
+    for name in sorted(os.listdir(cache_root)) if os.path.isdir(cache_root) else []:
+        match = _CONVERTING.match(name)
+        if match and match["host"] == host_name() and process_gone(int(match["pid"])):
+            shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
+            removed.append(os.path.join(cache_root, name))
+    return removed
 
 
 def dequantise(gguf_path: str, out_dir: str) -> None:
@@ -156,13 +251,16 @@ def dequantise(gguf_path: str, out_dir: str) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_dequantised(gguf_path: str, target: str) -> str:
-    """``target``, a float32 HF directory of ``gguf_path``, converting it on first use."""
-    if _cache_is_complete(target):
+def ensure_dequantised(gguf_path: str, target: str, source_sha256: str | None = None) -> str:
+    """``target``, a float32 HF directory of ``gguf_path``, converting it on first use (and again
+    where the entry no longer matches its manifest)."""
+    if _usable(target):
         return target
     root = os.path.dirname(target)
     os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=root)
+    remove_stale_conversions(root)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.converting-{host_name()}-{os.getpid()}-",
+                               dir=root)
     try:
         try:
             dequantise(gguf_path, staging)
@@ -172,12 +270,13 @@ def ensure_dequantised(gguf_path: str, target: str) -> str:
             architecture = gguf_metadata(gguf_path)["architecture"]
             raise GGUFError(f"{os.path.basename(gguf_path)}: transformers cannot dequantise GGUF "
                             f"architecture {architecture!r}") from error
-        if os.path.isdir(target) and not _cache_is_complete(target):
+        write_cache_manifest(staging, source_sha256 or sha256_of(gguf_path))
+        if os.path.isdir(target) and cache_problem(target) is not None:
             shutil.rmtree(target, ignore_errors=True)  # debris of a pre-atomic layout
         try:
             os.rename(staging, target)
         except OSError:
-            if not _cache_is_complete(target):
+            if cache_problem(target) is not None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -187,21 +286,18 @@ def ensure_dequantised(gguf_path: str, target: str) -> str:
 def ensure_packaged(model: PackagedModel, cache_root: str) -> str:
     """The packaged model's float32 directory in ``cache_root`` (converted on first use)."""
     target = os.path.join(cache_root, model.cache_subdir)
-    if _cache_is_complete(target):
+    if _usable(target):
         return target
     return ensure_dequantised(model.locate(model, cache_root), target)
 
 
-HASH_INDEX = "gguf-hashes.json"  # path|size|mtime → sha256, so a 40 GB file is hashed once
+HASH_INDEX = "gguf-hashes.json"  # path|size|mtime → sha256 and header facts: a 40 GB file is read once
 
 
-def cached_sha256(gguf_path: str, cache_root: str) -> str:
-    """The file's sha256, remembered in the cache root under its path, size and mtime (a file
-    changed in place gets a new entry)."""
-    import json
-
-    from layers_core.run_dir import atomic_write
-
+def cached_gguf_facts(gguf_path: str, cache_root: str) -> dict:
+    """``{sha256, architecture, quantization}`` of the file, remembered in the cache root under
+    its path, size and mtime (a file changed in place gets a new entry): neither the hash nor the
+    header parse (seconds for a large file) is repeated."""
     stat = os.stat(gguf_path)
     key = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = os.path.join(cache_root, HASH_INDEX)
@@ -210,19 +306,39 @@ def cached_sha256(gguf_path: str, cache_root: str) -> str:
             index = json.load(handle)
     except (OSError, ValueError):
         index = {}
-    if key not in index:
-        index[key] = sha256_of(gguf_path)
+    facts = index.get(key) if isinstance(index, dict) else None
+    if not isinstance(facts, dict):  # absent, or a sha256 alone (before the header was cached)
+        facts = {**gguf_metadata(gguf_path), "sha256": sha256_of(gguf_path)}
+        index = {**(index if isinstance(index, dict) else {}), key: facts}
         os.makedirs(cache_root, exist_ok=True)
         atomic_write(index_path, json.dumps(index, indent=1))
-    return index[key]
+    return facts
+
+
+def cached_sha256(gguf_path: str, cache_root: str) -> str:
+    """The file's sha256 (``cached_gguf_facts``)."""
+    return cached_gguf_facts(gguf_path, cache_root)["sha256"]
+
+
+def _packaged_entry_of(digest: str, cache_root: str) -> str | None:
+    """A packaged model's converted directory made from the GGUF with this sha256 (the bundled
+    model's file passed by path), or None."""
+    for model in PACKAGED_MODELS.values():
+        directory = os.path.join(cache_root, model.cache_subdir)
+        manifest = _read_manifest(directory)
+        if manifest is not None and manifest.get("source_sha256") == digest and _usable(directory):
+            return directory
+    return None
 
 
 def ensure_gguf(gguf_path: str, cache_root: str) -> tuple[str, dict]:
-    """A user's GGUF file → (its float32 directory under ``gguf-<sha256[:16]>``, provenance
-    ``{gguf_file, gguf_sha256, gguf_architecture, gguf_quantization}``)."""
-    metadata = gguf_metadata(gguf_path)
-    digest = cached_sha256(gguf_path, cache_root)
-    directory = ensure_dequantised(gguf_path, os.path.join(cache_root, f"gguf-{digest[:16]}"))
+    """A user's GGUF file → (its float32 directory under ``gguf-<sha256[:16]>``, or the packaged
+    model's converted from the same file; provenance ``{gguf_file, gguf_sha256,
+    gguf_architecture, gguf_quantization}``)."""
+    facts = cached_gguf_facts(gguf_path, cache_root)
+    digest = facts["sha256"]
+    directory = (_packaged_entry_of(digest, cache_root)
+                 or ensure_dequantised(gguf_path, os.path.join(cache_root, f"gguf-{digest[:16]}"), digest))
     return directory, {"gguf_file": os.path.abspath(gguf_path), "gguf_sha256": digest,
-                       "gguf_architecture": metadata["architecture"],
-                       "gguf_quantization": metadata["quantization"]}
+                       "gguf_architecture": facts["architecture"],
+                       "gguf_quantization": facts["quantization"]}

@@ -82,14 +82,28 @@ def default_cache_root() -> str:
     return os.path.join(xdg, "layers_core")
 
 
+def model_cache_root(cache_dir: str | None = None) -> str:
+    """``cache_dir`` or ``default_cache_root()``, checked to be (or to be creatable as) a directory."""
+    root = cache_dir or default_cache_root()
+    existing = root
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        origin = f"${CACHE_ENV}" if not cache_dir and os.environ.get(CACHE_ENV) else "the model cache"
+        raise ModelLoadError(f"the model cache {root} ({origin}) cannot be a directory: "
+                             f"{existing} is a file")
+    return root
+
+
 def ensure_packaged_model(name: str, cache_dir: str | None = None) -> str:
     """A packaged real model's float32 HF directory (``gemma-3-270m``, the bundled SmolLM2),
     converted once into the model cache on first use."""
     model = gguf_models.packaged_model(name)
     if model is None:
         raise ModelLoadError(f"no packaged model named {name!r}; known: {', '.join(gguf_models.PACKAGED_MODELS)}")
+    root = model_cache_root(cache_dir)
     try:
-        return gguf_models.ensure_packaged(model, cache_dir or default_cache_root())
+        return gguf_models.ensure_packaged(model, root)
     except gguf_models.GGUFError as error:
         raise ModelLoadError(str(error)) from error
 
@@ -114,9 +128,9 @@ def gguf_source(source: ModelSource, cache_dir: str | None = None) -> tuple[str,
     """A gguf source's float32 directory and its provenance (file, sha256, architecture,
     quantisation); hashed and converted once per file version and process."""
     stat = os.stat(source.path)
+    root = model_cache_root(cache_dir)
     try:
-        directory, provenance = _gguf_directory(source.path, stat.st_mtime_ns, stat.st_size,
-                                                cache_dir or default_cache_root())
+        directory, provenance = _gguf_directory(source.path, stat.st_mtime_ns, stat.st_size, root)
     except gguf_models.GGUFError as error:
         raise ModelLoadError(str(error)) from error
     return directory, dict(provenance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from layers_core.run_dir import atomic_write
 PROGRESS_PREFIX = ".progress-"
 SETTINGS_FILE = "settings.json"
 BATCH_PREFIX = "batch-"
+MODEL_FINGERPRINT = "model_fingerprint"  # the settings key of the model's config, W_U and weight-file hashes
 
 
 class ProgressMismatch(ValueError):
@@ -60,6 +62,10 @@ class ProgressStore:
         if recorded != self.settings:
             changed = sorted(key for key in set(self.settings) | set(recorded or {})
                              if (recorded or {}).get(key) != self.settings.get(key))
+            if changed == [MODEL_FINGERPRINT]:
+                raise ProgressMismatch(f"the model at {self.settings.get('model')} changed since the checkpoints "
+                                       f"in {self.directory} were made (its weights or config differ); "
+                                       "run without --resume to start over")
             raise ProgressMismatch(f"the checkpoints in {self.directory} were made with other "
                                    f"settings ({', '.join(changed)}); run without --resume to start over")
 
@@ -79,5 +85,13 @@ class ProgressStore:
         atomic_write(path, json.dumps([o.to_record() for o in outcomes], ensure_ascii=False))
 
     def finish(self) -> None:
-        """Removes the checkpoints once the set's outputs are published."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Removes the checkpoints once the set's outputs are published: renamed away first (one
+        atomic step), so a kill never leaves a store without its ``settings.json``."""
+        if not os.path.isdir(self.directory):
+            return
+        doomed = tempfile.mkdtemp(prefix=f"{os.path.basename(self.directory)}.done-",
+                                  dir=os.path.dirname(self.directory))
+        try:
+            os.rename(self.directory, os.path.join(doomed, "store"))
+        finally:
+            shutil.rmtree(doomed, ignore_errors=True)
