@@ -15,6 +15,7 @@ from tiny_models import build_tiny_model
 
 from conftest import assert_clean_failure
 from layers_core.results.set_document import SCHEMA_VERSION
+from layers_core.results.set_files import read_prompt_entries
 
 
 def _json(directory, name):
@@ -43,7 +44,7 @@ def test_no_flags_on_the_bundled_model_is_exactly_norm_final(bundled_model_dir, 
     assert document["diagnostics"]["norm_strategy"]["name"] == "final"
     assert document["lens_comparison"]["other"] == "arch"  # the seed's rule, written beside it
     assert (default / f"output-{name}-pure-next-token-arch.csv").exists()
-    assert document["schema_version"] == SCHEMA_VERSION == 3
+    assert document["schema_version"] == SCHEMA_VERSION == 4
     # the standard lens on the bundled model: ` Berlin` climbs through the last layers (docs/outputs.md)
     header, *rows = _rows(default / pure)
     ranks = [int(row[header.index("answer_rank")]) for row in rows]
@@ -132,7 +133,8 @@ def test_set_summary_and_comparison_carry_the_milestones(tiny_dirs, tmp_path):
     summary = pd.read_csv(tmp_path / "output-llama-summary.csv", dtype=str, keep_default_na=False)
     pure = pd.read_csv(tmp_path / "output-llama-pure-next-token.csv", dtype=str, keep_default_na=False)
     document = _json(tmp_path, "llama")
-    for entry, (_, row) in zip(document["prompts"], summary.iterrows()):
+    entries = read_prompt_entries(tmp_path / "output-llama-prompts.jsonl")
+    for entry, (_, row) in zip(entries, summary.iterrows()):
         expected = _semantic_milestones_from(pure[pure["prompt_id"] == row["prompt_id"]])
         as_text = tuple("" if v is None else str(v) for v in expected)
         assert (row["L_semantic_stable"], row["L_semantic_margin"]) == as_text

@@ -8,6 +8,7 @@ import pytest
 import run
 
 from layers_core.results.prompt_sets import LAYER_INDEX_COLUMNS, SUMMARY_COLUMNS, aggregate, parse_prompt_set
+from layers_core.results.set_files import read_prompt_entries
 
 PROMPT = "The capital of Germany is called simply"
 
@@ -90,9 +91,11 @@ def test_prompt_set_outputs(tiny_set_run, load_bridge):
     assert records.columns[0] == "prompt_id" and pure.columns[0] == "prompt_id"
     assert len(pure) == 3 * (n + 1) and len(pure.columns) == 56
     doc = _json(out / "output-qwen3.json")
-    assert doc["aggregate"]["count"] == 3 and len(doc["prompts"]) == 3
-    assert doc["prompts"][1]["control_summary"]["control_answer"] == "Berlin"
-    assert doc["prompts"][0]["control_summary"] is None
+    entries = list(read_prompt_entries(out / "output-qwen3-prompts.jsonl"))
+    assert doc["aggregate"]["count"] == 3 and len(entries) == 3
+    assert doc["prompts_file"] == "output-qwen3-prompts.jsonl"
+    assert entries[1]["control_summary"]["control_answer"] == "Berlin"
+    assert entries[0]["control_summary"] is None
     assert (out / "output-qwen3-summary.png").stat().st_size > 10_000
     assert (out / "output-qwen3-curves.png").stat().st_size > 10_000  # every prompt's curves
 

@@ -12,6 +12,7 @@ import run
 
 import layers_core as lc
 from conftest import HERE, RUN_PY
+from layers_core.results.set_files import read_prompt_entries
 
 FACTS = [{"id": f"f{i}", "prompt": prompt, "answer": answer} for i, (prompt, answer) in enumerate([
     ("The capital of Germany is", "Berlin"), ("The capital of France is", "Paris"),
@@ -65,7 +66,8 @@ def test_torchrun_two_ranks_equal_an_unsharded_run(unsharded, tiny_dirs, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["shard-0-of-2", "shard-1-of-2"]
     _assert_same_tables(out, whole)
     merged = json.loads((out / "output-llama.json").read_text())
-    assert [e["prompt_id"] for e in merged["prompts"]] == [f["id"] for f in FACTS]
+    entries = read_prompt_entries(out / merged["prompts_file"])
+    assert [e["prompt_id"] for e in entries] == [f["id"] for f in FACTS]
     assert merged["prompt_set"]["merged_from"] == [str(out / "shard-0-of-2"), str(out / "shard-1-of-2")]
 
 

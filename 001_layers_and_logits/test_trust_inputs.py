@@ -10,6 +10,7 @@ import run
 
 import layers_core as lc
 from conftest import assert_clean_failure
+from layers_core.results.set_files import read_prompt_entries
 
 BUNDLED = "SmolLM2-135M-Instruct"
 
@@ -122,13 +123,16 @@ def test_6_a_merge_flags_first_piece_ambiguity_over_the_whole_set(bundled_model_
     assert run.main([*base, "--out_dir", str(tmp_path / "whole")]) == 0
     for k in range(2):
         assert run.main([*base, "--shard", f"{k}/2", "--out_dir", str(tmp_path / f"s{k}")]) == 0
-    merged = merge([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "merged"), plots=False)["llama"]
-    whole = json.loads((tmp_path / "whole" / "output-llama.json").read_text())
-    flags = [entry["gold_answer"]["first_piece_ambiguous"] for entry in whole["prompts"]]
-    assert flags[:2] == [True, True]  # 'a' and 'b' are in different shards
-    assert [entry["gold_answer"]["first_piece_ambiguous"] for entry in merged["prompts"]] == flags
-    shard0 = json.loads((tmp_path / "s0" / "output-llama.json").read_text())
-    assert [e["gold_answer"]["first_piece_ambiguous"] for e in shard0["prompts"]] == [False, False]
+    merge([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "merged"), plots=False)
+
+    def flags(directory):
+        shard = {"s0": "s0/shard-0-of-2", "s1": "s1/shard-1-of-2"}.get(directory, directory)
+        entries = read_prompt_entries(tmp_path / shard / "output-llama-prompts.jsonl")
+        return [entry["gold_answer"]["first_piece_ambiguous"] for entry in entries]
+
+    assert flags("whole")[:2] == [True, True]  # 'a' and 'b' are in different shards
+    assert flags("merged") == flags("whole")
+    assert flags("s0") == [False, False]
 
 
 def test_7_headline_indices_mean_what_they_say(bundled):
@@ -183,7 +187,7 @@ def test_9_token_counts_are_split_and_every_answer_piece_is_kept(tiny_dirs, tmp_
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(path), "--out_dir", str(tmp_path),
                      "--quiet", "--no-plots"]) == 0
     summary = pd.read_csv(tmp_path / "output-llama-summary.csv", dtype=str, keep_default_na=False)
-    entry = json.loads((tmp_path / "output-llama.json").read_text())["prompts"][0]
+    entry = next(read_prompt_entries(tmp_path / "output-llama-prompts.jsonl"))
     pieces = entry["gold_answer"]["pieces"]
     assert len(pieces) == len(entry["gold_answer"]["answer_ids"]) > 4  # no cap at 4
     assert int(summary["answer_tokens"].iloc[0]) == len(pieces)

@@ -19,6 +19,7 @@ from layers_core.lens.tuned import (
     split_heldout,
     token_chunks,
 )
+from layers_core.results.set_files import read_prompt_entries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT = "The capital of Germany is called simply"
@@ -193,8 +194,7 @@ def test_multi_token_answers_report_length_sequence_probability_and_ambiguity(lo
     facts = [{"id": "a", "prompt": PROMPT, "answer": "Berlinqz"},
              {"id": "b", "prompt": PROMPT, "answer": "Berlinxv"},
              {"id": "c", "prompt": PROMPT, "answer": "Paris"}]
-    flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model,
-                                                                             facts).document["prompts"]]
+    flags = [e["gold_answer"]["first_piece_ambiguous"] for e in lc.sweep_set(lens_model, facts).entries]
     assert flags == [True, True, False]
 
 
@@ -286,7 +286,9 @@ def test_a_merged_tuned_set_equals_the_unsharded_run(fitted_lens, tiny_dirs, tmp
         whole["prompt_set"].pop(volatile, None), merged["prompt_set"].pop(volatile, None)
     assert merged["prompt_set"] == whole["prompt_set"] and merged["aggregate"] == whole["aggregate"]
     strip = lambda entries: json.loads(json.dumps(entries).replace(str(tmp_path), ""))  # noqa: E731
-    assert strip(merged["prompts"]) == strip(whole["prompts"])
+    entries = {d: list(read_prompt_entries(tmp_path / d / "output-llama-prompts.jsonl"))
+               for d in ("whole", "merged")}
+    assert strip(entries["merged"]) == strip(entries["whole"])
     for picture in ("summary.png", "curves.png"):  # same rows, same title: the same pixels
         assert (tmp_path / "merged" / f"output-llama-{picture}").read_bytes() == \
             (tmp_path / "whole" / f"output-llama-{picture}").read_bytes()

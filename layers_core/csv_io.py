@@ -90,14 +90,27 @@ def _quote(cell: str) -> str:
     return cell
 
 
+def csv_header_line(header: Sequence[str]) -> str:
+    """The header line of a CSV, ``\n``-terminated."""
+    return ",".join(_quote(column) for column in header) + "\n"
+
+
+def csv_lines(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
+    """The lines of ``rows`` (no header), each ``\n``-terminated: appended to a streamed CSV."""
+    return "".join(",".join(_quote(cell) for cell in _row_cells(row, header)) + "\n" for row in rows)
+
+
+def csv_row_line(cells: Sequence[str]) -> str:
+    """One row of cells as they were read (``csv.reader``), re-quoted: the line they came from."""
+    return ",".join(_quote(cell) for cell in cells) + "\n"
+
+
 def render_csv(rows: Iterable[Mapping[str, Any]], header: Sequence[str]) -> str:
     """The CSV text (header + one ``\n``-terminated line per row) for column → value dicts.
 
     Columns a row does not carry (e.g. top6..top20 of a non-verbose row) are empty strings.
     """
-    lines = [",".join(_quote(column) for column in header)]
-    lines += [",".join(_quote(cell) for cell in _row_cells(row, header)) for row in rows]
-    return "\n".join(lines) + "\n"
+    return csv_header_line(header) + csv_lines(rows, header)
 
 
 def write_pure_csv(pure_records: Iterable[Mapping[str, Any]], path: str,

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
+from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.batches import analyse_batches, default_batch_size
 from layers_core.pipeline.sweep import SweepSettings
@@ -27,6 +28,7 @@ from layers_core.results.document import prompt_entry, provenance, with_timing
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PromptItem
 from layers_core.results.set_document import prompt_set_document, set_picture_title
+from layers_core.results.set_files import PROMPTS_SUFFIX, SetFileWriter, finish_set_files
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
 
@@ -60,6 +62,8 @@ class SweepSet:
     started_at: datetime = field(default_factory=datetime.now)
     timing: dict = field(default_factory=dict)
     clock_start: float | None = None
+    first_outcome: PromptOutcome | None = None  # the set's first prompt (its provenance), if streamed
+    written_document: dict | None = None  # the document of the files written (``save``, a streamed set)
 
     @property
     def residuals(self) -> dict[str, Any]:
@@ -79,22 +83,43 @@ class SweepSet:
         return frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
 
     @property
+    def entries(self) -> list[dict]:
+        """Each prompt's JSON entry (the lines of ``output-<name>-prompts.jsonl``), in file order,
+        ``gold_answer.first_piece_ambiguous`` set over the whole set."""
+        flags = ambiguous_first_pieces([o.entry["gold_answer"] for o in self.outcomes])
+        return [{**o.entry, "gold_answer": {**o.entry["gold_answer"], "first_piece_ambiguous": flag}}
+                for o, flag in zip(self.outcomes, flags)]
+
+    @property
     def document(self) -> dict:
-        """The JSON document of a prompt-set run (``document.prompt_set_document``)."""
-        first = self.outcomes[0]  # resumed from checkpoints or analysed here: provenance either way
-        analysed = self.sweeps.get(first.prompt_id)
-        facts = provenance(self.lm, first.entry["prompt"], self.started_at,
-                           analysis=None if analysed is None else analysed.analysis, lens=self.settings.lens)
-        set_info = {"path": self.source_path, "total": self.total or len(self.outcomes), "shard": self.shard,
-                    "records": self.records, "settings": settings_record(self.settings)}
-        body = prompt_set_document([o.entry for o in self.outcomes], self.summary_rows,
-                                   [o.index for o in self.outcomes], set_info,
-                                   report.model_stats(self.lm.bridge), facts)
+        """The JSON document of a prompt-set run (``set_document.prompt_set_document``: the
+        aggregate and provenance; the entries are ``entries``)."""
+        if self.written_document is not None:
+            return self.written_document
+        name = self.lm.source.clean_name
+        body = prompt_set_document(prompt_sets.aggregate(self.summary_rows), [o.index for o in self.outcomes],
+                                   self._set_info(len(self.outcomes)), report.model_stats(self.lm.bridge),
+                                   self._provenance(),
+                                   f"output-{name}{PROMPTS_SUFFIX}")
         return with_timing(body, self.timing, total_seconds(self))
 
+    def _provenance(self) -> dict:
+        first = self.first_outcome or self.outcomes[0]  # from checkpoints or analysed here: provenance either way
+        analysed = self.sweeps.get(first.prompt_id)
+        return provenance(self.lm, first.entry["prompt"], self.started_at,
+                          analysis=None if analysed is None else analysed.analysis, lens=self.settings.lens)
+
+    def _set_info(self, count: int) -> dict:
+        comparison = {"comparison": self.outcomes[0].comparison_strategy} if self.outcomes else {}
+        return {"path": self.source_path, "total": self.total or count, "shard": self.shard, **comparison,
+                "records": self.records, "settings": settings_record(self.settings)}
+
+    def _title(self, count: int) -> str:
+        return set_picture_title(self.lm.source.clean_name, self.settings.view, count)
+
     def _report_data(self) -> dict:
-        title = set_picture_title(self.lm.source.clean_name, self.settings.view, len(self.outcomes))
-        return outputs.set_report_page(self.outcomes, self.lm.n_layers, title, self.settings.view)
+        return outputs.set_report_page(self.outcomes, self.lm.n_layers, self._title(len(self.outcomes)),
+                                       self.settings.view)
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""
@@ -114,18 +139,28 @@ class SweepSet:
         """Writes run.py's prompt-set files into ``directory``; returns their paths."""
         os.makedirs(directory, exist_ok=True)
         paths = output_paths(directory, name or self.lm.source.clean_name)
+        writer = SetFileWriter(paths, self.records)
         with timed(self.timing, "write_s"):
-            outputs.write_set_tables(paths, self.outcomes, self.records)
-            outputs.write_summary(paths, self.summary_rows)
-        if plots:
-            title = set_picture_title(self.lm.source.clean_name, self.settings.view, len(self.outcomes))
-            with timed(self.timing, "plots_s"):
-                outputs.write_set_pictures(paths, self.outcomes, self.lm.n_layers, title,
-                                           self.settings.view)
-        document = self.document
-        with timed(self.timing, "write_s"):
-            outputs.write_json(paths["json"], document)
+            try:
+                for outcome in self.outcomes:
+                    writer.add(outcome)
+                writer.close()
+            except BaseException:
+                writer.discard()
+                raise
+        self.finish_files(paths, writer, plots)
         return paths
+
+    def finish_files(self, paths: dict[str, str], writer: SetFileWriter, plots: bool) -> dict:
+        """The JSON document and pictures of a set whose prompts ``writer`` wrote (and closed)."""
+        count = len(writer.indices)
+        with timed(self.timing, "plots_s" if plots else "write_s"):
+            self.written_document = finish_set_files(
+                paths, indices=writer.indices, strategy=writer.comparison_strategy, records=self.records,
+                set_info=self._set_info(count), model_stats=report.model_stats(self.lm.bridge),
+                provenance=self._provenance(), title=self._title(count), lens_name=self.settings.view,
+                plots=plots, timing=self.timing, total_s=total_seconds(self))
+        return self.written_document
 
 
 def settings_record(settings: SweepSettings) -> dict:
@@ -145,15 +180,21 @@ def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:
 class SetPlan:
     """The command line's plumbing around a prompt set, built by the runner: ``indices`` (each
     item's position in its file; default 0, 1, …: outcomes keep this order), ``done`` (outcomes
-    already computed, by index, e.g. resumed from checkpoints; not rerun), ``on_batch`` (called
-    with each finished batch's outcomes and sweeps: checkpoints, progress), and the
-    ``source_path`` and ``shard`` the document records."""
+    already computed, by index, e.g. resumed from checkpoints, read as needed; not rerun),
+    ``on_batch`` (called with each finished batch's outcomes and sweeps: checkpoints, progress),
+    ``sink`` (each outcome in file order as soon as its window is done; the set then keeps no
+    outcome or sweep in memory: ``stream_prompt_set``), and the ``source_path`` and ``shard`` the
+    document records."""
 
     indices: Sequence[int] | None = None
     done: Mapping[int, PromptOutcome] | None = None
     on_batch: Callable[[list[PromptOutcome], list[Sweep]], None] | None = None
     source_path: str | None = None
     shard: str | None = None
+    sink: Callable[[PromptOutcome], None] | None = None
+
+
+WINDOW = 512  # prompts length-sorted into batches together; outcomes leave in file order per window
 
 
 def sweep_set(
@@ -179,29 +220,83 @@ def sweep_set(
 
 def run_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, Any]], lens: Any,
                    settings: SweepSettings | None, plan: SetPlan) -> SweepSet:
-    """``sweep_set`` with the command line's ``plan`` (shards, resumed outcomes, checkpoints)."""
+    """``sweep_set`` with the command line's ``plan`` (shards, resumed outcomes, checkpoints, a
+    sink that streams the outcomes instead of keeping them).
+
+    The set is taken ``WINDOW`` prompts at a time in file order; within a window prompts are
+    length-sorted into batches, and the window's outcomes leave in file order once it is done.
+    """
     settings = resolve_settings(lm, lens, settings)
     records = bool(settings.records)
     parsed = _items(items)
     indices = list(range(len(parsed))) if plan.indices is None else list(plan.indices)
-    outcomes = dict(plan.done or {})
-    todo = [(index, item) for index, item in zip(indices, parsed) if index not in outcomes]
+    done = plan.done or {}
     batch_size = settings.batch_size or default_batch_size(lm, parsed)
     analysed = replace(settings, records=records or batch_size == 1)  # batch size 1: sweep's own path
+    kept: dict[int, PromptOutcome] = {}
     sweeps: dict[str, Sweep] = {}
     timing = {"forward_s": 0.0, "lens_s": 0.0}
-    for batch in analyse_batches(lm, todo, analysed, batch_size):
-        finished = []
-        for done in batch.prompts:
-            result = Sweep(lm, done.analysis, done.item.prompt, done.item.answer, replace(analysed),
-                           timing=done.timing)
-            sweeps[done.item.prompt_id] = result
-            outcomes[done.index] = outcome_of(done.index, done.item, result, records)
-            finished.append(outcomes[done.index])
-        timing["forward_s"] += batch.forward_s
-        timing["lens_s"] += batch.lens_s
-        if plan.on_batch is not None:
-            plan.on_batch(finished, [sweeps[o.prompt_id] for o in finished])
-    ordered = [outcomes[index] for index in sorted(outcomes)]
-    return SweepSet(lm, ordered, sweeps, settings, records, plan.source_path, plan.shard,
-                    timing=timing)
+    first: PromptOutcome | None = None
+    pairs = list(zip(indices, parsed))
+    for start in range(0, len(pairs), WINDOW):
+        window = pairs[start : start + WINDOW]
+        outcomes = {index: done[index] for index, _ in window if index in done}
+        todo = [(index, item) for index, item in window if index not in outcomes]
+        for batch in analyse_batches(lm, todo, analysed, batch_size):
+            finished, batch_sweeps = [], []
+            for prompt in batch.prompts:
+                result = Sweep(lm, prompt.analysis, prompt.item.prompt, prompt.item.answer, replace(analysed),
+                               timing=prompt.timing)
+                outcomes[prompt.index] = outcome_of(prompt.index, prompt.item, result, records)
+                finished.append(outcomes[prompt.index])
+                batch_sweeps.append(result)
+                if plan.sink is None:
+                    sweeps[prompt.item.prompt_id] = result
+            timing["forward_s"] += batch.forward_s
+            timing["lens_s"] += batch.lens_s
+            if plan.on_batch is not None:
+                plan.on_batch(finished, batch_sweeps)
+        for index in sorted(outcomes):
+            first = first or outcomes[index]
+            if plan.sink is None:
+                kept[index] = outcomes[index]
+            else:
+                plan.sink(outcomes[index])
+    ordered = [kept[index] for index in sorted(kept)]
+    return SweepSet(lm, ordered, sweeps, settings, records, plan.source_path, plan.shard, timing=timing,
+                    first_outcome=first)
+
+
+@dataclass
+class SetOutput:
+    """Where and how a streamed set writes: ``directory``, the file-name stem ``name``, whether
+    to draw ``plots``; ``total`` (prompts in the whole set, a shard holding some), and the
+    ``timing`` and ``clock_start`` of the stages before it (start-up, load) for the document."""
+
+    directory: str
+    name: str
+    plots: bool = True
+    total: int | None = None
+    timing: Mapping[str, float] = field(default_factory=dict)
+    clock_start: float | None = None
+
+
+def stream_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, Any]], lens: Any,
+                      settings: SweepSettings | None, plan: SetPlan, output: SetOutput) -> SweepSet:
+    """``run_prompt_set`` writing each window's outcomes to the set's files as it finishes (no
+    outcome kept in memory: a set of any size), then the document and pictures; the returned
+    set holds no outcomes, its ``document`` is the one written."""
+    os.makedirs(output.directory, exist_ok=True)
+    paths = output_paths(output.directory, output.name)
+    writer = SetFileWriter(paths, bool(resolve_settings(lm, lens, settings).records))
+    try:
+        result = run_prompt_set(lm, items, lens, settings, replace(plan, sink=writer.add))
+        result.total, result.clock_start = output.total, output.clock_start
+        result.timing.update(output.timing)
+        with timed(result.timing, "write_s"):
+            writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    result.finish_files(paths, writer, output.plots)
+    return result

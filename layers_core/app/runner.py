@@ -308,7 +308,7 @@ def _resume_problem(config: ExperimentConfig, name: str) -> str | None:
 def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str) -> dict:
     from tqdm import tqdm
 
-    from layers_core.api.prompt_set import SetPlan, run_prompt_set
+    from layers_core.api.prompt_set import SetOutput, SetPlan, stream_prompt_set
     from layers_core.results.progress import ProgressStore
     from layers_core.results.prompt_sets import load_prompt_set, parse_shard, shard_of
 
@@ -337,11 +337,11 @@ def _sweep_set(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
             bar.update(len(outcomes))
 
         plan = SetPlan(indices, done, on_batch, os.path.abspath(config.prompts_file), config.shard)
-        result = stages.run("lens", run_prompt_set, lm, chosen, config.lens, _sweep_settings(config), plan)
-    result.total = len(items)
-    result.timing.update(startup_s=stages.timing.get("startup_s", 0.0), load_s=stages.timing["load_s"])
-    result.clock_start = stages.clock_start
-    stages.run("write", result.save, directory, name=name, plots=config.plots)
+        output = SetOutput(directory, name, config.plots, total=len(items), clock_start=stages.clock_start,
+                           timing={"startup_s": stages.timing.get("startup_s", 0.0),
+                                   "load_s": stages.timing["load_s"]})
+        result = stages.run("lens", stream_prompt_set, lm, chosen, config.lens, _sweep_settings(config), plan,
+                            output)
     say(config, f"  forward  {result.timing['forward_s']:6.2f} s, lens {result.timing['lens_s']:6.2f} s, "
                 f"{len(chosen)} prompts")
     return result.document
@@ -495,12 +495,16 @@ def _publish(staging: str, home: str, name: str, managed: bool) -> str:
 def run_in_process(model_id: str | None, config: ExperimentConfig, base_dir: str) -> int:
     """One model in this process: start-up, threads, the picture worker, then ``run_single``.
 
-    ``--shard auto`` is resolved here from the launcher's environment: the shard writes into
-    ``--out_dir/shard-K-of-N/``; under torchrun every rank then meets at a barrier and rank 0
-    merges the shards into ``--out_dir``.
+    A shard (``--shard K/N``, or ``--shard auto`` resolved here from the launcher's environment)
+    writes into ``--out_dir/shard-K-of-N/``, so shards of one directory never overwrite each
+    other; under torchrun every rank then meets at a barrier and rank 0 merges the shards into
+    ``--out_dir``.
     """
-    from layers_core.results.prompt_sets import AUTO_SHARD, SHARD_DIR, resolve_shard
+    from layers_core.results.prompt_sets import AUTO_SHARD, SHARD_DIR, parse_shard, resolve_shard
 
+    if config.shard is not None and config.shard != AUTO_SHARD and config.out_dir is not None:
+        k, n = parse_shard(config.shard)  # shards of one --out_dir never overwrite each other
+        config = replace(config, out_dir=os.path.join(config.out_dir, SHARD_DIR.format(k=k, n=n)))
     if config.shard != AUTO_SHARD:
         return _run_in_process(model_id, config, base_dir)
     spec = resolve_shard(config.shard, os.environ)

@@ -1,24 +1,28 @@
 """Joining prompt-set results: shards of one model into one run, several models into a comparison.
 
-Works on the files alone (no model, no torch): each input directory holds one or more
-``output-<name>.json`` prompt-set documents with their CSVs. Parts of the same name are shards of
-one run; they must agree on model and settings and hold every prompt id exactly once.
+Works on the files alone (no model, no torch), streaming: each input directory holds one or more
+``output-<name>.json`` prompt-set documents with their CSVs and ``-prompts.jsonl``. Parts of the
+same name are shards of one run; they must agree on model and settings, hold every prompt id
+exactly once, and each be complete (its files agree with its document, row by row). The merged
+files are the shards' rows in file order, cells unchanged (bit-exact), written through
+``set_files`` as an unsharded run writes them, pictures and HTML report included.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import heapq
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from layers_core.csv_io import render_csv
-from layers_core.results import prompt_sets
-from layers_core.results.outcome import PromptOutcome
-from layers_core.results.set_document import prompt_set_document, set_picture_title
+from layers_core.collapse_rules import ambiguous_first_pieces
+from layers_core.csv_io import csv_row_line, render_csv
+from layers_core.errors import first_line
+from layers_core.results import prompt_sets, set_files
+from layers_core.results.set_document import SCHEMA_VERSION, set_picture_title
 from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
 
 MILESTONES = ["L_copy", "L_semantic", "L_semantic_stable", "L_semantic_margin", "first_rank_le_1",
@@ -30,7 +34,7 @@ _JSON_PREFIX, _JSON_SUFFIX = "output-", ".json"
 
 
 class MergeError(ValueError):
-    """The inputs cannot be merged; the message names the conflict."""
+    """The inputs cannot be merged; the message names the conflict (and the file)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,14 @@ class Part:
     @property
     def indices(self) -> list[int]:
         return list(self.document["prompt_set"]["indices"])
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return output_paths(self.directory, self.name)
+
+    @property
+    def comparison_strategy(self) -> str:
+        return self.document["prompt_set"]["comparison"]
 
     def identity(self) -> dict:
         """What shards of one run must share."""
@@ -62,6 +74,18 @@ def expand_shard_dirs(directories: Sequence[str]) -> list[str]:
     return expanded
 
 
+def _read_document(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise MergeError(f"{path}: not a readable JSON document ({type(error).__name__}: {first_line(error)}); "
+                         "the file is truncated or damaged") from error
+    if not isinstance(document, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    return document
+
+
 def find_parts(directories: Sequence[str]) -> list[Part]:
     """Every prompt-set document in ``directories`` (error documents and single runs skipped); a
     directory of ``shard-K-of-N`` folders stands for its shards."""
@@ -72,17 +96,97 @@ def find_parts(directories: Sequence[str]) -> list[Part]:
         for file_name in sorted(os.listdir(directory)):
             if not (file_name.startswith(_JSON_PREFIX) and file_name.endswith(_JSON_SUFFIX)):
                 continue
-            with open(os.path.join(directory, file_name), encoding="utf-8") as handle:
-                document = json.load(handle)
-            if "prompt_set" in document and "indices" in document["prompt_set"]:
-                parts.append(Part(directory, file_name[len(_JSON_PREFIX):-len(_JSON_SUFFIX)], document))
+            path = os.path.join(directory, file_name)
+            document = _read_document(path)
+            if "prompt_set" not in document or "indices" not in document.get("prompt_set", {}):
+                continue
+            if "prompts_file" not in document:
+                raise MergeError(f"{path}: a prompt-set document of schema {document.get('schema_version')} "
+                                 f"(its entries inside it); merge reads schema {SCHEMA_VERSION}: re-run that set")
+            parts.append(Part(directory, file_name[len(_JSON_PREFIX):-len(_JSON_SUFFIX)], document))
     if not parts:
         raise MergeError("no prompt-set results (output-<name>.json with a prompt_set) in "
                          f"{', '.join(directories)}")
     return parts
 
 
-def _check_group(name: str, parts: Sequence[Part]) -> None:
+# ---- completeness: every shard's files agree with its document, row by row ---------------------
+
+def _csv_rows(path: str) -> Iterator[list[str]]:
+    """The data rows of a CSV (a missing file is named)."""
+    try:
+        handle = open(path, newline="", encoding="utf-8")
+    except OSError as error:
+        raise MergeError(f"{path}: missing ({error.strerror}); the shard is incomplete") from error
+    with handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        yield from reader
+
+
+def _rows_per_prompt(path: str) -> Iterator[tuple[str, int]]:
+    """(prompt id, its row count) for each run of rows of one prompt, in file order."""
+    current, count = None, 0
+    for row in _csv_rows(path):
+        if row[0] != current:
+            if current is not None:
+                yield current, count
+            current, count = row[0], 0
+        count += 1
+    if current is not None:
+        yield current, count
+
+
+@dataclass
+class PartContents:
+    """What the completeness check read of a shard: its prompt ids in file order, each prompt's
+    answer ids (for the ambiguity flags), the prompts' token counts."""
+
+    ids: list[str]
+    answers: list[dict]
+
+
+def check_part(part: Part, n_layers: int) -> PartContents:
+    """``MergeError`` naming the file unless each of the shard's files holds exactly the prompts
+    its document counts, in the same order, each with its full rows: ``n_layers + 1`` pure and
+    comparison rows, ``prompt_tokens × (n_layers + 1)`` records rows."""
+    paths, expected = part.paths, len(part.indices)
+    summary = list(set_files.read_summary(paths["summary"])) if os.path.exists(paths["summary"]) else None
+    if summary is None:
+        raise MergeError(f"{paths['summary']}: missing; the shard is incomplete")
+    ids = [row["prompt_id"] for row in summary]
+    if len(ids) != expected:
+        raise MergeError(f"{paths['summary']}: {len(ids)} prompts, its document {expected}; the shard is "
+                         "truncated or incomplete")
+    rows = n_layers + 1
+    tables = {paths["pure"]: [rows] * expected,
+              comparison_csv_path(part.directory, part.name, part.comparison_strategy): [rows] * expected}
+    if part.document["prompt_set"].get("records"):
+        tables[paths["records"]] = [int(row["prompt_tokens"]) * rows for row in summary]
+    for path, counts in tables.items():
+        found = list(_rows_per_prompt(path))
+        if [pid for pid, _ in found] != ids or [count for _, count in found] != counts:
+            have = sum(count for _, count in found)
+            raise MergeError(f"{path}: {have} rows for {len(found)} prompts where its document needs "
+                             f"{sum(counts)} for {expected}; the shard is truncated or incomplete")
+    answers = []
+    jsonl = set_files.prompts_path(paths)
+    if not os.path.exists(jsonl):
+        raise MergeError(f"{jsonl}: missing; the shard is incomplete")
+    try:
+        for number, entry in enumerate(set_files.read_prompt_entries(jsonl)):
+            if number >= expected or entry.get("prompt_id") != ids[number]:
+                raise MergeError(f"{jsonl}: line {number + 1} is not prompt {ids[min(number, expected - 1)]!r}; "
+                                 "the file does not match its document")
+            answers.append({key: entry["gold_answer"].get(key) for key in ("first_id", "answer_ids")})
+    except set_files.SetFileError as error:
+        raise MergeError(str(error)) from error
+    if len(answers) != expected:
+        raise MergeError(f"{jsonl}: {len(answers)} entries, its document {expected}; the shard is truncated")
+    return PartContents(ids, answers)
+
+
+def _check_group(name: str, parts: Sequence[Part]) -> list[PartContents]:
     first = parts[0]
     for part in parts[1:]:
         ours, theirs = first.identity(), part.identity()
@@ -90,112 +194,101 @@ def _check_group(name: str, parts: Sequence[Part]) -> None:
         if differing:
             raise MergeError(f"{name}: {first.directory} and {part.directory} differ in "
                              f"{', '.join(differing)}; shards must share model and settings")
+    n_layers = int(first.document["model_stats"]["num_layers"])
+    contents = [check_part(part, n_layers) for part in parts]
     seen: dict[str, str] = {}
-    for part in parts:
-        for entry in part.document["prompts"]:
-            if entry["prompt_id"] in seen:
-                raise MergeError(f"{name}: prompt id {entry['prompt_id']!r} appears in both "
-                                 f"{seen[entry['prompt_id']]} and {part.directory}")
-            seen[entry["prompt_id"]] = part.directory
+    for part, held in zip(parts, contents):
+        for prompt_id in held.ids:
+            if prompt_id in seen:
+                raise MergeError(f"{name}: prompt id {prompt_id!r} appears in both "
+                                 f"{seen[prompt_id]} and {part.directory}")
+            seen[prompt_id] = part.directory
     total = first.identity()["total"]
     if total is not None and len(seen) != total:
         raise MergeError(f"{name}: the shards hold {len(seen)} of the set's {total} prompts")
+    return contents
 
 
-def _read_rows(path: str) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    return rows[0], rows[1:]
+# ---- the merge, streaming ---------------------------------------------------------------------
 
-
-def _merged_csv(paths: Sequence[str], order: dict[str, int]) -> str:
-    """The rows of several ``prompt_id``-led CSVs in file order, cells unchanged (bit-exact)."""
-    header, rows = None, []
+def _merged_rows(paths: Sequence[str], order: Mapping[str, int], out: str) -> None:
+    """The rows of several ``prompt_id``-led CSVs (each in file order) merged by prompt order
+    into ``out``, cells unchanged."""
+    headers = []
     for path in paths:
-        this_header, these = _read_rows(path)
-        if header is not None and this_header != header:
-            raise MergeError(f"{path}: columns differ from the other shards'")
-        header = this_header
-        rows += these
-    rows.sort(key=lambda row: order[row[0]])  # stable: a prompt's rows keep their layer order
-    return render_csv((dict(zip(header, row)) for row in rows), header)
+        with open(path, newline="", encoding="utf-8") as handle:
+            headers.append(next(csv.reader(handle)))
+    if any(header != headers[0] for header in headers):
+        raise MergeError(f"{paths[[h != headers[0] for h in headers].index(True)]}: columns differ from the "
+                         "other shards'")
+    stream = set_files.open_stream(out)
+    try:
+        stream.handle.write(csv_row_line(headers[0]))
+        for row in heapq.merge(*(_csv_rows(path) for path in paths), key=lambda row: order[row[0]]):
+            stream.handle.write(csv_row_line(row))
+    except BaseException:
+        stream.discard()
+        raise
+    stream.commit()
 
 
-def _typed_summary(rows: list[dict]) -> list[dict]:
-    integers = set(prompt_sets.LAYER_INDEX_COLUMNS) | set(prompt_sets.TOKEN_COUNT_COLUMNS)
-    return [{key: (None if value == "" else int(value)) if key in integers
-             else (None if value == "" else float(value)) if key == "final_p_answer" else value
-             for key, value in row.items()} for row in rows]
+def _merged_entries(parts: Sequence[Part], contents: Sequence[PartContents], order: Mapping[str, int],
+                    flags: Mapping[str, bool], out: str) -> None:
+    def keyed(part: Part, held: PartContents) -> Iterator[tuple[int, str]]:
+        with open(set_files.prompts_path(part.paths), encoding="utf-8") as handle:
+            for prompt_id, line in zip(held.ids, handle):
+                yield order[prompt_id], line
+
+    stream = set_files.open_stream(out)
+    try:
+        for _, line in heapq.merge(*(keyed(p, c) for p, c in zip(parts, contents)), key=lambda pair: pair[0]):
+            entry = json.loads(line)
+            if entry["gold_answer"].get("first_piece_ambiguous") != flags[entry["prompt_id"]]:
+                entry["gold_answer"]["first_piece_ambiguous"] = flags[entry["prompt_id"]]
+                line = set_files.entry_line(entry)
+            stream.handle.write(line)
+    except BaseException:
+        stream.discard()
+        raise
+    stream.commit()
 
 
 def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = True) -> dict:
     """Merges the shards of one model into ``out_dir`` (the files an unsharded run writes)."""
-    _check_group(name, parts)
-    entries = sorted(((index, entry) for part in parts for index, entry in zip(part.indices,
-                                                                               part.document["prompts"])),
-                     key=lambda pair: pair[0])
-    order = {entry["prompt_id"]: index for index, entry in entries}
-    paths = output_paths(out_dir, name)
+    contents = _check_group(name, parts)
+    order = {prompt_id: index for part, held in zip(parts, contents)
+             for prompt_id, index in zip(held.ids, part.indices)}
+    merged_ids = sorted(order, key=order.__getitem__)
+    answers = {pid: answer for held in contents for pid, answer in zip(held.ids, held.answers)}
+    flags = dict(zip(merged_ids, ambiguous_first_pieces([answers[pid] for pid in merged_ids])))
     first = parts[0].document
-    other = next(iter(first["prompts"]))["lens_comparison"]["other"]
-    sources = {"pure": [output_paths(p.directory, name)["pure"] for p in parts],
-               "summary": [output_paths(p.directory, name)["summary"] for p in parts],
-               "other": [comparison_csv_path(p.directory, name, other) for p in parts]}
-    if first["prompt_set"].get("records"):
-        sources["records"] = [output_paths(p.directory, name)["records"] for p in parts]
+    strategy = parts[0].comparison_strategy
+    records = bool(first["prompt_set"].get("records"))
     os.makedirs(out_dir, exist_ok=True)
-    texts = {role: _merged_csv(files, order) for role, files in sources.items()}
-    for role, text in texts.items():
-        target = comparison_csv_path(out_dir, name, other) if role == "other" else paths[role]
-        atomic_write(target, text)
-    summary = _summary_dicts(texts["summary"])
+    paths = output_paths(out_dir, name)
+    roles = ["pure", "summary"] + (["records"] if records else [])
+    for role in roles:
+        _merged_rows([p.paths[role] for p in parts], order, paths[role])
+    _merged_rows([comparison_csv_path(p.directory, name, strategy) for p in parts], order,
+                 comparison_csv_path(out_dir, name, strategy))
+    _merged_entries(parts, contents, order, flags, set_files.prompts_path(paths))
     set_info = {key: value for key, value in first["prompt_set"].items() if key not in ("count", "indices")}
     set_info.update(shard=None, merged_from=sorted({p.directory for p in parts}))
-    document = prompt_set_document([entry for _, entry in entries], summary, [index for index, _ in entries],
-                                   set_info, first["model_stats"], first["provenance"])
-    from layers_core.results.outputs import write_json  # imports torch: only when writing
-
-    write_json(paths["json"], document)
-    if plots:
-        _merged_pictures(paths, name, document, summary, texts["pure"], texts["other"], other)
-    return document
+    lens_name = first["prompt_set"]["settings"]["lens"]
+    return set_files.finish_set_files(
+        paths, indices=[order[pid] for pid in merged_ids], strategy=strategy, records=records, set_info=set_info,
+        model_stats=first["model_stats"], provenance=first["provenance"],
+        title=set_picture_title(name, lens_name, len(merged_ids)), lens_name=lens_name, plots=plots)
 
 
-def _summary_dicts(text: str) -> list[dict]:
-    rows = list(csv.reader(io.StringIO(text)))
-    return _typed_summary([dict(zip(rows[0], row)) for row in rows[1:]])
-
-
-def _merged_pictures(paths: dict, name: str, document: dict, summary: list[dict], pure_text: str,
-                     other_text: str, other: str) -> None:
-    import pandas as pd
-
-    from layers_core.results import outputs
-    from layers_core.results.tables import typed_frame
-
-    def by_prompt(text: str) -> dict[str, list[dict]]:
-        frame = typed_frame(pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False))
-        return {pid: group.drop(columns="prompt_id").to_dict("records") for pid,
-                group in frame.groupby("prompt_id", sort=False)}
-
-    pure, comparison = by_prompt(pure_text), by_prompt(other_text)
-    outcomes = [PromptOutcome(index, row["prompt_id"], {}, row, pure[row["prompt_id"]],
-                              comparison[row["prompt_id"]],
-                              other) for index, row in zip(document["prompt_set"]["indices"], summary)]
-    n_layers = int(document["model_stats"]["num_layers"])
-    title = set_picture_title(name, document["prompt_set"]["settings"]["lens"], len(summary))
-    outputs.write_set_pictures(paths, outcomes, n_layers, title, document["prompt_set"]["settings"]["lens"])
-
-
-def comparison_rows(models: dict[str, dict]) -> list[dict]:
-    """``comparison.csv`` rows: each model's milestones per prompt, also as fractions of depth."""
+def comparison_rows(models: Mapping[str, tuple[int, Iterable[Mapping]]]) -> list[dict]:
+    """``comparison.csv`` rows: each model's milestones per prompt, also as fractions of depth.
+    ``models``: name → (its layer count, its summary rows)."""
     rows = []
-    for model, document in models.items():
-        n_layers = int(document["model_stats"]["num_layers"])
-        for entry in document["prompts"]:
-            diagnostics = entry["diagnostics"]
-            values = {key: diagnostics["milestones"].get(key, diagnostics.get(key)) for key in MILESTONES}
-            rows.append({"model": model, "prompt_id": entry["prompt_id"], "n_layers": n_layers, **values,
+    for model, (n_layers, summary) in models.items():
+        for row in summary:
+            values = {key: row.get(key) for key in MILESTONES}
+            rows.append({"model": model, "prompt_id": row["prompt_id"], "n_layers": n_layers, **values,
                          **{f"{key}_fraction": None if value is None else round(value / n_layers, 3)
                             for key, value in values.items()}})
     return rows
@@ -227,7 +320,9 @@ def merge(directories: Sequence[str], out_dir: str, plots: bool = True) -> dict[
         groups.setdefault(part.name, []).append(part)
     merged = {name: merge_model(name, parts, out_dir, plots) for name, parts in groups.items()}
     if len(merged) >= 2:
-        rows = comparison_rows(merged)
+        rows = comparison_rows({name: (int(document["model_stats"]["num_layers"]),
+                                       set_files.read_summary(output_paths(out_dir, name)["summary"]))
+                                for name, document in merged.items()})
         atomic_write(os.path.join(out_dir, "comparison.csv"), render_csv(rows, COMPARISON_COLUMNS))
         if plots:
             from layers_core.results import plots as plotting

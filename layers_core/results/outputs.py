@@ -22,7 +22,6 @@ from layers_core.csv_io import (
 )
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.plots import HEATMAP_WINDOW
-from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
 from layers_core.results.report import error_document, to_strict_json
 from layers_core.run_dir import atomic_write, comparison_csv_path, residual_path
 
@@ -89,23 +88,6 @@ def attribution_frame(attribution: Any):
     return pd.DataFrame(rows, columns=columns)
 
 
-def _rows(outcomes: Sequence[PromptOutcome], key: str) -> list[dict]:
-    return [{PROMPT_ID_COLUMN: o.prompt_id, **row} for o in outcomes for row in getattr(o, key)]
-
-
-def write_set_tables(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], records: bool) -> None:
-    """A prompt set's pure and comparison-lens CSVs (and records, if asked), rows led by
-    ``prompt_id``, prompts in file order. Written from plain outcomes."""
-    leading = [PROMPT_ID_COLUMN]
-    write_pure_csv(_rows(outcomes, "pure"), paths["pure"], leading_columns=leading)
-    strategy = outcomes[0].comparison_strategy
-    write_pure_csv(_rows(outcomes, "comparison"), comparison_csv_path(paths["dir"], paths["name"], strategy),
-                   leading_columns=leading)
-    if records:
-        atomic_write(paths["records"], render_csv(_rows(outcomes, "records"),
-                                                  [*leading, *records_header()]))
-
-
 def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]) -> None:
     """``--keep-residuals``: each layer's normalised residual ``[1, T, d]`` as ``.pt``."""
     import torch
@@ -116,21 +98,31 @@ def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]
         atomic_write(residual_path(directory, clean_name, layer), buffer.getvalue())
 
 
-def write_summary(paths: Mapping[str, str], summary: Sequence[Mapping[str, Any]]) -> None:
-    """The prompt-set summary CSV."""
-    atomic_write(paths["summary"], render_csv(summary, SUMMARY_COLUMNS))
-
-
-def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome],
-                       n_layers: int, title: str, lens_name: str) -> None:
+def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], n_layers: int, title: str,
+                       lens_name: str, summary: Sequence[Mapping[str, Any]] | None = None,
+                       total: int | None = None) -> None:
     """The prompt-set summary picture (milestones as fractions of depth), the small multiples
-    of every prompt's answer rank per layer, and the HTML report (the prompt table)."""
-    from layers_core.results import html_report, plots
+    of every prompt's answer rank per layer, and the HTML report (the prompt table).
 
-    summary = [o.summary for o in outcomes]
-    plots.save_figure(plots.prompt_set_summary(summary, n_layers, title), paths["summary_png"])
-    plots.save_figure(plots.prompt_set_curves(_set_curves(outcomes), title), paths["curves_png"])
-    atomic_write(paths["html"], html_report.render(set_report_page(outcomes, n_layers, title, lens_name)))
+    ``outcomes``: the prompts shown in detail (curves, heatmaps); ``summary``: the table's rows
+    (default: the outcomes'), of ``total`` prompts in all. A picture or table that shows only the
+    first of them says so in its title.
+    """
+    from layers_core.results import html_report, plots
+    from layers_core.results.set_files import PICTURE_ROWS
+
+    summary = [o.summary for o in outcomes] if summary is None else list(summary)
+    total = total or len(summary)
+    pictured = summary[:PICTURE_ROWS]
+    plots.save_figure(plots.prompt_set_summary(pictured, n_layers, title + _first_of(len(pictured), total)),
+                      paths["summary_png"])
+    plots.save_figure(plots.prompt_set_curves(_set_curves(outcomes), title, total=total), paths["curves_png"])
+    atomic_write(paths["html"], html_report.render(set_report_page(outcomes, n_layers, title, lens_name,
+                                                                   summary, total)))
+
+
+def _first_of(shown: int, total: int) -> str:
+    return f" — first {shown} of {total} prompts" if total > shown else ""
 
 
 def _set_curves(outcomes: Sequence[PromptOutcome]) -> dict[str, tuple]:
@@ -138,13 +130,17 @@ def _set_curves(outcomes: Sequence[PromptOutcome]) -> dict[str, tuple]:
     return {o.prompt_id: (o.pure, o.comparison, o.comparison_strategy) for o in outcomes}
 
 
-def set_report_page(outcomes: Sequence[PromptOutcome], n_layers: int, title: str, lens_name: str) -> dict:
-    """The data of a prompt set's HTML report (its heatmaps too where the set kept records)."""
+def set_report_page(outcomes: Sequence[PromptOutcome], n_layers: int, title: str, lens_name: str,
+                    summary: Sequence[Mapping[str, Any]] | None = None, total: int | None = None) -> dict:
+    """The data of a prompt set's HTML report (its heatmaps too where the set kept records):
+    ``summary`` rows in the table (default: the outcomes'), details for the ``outcomes``."""
     from layers_core.results import html_report
 
+    summary = [o.summary for o in outcomes] if summary is None else list(summary)
     records = {o.prompt_id: o.records for o in outcomes if o.records}
-    return html_report.set_report_data([o.summary for o in outcomes], _set_curves(outcomes), n_layers, title,
-                                       records, HEATMAP_WINDOW, lens_name)
+    title += _first_of(len(summary), total or len(summary))
+    return html_report.set_report_data(summary, _set_curves(outcomes), n_layers, title, records, HEATMAP_WINDOW,
+                                       lens_name)
 
 
 def write_error_document(path: str, error: BaseException, stage: str, model: str,

@@ -291,9 +291,11 @@ def prompt_set_summary(summary_rows: Sequence[Mapping[str, Any]], n_layers: int,
     return fig
 
 
-def prompt_set_curves(curves: Mapping[str, tuple], title: str, max_panels: int = MAX_SMALL_MULTIPLES):
+def prompt_set_curves(curves: Mapping[str, tuple], title: str, max_panels: int = MAX_SMALL_MULTIPLES,
+                      total: int | None = None):
     """Small multiples: each prompt's answer rank (log) per layer, chosen lens solid and the
-    comparison lens dashed. ``curves`` maps prompt id → (pure rows, comparison rows, its name)."""
+    comparison lens dashed. ``curves`` maps prompt id → (pure rows, comparison rows, its name),
+    the first of ``total`` prompts (default: all of them)."""
     from matplotlib.ticker import MaxNLocator
 
     shown = list(curves.items())[:max_panels]
@@ -317,7 +319,8 @@ def prompt_set_curves(curves: Mapping[str, tuple], title: str, max_panels: int =
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.supxlabel("layer (0 = embeddings)", fontsize=9)
     fig.supylabel("answer rank (log; 1 on top)", fontsize=9)
-    more = f" — first {len(shown)} of {len(curves)} prompts" if len(curves) > len(shown) else ""
+    total = total or len(curves)
+    more = f" — first {len(shown)} of {total} prompts" if total > len(shown) else ""
     fig.suptitle(title + more, fontsize=10)
     return fig
 

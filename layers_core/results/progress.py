@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from layers_core.results.outcome import PromptOutcome
@@ -36,12 +36,13 @@ class ProgressStore:
         self.directory = os.path.join(out_dir, PROGRESS_PREFIX + name)
         self.settings = dict(settings)
 
-    def start(self, resume: bool) -> dict[int, PromptOutcome]:
-        """Opens the store: with ``resume``, the outcomes already finished (by index), checked
-        against this run's settings; without, an empty store. Returns the finished outcomes."""
+    def start(self, resume: bool) -> Mapping[int, PromptOutcome]:
+        """Opens the store: with ``resume``, the outcomes already finished (by index, read from
+        disk as they are asked for), checked against this run's settings; without, an empty
+        store. Returns the finished outcomes."""
         if resume and os.path.isdir(self.directory):
             self.check_settings()
-            return self._load()
+            return CheckpointedOutcomes(self.directory)
         shutil.rmtree(self.directory, ignore_errors=True)
         os.makedirs(self.directory)
         atomic_write(os.path.join(self.directory, SETTINGS_FILE), json.dumps(self.settings, indent=1))
@@ -69,15 +70,6 @@ class ProgressStore:
             raise ProgressMismatch(f"the checkpoints in {self.directory} were made with other "
                                    f"settings ({', '.join(changed)}); run without --resume to start over")
 
-    def _load(self) -> dict[int, PromptOutcome]:
-        done: dict[int, PromptOutcome] = {}
-        for name in sorted(os.listdir(self.directory)):
-            if name.startswith(BATCH_PREFIX) and name.endswith(".json"):
-                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
-                    for outcome in json.load(handle):
-                        done[int(outcome["index"])] = PromptOutcome.from_record(outcome)
-        return done
-
     def record(self, outcomes: Sequence[PromptOutcome]) -> None:
         """Checkpoints one finished batch (atomically)."""
         first = min(o.index for o in outcomes)
@@ -95,3 +87,51 @@ class ProgressStore:
             os.rename(self.directory, os.path.join(doomed, "store"))
         finally:
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+class CheckpointedOutcomes(Mapping[int, PromptOutcome]):
+    """The outcomes in a store's batch files, by prompt index: the files are scanned once for
+    their indices, and a batch is read back only when one of its prompts is asked for (the last
+    ``KEPT_BATCHES`` read are kept: a window's prompts sit in a few batches), so resuming a set of
+    any size holds a few batches in memory."""
+
+    KEPT_BATCHES = 64
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._where: dict[int, str] = {}
+        for name in sorted(os.listdir(directory)):
+            if name.startswith(BATCH_PREFIX) and name.endswith(".json"):
+                for record in self._read(name):
+                    self._where[int(record["index"])] = name
+        self._cached: dict[str, dict[int, PromptOutcome]] = {}
+
+    def _read(self, name: str) -> list[dict]:
+        path = os.path.join(self.directory, name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                records = json.load(handle)
+            if not isinstance(records, list):
+                raise ValueError("not a list of outcomes")
+            return records
+        except (OSError, ValueError) as error:
+            raise ProgressMismatch(f"{path}: a damaged checkpoint ({type(error).__name__}: {error}); "
+                                   "run without --resume to start over, or delete that file to redo "
+                                   "its prompts") from error
+
+    def __getitem__(self, index: int) -> PromptOutcome:
+        name = self._where[index]
+        if name not in self._cached:
+            if len(self._cached) >= self.KEPT_BATCHES:
+                del self._cached[next(iter(self._cached))]  # the oldest read
+            self._cached[name] = {int(r["index"]): PromptOutcome.from_record(r) for r in self._read(name)}
+        return self._cached[name][index]
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._where
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)

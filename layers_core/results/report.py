@@ -42,19 +42,20 @@ SEED = 316
 TIMESTAMP_FORMAT = "%Y%m%d%H%M%S"
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (nested in dicts and lists too) replaced by None."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
+        return [finite_or_none(item) for item in value]
     return value
 
 
 def to_strict_json(document: dict) -> str:
     """``ensure_ascii=False, indent=2, allow_nan=False``; non-finite numbers become null."""
-    return json.dumps(_finite_or_none(document), ensure_ascii=False, indent=2, allow_nan=False)
+    return json.dumps(finite_or_none(document), ensure_ascii=False, indent=2, allow_nan=False)
 
 
 def topk_entry(log_probs: Tensor, k: int, decoder: TokenDecoder) -> tuple[float, list[list]]:
