@@ -313,3 +313,54 @@ def test_the_control_line_names_what_leads_on_the_control_prompt():
     line = control_words({"control_prompt": "… France …", "control_answer": "Paris", "status": "ok",
                           "first_control_margin_pos": 29})
     assert line.endswith("on the control prompt the control answer first leads the answer at layer 29")
+
+
+def test_a_too_long_prompt_in_a_set_is_named_before_any_forward_and_truncate_left_is_honoured(
+        tiny_dirs, tmp_path, capsys):
+    """It advised --truncate left even when given, named no prompt, and failed the whole set."""
+    facts = [{"id": "short", "prompt": "The capital of Germany is", "answer": "Berlin"},
+             {"id": "long", "prompt": LONG, "answer": "Berlin"},
+             {"id": "longer", "prompt": LONG + LONG, "answer": "Berlin"}]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(fact) + "\n" for fact in facts))
+    base = ["--device", "cpu", tiny_dirs["llama"], "--prompts", str(path), "--quiet", "--no-plots"]
+    code = run.main([*base, "--out_dir", str(tmp_path / "refused")])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "prompt 'long' is 1486 tokens and" in captured.err and "at most 128 (and 1 more)" in captured.err
+    assert not (tmp_path / "refused" / ".progress-llama").exists() or not list(
+        (tmp_path / "refused" / ".progress-llama").glob("batch-*"))  # nothing was computed
+    for batch in ("1", "3"):
+        out = tmp_path / f"truncated-{batch}"
+        assert run.main([*base, "--truncate", "left", "--batch-size", batch, "--out_dir", str(out)]) == 0
+        entries = {e["prompt_id"]: e for e in read_prompt_entries(out / "output-llama-prompts.jsonl")}
+        assert entries["long"]["diagnostics"]["truncation"] == {"side": "left", "prompt_tokens": 1486,
+                                                                "kept_tokens": 128}
+        assert entries["short"]["diagnostics"]["truncation"] is None
+
+
+def test_a_config_that_does_not_fit_the_weights_names_the_tensor(tiny_dirs, tmp_path, capsys):
+    """A config.json with a wrong hidden_size said "For details look at the above report!" and
+    showed no report."""
+    import shutil
+
+    model = shutil.copytree(tiny_dirs["llama"], tmp_path / "llama")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
+    code = run.main(["--device", "cpu", str(model), "--out_dir", str(tmp_path / "out"), "--quiet"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "the checkpoint's tensor shapes do not match its config.json: " in captured.err
+    assert "is [320, 64] in the checkpoint, [320, 32] by config.json (and " in captured.err
+    assert "above report" not in captured.err
+
+
+def test_a_jacobian_lens_of_random_bytes_is_one_line_without_torchs_advice(tmp_path):
+    """It got torch's advice to use weights_only=False (which would run the file's code)."""
+    from layers_core.lens.jacobian import JacobianLensReader
+
+    (tmp_path / "lens.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError) as refused:
+        JacobianLensReader.load(str(tmp_path))
+    assert str(refused.value) == (f"{tmp_path / 'lens.pt'}: not a readable Jacobian lens (UnpicklingError); "
+                                  "refit it with fit_lens.py --kind jacobian")

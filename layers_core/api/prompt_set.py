@@ -21,7 +21,7 @@ import pandas as pd
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.model.lens_model import LensModel
-from layers_core.pipeline.batches import analyse_batches, default_batch_size
+from layers_core.pipeline.batches import analyse_batches, check_prompt_lengths, default_batch_size
 from layers_core.pipeline.sweep import SweepSettings
 from layers_core.results import outputs, prompt_sets, report
 from layers_core.results.document import prompt_entry, provenance, with_timing
@@ -231,6 +231,8 @@ def run_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, Any]
     parsed = _items(items)
     indices = list(range(len(parsed))) if plan.indices is None else list(plan.indices)
     done = plan.done or {}
+    check_prompt_lengths(lm, [item for index, item in zip(indices, parsed) if index not in done],
+                         settings.truncate)
     batch_size = settings.batch_size or default_batch_size(lm, parsed)
     analysed = replace(settings, records=records or batch_size == 1)  # batch size 1: sweep's own path
     kept: dict[int, PromptOutcome] = {}

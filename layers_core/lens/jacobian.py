@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from torch import Tensor
 
+from layers_core.errors import first_line
 from layers_core.lens.protocol import describe_plan, plan_warnings
+from layers_core.lens.tuned import DAMAGED_FILE_ERRORS
 from layers_core.lens.views import single_file_in
 from layers_core.norm_utils import apply_norm_or_skip
 
@@ -64,7 +67,13 @@ class JacobianLensReader:
         artifact = single_file_in(path, ARTIFACT_SUFFIX)
         if artifact is None:
             raise FileNotFoundError(f"no Jacobian lens at {path} (a .pt file, or a directory holding one)")
-        lens = JacobianLens.load(artifact)
+        try:
+            lens = JacobianLens.load(artifact)
+        except DAMAGED_FILE_ERRORS as error:
+            # not torch's advice (weights_only=False would run whatever code the file holds)
+            detail = "" if isinstance(error, pickle.UnpicklingError) else f": {first_line(error)[:160]}"
+            raise ValueError(f"{artifact}: not a readable Jacobian lens ({type(error).__name__}{detail}); "
+                             "refit it with fit_lens.py --kind jacobian") from error
         recorded = {key: lens.metadata.get(key) for key in _FINGERPRINT_KEYS}
         fingerprint = recorded if all(recorded.values()) else None
         return cls(lens, fingerprint=fingerprint, path=artifact)

@@ -308,11 +308,41 @@ def load_hf_model(
         if source.kind == "hf_id":
             raise _offline_error(source, "its weights could not be fetched") from error
         raise ModelLoadError(f"could not load {path}: {_first_line(error)}") from error
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ModelLoadError(f"{source.model_id}: {shape_mismatch(model_class, config, path)}") from error
     fresh = sorted(set(info.get("missing_keys", ())) | {m[0] for m in info.get("mismatched_keys", ())})
     if fresh:
         raise ModelLoadError(f"{source.model_id}: the checkpoint lacks {len(fresh)} weight(s) that "
                              f"would be randomly initialised: {_names(fresh)}")
     return model.eval(), LoadReport(tuple(sorted(info.get("unexpected_keys", ()))))
+
+
+def shape_mismatch(model_class: Any, config: Any, path: str) -> str:
+    """Why a checkpoint's tensors do not fit the model its ``config.json`` describes, naming the
+    first mismatched tensor (the checkpoint's safetensors headers against the model built on the
+    meta device: no weight is read)."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        built = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+        expected = {name: tuple(tensor.shape) for name, tensor in built.state_dict().items()}
+    mismatched = []
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []:
+        with safe_open(file, framework="pt") as checkpoint:
+            for name in checkpoint.keys():
+                shape = tuple(checkpoint.get_slice(name).get_shape())
+                if name in expected and expected[name] != shape:
+                    mismatched.append(f"{name} is {list(shape)} in the checkpoint, {list(expected[name])} "
+                                      "by config.json")
+    first = f"{mismatched[0]}{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}; " \
+        if mismatched else ""
+    return (f"the checkpoint's tensor shapes do not match its config.json: {first}"
+            "config.json was edited or belongs to another model")
 
 
 def bridge_for(hf_model: Any, name_or_path: str, dtype: Any, tokenizer: Any = None) -> Any:

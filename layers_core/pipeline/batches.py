@@ -19,12 +19,31 @@ from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.analysis import PromptAnalysis, analyse_prompt
 from layers_core.pipeline.decode import decode_views, transformed_rows, view_rows
 from layers_core.pipeline.prompts import default_control
-from layers_core.pipeline.sweep import Forwarded, SweepSettings, forward_batch
+from layers_core.pipeline.sweep import Forwarded, PromptTooLong, SweepSettings, forward_batch, too_long_prompts
 from layers_core.results.prompt_sets import PromptItem
 
 MAX_BATCH = 32
 BATCH_MEMORY_BYTES = 1 * 2**30  # residuals and activations of one batch, at most
 ACTIVATION_FACTOR = 4  # activations of a forward per residual-stream copy (attention, MLP, cache)
+
+
+def check_prompt_lengths(lm: LensModel, items: Sequence[PromptItem], truncate: str | None) -> None:
+    """``PromptTooLong`` naming the set's prompts (and control prompts) longer than the context,
+    before any forward, unless ``truncate="left"`` (each keeps its last tokens)."""
+    if truncate == "left":
+        return
+    texts = [(item.prompt_id, "", item.prompt) for item in items]
+    texts += [(item.prompt_id, "the control prompt of ", item.control_prompt) for item in items
+              if item.control_prompt is not None]
+    found = too_long_prompts(lm.bridge, [text for _, _, text in texts])
+    if found:
+        position, length = found[0]
+        prompt_id, which, _ = texts[position]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        cfg = lm.bridge.cfg
+        raise PromptTooLong(f"{which}prompt {prompt_id!r} is {length} tokens and {cfg.model_name} reads at most "
+                            f"{int(cfg.n_ctx)}{more}; shorten it, or --truncate left keeps the last tokens of "
+                            "every long prompt")
 
 
 def default_batch_size(lm: LensModel, items: Sequence[PromptItem]) -> int:
@@ -74,9 +93,10 @@ def analyse_batches(lm: LensModel, todo: Sequence[tuple[int, PromptItem]], setti
         started = time.perf_counter()
         answers = [resolve_gold_answer(lm.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
                    for _, item in batch]  # carried by the same forward: p_sequence needs no other
-        forwarded = (forward_batch(lm.bridge, [item.prompt for _, item in batch], device, answers)
+        prompts = [item.prompt for _, item in batch]
+        forwarded = (forward_batch(lm.bridge, prompts, device, answers, settings.truncate)
                      if batch_size > 1 else [None])  # batch size 1: sweep's own forward
-        controls = _control_forwards(lm, batch, device) if batch_size > 1 else {}
+        controls = _control_forwards(lm, batch, device, settings.truncate) if batch_size > 1 else {}
         forward_s = time.perf_counter() - started
         done = []
         pairs = list(zip(batch, forwarded))
@@ -130,10 +150,11 @@ def _attach_views(lm: LensModel, settings: SweepSettings, forwarded: Sequence[Fo
         passed.views = own
 
 
-def _control_forwards(lm: LensModel, batch: Sequence[tuple[int, PromptItem]], device: Any) -> dict:
+def _control_forwards(lm: LensModel, batch: Sequence[tuple[int, PromptItem]], device: Any,
+                      truncate: str | None = None) -> dict:
     """The control prompts of a batch in one right-padded forward: ``{index: Forwarded}``."""
     with_control = [(index, item.control_prompt) for index, item in batch if item.control_prompt is not None]
     if not with_control:
         return {}
-    forwarded = forward_batch(lm.bridge, [prompt for _, prompt in with_control], device)
+    forwarded = forward_batch(lm.bridge, [prompt for _, prompt in with_control], device, truncate=truncate)
     return {index: passed for (index, _), passed in zip(with_control, forwarded)}

@@ -304,6 +304,16 @@ def prompt_tokens(model: Any, prompt: str, truncate: str | None = None) -> tuple
     return (torch.cat([tokens[:, :1], tail], dim=1) if keep_bos else tail), length
 
 
+def too_long_prompts(model: Any, prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """(position, token count) of each prompt longer than the model's context, found with one
+    batched tokenizer call (a prompt near the limit is measured exactly, BOS included)."""
+    context = int(model.cfg.n_ctx)
+    counts = [len(ids) for ids in model.tokenizer(list(prompts))["input_ids"]] if prompts else []
+    near = [index for index, count in enumerate(counts) if count + 2 > context]
+    lengths = {index: int(model.to_tokens(prompts[index], truncate=False).shape[1]) for index in near}
+    return [(index, length) for index, length in lengths.items() if length > context]
+
+
 def _fits(model: Any, prompt_length: int, answer_ids: Sequence[int]) -> bool:
     """Whether the answer's tokens but the last fit after the prompt in the model's context."""
     return bool(answer_ids) and prompt_length + len(answer_ids) - 1 <= int(model.cfg.n_ctx)
@@ -412,13 +422,15 @@ def last_position_logits(model: Any, batch: Tensor, lengths: Tensor) -> Tensor:
 
 
 def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
-                  answers: Sequence[Sequence[int]] | None = None) -> list[Forwarded]:
+                  answers: Sequence[Sequence[int]] | None = None, truncate: str | None = None) -> list[Forwarded]:
     """Several prompts in one right-padded forward pass; each prompt's residuals are cut to its
     own length and its logits read at its own last real position. With ``answers`` (token ids per
     prompt) each row also carries its answer's tokens but the last, and the same forward gives
-    every answer's teacher-forced probability (as ``forward_prompt`` does for one prompt)."""
+    every answer's teacher-forced probability (as ``forward_prompt`` does for one prompt).
+    ``truncate``: as for ``prompt_tokens``."""
     started = time.perf_counter()
-    prompt_rows = [prompt_tokens(model, prompt)[0][0] for prompt in prompts]
+    tokenized = [prompt_tokens(model, prompt, truncate) for prompt in prompts]
+    prompt_rows = [tokens[0] for tokens, _ in tokenized]
     answers = [list(a) if _fits(model, len(row), a) else []
                for row, a in zip(prompt_rows, answers or [[]] * len(prompts))]
     batch = pad_right(model, [torch.cat([row, torch.tensor(a[:-1], dtype=row.dtype, device=row.device)])
@@ -444,7 +456,7 @@ def forward_batch(model: Any, prompts: Sequence[str], device: Any = None,
             answer_columns = [column[length - 1 + k] for k in range(len(answer))]
             log_prob = _answer_log_prob(logits[index, answer_columns], answer)
         forwarded.append(Forwarded(prompt_rows[index].unsqueeze(0), last, residuals, share,
-                                   answer_log_prob=log_prob))
+                                   answer_log_prob=log_prob, truncated_from=tokenized[index][1]))
     return forwarded
 
 
