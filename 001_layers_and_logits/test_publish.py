@@ -252,3 +252,23 @@ def test_a_full_disk_is_one_line_and_leaves_no_staging(tiny_dirs, tmp_path, monk
     assert_clean_failure(captured, code, 1)
     assert f"cannot create a staging directory in {tmp_path}: [Errno 28] No space left on device" in captured.err
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_to_a_multi_model_parent_lets_the_child_clean_up(tiny_dirs, tmp_path):
+    """SIGTERM to the parent killed the child outright, and the child's .staging-* (5 files) stayed."""
+    out = tmp_path / "out"
+    argv = [sys.executable, os.path.join(REPO, "001_layers_and_logits", "run.py"), "--device", "cpu",
+            tiny_dirs["llama"], tiny_dirs["gpt2"], "--out_dir", str(out), "--quiet"]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    def staging():
+        return [n for n in os.listdir(out) if n.startswith(".staging-")] if out.exists() else []
+
+    while time.time() < deadline and not staging():
+        time.sleep(0.01)
+    assert time.time() < deadline, "the first child never started"
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert staging() == []
+    assert subprocess.run(["pgrep", "-f", "--", f"--out_dir {out}"], capture_output=True).returncode == 1

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, ExperimentConfig, child_argv
 from layers_core.model.loading import clean_model_name
@@ -55,6 +57,30 @@ def _progress_line(done: int, total: int, started: float, model: str) -> str:
     return f"{bar}  next: {model}"
 
 
+CHILD_GRACE_S = 60.0  # how long a signalled child may take to clean up before it is killed
+
+
+def run_child(command: list[str]) -> int:
+    """Runs one child to its end and returns its exit code. If this process is interrupted
+    (SIGTERM raises ``Terminated``, Ctrl-C ``KeyboardInterrupt``), the child is sent the same
+    signal and waited for, so it removes its staging directory itself (``subprocess.call``
+    would SIGKILL it); then the interruption goes on."""
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except KeyboardInterrupt as stop:  # Terminated too (a subclass)
+        from layers_core.app.main import Terminated
+
+        with suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        try:
+            child.wait(timeout=CHILD_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+
+
 def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
     """Runs each model in a child process, in order; prints one verdict line per model."""
     managed = config.out_dir is None and not config.self_test
@@ -75,7 +101,7 @@ def launch(models: list[str], config: ExperimentConfig, base_dir: str) -> int:
             command = [*CHILD, *child_argv(config), "--name", name]
             if directory is not None:
                 command += ["--out_dir", directory]
-            rc = subprocess.call(command + [model])
+            rc = run_child(command + [model])
             if rc != EXIT_OK and directory is not None:
                 _ensure_error_document(output_paths(directory, name)["error_json"], model, rc)
             outcomes.append((name, rc))
