@@ -289,3 +289,26 @@ def test_a_jacobian_lens_of_another_model_is_refused(tiny_dirs, jacobian_artifac
     assert run.main([*flags("gpt2"), "--allow-foreign-lens"]) == 0
     assert run.main([*flags("qwen2"), "--allow-foreign-lens"]) == 1  # 2 blocks: the lens's layer 1 has no place
     assert "outside the model's 0..0 source range" in capsys.readouterr().err
+
+
+def test_a_tied_models_readout_of_the_current_token_is_never_copying(tmp_path):
+    """Gemma-3's L_copy was 1 on 11 of 24 prompts: layer 1's tied-embedding readout of the
+    current token, which the docs say is not copying (only layer 0 was excluded)."""
+    import torch
+    from tiny_models import build_tiny_model
+
+    directory = build_tiny_model("qwen2", str(tmp_path / "echo"))
+    lm = lc.load(directory, device="cpu")
+    hf = lm.bridge.original_model
+    with torch.no_grad():  # blocks that add nothing: every layer reads the embedding of its token
+        hf.get_input_embeddings().weight.copy_(torch.randn_like(hf.get_input_embeddings().weight))
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    result = lc.sweep(lm, "The capital of Germany is", "Berlin", control=False)
+    current = lm.bridge.to_str_tokens("The capital of Germany is")[-1]
+    assert (result.pure["top1"] == current).all() and (result.pure["p_top1"] > 0.95).all()
+    diagnostics = result.diagnostics
+    assert diagnostics["tied_embeddings"] is True
+    assert (diagnostics["L_copy"], diagnostics["L_copy_strict"], diagnostics["L_copy_prompt"]) == (None, None, None)
+    assert not result.pure[["copy_collapse", "copy_headline", "copy_collapse_prompt"]].any().any()

@@ -39,6 +39,7 @@ def copy_collapse_flags(
     entropy_bits: Tensor,
     prompt_ids: Iterable[int],
     rule: CopyRule = CopyRule(),
+    echo_id: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Vectorised copy rule over rows ``[R]``; returns (copy_collapse, strict, copy_collapse_prompt)
     bool tensors.
@@ -46,16 +47,18 @@ def copy_collapse_flags(
     strict = top-1 ∈ prompt ids ∧ p1 > threshold ∧ p1 − p2 > margin;
     copy_collapse = strict ∨ (fallback ∧ entropy < fallback threshold) (the seed's rule: the
     fallback fires whatever the top-1 is); copy_collapse_prompt = copy_collapse ∧ top-1 ∈ prompt ids.
+    ``echo_id`` (tied embeddings: the current token): a row whose top-1 is it is never a copy, by
+    any branch: with W_U = W_Eᵀ a residual still close to that token's embedding decodes to it.
     """
     import torch
 
-    ids = torch.tensor(sorted(set(int(i) for i in prompt_ids)), dtype=top1_ids.dtype,
+    ids = torch.tensor(sorted(set(int(i) for i in prompt_ids) - {echo_id}), dtype=top1_ids.dtype,
                        device=top1_ids.device)
     in_prompt = torch.isin(top1_ids, ids)
     strict = in_prompt & (p_top1 > rule.threshold) & ((p_top1 - p_top2) > rule.margin)
     if not rule.entropy_fallback:
         return strict, strict, strict
-    copy = strict | (entropy_bits < rule.fallback_bits)
+    copy = strict | ((entropy_bits < rule.fallback_bits) & (top1_ids != (-1 if echo_id is None else echo_id)))
     return copy, strict, copy & in_prompt
 
 

@@ -24,6 +24,7 @@ from layers_core.pipeline.sweep import (
     SweepSettings,
     TokenDecoder,
     build_pure_rows,
+    echo_token,
     forward_with_residuals,
     prompt_token_ids,
     prompt_tokens,
@@ -57,7 +58,7 @@ def compare_lenses(model: Any, result: SweepResult, settings: SweepSettings,
     vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
     rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
                            vocab, replace(settings, norm_strategy=other, lens=None),
-                           position=int(result.tokens.shape[1]) - 1)
+                           position=int(result.tokens.shape[1]) - 1, echo_id=echo_token(model, result.tokens))
     per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_chosen_to_other_bits": k}
                  for layer, (a, k) in enumerate(zip(agree, kl))]
     return LensComparison(other, rows, per_layer)

@@ -230,18 +230,21 @@ def build_pure_rows(
     settings: SweepSettings,
     position: int | None = None,
     first_layer: int = 0,
+    echo_id: int | None = None,
 ) -> list[dict]:
     """One row per layer at the last position: top-5, flags and metrics .
 
-    ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position.
+    ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position;
+    ``echo_id`` (tied embeddings): the current token, which no copy flag counts
+    (``copy_collapse_flags``).
     """
     last = stats.entropy_bits.shape[1] - 1
     entropy = stats.entropy_bits[:, last]
     ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
     copy, strict, copy_prompt = copy_collapse_flags(ids[:, 0], probs[:, 0], probs[:, 1], entropy, prompt_ids,
-                                                    settings.copy_rule)
+                                                    settings.copy_rule, echo_id)
     resolved = gold["first_id"] is not None
-    prompt_set = set(prompt_ids)
+    prompt_set = set(prompt_ids) - {echo_id}
     p_answer = stats.p_answer[:, last].tolist() if resolved else [None] * len(entropy)
     ranks = stats.answer_rank.tolist() if resolved else [None] * len(entropy)
     rows = []
@@ -261,6 +264,14 @@ def build_pure_rows(
                    answer_rank=rank, kl_to_final_bits=kl)
         rows.append(row)
     return rows
+
+
+def echo_token(model: Any, tokens: Tensor) -> int | None:
+    """The current (last) input token where the embeddings are tied, else None: the token a
+    residual close to its own embedding decodes to, which is never a copy."""
+    from layers_core.model.loading import tied_embeddings
+
+    return int(tokens[0, -1]) if tied_embeddings(model) else None
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -516,15 +527,17 @@ def run_sweep(
     vocab = decoder.decode_many(torch.unique(torch.cat(shown)).tolist())
     position = int(forwarded.tokens.shape[1]) - 1
     prompt_ids = prompt_token_ids(model.tokenizer, prompt)
+    echo = echo_token(model, forwarded.tokens)
     mid_records, mid_pure = [], []
     if mid_stats is not None:
         mid_records = build_records(mid_stats, str_tokens, vocab, first_layer=1) if records else []
-        mid_pure = build_pure_rows(mid_stats, prompt_ids, gold, vocab, settings, position, first_layer=1)
+        mid_pure = build_pure_rows(mid_stats, prompt_ids, gold, vocab, settings, position, first_layer=1,
+                                   echo_id=echo)
     return SweepResult(
         prompt=prompt, tokens=forwarded.tokens, str_tokens=str_tokens, gold=gold,
         model_logits=forwarded.model_logits,
         records=build_records(stats, str_tokens, vocab) if records else [],
-        pure_rows=build_pure_rows(stats, prompt_ids, gold, vocab, settings, position=position),
+        pure_rows=build_pure_rows(stats, prompt_ids, gold, vocab, settings, position=position, echo_id=echo),
         norm_per_layer=lens_description(lens, len(residuals) - 1),
         resid_normed=lens_rows if every_position else [], last_position_resid=last_position_resid, views=views,
         warnings=list(getattr(lens, "warnings", [])),
