@@ -89,7 +89,8 @@ def test_one_cell_per_layer_and_position_and_no_javascript_error(browser, prompt
     assert _js_errors(browser) == []
     document = json.load(open(prompt_run / f"output-{NAME}.json"))
     words = browser.find_element("css selector", "ul.diag").text
-    assert f"Lens-artifact risk: {document['raw_lens_check']['lens_artifact_risk']}." in words
+    norm_only = "the answer is rank 1 only after normalisation" in words
+    assert norm_only == document["raw_lens_check"]["norm_only_semantic_layer"]
     assert f"rank 1 at layer {document['diagnostics']['milestones']['first_rank_le_1']}" in words
     assert "passed" in words and "Control:" in words
     assert len(browser.find_elements("css selector", "svg.chart path[data-lens]")) == 4 * 3  # final, arch, none

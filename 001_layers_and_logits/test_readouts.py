@@ -310,5 +310,6 @@ def test_a_tied_models_readout_of_the_current_token_is_never_copying(tmp_path):
     assert (result.pure["top1"] == current).all() and (result.pure["p_top1"] > 0.95).all()
     diagnostics = result.diagnostics
     assert diagnostics["tied_embeddings"] is True
-    assert (diagnostics["L_copy"], diagnostics["L_copy_strict"], diagnostics["L_copy_prompt"]) == (None, None, None)
+    copies = (diagnostics["L_copy"], diagnostics["L_copy_strict"], diagnostics["L_copy_prompt"])
+    assert copies == (None, None, None)
     assert not result.pure[["copy_collapse", "copy_headline", "copy_collapse_prompt"]].any().any()

@@ -136,8 +136,8 @@ def test_6_a_merge_flags_first_piece_ambiguity_over_the_whole_set(bundled_model_
 
 
 def test_7_headline_indices_mean_what_they_say(bundled):
-    """Under final, L_copy = 19 was a comma (the entropy fallback); lens_artifact_risk was high on
-    every healthy run (it counted layer n); first_control_margin_pos = 1 came from a ±1e-5 margin."""
+    """Under final, L_copy = 19 was a comma (the entropy fallback); the raw-lens check counted
+    layer n; first_control_margin_pos = 1 came from a ±1e-5 margin."""
     s = lc.sweep(bundled, lc.DEFAULT_PROMPT, "Berlin")
     pure, diag = s.pure, s.diagnostics
     assert diag["copy_rule"]["headline"] == "headline"

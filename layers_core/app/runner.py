@@ -187,8 +187,7 @@ def _lens_line(config: ExperimentConfig, result: Any) -> str:
             f"copy rule p1>{config.copy_threshold} & margin>{config.copy_margin}"
             f"{' (+H<1 bit)' if config.copy_entropy_fallback else ''}; "
             f"L_copy={diag['L_copy']} L_semantic={diag['L_semantic']}; "
-            f"last-layer KL {diag['last_layer_consistency']['kl_model_to_lens_bits']:.2e} bits; "
-            f"lens-artifact risk {result.analysis.blocks['raw_lens_check']['lens_artifact_risk']}")
+            f"last-layer KL {diag['last_layer_consistency']['kl_model_to_lens_bits']:.2e} bits")
 
 
 def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str, name: str,

@@ -125,7 +125,7 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
         "answer": answer, "answer_last": last_answer, "curves": _curves(rows),
         "attribution": rows.get("attribution"),
         "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control"),
-                                                  "lens_artifact_risk": rows.get("lens_artifact_risk")}),
+                                                  "norm_only_semantic": rows.get("norm_only_semantic")}),
     }
 
 

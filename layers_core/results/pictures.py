@@ -31,7 +31,7 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
             "attribution": None if split is None else attribution_rows(split),
             "lens_rows": getattr(analysis, "lens_rows", None),
             "control": control_words(analysis.blocks.get("control_summary")), "answer_token": answer_token,
-            "lens_artifact_risk": (analysis.blocks.get("raw_lens_check") or {}).get("lens_artifact_risk"),
+            "norm_only_semantic": (analysis.blocks.get("raw_lens_check") or {}).get("norm_only_semantic_layer"),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
             "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}

@@ -78,7 +78,7 @@
     if (d.last_layer_kl_bits !== undefined && d.last_layer_kl_bits !== null)
       say(`Last-layer check: the lens reproduces the model within ${Number(d.last_layer_kl_bits).toExponential(2)} bits ` +
           `(tolerance ${d.last_layer_tolerance_bits}) — ${d.last_layer_passed ? "passed" : "FAILED"}.`, d.last_layer_passed ? "ok" : "bad");
-    if (d.lens_artifact_risk) say(`Lens-artifact risk: ${d.lens_artifact_risk}.`);
+    if (d.norm_only_semantic) say("At a sampled layer the answer is rank 1 only after normalisation (the raw residual ranks it lower): read that layer with care.", "bad");
     if (d.control) say(`Control: ${d.control}.`);
     return list;
   }
