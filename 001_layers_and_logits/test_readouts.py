@@ -313,3 +313,21 @@ def test_a_tied_models_readout_of_the_current_token_is_never_copying(tmp_path):
     copies = (diagnostics["L_copy"], diagnostics["L_copy_strict"], diagnostics["L_copy_prompt"])
     assert copies == (None, None, None)
     assert not result.pure[["copy_collapse", "copy_headline", "copy_collapse_prompt"]].any().any()
+
+
+def test_pieces_of_a_utf8_character_are_shown_by_their_bytes(bundled_model_dir):
+    """Four different top-5 tokens of a Japanese prompt all read ``�`` in the CSV, the heatmap and
+    the tooltip."""
+    from layers_core.model.tokens import TokenDecoder
+
+    lm = lc.load(bundled_model_dir, device="cpu")
+    tokenizer = lm.bridge.tokenizer
+    ids = tokenizer("日本の首都は", add_special_tokens=False)["input_ids"]
+    shown = TokenDecoder(tokenizer).decode_many(ids)
+    assert [shown[i] for i in ids][:3] == ["<0xE6><0x97>", "<0xA5>", "本"]
+    assert b"".join(bytes([int(h, 16)]) for h in "E6 97 A5".split()).decode() == "日"
+    result = lc.sweep(lm, "日本の首都は", "東京", control=False)
+    cells = result.records[[f"top{k}" for k in range(1, 6)] + ["token"]].astype(str).to_numpy().ravel()
+    assert not any("\ufffd" in cell for cell in cells)
+    assert "<0xE6><0x97>" in set(result.records["token"])  # the prompt's own first piece
+    assert any(cell.startswith("<0x") for cell in cells if cell != "<0xE6><0x97>")

@@ -1,8 +1,15 @@
-"""Token ids → strings, as the CSVs show them (raw ``decode([id])``, leading spaces kept)."""
+"""Token ids → strings, as the CSVs show them (raw ``decode([id])``, leading spaces kept).
+
+A token that is part of a UTF-8 character (byte-level BPE splits CJK text into such pieces)
+decodes to U+FFFD, so four different pieces would all read ``�``; they are shown by their bytes
+instead (``<0xE6><0x97>``), as sentencepiece vocabularies name their byte tokens.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 
@@ -18,5 +25,39 @@ class TokenDecoder:
         missing = sorted(set(ids) - self._cache.keys())
         if missing:
             texts = self.tokenizer.batch_decode([[i] for i in missing])
-            self._cache.update(zip(missing, texts))
+            self._cache.update((i, byte_piece(self.tokenizer, i) if REPLACEMENT in text else text)
+                               for i, text in zip(missing, texts))
         return self._cache
+
+
+REPLACEMENT = "\ufffd"
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-in character → byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(printable, chars)}
+
+
+def byte_piece(tokenizer: Any, token_id: int) -> str:
+    """A token that decodes to U+FFFD shown by its bytes: the valid UTF-8 in it as text, every
+    other byte as ``<0xNN>``. A sentencepiece byte token keeps its own name (``<0xE6>``); a token
+    whose bytes cannot be recovered stays as decoded."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str):
+        return tokenizer.decode([token_id])
+    if re.fullmatch(r"(<0x[0-9A-Fa-f]{2}>)+", piece):
+        return piece.upper().replace("<0X", "<0x")
+    decoder = _byte_level_decoder()
+    if not all(char in decoder for char in piece):
+        return tokenizer.decode([token_id])
+    raw = bytes(decoder[char] for char in piece).decode("utf-8", errors="surrogateescape")
+    return "".join(f"<0x{ord(char) - 0xDC00:02X}>" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in raw)

@@ -43,7 +43,7 @@ from layers_core.lens.stats import (
 )
 from layers_core.lens.unembed import Unembedding
 from layers_core.lens.views import comparison_of
-from layers_core.model.tokens import TokenDecoder
+from layers_core.model.tokens import REPLACEMENT, TokenDecoder
 from layers_core.numerics import kl_bits_from_log_probs
 from layers_core.pipeline.capture import ALL_POSITIONS, capture
 from layers_core.pipeline.decode import LastPositionViews, decode_last_positions, gate_row, transformed_rows
@@ -264,6 +264,17 @@ def build_pure_rows(
                    answer_rank=rank, kl_to_final_bits=kl)
         rows.append(row)
     return rows
+
+
+def shown_tokens(model: Any, tokens: Tensor, decoder: TokenDecoder) -> list[str]:
+    """The prompt's tokens as the records show them: ``to_str_tokens``, with a piece of a UTF-8
+    character shown by its bytes (``<0xE6>``) as the top-k cells show it, not as ``�``."""
+    shown = list(model.to_str_tokens(tokens))
+    broken = [int(tokens[pos]) for pos, text in enumerate(shown) if REPLACEMENT in text]
+    if not broken:
+        return shown
+    vocab = decoder.decode_many(broken)
+    return [vocab[int(tokens[pos])] if REPLACEMENT in text else text for pos, text in enumerate(shown)]
 
 
 def echo_token(model: Any, tokens: Tensor) -> int | None:
@@ -495,7 +506,7 @@ def run_sweep(
                                             settings.sublayers or settings.capture_mids,
                                             settings.truncate, gold["answer_ids"])
     started = time.perf_counter()
-    str_tokens = list(model.to_str_tokens(prompt if forwarded.truncated_from is None else forwarded.tokens[0]))
+    str_tokens = shown_tokens(model, forwarded.tokens[0], decoder)
     lens, other = settings.lenses(model)
     residuals = forwarded.residuals
     last_position_resid = torch.stack([resid[-1] for resid in residuals])
