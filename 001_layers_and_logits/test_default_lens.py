@@ -143,12 +143,16 @@ def test_set_summary_and_comparison_carry_the_milestones(tiny_dirs, tmp_path):
     assert {"L_semantic_stable", "L_semantic_margin"} <= set(SUMMARY_COLUMNS) & set(COMPARISON_COLUMNS)
 
 
-def test_chat_wraps_the_prompt_in_the_template(bundled_model_dir, tmp_path):
+def test_chat_wraps_the_prompt_in_the_template(bundled_model_dir, tmp_path, capsys):
+    """--chat warned "the prompt ends in whitespace" about the template's own newline, and
+    ``templated_prompt`` lacked its leading ``<|im_start|>``."""
     assert run.main(["--device", "cpu", "--out_dir", str(tmp_path), "--no-plots", "--quiet", "--chat"]) == 0
+    assert "whitespace" not in capsys.readouterr().err
     document = _json(tmp_path, "SmolLM2-135M-Instruct")
     block = document["prompt"]
     assert block["chat_template"] is True and block["context_prompt"].startswith("Give the city name only")
-    assert block["templated_prompt"].startswith("system\n")
+    assert block["templated_prompt"].startswith("<|im_start|>system\n")
+    assert document["diagnostics"]["gold_alignment"]["warnings"] == []
     assert block["templated_prompt"].endswith("<|im_start|>user\n" + block["context_prompt"]
                                               + "<|im_end|>\n<|im_start|>assistant\n")
     assert document["gold_answer"]["variant"] == "no_space"  # the assistant's turn starts the answer

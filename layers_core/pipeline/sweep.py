@@ -19,6 +19,7 @@ from layers_core.collapse_rules import (
     COPY_MARGIN,
     COPY_THRESHOLD,
     ENTROPY_COLLAPSE_BITS,
+    PROMPT_ENDS_IN_SPACE,
     CopyRule,
     GoldAnswer,
     copy_collapse_flags,
@@ -502,6 +503,8 @@ def run_sweep(
     records = settings.records is not False
     decoder = decoder or TokenDecoder(model.tokenizer)
     gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
+    if settings.chat:  # the template's own newline ends the text: nothing the user typed
+        gold = {**gold, "warnings": [w for w in gold["warnings"] if w != PROMPT_ENDS_IN_SPACE]}
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device,
                                             settings.sublayers or settings.capture_mids,
                                             settings.truncate, gold["answer_ids"])

@@ -60,6 +60,12 @@ def timing_block(timing: Mapping[str, float], total_s: float) -> dict:
     return block
 
 
+def templated_prompt(lm: LensModel, analysis: PromptAnalysis) -> str:
+    """The chat-templated prompt as the model reads it: its tokens decoded, so a leading BOS
+    (``<|im_start|>`` on SmolLM2, which the template text shares) is shown, not dropped."""
+    return lm.bridge.tokenizer.decode(analysis.result.tokens[0].tolist())
+
+
 def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str, answer: str,
                            test_prompts: list[dict], provenance_block: dict) -> dict:
     """The document of a single-prompt run (without ``timing``, which the caller appends)."""
@@ -67,7 +73,7 @@ def single_prompt_document(lm: LensModel, analysis: PromptAnalysis, prompt: str,
     blocks = analysis.blocks
     return {
         "prompt": {"type": "prompt", "context_prompt": prompt, "ground_truth": answer,
-                   **({"chat_template": True, "templated_prompt": analysis.result.prompt}
+                   **({"chat_template": True, "templated_prompt": templated_prompt(lm, analysis)}
                       if analysis.result.prompt != prompt else {})},
         "test_prompts": test_prompts,
         "temperature_exploration": report.temperature_entries(model_last, lm.decoder),
