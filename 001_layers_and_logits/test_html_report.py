@@ -243,3 +243,28 @@ def test_sublayers_are_half_steps_in_the_heatmap(browser, tiny_dirs, tmp_path):
     labels = list(dict.fromkeys(c.get_attribute("data-layer") for c in cells))
     assert labels == ["3", "2½", "2", "1½", "1", "0½", "0"]  # top to bottom: the attn read of block b is b½
     assert _js_errors(browser) == []
+
+
+def test_every_lens_is_plotted_by_layer_when_some_have_half_steps(browser, tiny_dirs, tmp_path):
+    """With --sublayers the chosen lens has 2n+1 rows and the comparison lens n+1: plotted by row
+    index, the comparison's lines were squeezed into the left half (its last layer near n/2)."""
+    import re
+
+    out = tmp_path / "sub"
+    subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], "--sublayers", "--compare-lenses", "--out_dir",
+                    str(out), "--quiet"], check=True)
+    _open(browser, out / "output-llama.html")
+    charts = [chart for chart in browser.find_elements("css selector", "svg.chart")
+              if chart.find_elements("css selector", "path[data-lens]")]  # the line charts, not the bars
+    assert len(charts) == 4
+    for chart in charts:
+        ends = {}
+        for path in chart.find_elements("css selector", "path[data-lens]"):
+            xs = [float(x) for x in re.findall(r"[ML]([\d.]+) ", path.get_attribute("d"))]
+            if xs:
+                ends[path.get_attribute("data-lens")] = (min(xs), max(xs), len(xs))
+        assert {"final", "arch"} <= set(ends)
+        assert len({round(first, 1) for first, _, _ in ends.values()}) == 1  # layer 0 at one x
+        assert len({round(last, 1) for _, last, _ in ends.values()}) == 1  # the last layer at one x
+        assert ends["final"][2] == 7 and ends["arch"][2] == 4  # half-steps only where they exist
+    assert _js_errors(browser) == []

@@ -81,8 +81,14 @@ def _cells(records: Sequence[Mapping[str, Any]], vocab: _Vocabulary, window: int
             "cells": list(rows.values())}
 
 
+def _depth(row: Mapping[str, Any]) -> float:
+    """Where a row sits on the layer axis: its layer, or half a layer before it for the read after
+    attention (``--sublayers``), so every lens is plotted by layer, not by row index."""
+    return int(row["layer"]) - (0.5 if row.get("sublayer") == "attn" else 0.0)
+
+
 def _curve(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    return [{"layer": _layer_label(row), "entropy": _number(row.get("entropy")),
+    return [{"layer": _layer_label(row), "depth": _depth(row), "entropy": _number(row.get("entropy")),
              "p_answer": _number(row.get("p_answer")), "answer_rank": _number(row.get("answer_rank")),
              "kl_to_final_bits": _number(row.get("kl_to_final_bits"))} for row in rows]
 

@@ -31,13 +31,16 @@
     const text = svg("text", { x: left, y: 12, "font-size": 11 });
     text.textContent = title + (log ? " (log)" : "");
     box.append(text);
+    // x is the row's depth (layer; a read after attention half a layer before its block's): a
+    // lens with half-steps and one without share one axis
+    const depth = (row, i) => (row.depth ?? i);
     const points = [];
     for (const rows of Object.values(series)) rows.forEach((row, i) => {
       const v = row[key];
-      if (v !== null && v !== undefined && (!log || v > 0)) points.push([i, v]);
+      if (v !== null && v !== undefined && (!log || v > 0)) points.push([depth(row, i), v]);
     });
     if (!points.length) return box;
-    const n = Math.max(...Object.values(series).map((rows) => rows.length)) - 1 || 1;
+    const n = Math.max(...Object.values(series).flatMap((rows) => rows.map(depth))) || 1;
     const ys = points.map((p) => (log ? Math.log10(p[1]) : p[1]));
     let lo = Math.min(...ys), hi = Math.max(...ys);
     if (hi === lo) { hi += 1; lo -= log ? 1 : 0; }
@@ -52,7 +55,7 @@
     axis.textContent = "layer 0.." + n;
     box.append(axis);
     Object.entries(series).forEach(([lens, rows], index) => {
-      const path = rows.map((row, i) => [i, row[key]]).filter(([, v]) => v !== null && v !== undefined && (!log || v > 0))
+      const path = rows.map((row, i) => [depth(row, i), row[key]]).filter(([, v]) => v !== null && v !== undefined && (!log || v > 0))
         .map(([i, v], j) => (j ? "L" : "M") + X(i).toFixed(1) + " " + Y(v).toFixed(1)).join(" ");
       box.append(svg("path", { d: path, fill: "none", stroke: COLORS[index % COLORS.length], "stroke-width": 1.5,
                                "data-lens": lens }));
