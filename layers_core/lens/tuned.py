@@ -144,7 +144,7 @@ def read_lens_config(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{path}: not a valid tuned-lens config "
                          f"({type(error).__name__}: {first_line(error)})") from error
     if not isinstance(config, dict):

@@ -93,6 +93,8 @@ def parse_prompt_set(text: str, source: str = "<prompts>") -> list[PromptItem]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: not a prompt (JSON nested too deeply)") from None
         item = item_from_record(record, where, number)
         if item.prompt_id in seen:
             raise ValueError(f"{where}: duplicate id {item.prompt_id!r}")
