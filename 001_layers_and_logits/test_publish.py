@@ -272,3 +272,23 @@ def test_sigterm_to_a_multi_model_parent_lets_the_child_clean_up(tiny_dirs, tmp_
     assert parent.returncode == 143 and "terminated" in err and "Traceback" not in err
     assert staging() == []
     assert subprocess.run(["pgrep", "-f", "--", f"--out_dir {out}"], capture_output=True).returncode == 1
+
+
+def test_a_disk_that_fills_while_writing_is_one_line_and_keeps_the_earlier_files(tiny_dirs, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from layers_core.results import outputs
+
+    out = tmp_path / "out"
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "atomic_write", full)
+    code = run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots"])
+    captured = capsys.readouterr()
+    assert_clean_failure(captured, code, 1)
+    assert "write failed: OSError: [Errno 28] No space left on device (no error document: " in captured.err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

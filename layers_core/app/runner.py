@@ -451,9 +451,14 @@ def _staged_run(model_id: str | None, config: ExperimentConfig, base_dir: str, h
         # managed: the staging dir becomes run-<now>-failed; --out_dir: the error document goes
         # beside the model's earlier files, which only a successful run replaces
         target = staging if managed else home
-        write_error_document(output_paths(target, name)["error_json"], failure.error, failure.stage,
-                             source.model_id, {"model_source": source.kind, "model_path": source.path,
-                                               "argv": sys.argv})
+        try:
+            write_error_document(output_paths(target, name)["error_json"], failure.error, failure.stage,
+                                 source.model_id, {"model_source": source.kind, "model_path": source.path,
+                                                   "argv": sys.argv})
+        except OSError as unwritable:  # a full disk: the line still says what failed
+            shutil.rmtree(staging, ignore_errors=True)
+            print(f"{_error_line(name, failure)} (no error document: {first_line(unwritable)})", file=sys.stderr)
+            return EXIT_FAILED
         if managed:
             where = publish_staging_dir(staging, home, success=False)
         else:
