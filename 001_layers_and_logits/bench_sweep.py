@@ -110,6 +110,9 @@ def legacy_loop(model, prompt, answer, unembed, norms):
     str_tokens = model.to_str_tokens(prompt)
     answer_id = resolve_gold_answer(model.tokenizer, prompt, answer)["first_id"]
     prompt_ids = set(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    hf = model.original_model  # tied embeddings: the current token read back is never a copy
+    if hf.get_input_embeddings().weight.data_ptr() == hf.get_output_embeddings().weight.data_ptr():
+        prompt_ids.discard(int(tokens[0, -1]))
     final_logits, residuals = forward_with_residuals(model, tokens)
     rows, pure = [], []
     with torch.inference_mode():
@@ -150,6 +153,16 @@ def _same_tokens_up_to_ties(ours: list[str], theirs: list[str], probs: list[floa
     return all(sorted(a) == sorted(b) for p, (a, b) in groups.items() if p != probs[-1])
 
 
+def _as_decoded(text: str) -> str:
+    """A cell as ``decode`` would spell it: ``<0xE6>`` byte names back to bytes, invalid UTF-8 as
+    U+FFFD (the sweep names the bytes of a partial character; the loop's ``decode`` cannot)."""
+    import re
+
+    raw = b"".join(bytes([int(part[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", part) else part.encode()
+                   for part in re.split(r"(<0x[0-9A-F]{2}>)", text) if part)
+    return raw.decode("utf-8", errors="replace")
+
+
 def _check_agreement(sweep_records, sweep_pure, loop_rows, loop_pure) -> None:
     assert len(sweep_records) == len(loop_rows), (len(sweep_records), len(loop_rows))
     for ours, theirs in zip(sweep_records, loop_rows):
@@ -157,7 +170,7 @@ def _check_agreement(sweep_records, sweep_pure, loop_rows, loop_pure) -> None:
         assert abs(ours["entropy"] - theirs["entropy"]) < 1e-3, (ours["entropy"], theirs["entropy"])
         probs = [ours[f"prob{i + 1}"] for i in range(k)]
         assert all(abs(a - b) < 1e-6 for a, b in zip(probs, theirs["probs"])), (probs, theirs)
-        assert _same_tokens_up_to_ties([ours[f"top{i + 1}"] for i in range(k)], theirs["texts"],
+        assert _same_tokens_up_to_ties([_as_decoded(ours[f"top{i + 1}"]) for i in range(k)], theirs["texts"],
                                        theirs["probs"]), (ours, theirs)
     for ours, theirs in zip(sweep_pure, loop_pure, strict=True):
         assert abs(ours["p_answer"] - theirs["p_answer"]) < 1e-6
