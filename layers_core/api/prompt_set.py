@@ -28,7 +28,7 @@ from layers_core.results.document import prompt_entry, provenance, with_timing
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PromptItem
 from layers_core.results.set_document import prompt_set_document, set_picture_title
-from layers_core.results.set_files import PROMPTS_SUFFIX, SetFileWriter, finish_set_files
+from layers_core.results.set_files import PROMPTS_SUFFIX, SetFacts, SetFileWriter, finish_set_files
 from layers_core.results.tables import frame_from_rows
 from layers_core.run_dir import output_paths
 
@@ -155,11 +155,11 @@ class SweepSet:
         """The JSON document and pictures of a set whose prompts ``writer`` wrote (and closed)."""
         count = len(writer.indices)
         with timed(self.timing, "plots_s" if plots else "write_s"):
-            self.written_document = finish_set_files(
-                paths, indices=writer.indices, strategy=writer.comparison_strategy, records=self.records,
-                set_info=self._set_info(count), model_stats=report.model_stats(self.lm.bridge),
-                provenance=self._provenance(), title=self._title(count), lens_name=self.settings.view,
-                plots=plots, timing=self.timing, total_s=total_seconds(self))
+            facts = SetFacts(writer.indices, writer.comparison_strategy, self.records, self._set_info(count),
+                             report.model_stats(self.lm.bridge), self._provenance(), self._title(count),
+                             self.settings.view)
+            self.written_document = finish_set_files(paths, facts, plots=plots, timing=self.timing,
+                                                     total_s=total_seconds(self))
         return self.written_document
 
 

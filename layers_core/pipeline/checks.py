@@ -19,6 +19,7 @@ from layers_core.numerics import kl_bits_from_log_probs
 from layers_core.pipeline.capture import ALL_POSITIONS, capture
 from layers_core.pipeline.decode import raw_check_layers, transformed_rows
 from layers_core.pipeline.sweep import (
+    CopySource,
     Forwarded,
     SweepResult,
     SweepSettings,
@@ -54,9 +55,10 @@ def compare_lenses(model: Any, result: SweepResult, settings: SweepSettings,
         agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
     other = settings.comparison_view
     vocab = decoder.decode_many(stats.topk_ids.flatten().tolist())
-    rows = build_pure_rows(stats, prompt_token_ids(model.tokenizer, result.prompt), result.gold,
+    source = CopySource(prompt_token_ids(model.tokenizer, result.prompt), echo_token(model, result.tokens))
+    rows = build_pure_rows(stats, source, result.gold,
                            vocab, replace(settings, norm_strategy=other, lens=None),
-                           position=int(result.tokens.shape[1]) - 1, echo_id=echo_token(model, result.tokens))
+                           position=int(result.tokens.shape[1]) - 1)
     per_layer = [{"layer": layer, "top1_agree": bool(a), "kl_chosen_to_other_bits": k}
                  for layer, (a, k) in enumerate(zip(agree, kl))]
     return LensComparison(other, rows, per_layer)

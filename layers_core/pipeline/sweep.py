@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -223,22 +223,28 @@ def build_records(stats: LensStats, str_tokens: Sequence[str], vocab: dict[int, 
     return rows
 
 
+class CopySource(NamedTuple):
+    """What the copy rule compares a layer's top-1 with: the prompt's token ids, and with tied
+    embeddings the current token (``echo_id``), which no copy flag counts (``copy_collapse_flags``)."""
+
+    prompt_ids: Sequence[int]
+    echo_id: int | None = None
+
+
 def build_pure_rows(
     stats: LensStats,
-    prompt_ids: Iterable[int],
+    source: CopySource,
     gold: GoldAnswer,
     vocab: dict[int, str],
     settings: SweepSettings,
     position: int | None = None,
     first_layer: int = 0,
-    echo_id: int | None = None,
 ) -> list[dict]:
     """One row per layer at the last position: top-5, flags and metrics .
 
-    ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position;
-    ``echo_id`` (tied embeddings): the current token, which no copy flag counts
-    (``copy_collapse_flags``).
+    ``position`` labels the rows' ``pos`` when ``stats`` holds only the last position.
     """
+    prompt_ids, echo_id = source
     last = stats.entropy_bits.shape[1] - 1
     entropy = stats.entropy_bits[:, last]
     ids, probs = stats.topk_ids[:, last], stats.topk_probs[:, last]
@@ -545,13 +551,13 @@ def run_sweep(
     mid_records, mid_pure = [], []
     if mid_stats is not None:
         mid_records = build_records(mid_stats, str_tokens, vocab, first_layer=1) if records else []
-        mid_pure = build_pure_rows(mid_stats, prompt_ids, gold, vocab, settings, position, first_layer=1,
-                                   echo_id=echo)
+        mid_pure = build_pure_rows(mid_stats, CopySource(prompt_ids, echo), gold, vocab, settings, position,
+                                   first_layer=1)
     return SweepResult(
         prompt=prompt, tokens=forwarded.tokens, str_tokens=str_tokens, gold=gold,
         model_logits=forwarded.model_logits,
         records=build_records(stats, str_tokens, vocab) if records else [],
-        pure_rows=build_pure_rows(stats, prompt_ids, gold, vocab, settings, position=position, echo_id=echo),
+        pure_rows=build_pure_rows(stats, CopySource(prompt_ids, echo), gold, vocab, settings, position=position),
         norm_per_layer=lens_description(lens, len(residuals) - 1),
         resid_normed=lens_rows if every_position else [], last_position_resid=last_position_resid, views=views,
         warnings=list(getattr(lens, "warnings", [])),

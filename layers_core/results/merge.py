@@ -275,10 +275,10 @@ def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = Tr
     set_info = {key: value for key, value in first["prompt_set"].items() if key not in ("count", "indices")}
     set_info.update(shard=None, merged_from=sorted({p.directory for p in parts}))
     lens_name = first["prompt_set"]["settings"]["lens"]
-    return set_files.finish_set_files(
-        paths, indices=[order[pid] for pid in merged_ids], strategy=strategy, records=records, set_info=set_info,
-        model_stats=first["model_stats"], provenance=first["provenance"],
-        title=set_picture_title(name, lens_name, len(merged_ids)), lens_name=lens_name, plots=plots)
+    facts = set_files.SetFacts([order[pid] for pid in merged_ids], strategy, records, set_info,
+                               first["model_stats"], first["provenance"],
+                               set_picture_title(name, lens_name, len(merged_ids)), lens_name)
+    return set_files.finish_set_files(paths, facts, plots=plots)
 
 
 def comparison_rows(models: Mapping[str, tuple[int, Iterable[Mapping]]]) -> list[dict]:

@@ -261,10 +261,25 @@ def report_outcomes(paths: Mapping[str, str], strategy: str, summary_rows: Seque
             for index, row in zip(indices, shown)]
 
 
-def finish_set_files(paths: Mapping[str, str], *, indices: Sequence[int], strategy: str, records: bool,
-                     set_info: Mapping[str, Any], model_stats: dict, provenance: dict, title: str,
-                     lens_name: str, plots: bool, timing: Mapping[str, Any] | None = None,
-                     total_s: float = 0.0) -> dict:
+@dataclass(frozen=True)
+class SetFacts:
+    """What a set's document says beyond its files: the prompts' ``indices`` in the source file,
+    the comparison lens (``strategy``), whether ``records`` were written, the rest of the
+    ``prompt_set`` block (``set_info``), ``model_stats``, ``provenance``, the pictures' ``title``
+    and the chosen lens's name (``lens_name``)."""
+
+    indices: Sequence[int]
+    strategy: str
+    records: bool
+    set_info: Mapping[str, Any]
+    model_stats: dict
+    provenance: dict
+    title: str
+    lens_name: str
+
+
+def finish_set_files(paths: Mapping[str, str], facts: SetFacts, *, plots: bool,
+                     timing: Mapping[str, Any] | None = None, total_s: float = 0.0) -> dict:
     """The JSON document (and, with ``plots``, the pictures and HTML report) of a set whose CSVs
     and prompts JSONL are written; returns the document."""
     from layers_core.results import outputs
@@ -272,12 +287,12 @@ def finish_set_files(paths: Mapping[str, str], *, indices: Sequence[int], strate
 
     digest = digest_summary(read_summary(paths["summary"]))
     if plots:
-        outcomes = report_outcomes(paths, strategy, digest.first_rows, indices, records)
-        outputs.write_set_pictures(paths, outcomes, int(model_stats["num_layers"]), title, lens_name,
-                                   summary=digest.first_rows, total=digest.count)
-    set_info = {**set_info, "comparison": strategy}
-    document = prompt_set_document(digest.aggregate(), indices, set_info, model_stats, provenance,
-                                   os.path.basename(prompts_path(paths)))
+        outcomes = report_outcomes(paths, facts.strategy, digest.first_rows, facts.indices, facts.records)
+        outputs.write_set_pictures(paths, outcomes, int(facts.model_stats["num_layers"]), facts.title,
+                                   facts.lens_name, summary=digest.first_rows, total=digest.count)
+    set_info = {**facts.set_info, "comparison": facts.strategy}
+    document = prompt_set_document(digest.aggregate(), facts.indices, set_info, facts.model_stats,
+                                   facts.provenance, os.path.basename(prompts_path(paths)))
     if timing is not None:
         from layers_core.results.document import with_timing
 
