@@ -116,6 +116,37 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 PROMPT_ENDS_IN_SPACE = ("the prompt ends in whitespace: the answer is scored as its continuation "
                         "(no second space); drop the trailing space to score the answer with its own")
 
+ANSWER_JOINS = ("auto", "space", "none")  # how an answer follows its prompt (``answer_join``)
+_OPENERS = set("\"'“‘«‹([{「『【〈《〔｛（［`")
+_OPENS_A_QUOTE = set(":=([{") # a straight quote after these (or whitespace, or nothing) opens
+# scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, CJK
+# punctuation, Hiragana/Katakana, Han (and extensions), fullwidth forms
+_UNSPACED = ((0x0E00, 0x0FFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3000, 0x30FF), (0x3400, 0x4DBF),
+             (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF), (0x20000, 0x2FA1F))
+
+
+def _unspaced_script(char: str) -> bool:
+    return any(low <= ord(char) <= high for low, high in _UNSPACED)
+
+
+def answer_join(prompt: str, join: str = "auto") -> str:
+    """How the answer follows ``prompt``: ``"space"`` or ``"none"``. ``join="auto"`` reads the
+    prompt's last character: none after whitespace (a newline, a chat template's turn), after an
+    opening quote or bracket (``Deutsch: "`` → ``Buch``), and after a script written without
+    spaces (``日本の首都は`` → ``東京``); a space after anything else (a word, a digit, punctuation
+    that ends a clause, a closing quote). A straight quote opens when whitespace, ``:``, ``=`` or a
+    bracket (or nothing) comes before it."""
+    if join not in ANSWER_JOINS:
+        raise ValueError(f"answer_join must be one of {', '.join(ANSWER_JOINS)}, got {join!r}")
+    if join != "auto":
+        return join
+    if not prompt or prompt[-1].isspace() or _unspaced_script(prompt[-1]):
+        return "none"
+    last, before = prompt[-1], prompt[-2:-1]
+    if last in "\"'" and before and not (before.isspace() or before in _OPENS_A_QUOTE):
+        return "space"  # a closing quote
+    return "none" if last in _OPENERS else "space"
+
 
 class GoldAnswer(TypedDict):
     """The answer resolved to token ids (``resolve_gold_answer``); the JSON's ``gold_alignment``."""
@@ -130,33 +161,34 @@ class GoldAnswer(TypedDict):
     warnings: list[str]
 
 
-def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *,
-                        space_first: bool = True) -> GoldAnswer:
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, join: str = "auto") -> GoldAnswer:
     """Resolves the answer to token ids as the continuation of ``prompt``.
 
     The answer's leading and trailing whitespace never becomes a token: ``" Buenos Aires"`` is
-    ``"Buenos Aires"``. Tries ``prompt + " " + answer`` (``with_space``) then ``prompt + answer``
-    (``no_space``); a variant counts only if its ids start with the prompt's ids. A prompt that
-    ends in whitespace already holds the space: the answer is its continuation (``no_space``, the
-    answer's own ids where the tokenizer would merge the space), never a second space, and
-    ``warnings`` says so. ``space_first=False`` tries ``no_space`` first (an assistant turn starts
-    without a space). Returns ``{string, pieces, first_id, answer_ids, variant, ok, status,
-    warnings}``; unresolved → ``first_id`` None, ``ok`` False; no answer (None) → status
-    ``no_answer``.
+    ``"Buenos Aires"``. ``join`` (``answer_join``: ``auto`` by the prompt's last character,
+    ``space`` or ``none``) picks ``prompt + " " + answer`` (``with_space``) or ``prompt + answer``
+    (``no_space``); a variant counts only if its ids start with the prompt's ids, and under
+    ``auto`` the other variant is the fallback. A prompt that ends in whitespace already holds the
+    space: the answer is its continuation (the answer's own ids where the tokenizer would merge
+    the space), and a trailing space or tab the user typed is warned about. Returns ``{string,
+    pieces, first_id, answer_ids, variant, ok, status, warnings}``; unresolved → ``first_id``
+    None, ``ok`` False; no answer (None) → status ``no_answer``.
     """
     if answer is None or not answer.strip():
         return _unresolved(None, "no_answer", [])
     answer = answer.strip()
     prompt_ids = _encode(tokenizer, prompt)
+    chosen = answer_join(prompt, join)
     ends_in_space = prompt[-1:].isspace()
-    warnings = [PROMPT_ENDS_IN_SPACE] if ends_in_space else []
-    variants = ((VARIANT_WITH_SPACE, f"{prompt} {answer}"), (VARIANT_NO_SPACE, prompt + answer))
-    order = variants if space_first and not ends_in_space else variants[::-1]
-    for variant, text in order[:1] if ends_in_space else order:
+    warnings = [PROMPT_ENDS_IN_SPACE] if prompt[-1:] in (" ", "\t") else []
+    variants = {"space": (VARIANT_WITH_SPACE, f"{prompt} {answer}"), "none": (VARIANT_NO_SPACE, prompt + answer)}
+    order = [variants[chosen]] + ([variants["space" if chosen == "none" else "none"]]
+                                  if join == "auto" and not ends_in_space else [])
+    for variant, text in order:
         ids = _encode(tokenizer, text)
         if ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids):
             return _resolved(tokenizer, answer, ids[len(prompt_ids):], variant, warnings)
-    if ends_in_space:  # "is " + "Berlin" merges the space into "ĠBerlin": the continuation is "Berlin"
+    if ends_in_space and chosen == "none":  # "is " + "Berlin" merges the space into "ĠBerlin"
         return _resolved(tokenizer, answer, _encode(tokenizer, answer), VARIANT_NO_SPACE, warnings)
     return _unresolved(answer, "unresolved", warnings)
 

@@ -166,7 +166,8 @@ class SweepSet:
 def settings_record(settings: SweepSettings) -> dict:
     """The settings a merge must find equal across shards."""
     return {"norm": settings.norm_strategy, "lens": settings.view, "copy_threshold": settings.copy_threshold,
-            "copy_margin": settings.copy_margin, "copy_entropy_fallback": settings.copy_entropy_fallback}
+            "copy_margin": settings.copy_margin, "copy_entropy_fallback": settings.copy_entropy_fallback,
+            "answer_join": settings.answer_join}
 
 
 def _items(items: Iterable[PromptItem | Mapping[str, Any]]) -> list[PromptItem]:

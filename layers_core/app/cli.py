@@ -158,6 +158,10 @@ class ExperimentConfig:
     chat: bool = setting(False, "--chat", group=PROMPT,
                          help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
                               "generation prompt); the answer is scored as the assistant's first token(s)")
+    answer_join: str = setting("auto", "--answer-join", group=PROMPT, choices=("auto", "space", "none"),
+                               help="how the answer follows the prompt: auto (no space after whitespace, an "
+                                    "opening quote or bracket, or Chinese/Japanese/Thai text; else a space), "
+                                    "space or none (default: auto; a set's item may say its own)")
     truncate: str = setting("none", "--truncate", group=PROMPT, choices=("none", "left"),
                             help="a prompt longer than the model's context: refuse it (none) or keep its last "
                                  "tokens (left; recorded in the JSON) (default: none)")

@@ -150,6 +150,7 @@ def _sweep_settings(config: ExperimentConfig) -> Any:
                          copy_margin=config.copy_margin, copy_entropy_fallback=config.copy_entropy_fallback,
                          lens_path=config.lens_path, allow_foreign_lens=config.allow_foreign_lens,
                          chat=config.chat, truncate=None if config.truncate == "none" else config.truncate,
+                         answer_join=config.answer_join,
                          sublayers=config.sublayers, compare_lenses=config.compare_lenses, track=config.track,
                          records=config.records or None, batch_size=config.batch_size)  # None: a prompt does
 
@@ -256,7 +257,8 @@ def _checkpoint_settings(config: ExperimentConfig, lm: Any) -> dict:
     return {**loaded, "norm": config.norm_strategy, "lens": config.lens, "lens_path": config.lens_path,
             "copy_threshold": config.copy_threshold,
             "copy_margin": config.copy_margin, "copy_entropy_fallback": config.copy_entropy_fallback,
-            "records": config.records, "shard": config.shard, "prompts_sha256": digest}
+            "records": config.records, "shard": config.shard, "prompts_sha256": digest,
+            "answer_join": config.answer_join}
 
 
 def _foreign_lens_problem(config: ExperimentConfig, model_id: str | None) -> str | None:

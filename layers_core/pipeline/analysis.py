@@ -133,12 +133,12 @@ def analyse_prompt(
     }
     split = None
     if attribution:
-        split, blocks["attribution"] = _attribution(model, result, answer, control)
+        split, blocks["attribution"] = _attribution(model, result, answer, control, settings.answer_join)
     return PromptAnalysis(result, comparison, consistency, blocks, split)
 
 
-def _attribution(model: Any, result: SweepResult, answer: str | None,
-                 control: tuple[str, str] | None) -> tuple[Attribution | None, dict]:
+def _attribution(model: Any, result: SweepResult, answer: str | None, control: tuple[str, str] | None,
+                 join: str = "auto") -> tuple[Attribution | None, dict]:
     """The answer logit's split (against the control answer where there is one) and its block."""
     answer_id = result.gold["first_id"]
     note = "no attribution: no answer" if answer_id is None else not_decomposable(model)
@@ -146,7 +146,7 @@ def _attribution(model: Any, result: SweepResult, answer: str | None,
         return None, attribution_block(None, note, answer, None)
     control_id = None
     if control is not None:
-        control_id = resolve_gold_answer(model.tokenizer, control[0], control[1])["first_id"]
+        control_id = resolve_gold_answer(model.tokenizer, control[0], control[1], join=join)["first_id"]
     snapshots = None
     if result.last_position_mids is not None:
         snapshots = (result.last_position_resid, result.last_position_mids)

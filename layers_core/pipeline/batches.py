@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from layers_core.collapse_rules import resolve_gold_answer
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.analysis import PromptAnalysis, analyse_prompt
 from layers_core.pipeline.decode import decode_views, transformed_rows, view_rows
-from layers_core.pipeline.prompts import default_control
+from layers_core.pipeline.prompts import chat_text, default_control
 from layers_core.pipeline.sweep import Forwarded, PromptTooLong, SweepSettings, forward_batch, too_long_prompts
 from layers_core.results.prompt_sets import PromptItem
 
@@ -44,6 +44,21 @@ def check_prompt_lengths(lm: LensModel, items: Sequence[PromptItem], truncate: s
         raise PromptTooLong(f"{which}prompt {prompt_id!r} is {length} tokens and {cfg.model_name} reads at most "
                             f"{int(cfg.n_ctx)}{more}; shorten it, or --truncate left keeps the last tokens of "
                             "every long prompt")
+
+
+def as_analysed(lm: LensModel, settings: SweepSettings, item: PromptItem) -> PromptItem:
+    """The item as the model reads it: with ``settings.chat`` its prompt (and control prompt) as
+    one user turn of the chat template, as ``sweep`` does; else the item itself."""
+    if not settings.chat:
+        return item
+    tokenizer = lm.bridge.tokenizer
+    control = None if item.control_prompt is None else chat_text(tokenizer, item.control_prompt)
+    return replace(item, prompt=chat_text(tokenizer, item.prompt), control_prompt=control)
+
+
+def item_settings(settings: SweepSettings, item: PromptItem) -> SweepSettings:
+    """The set's settings with the item's own ``answer_join``, if it names one."""
+    return settings if item.answer_join is None else replace(settings, answer_join=item.answer_join)
 
 
 def default_batch_size(lm: LensModel, items: Sequence[PromptItem]) -> int:
@@ -89,9 +104,12 @@ def analyse_batches(lm: LensModel, todo: Sequence[tuple[int, PromptItem]], setti
     position decoded when ``settings.records``). A prompt keeps its rows, not its ``[L, V]`` views."""
     device = lm.unembed.W_U.device
     group, buffer = _view_groups(lm, settings, batch_size)
-    for batch in length_sorted_batches(lm, list(todo), batch_size):
+    typed = dict(todo)  # the items as given: their outcomes keep the prompt the user wrote
+    analysed = [(index, as_analysed(lm, settings, item)) for index, item in todo]
+    for batch in length_sorted_batches(lm, analysed, batch_size):
         started = time.perf_counter()
-        answers = [resolve_gold_answer(lm.bridge.tokenizer, item.prompt, item.answer)["answer_ids"]
+        answers = [resolve_gold_answer(lm.bridge.tokenizer, item.prompt, item.answer,
+                                       join=item_settings(settings, item).answer_join)["answer_ids"]
                    for _, item in batch]  # carried by the same forward: p_sequence needs no other
         prompts = [item.prompt for _, item in batch]
         forwarded = (forward_batch(lm.bridge, prompts, device, answers, settings.truncate)
@@ -111,7 +129,7 @@ def analyse_batches(lm: LensModel, todo: Sequence[tuple[int, PromptItem]], setti
                 else:
                     passed.views = None
                 analysis.result.views = None  # [L, V] log-probs (in the buffer, reused next group)
-                done.append(AnalysedPrompt(index, item, analysis, timing))
+                done.append(AnalysedPrompt(index, typed[index], analysis, timing))
         yield AnalysedBatch(done, forward_s, time.perf_counter() - started - forward_s)
 
 
@@ -120,8 +138,8 @@ def _analyse(lm: LensModel, item: PromptItem, settings: SweepSettings, forwarded
     """One prompt of a batch through ``analyse_prompt``, timed as ``sweep`` times a prompt."""
     control = False if item.control_prompt is None else (item.control_prompt, item.control_answer)
     started = time.perf_counter()
-    analysis = analyse_prompt(lm, settings, item.prompt, item.answer, default_control(item.prompt, control),
-                              forwarded, control_forwarded)
+    analysis = analyse_prompt(lm, item_settings(settings, item), item.prompt, item.answer,
+                              default_control(item.prompt, control), forwarded, control_forwarded)
     forward_s = analysis.result.timing["forward_s"] if forwarded is None else 0.0
     return analysis, {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
 

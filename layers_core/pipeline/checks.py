@@ -111,9 +111,8 @@ def control_margins(model: Any, control_prompt: str, control_answer: str, main_a
     with torch.inference_mode():
         rows = transformed_rows(lens, [resid[-1:] for resid in residuals])
         probs = unembed.log_probs(torch.cat(rows)).exp()
-    space_first = not settings.chat
-    control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer, space_first=space_first)
-    main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer, space_first=space_first)
+    control = resolve_gold_answer(model.tokenizer, control_prompt, control_answer, join=settings.answer_join)
+    main = resolve_gold_answer(model.tokenizer, control_prompt, main_answer, join=settings.answer_join)
     if control["first_id"] is None or main["first_id"] is None:
         return {"control_prompt": control_prompt, "control_answer": control_answer,
                 "status": "unresolved", "per_layer": [], "first_control_margin_pos": None,

@@ -94,6 +94,7 @@ class SweepSettings:
     lens_path: str | None = None  # a fitted lens's file or directory (None: the model's lens cache)
     allow_foreign_lens: bool = False  # apply a fitted lens whose fingerprint names another model
     chat: bool = False  # prompts are chat-templated: the answer is the assistant's first token(s)
+    answer_join: str = "auto"  # how the answer follows the prompt: auto | space | none (answer_join())
     truncate: str | None = None  # "left": a prompt longer than the context keeps its end
     sublayers: bool = False  # also decode each block's residual after attention (hook_resid_mid)
     keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
@@ -508,7 +509,7 @@ def run_sweep(
     """
     records = settings.records is not False
     decoder = decoder or TokenDecoder(model.tokenizer)
-    gold = resolve_gold_answer(model.tokenizer, prompt, answer, space_first=not settings.chat)
+    gold = resolve_gold_answer(model.tokenizer, prompt, answer, join=settings.answer_join)
     if settings.chat:  # the template's own newline ends the text: nothing the user typed
         gold = {**gold, "warnings": [w for w in gold["warnings"] if w != PROMPT_ENDS_IN_SPACE]}
     forwarded = forwarded or forward_prompt(model, prompt, unembed.W_U.device,

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from layers_core.collapse_rules import ANSWER_JOINS
+
 SUMMARY_COLUMNS = [
     "prompt_id", "prompt", "answer", "prompt_tokens", "answer_tokens", "L_copy", "L_copy_strict", "L_semantic",
     "L_semantic_stable", "L_semantic_margin",
@@ -35,6 +37,7 @@ class PromptItem:
     answer: str
     control_prompt: str | None = None
     control_answer: str | None = None
+    answer_join: str | None = None  # auto | space | none: this item's joining (None: the set's)
 
 
 def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -46,7 +49,7 @@ def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool)
     return value
 
 
-PROMPT_KEYS = ("id", "prompt", "answer", "control_prompt", "control_answer")
+PROMPT_KEYS = ("id", "prompt", "answer", "control_prompt", "control_answer", "answer_join")
 
 
 def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
@@ -63,8 +66,11 @@ def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
     control_answer = _text_field(record, "control_answer", where, required=False)
     if (control_prompt is None) != (control_answer is None):
         raise ValueError(f"{where}: 'control_prompt' and 'control_answer' go together")
+    join = record.get("answer_join")
+    if join is not None and join not in ANSWER_JOINS:
+        raise ValueError(f"{where}: 'answer_join' must be one of {', '.join(ANSWER_JOINS)}, got {join!r}")
     return PromptItem(str(record.get("id", default_id)), _text_field(record, "prompt", where, True),
-                      _text_field(record, "answer", where, True), control_prompt, control_answer)
+                      _text_field(record, "answer", where, True), control_prompt, control_answer, join)
 
 
 def check_unique_ids(items: Sequence[PromptItem]) -> None:

@@ -1,0 +1,85 @@
+"""Answers as the model writes them (#32): the joining of answer to prompt, chosen by the prompt's
+end or named per call and per item, and the same p_sequence batched or not, for every joining."""
+
+import json
+
+import pytest
+import run
+
+import layers_core as lc
+from layers_core.collapse_rules import answer_join, resolve_gold_answer
+from layers_core.results.set_files import read_prompt_entries
+
+QUOTE = 'Français: "chat" - Deutsch: "Katze" - Français: "livre" - Deutsch: "'
+
+
+@pytest.mark.parametrize("prompt,join", [
+    (QUOTE, "none"), ("He said (", "none"), ("Answer:\n", "none"), ("The capital is ", "none"),
+    ("日本の首都は", "none"), ("首都は「", "none"), ("เมืองหลวงคือ", "none"),
+    ("The capital of France is", "space"), ("It is 42", "space"), ("Wait.", "space"),
+    ('He said "yes"', "space"), ("x = '", "none"), ("Question: what is it?", "space"),
+    ("", "none"),
+])
+def test_auto_joins_by_the_prompts_last_character(prompt, join):
+    assert answer_join(prompt) == join
+    assert answer_join(prompt, "space") == "space" and answer_join(prompt, "none") == "none"
+
+
+def test_an_unknown_joining_is_refused():
+    with pytest.raises(ValueError, match="answer_join must be one of auto, space, none"):
+        answer_join("x", "spaces")
+
+
+def test_a_quote_ending_prompt_scores_the_word_as_the_model_writes_it(bundled_model_dir):
+    """It scored '▁Buch'/'ĠBuch' (p_sequence 3.5e-5) while the model writes 'Buch' (0.129)."""
+    lm = lc.load(bundled_model_dir, device="cpu")
+    tokenizer = lm.bridge.tokenizer
+    gold = resolve_gold_answer(tokenizer, QUOTE, "Buch")
+    assert gold["variant"] == "no_space" and not gold["pieces"][0].startswith("Ġ")
+    spaced = resolve_gold_answer(tokenizer, QUOTE, "Buch", join="space")
+    assert spaced["variant"] == "with_space" and spaced["pieces"][0].startswith("Ġ")
+    auto = lc.sweep(lm, QUOTE, "Buch", control=False)
+    forced = lc.sweep(lm, QUOTE, "Buch", control=False, settings=lc.SweepSettings(answer_join="space"))
+    p_auto, p_forced = auto.document["gold_answer"]["p_sequence"], forced.document["gold_answer"]["p_sequence"]
+    assert p_auto > 10 * p_forced  # the model writes it without the space (26× on SmolLM2)
+    assert auto.diagnostics["gold_alignment"]["variant"] == "no_space"
+
+
+FACTS = [{"id": "quote", "prompt": QUOTE, "answer": "Buch"},
+         {"id": "word", "prompt": "The capital of Germany is", "answer": "Berlin"},
+         {"id": "space", "prompt": "The capital of France is ", "answer": "Paris"},
+         {"id": "forced", "prompt": "The capital of Italy is", "answer": "Rome", "answer_join": "none"}]
+
+
+@pytest.mark.parametrize("join", ["auto", "space", "none"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_batched_and_unbatched_sets_agree_on_p_sequence_for_every_joining(bundled_model_dir, join, chat):
+    """With chat=True, batched sweep_set reported the with-space p_sequence (3.47e-5 next to the
+    tokens ['Buch']) while batch_size=1 gave 0.1287."""
+    lm = lc.load(bundled_model_dir, device="cpu")
+    results = {}
+    for batch in (1, 4):
+        settings = lc.SweepSettings(answer_join=join, chat=chat, batch_size=batch)
+        results[batch] = {e["prompt_id"]: e for e in lc.sweep_set(lm, FACTS, settings=settings).entries}
+    for prompt_id, one in results[1].items():
+        many = results[4][prompt_id]
+        assert many["gold_answer"]["pieces"] == one["gold_answer"]["pieces"], prompt_id
+        assert many["gold_answer"]["p_sequence"] == pytest.approx(one["gold_answer"]["p_sequence"], rel=1e-4)
+    if join == "auto" and not chat:
+        assert results[1]["quote"]["diagnostics"]["gold_alignment"]["variant"] == "no_space"
+        assert results[1]["forced"]["diagnostics"]["gold_alignment"]["variant"] == "no_space"  # the item's own
+        assert results[1]["word"]["diagnostics"]["gold_alignment"]["variant"] == "with_space"
+
+
+def test_the_command_line_and_a_set_item_name_the_joining(tiny_dirs, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(f) for f in FACTS) + "\n")
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--prompts", str(facts), "--out_dir",
+                     str(tmp_path / "a"), "--quiet", "--no-plots", "--answer-join", "space"]) == 0
+    entries = {e["prompt_id"]: e for e in read_prompt_entries(tmp_path / "a" / "output-llama-prompts.jsonl")}
+    variants = {pid: e["diagnostics"]["gold_alignment"]["variant"] for pid, e in entries.items()}
+    assert variants["quote"] == "with_space" and variants["forced"] == "no_space"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "answer": "y", "answer_join": "both"}) + "\n")
+    with pytest.raises(ValueError, match="'answer_join' must be one of auto, space, none, got 'both'"):
+        lc.sweep_set(lc.load(tiny_dirs["llama"], device="cpu"), [json.loads(bad.read_text())])
