@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm before a kill): unwinds exactly like Ctrl-C (``app.main``
+    raises it from its signal handler)."""
+
+
 def first_line(error: BaseException, limit: int | None = None) -> str:
     """The first non-blank line of ``error``'s message (its class name if it has none), cut to
     ``limit`` characters with an ellipsis where given."""

@@ -69,7 +69,7 @@ def run_child(command: list[str]) -> int:
     try:
         return child.wait()
     except KeyboardInterrupt as stop:  # Terminated too (a subclass)
-        from layers_core.app.main import Terminated
+        from layers_core.errors import Terminated
 
         with suppress(ProcessLookupError):
             child.send_signal(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)

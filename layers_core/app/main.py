@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from layers_core.app import collector
 from layers_core.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, RUN_PROG, build_parser, parse_config
+from layers_core.errors import Terminated
 
 __all__ = ["build_parser", "main", "script_main", "default_base_dir"]  # build_parser: the run subcommand's
 
@@ -28,10 +29,6 @@ def default_base_dir() -> str:
     checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script_dir = os.path.join(checkout, SCRIPT_DIR_NAME)
     return script_dir if os.path.isfile(os.path.join(script_dir, "run.py")) else os.getcwd()
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, Slurm before a kill): unwinds exactly like Ctrl-C."""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

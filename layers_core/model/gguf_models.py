@@ -294,10 +294,9 @@ def ensure_packaged(model: PackagedModel, cache_root: str) -> str:
 HASH_INDEX = "gguf-hashes.json"  # path|size|mtime → sha256 and header facts: a 40 GB file is read once
 
 
-def cached_gguf_facts(gguf_path: str, cache_root: str) -> dict:
-    """``{sha256, architecture, quantization}`` of the file, remembered in the cache root under
-    its path, size and mtime (a file changed in place gets a new entry): neither the hash nor the
-    header parse (seconds for a large file) is repeated."""
+def _cached_facts(gguf_path: str, cache_root: str, header: bool) -> dict:
+    """The index entry of the file (path, size, mtime), completed with its sha256 and, with
+    ``header``, its header facts, whichever it lacks; written back when it grew."""
     stat = os.stat(gguf_path)
     key = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}"
     index_path = os.path.join(cache_root, HASH_INDEX)
@@ -306,18 +305,30 @@ def cached_gguf_facts(gguf_path: str, cache_root: str) -> dict:
             index = json.load(handle)
     except (OSError, ValueError):
         index = {}
-    facts = index.get(key) if isinstance(index, dict) else None
-    if not isinstance(facts, dict):  # absent, or a sha256 alone (before the header was cached)
-        facts = {**gguf_metadata(gguf_path), "sha256": sha256_of(gguf_path)}
-        index = {**(index if isinstance(index, dict) else {}), key: facts}
+    index = index if isinstance(index, dict) else {}
+    facts = index.get(key)
+    facts = {"sha256": facts} if isinstance(facts, str) else dict(facts) if isinstance(facts, dict) else {}
+    before = dict(facts)
+    if "sha256" not in facts:
+        facts["sha256"] = sha256_of(gguf_path)
+    if header and "architecture" not in facts:
+        facts.update(gguf_metadata(gguf_path))
+    if facts != before:
         os.makedirs(cache_root, exist_ok=True)
-        atomic_write(index_path, json.dumps(index, indent=1))
+        atomic_write(index_path, json.dumps({**index, key: facts}, indent=1))
     return facts
 
 
+def cached_gguf_facts(gguf_path: str, cache_root: str) -> dict:
+    """``{sha256, architecture, quantization}`` of the file, remembered in the cache root under
+    its path, size and mtime (a file changed in place gets a new entry): neither the hash nor the
+    header parse (seconds for a large file) is repeated."""
+    return _cached_facts(gguf_path, cache_root, header=True)
+
+
 def cached_sha256(gguf_path: str, cache_root: str) -> str:
-    """The file's sha256 (``cached_gguf_facts``)."""
-    return cached_gguf_facts(gguf_path, cache_root)["sha256"]
+    """The file's sha256, remembered as ``cached_gguf_facts`` remembers it (the header unread)."""
+    return _cached_facts(gguf_path, cache_root, header=False)["sha256"]
 
 
 def _packaged_entry_of(digest: str, cache_root: str) -> str | None:

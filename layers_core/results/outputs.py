@@ -109,7 +109,6 @@ def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcom
     first of them says so in its title.
     """
     from layers_core.results import html_report, plots
-    from layers_core.results.set_files import PICTURE_ROWS
 
     summary = [o.summary for o in outcomes] if summary is None else list(summary)
     total = total or len(summary)
@@ -119,6 +118,9 @@ def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcom
     plots.save_figure(plots.prompt_set_curves(_set_curves(outcomes), title, total=total), paths["curves_png"])
     atomic_write(paths["html"], html_report.render(set_report_page(outcomes, n_layers, title, lens_name,
                                                                    summary, total)))
+
+
+PICTURE_ROWS = 60  # prompts in a set's summary picture (one row each): the first, in file order
 
 
 def _first_of(shown: int, total: int) -> str:

@@ -29,7 +29,6 @@ from layers_core.run_dir import comparison_csv_path
 
 REPORT_PROMPTS = 200  # prompts whose curves (and heatmaps) the HTML report and the curves picture show
 TABLE_ROWS = 5000  # summary rows in the HTML report's table (the CSV holds every prompt)
-PICTURE_ROWS = 60  # prompts in the summary picture (one row each)
 PROMPTS_SUFFIX = "-prompts.jsonl"
 
 
