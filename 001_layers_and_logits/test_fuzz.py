@@ -7,7 +7,7 @@ import os
 
 import pytest
 import run
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from layers_core.lens.tuned import TunedLens, read_lens_config
@@ -71,6 +71,7 @@ def saved_lens(tmp_path_factory):
 
 
 @FUZZ
+@example(config={"num_hidden_layers": 10**18})  # found by this test: a list of 10**18 names, then the OOM killer
 @given(config=st.dictionaries(st.sampled_from(LENS_KEYS), JSON_VALUES, max_size=5))
 def test_any_config_beside_a_valid_lens_loads_or_is_refused_in_one_line(saved_lens, tmp_path, config):
     import shutil

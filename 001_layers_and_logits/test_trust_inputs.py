@@ -234,6 +234,7 @@ def test_a_tuned_lens_config_that_is_broken_json_is_one_usage_line(tiny_dirs, tm
     ("garbage", "not a readable tuned-lens state dict"),
     ("list", "not a valid tuned-lens config (a JSON list, not an object)"),
     ("layers", "num_hidden_layers must be a positive integer, got 'three'"),
+    ("huge", "no tensor 3.weight (999999999999999997 of the 1000000000000000000 translators' weights missing)"),
 ])
 def test_a_damaged_tuned_lens_is_refused_naming_the_file(tmp_path, damage, message):
     """A missing tensor was ``KeyError: '2.weight'``; a garbage params.pt ``pop from empty list``."""
@@ -251,6 +252,8 @@ def test_a_damaged_tuned_lens_is_refused_naming_the_file(tmp_path, damage, messa
         params.write_bytes(os.urandom(64))
     elif damage == "list":
         config.write_text("[1, 2]")
+    elif damage == "huge":  # the fuzz test's find: it walked range(10**18) and the OOM killer ended the suite
+        config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 10**18}))
     else:
         config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": "three"}))
     with pytest.raises(ValueError) as refused:

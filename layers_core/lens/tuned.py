@@ -115,13 +115,19 @@ class TunedLens:
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{config_path}: num_hidden_layers must be a positive integer, got {count!r}")
         tensors = state if isinstance(state, dict) else {}
-        missing = [f"{i}.weight" for i in range(count) if f"{i}.weight" not in tensors]
-        if missing:
-            raise ValueError(f"{params_path}: no tensor {missing[0]} ({len(missing)} of the {count} translators' "
-                             "weights missing)")
-        weights = torch.stack([state[f"{i}.weight"].float() for i in range(count)])
-        d_model = weights.shape[-1]
-        biases = torch.stack([state.get(f"{i}.bias", torch.zeros(d_model)).float() for i in range(count)])
+        # counted against the file, never by walking range(count): a config may claim 10**18 layers
+        present = sum(f"{i}.weight" in tensors for i in range(min(count, len(tensors))))
+        if present < count:
+            first = next(i for i in range(count) if f"{i}.weight" not in tensors)
+            raise ValueError(f"{params_path}: no tensor {first}.weight ({count - present} of the {count} "
+                             "translators' weights missing)")
+        try:
+            weights = torch.stack([state[f"{i}.weight"].float() for i in range(count)])
+            d_model = weights.shape[-1]
+            biases = torch.stack([state.get(f"{i}.bias", torch.zeros(d_model)).float() for i in range(count)])
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise ValueError(f"{params_path}: translators of different shapes or types "
+                             f"({type(error).__name__}: {first_line(error)})") from error
         fingerprint = {key: config.get(key) for key in ("config_hash", "unembed_hash")}
         return cls(weights, biases, config.get("base_model_name_or_path", ""),
                    fingerprint=fingerprint if any(fingerprint.values()) else None, path=directory)
