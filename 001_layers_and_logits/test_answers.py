@@ -30,9 +30,14 @@ def test_an_unknown_joining_is_refused():
         answer_join("x", "spaces")
 
 
-def test_a_quote_ending_prompt_scores_the_word_as_the_model_writes_it(bundled_model_dir):
+@pytest.fixture(scope="module")
+def bundled(bundled_model_dir):
+    return lc.load(bundled_model_dir, device="cpu")
+
+
+def test_a_quote_ending_prompt_scores_the_word_as_the_model_writes_it(bundled):
     """It scored '▁Buch'/'ĠBuch' (p_sequence 3.5e-5) while the model writes 'Buch' (0.129)."""
-    lm = lc.load(bundled_model_dir, device="cpu")
+    lm = bundled
     tokenizer = lm.bridge.tokenizer
     gold = resolve_gold_answer(tokenizer, QUOTE, "Buch")
     assert gold["variant"] == "no_space" and not gold["pieces"][0].startswith("Ġ")
@@ -53,10 +58,10 @@ FACTS = [{"id": "quote", "prompt": QUOTE, "answer": "Buch"},
 
 @pytest.mark.parametrize("join", ["auto", "space", "none"])
 @pytest.mark.parametrize("chat", [False, True])
-def test_batched_and_unbatched_sets_agree_on_p_sequence_for_every_joining(bundled_model_dir, join, chat):
+def test_batched_and_unbatched_sets_agree_on_p_sequence_for_every_joining(bundled, load_bridge, join, chat):
     """With chat=True, batched sweep_set reported the with-space p_sequence (3.47e-5 next to the
-    tokens ['Buch']) while batch_size=1 gave 0.1287."""
-    lm = lc.load(bundled_model_dir, device="cpu")
+    tokens ['Buch']) while batch_size=1 gave 0.1287. (The tiny Llama has no chat template.)"""
+    lm = bundled if chat else lc.load(load_bridge("llama"))
     results = {}
     for batch in (1, 4):
         settings = lc.SweepSettings(answer_join=join, chat=chat, batch_size=batch)
