@@ -32,15 +32,22 @@ def _one_line(error, path):
     assert "\n" not in message and str(path) in message, message
 
 
+def _read_or_refuse(reader, path, data):
+    """``reader(path)`` of a file holding ``data``, or None after checking it refused in one line
+    naming the file (any other exception fails the test)."""
+    path.write_bytes(data)
+    try:
+        return reader(str(path))
+    except ValueError as error:
+        _one_line(error, path)
+        return None
+
+
 @FUZZ
 @given(data=FILES)
 def test_any_bytes_are_a_prompt_set_or_one_line_naming_the_file(tmp_path, data):
-    path = tmp_path / "facts.jsonl"
-    path.write_bytes(data)
-    try:
-        items = load_prompt_set(str(path))
-    except ValueError as error:
-        _one_line(error, path)
+    items = _read_or_refuse(load_prompt_set, tmp_path / "facts.jsonl", data)
+    if items is None:
         return
     assert items and all(item.prompt.strip() and item.answer.strip() for item in items)
     assert len({item.prompt_id for item in items}) == len(items)
@@ -51,14 +58,8 @@ def test_any_bytes_are_a_prompt_set_or_one_line_naming_the_file(tmp_path, data):
                       st.dictionaries(st.sampled_from(LENS_KEYS), JSON_VALUES, max_size=4).map(
                           lambda d: json.dumps(d).encode())))
 def test_any_lens_config_is_read_or_refused_in_one_line(tmp_path, data):
-    path = tmp_path / "config.json"
-    path.write_bytes(data)
-    try:
-        config = read_lens_config(str(path))
-    except ValueError as error:
-        _one_line(error, path)
-        return
-    assert isinstance(config, dict)
+    config = _read_or_refuse(read_lens_config, tmp_path / "config.json", data)
+    assert config is None or isinstance(config, dict)
 
 
 @pytest.fixture(scope="module")

@@ -89,19 +89,24 @@ def test_a_publish_killed_at_every_step_leaves_the_old_or_the_new_set(tmp_path):
     assert outcomes == {"old", "new"}  # killed before the commit: undone; after it: completed
 
 
+def _stuck(monkeypatch, name):
+    """``os.rename`` of a file called ``name`` fails as an undeletable file's would."""
+    real = os.rename
+
+    def rename(source, target):
+        if os.path.basename(source) == name:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
 def test_an_old_file_that_cannot_be_moved_keeps_the_old_set(tmp_path, monkeypatch):
     """It gave exit 1, a traceback, 3–4 of 5 earlier files gone and none of the new ones."""
     directory, staging = tmp_path / "out", tmp_path / "out" / ".staging-x"
     _fill(directory, {**OLD, **OTHER})
     _fill(staging, NEW)
-    real = os.rename
-
-    def stuck(source, target):
-        if os.path.basename(source) == "output-m-lens.png":
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real(source, target)
-
-    monkeypatch.setattr(os, "rename", stuck)
+    _stuck(monkeypatch, "output-m-lens.png")
     with pytest.raises(PublishError) as refused:
         publish_model_files(str(staging), str(directory), "m")
     assert _model_files(directory) == OLD
@@ -113,14 +118,7 @@ def test_run_py_reports_an_unreplaceable_file_in_one_line(tiny_dirs, tmp_path, m
     assert run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet"]) == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     capsys.readouterr()
-    real = os.rename
-
-    def stuck(source, target):
-        if os.path.basename(source) == "output-llama-lens.png":
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real(source, target)
-
-    monkeypatch.setattr(os, "rename", stuck)
+    _stuck(monkeypatch, "output-llama-lens.png")
     code = run.main(["--device", "cpu", tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots"])
     captured = capsys.readouterr()
     assert_clean_failure(captured, code, 1)

@@ -143,7 +143,8 @@ def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, 
     }
 
 
-def _quartiles(values: list[int]) -> dict:
+def quartiles(values: list[int]) -> dict:
+    """n, median, quartiles (inclusive method) and IQR of ``values``; None where there are none."""
     if not values:
         return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None}
     if len(values) == 1:
@@ -160,7 +161,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict:
     return {
         "count": len(rows),
         "fraction_resolved": sum(r["gold_status"] == "ok" for r in rows) / max(1, len(rows)),
-        "layer_indices": {key: _quartiles([int(r[key]) for r in rows if r[key] is not None])
+        "layer_indices": {key: quartiles([int(r[key]) for r in rows if r[key] is not None])
                           for key in LAYER_INDEX_COLUMNS},
     }
 

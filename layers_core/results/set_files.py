@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import statistics
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,18 +203,9 @@ class SummaryDigest:
 
     def aggregate(self) -> dict:
         """``prompt_sets.aggregate`` of every row, without holding them."""
+        spreads = {key: prompt_sets.quartiles(values) for key, values in self.layer_indices.items()}
         return {"count": self.count, "fraction_resolved": self.resolved / max(1, self.count),
-                "layer_indices": {key: _quartiles(values) for key, values in self.layer_indices.items()}}
-
-
-def _quartiles(values: list[int]) -> dict:
-    if not values:
-        return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None}
-    if len(values) == 1:
-        q1 = q3 = float(values[0])
-    else:
-        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return {"n": len(values), "median": float(statistics.median(values)), "q1": q1, "q3": q3, "iqr": q3 - q1}
+                "layer_indices": spreads}
 
 
 def digest_summary(rows: Iterable[Mapping[str, Any]]) -> SummaryDigest:
