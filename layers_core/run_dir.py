@@ -39,24 +39,41 @@ def _current_umask() -> int:
     return mask
 
 
+class AtomicFile:
+    """A file written through a temp file beside ``path`` (``handle``; text in UTF-8 with
+    ``newline=""``, or bytes): ``commit`` fsyncs it and renames it over ``path``, ``discard``
+    removes it; until then ``path`` is untouched. ``atomic_write`` for data written at once; this
+    for files appended to as they grow (a prompt set's CSVs)."""
+
+    def __init__(self, path: str, binary: bool = False):
+        self.path = path
+        fd, self.tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+        self.handle = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.chmod(self.tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; use normal perms
+        os.replace(self.tmp_path, self.path)
+
+    def discard(self) -> None:
+        self.handle.close()
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
+
+
 def atomic_write(path: str, data: str | bytes) -> None:
     """Writes ``data`` to ``path`` via a temp file in the same directory, fsync and ``os.replace``.
 
     Text is encoded as UTF-8. On failure the temp file is removed and ``path`` is untouched.
     """
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    target = AtomicFile(path, binary=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; use normal perms
-        os.replace(tmp_path, path)
+        target.handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        target.commit()
     except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+        target.discard()
         raise
 
 
@@ -167,6 +184,12 @@ def process_gone(pid: int) -> bool:
     return False
 
 
+def orphaned(host: str, pid: int) -> bool:
+    """Whether something named after ``host`` and ``pid`` was left by a process of this host that
+    is gone (another host's is never judged: its processes cannot be seen from here)."""
+    return host == host_name() and process_gone(pid)
+
+
 def remove_stale_staging(base_dir: str) -> list[str]:
     """Removes staging directories left by dead processes of this host (first finishing or
     undoing a publish one was in: ``recover_publish``); returns their paths.
@@ -179,7 +202,7 @@ def remove_stale_staging(base_dir: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(base_dir)):
         match = _STAGING_NAME.match(name)
-        if match and match["host"] == host_name() and process_gone(int(match["pid"])):
+        if match and orphaned(match["host"], int(match["pid"])):
             recover_publish(os.path.join(base_dir, name))
             shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
             removed.append(os.path.join(base_dir, name))
@@ -196,6 +219,19 @@ def prune_runs(base_dir: str, keep: int, current: str | None = None) -> list[str
     for name in doomed:
         shutil.rmtree(os.path.join(base_dir, name), ignore_errors=True)
     return [os.path.join(base_dir, name) for name in doomed]
+
+
+def remove_tree_atomically(path: str) -> None:
+    """Removes directory ``path`` as one step: renamed into a fresh sibling first, so that a kill
+    midway never leaves it half there (the sibling, named ``.<name>.gone-*``, goes next)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    doomed = tempfile.mkdtemp(prefix=f".{name}.gone-", dir=parent)
+    try:
+        os.rename(path, os.path.join(doomed, "tree"))
+    except FileNotFoundError:  # another process removed it first
+        pass
+    finally:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_writable_dir(path: str) -> str | None:
@@ -404,7 +440,7 @@ def model_lock(directory: str, clean_name: str) -> Iterator[str]:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(path)
-            if holder is not None and holder[0] == host_name() and process_gone(holder[1]):
+            if holder is not None and orphaned(*holder):
                 with suppress(FileNotFoundError):
                     os.unlink(path)  # a stale lock of a killed run
                 continue

@@ -291,7 +291,7 @@ def stream_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, A
     set holds no outcomes, its ``document`` is the one written."""
     os.makedirs(output.directory, exist_ok=True)
     paths = output_paths(output.directory, output.name)
-    writer = SetFileWriter(paths, bool(resolve_settings(lm, lens, settings).records))
+    writer = SetFileWriter(paths, bool(settings is not None and settings.records))  # resolved once, inside
     try:
         result = run_prompt_set(lm, items, lens, settings, replace(plan, sink=writer.add))
         result.total, result.clock_start = output.total, output.clock_start

@@ -164,11 +164,11 @@ def _control(config: ExperimentConfig) -> Any:
 def _gate(config: ExperimentConfig, consistency: dict) -> None:
     """The pipeline's own last-layer check (``ln_final``) is the gate; a chosen lens that changes
     the last layer is only reported (``lens_mismatch_line``)."""
-    if consistency.get("pipeline_passed", consistency["passed"]) or config.allow_lens_mismatch:
+    if consistency["pipeline_passed"] or config.allow_lens_mismatch:
         return
     raise LensMismatchError(
         "the last-layer lens does not reproduce the model's logits: "
-        f"KL {consistency.get('pipeline_kl_bits', consistency['kl_model_to_lens_bits']):.3e} "
+        f"KL {consistency['pipeline_kl_bits']:.3e} "
         f"bits > {consistency['tolerance_bits']:g} ({consistency['compute_dtype']}); "
         "no result is trustworthy (--allow-lens-mismatch publishes anyway)")
 
@@ -423,22 +423,22 @@ def run_single(model_id: str | None, config: ExperimentConfig, base_dir: str, st
     home = base_dir if managed else config.out_dir
     os.makedirs(home, exist_ok=True)
     if managed:
-        return _staged_run(model_id, config, base_dir, home, name, stages, pictures)
+        return _staged_run(model_id, source, config, base_dir, name, stages, pictures)
     try:
         with model_lock(home, name):
-            return _staged_run(model_id, config, base_dir, home, name, stages, pictures)
+            return _staged_run(model_id, source, config, base_dir, name, stages, pictures)
     except RunLockedError as locked:
         print(f"❌ {name}: {locked}", file=sys.stderr)
         return EXIT_FAILED
 
 
-def _staged_run(model_id: str | None, config: ExperimentConfig, base_dir: str, home: str, name: str,
+def _staged_run(model_id: str | None, source: ModelSource, config: ExperimentConfig, base_dir: str, name: str,
                 stages: Stages, pictures: Any) -> int:
     """Staging → run → publish (then a finished set's checkpoints go), or the error document."""
     from layers_core.errors import first_line
 
-    source = named_source(model_id)
     managed = config.out_dir is None
+    home = base_dir if managed else config.out_dir
     remove_stale_staging(home)
     try:
         staging = create_staging_dir(home)

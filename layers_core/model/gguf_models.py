@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from layers_core.run_dir import atomic_write, host_name, process_gone
+from layers_core.run_dir import atomic_write, host_name, orphaned, remove_tree_atomically
 
 GGUF_SUFFIX = ".gguf"
 _CACHE_COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -213,12 +213,7 @@ def _usable(directory: str) -> bool:
         return True
     warnings.warn(CacheRepairWarning(f"model cache entry {directory}: {problem}; converting it again"),
                   stacklevel=2)
-    doomed = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.stale-", dir=os.path.dirname(directory))
-    try:
-        os.rename(directory, os.path.join(doomed, "entry"))
-    except FileNotFoundError:  # another process moved it first
-        pass
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_tree_atomically(directory)
     return False
 
 
@@ -227,7 +222,7 @@ def remove_stale_conversions(cache_root: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(cache_root)) if os.path.isdir(cache_root) else []:
         match = _CONVERTING.match(name)
-        if match and match["host"] == host_name() and process_gone(int(match["pid"])):
+        if match and orphaned(match["host"], int(match["pid"])):
             shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
             removed.append(os.path.join(cache_root, name))
     return removed

@@ -23,7 +23,7 @@ from layers_core.csv_io import csv_row_line, render_csv
 from layers_core.errors import first_line
 from layers_core.results import prompt_sets, set_files
 from layers_core.results.set_document import SCHEMA_VERSION, set_picture_title
-from layers_core.run_dir import atomic_write, comparison_csv_path, output_paths
+from layers_core.run_dir import AtomicFile, atomic_write, comparison_csv_path, output_paths
 
 MILESTONES = ["L_copy", "L_semantic", "L_semantic_stable", "L_semantic_margin", "first_rank_le_1",
               "first_rank_le_5", "first_rank_le_10",
@@ -151,10 +151,10 @@ def check_part(part: Part, n_layers: int) -> PartContents:
     its document counts, in the same order, each with its full rows: ``n_layers + 1`` pure and
     comparison rows, ``prompt_tokens × (n_layers + 1)`` records rows."""
     paths, expected = part.paths, len(part.indices)
-    summary = list(set_files.read_summary(paths["summary"])) if os.path.exists(paths["summary"]) else None
-    if summary is None:
+    if not os.path.exists(paths["summary"]):
         raise MergeError(f"{paths['summary']}: missing; the shard is incomplete")
-    ids = [row["prompt_id"] for row in summary]
+    prompts = [(row["prompt_id"], row["prompt_tokens"]) for row in set_files.read_summary(paths["summary"])]
+    ids = [prompt_id for prompt_id, _ in prompts]
     if len(ids) != expected:
         raise MergeError(f"{paths['summary']}: {len(ids)} prompts, its document {expected}; the shard is "
                          "truncated or incomplete")
@@ -162,7 +162,7 @@ def check_part(part: Part, n_layers: int) -> PartContents:
     tables = {paths["pure"]: [rows] * expected,
               comparison_csv_path(part.directory, part.name, part.comparison_strategy): [rows] * expected}
     if part.document["prompt_set"].get("records"):
-        tables[paths["records"]] = [int(row["prompt_tokens"]) * rows for row in summary]
+        tables[paths["records"]] = [int(tokens) * rows for _, tokens in prompts]
     for path, counts in tables.items():
         found = list(_rows_per_prompt(path))
         if [pid for pid, _ in found] != ids or [count for _, count in found] != counts:
@@ -218,10 +218,10 @@ def _merged_rows(paths: Sequence[str], order: Mapping[str, int], out: str) -> No
     for path in paths:
         with open(path, newline="", encoding="utf-8") as handle:
             headers.append(next(csv.reader(handle)))
-    if any(header != headers[0] for header in headers):
-        raise MergeError(f"{paths[[h != headers[0] for h in headers].index(True)]}: columns differ from the "
-                         "other shards'")
-    stream = set_files.open_stream(out)
+    for path, header in zip(paths, headers):
+        if header != headers[0]:
+            raise MergeError(f"{path}: columns differ from the other shards'")
+    stream = AtomicFile(out)
     try:
         stream.handle.write(csv_row_line(headers[0]))
         for row in heapq.merge(*(_csv_rows(path) for path in paths), key=lambda row: order[row[0]]):
@@ -239,7 +239,7 @@ def _merged_entries(parts: Sequence[Part], contents: Sequence[PartContents], ord
             for prompt_id, line in zip(held.ids, handle):
                 yield order[prompt_id], line
 
-    stream = set_files.open_stream(out)
+    stream = AtomicFile(out)
     try:
         for _, line in heapq.merge(*(keyed(p, c) for p, c in zip(parts, contents)), key=lambda pair: pair[0]):
             entry = json.loads(line)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from layers_core.results.outcome import PromptOutcome
-from layers_core.run_dir import atomic_write
+from layers_core.run_dir import atomic_write, remove_tree_atomically
 
 PROGRESS_PREFIX = ".progress-"
 SETTINGS_FILE = "settings.json"
@@ -79,14 +78,8 @@ class ProgressStore:
     def finish(self) -> None:
         """Removes the checkpoints once the set's outputs are published: renamed away first (one
         atomic step), so a kill never leaves a store without its ``settings.json``."""
-        if not os.path.isdir(self.directory):
-            return
-        doomed = tempfile.mkdtemp(prefix=f"{os.path.basename(self.directory)}.done-",
-                                  dir=os.path.dirname(self.directory))
-        try:
-            os.rename(self.directory, os.path.join(doomed, "store"))
-        finally:
-            shutil.rmtree(doomed, ignore_errors=True)
+        if os.path.isdir(self.directory):
+            remove_tree_atomically(self.directory)
 
 
 class CheckpointedOutcomes(Mapping[int, PromptOutcome]):

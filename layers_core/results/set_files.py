@@ -14,17 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from layers_core.collapse_rules import ambiguous_first_pieces
 from layers_core.csv_io import csv_header_line, csv_lines, pure_header, records_header
 from layers_core.results import prompt_sets
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
-from layers_core.run_dir import comparison_csv_path
+from layers_core.run_dir import AtomicFile, comparison_csv_path
 
 REPORT_PROMPTS = 200  # prompts whose curves (and heatmaps) the HTML report and the curves picture show
 TABLE_ROWS = 5000  # summary rows in the HTML report's table (the CSV holds every prompt)
@@ -48,27 +47,6 @@ def entry_line(entry: Mapping[str, Any]) -> str:
                       separators=(",", ":")) + "\n"
 
 
-class Stream:
-    """A file written through a temporary sibling, renamed into place on ``commit``."""
-
-    def __init__(self, path: str):
-        self.path = path
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-        self.handle: TextIO = os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-    def commit(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.chmod(self.tmp_path, 0o644)
-        os.replace(self.tmp_path, self.path)
-
-    def discard(self) -> None:
-        self.handle.close()
-        if os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
-
-
 @dataclass
 class SetFileWriter:
     """Appends finished prompts, in file order, to a set's files (see the module doc)."""
@@ -77,7 +55,7 @@ class SetFileWriter:
     records: bool
     indices: list[int] = field(default_factory=list)
     answers: list[dict] = field(default_factory=list)  # each entry's gold first_id and answer_ids
-    _streams: dict[str, Stream] = field(default_factory=dict)
+    _streams: dict[str, AtomicFile] = field(default_factory=dict)
     comparison_strategy: str | None = None
 
     def _open(self, strategy: str) -> None:
@@ -92,7 +70,7 @@ class SetFileWriter:
             targets["records"] = (self.paths["records"], [*leading, *records_header()])
         self._headers = {}
         for role, (path, header) in targets.items():
-            self._streams[role] = Stream(path)
+            self._streams[role] = AtomicFile(path)
             self._headers[role] = header
             if header is not None:
                 self._streams[role].handle.write(csv_header_line(header))
@@ -129,17 +107,12 @@ class SetFileWriter:
             stream.discard()
 
 
-def open_stream(path: str) -> Stream:
-    """A file written through a temporary sibling: ``commit`` renames it into place."""
-    return Stream(path)
-
-
 def flag_ambiguous_answers(path: str, flags: Sequence[bool]) -> None:
     """Sets ``gold_answer.first_piece_ambiguous`` on the flagged lines of a prompts JSONL (a
     rewrite only where some answer is flagged)."""
     if not any(flags):
         return
-    stream = Stream(path)
+    stream = AtomicFile(path)
     try:
         with open(path, encoding="utf-8") as source:
             for line, flag in zip(source, flags):
