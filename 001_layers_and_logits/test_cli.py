@@ -87,7 +87,8 @@ def _another_value(config_field):
     if flag.choices:
         return next(choice for choice in flag.choices if choice != default)
     special = {"copy_threshold": 0.75, "copy_margin": 0.125, "max_memory": "0=70GiB,1=70GiB", "shard": "1/3",
-               "prompts_file": BATTERY, "track": (" Paris", " Munich"), "lens_path": "LENS"}
+               "prompts_file": BATTERY, "track": (" Paris", " Munich"), "concepts": '{"de": ["Buch"]}',
+               "lens_path": "LENS"}
     if config_field.name in special:
         return special[config_field.name]
     if flag.type is int:

@@ -139,6 +139,12 @@ def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, pro
              for c in browser.find_elements("css selector", "#heatmap td.cell")}
     assert shown == expected and any(expected.values())
     assert browser.find_element("id", "pin-status").get_attribute("data-token") == " Germany"
+    # a bare word follows the prompt as --answer does: "Berlin" is the answer's token " Berlin",
+    # "Germany" after a word is " Germany"; a leading space is taken as typed
+    for typed, pinned in (("Berlin", " Berlin"), ("Germany", " Germany"), (" the", " the")):
+        box.clear()
+        box.send_keys(typed + "\n")
+        assert browser.find_element("id", "pin-status").get_attribute("data-token") == pinned
     assert _js_errors(browser) == []
 
 
@@ -213,6 +219,28 @@ def test_a_set_with_records_opens_each_prompts_heatmap(browser, tiny_dirs, tmp_p
     cells = browser.find_elements("css selector", "#detail #heatmap td.cell")
     own = [row for row in records if row["prompt_id"] == "fr"]
     assert len(cells) == len(own) == 4 * len({row["pos"] for row in own})  # 3 blocks + embeddings
+    assert _js_errors(browser) == []
+
+
+def test_a_sets_report_draws_each_curve_with_its_band(browser, tiny_dirs, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": en, "prompt": f"The word {en} in German is", "answer": de,
+                                         "concepts": {"de": de, "en": en}}) + "\n"
+                             for en, de in (("cat", "Katze"), ("dog", "Hund"), ("tree", "Baum"))))
+    out = tmp_path / "set"
+    subprocess.run([sys.executable, RUN_PY, tiny_dirs["llama"], "--prompts", str(facts), "--out_dir", str(out),
+                    "--quiet"], check=True)
+    _open(browser, out / "output-llama.html")
+    curves = _read_csv(out / "output-llama-layers.csv")
+    bands = browser.find_elements("css selector", "#layer-curves polygon[data-column]")
+    means = browser.find_elements("css selector", "#layer-curves path[data-column]")
+    assert [b.get_attribute("data-column") for b in bands] == ["p_answer", "de", "en", "entropy", "answer_rank",
+                                                               "kl_to_final_bits"]
+    assert [m.get_attribute("data-column") for m in means] == [b.get_attribute("data-column") for b in bands]
+    layers = [row for row in curves if row["column"] == "de"]
+    assert means[1].get_attribute("d").count("L") == len(layers) - 1 == 3  # one vertex per layer
+    assert len(bands[1].get_attribute("points").split()) == 2 * len(layers)  # upper edge, then lower
+    assert "de n=3" in browser.find_element("id", "layer-curves").text
     assert _js_errors(browser) == []
 
 

@@ -41,13 +41,13 @@ _EXPORTS = {
     "lens.views": ["VIEWS", "View"],
     "lens.tuned": ["TunedLens"],
     "lens.stats": ["LensStats", "lens_statistics"],
-    "model.tokens": ["TokenDecoder"],
+    "model.tokens": ["TokenDecoder", "token_set"],
     "pipeline.sweep": ["SweepSettings", "run_sweep", "last_layer_consistency",
                  "self_test"],
     "pipeline.checks": ["compare_lenses", "raw_lens_check", "control_margins"],
     "pipeline.analysis": ["analyse_prompt"],
     "results.prompt_sets": ["PromptItem", "parse_prompt_set", "load_prompt_set"],
-    "pipeline.prompts": ["DEFAULT_PROMPT", "DEFAULT_ANSWER"],
+    "pipeline.prompts": ["DEFAULT_PROMPT", "DEFAULT_ANSWER", "few_shot"],
     "results.plots": ["lens_heatmap", "layer_curves", "prompt_set_summary", "save_figure"],
 }
 _OWNER = {name: module for module, names in _EXPORTS.items() for name in names}

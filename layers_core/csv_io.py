@@ -49,6 +49,7 @@ SUBLAYER_COLUMN = "sublayer"  # --sublayers only: "attn" (after attention) or "b
 ATTN, BLOCK = "attn", "block"  # the values of SUBLAYER_COLUMN
 LENSES_COLUMNS = ["lens", "layer", "entropy", "top1", "p_answer", "answer_rank", "kl_to_final_bits"]  # lenses.csv
 TRACKED_COLUMNS = ["token", "token_id", "lens", "layer", "rank", "prob"]  # --track
+CONCEPT_COLUMNS = ["lens", "layer", "concept", "p", "best_rank"]  # --concepts (a set's lead with prompt_id)
 
 
 def with_sublayer_column(header: Sequence[str]) -> list[str]:

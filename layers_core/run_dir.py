@@ -299,6 +299,7 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
             "curves_png": f"{stem}-curves.png", "summary": f"{stem}-summary.csv",
             "summary_png": f"{stem}-summary.png", "attribution": f"{stem}-attribution.csv",
             "lenses": f"{stem}-lenses.csv", "lenses_png": f"{stem}-lenses.png", "tracked": f"{stem}-tracked.csv",
+            "concepts": f"{stem}-concepts.csv", "layers": f"{stem}-layers.csv", "layers_png": f"{stem}-layers.png",
             "html": f"{stem}.html",
             "dir": directory, "name": clean_name}
 
@@ -314,7 +315,7 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
 
 
 OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png",
-                "attribution", "lenses", "lenses_png", "tracked", "html")
+                "attribution", "lenses", "lenses_png", "tracked", "concepts", "layers", "layers_png", "html")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:

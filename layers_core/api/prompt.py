@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core.csv_io import LENSES_COLUMNS, TRACKED_COLUMNS, pure_header
+from layers_core.csv_io import CONCEPT_COLUMNS, LENSES_COLUMNS, TRACKED_COLUMNS, pure_header
 from layers_core.lens.protocol import Lens
 from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, resolve_entry, view
 from layers_core.model.lens_model import LensModel
@@ -105,6 +105,14 @@ class Sweep:
         if self.analysis.tracked_rows is None:
             raise ValueError("no tracked tokens: sweep(..., track=[' Paris'])")
         return pd.DataFrame(self.analysis.tracked_rows, columns=TRACKED_COLUMNS)
+
+    @cached_property
+    def concepts(self) -> pd.DataFrame:
+        """Each concept's summed probability and best rank per lens and layer (``concepts={...}``):
+        ``lens, layer, concept, p, best_rank``."""
+        if self.analysis.concept_rows is None:
+            raise ValueError("no concepts: sweep(..., settings=SweepSettings(concepts={'de': ['Buch']}))")
+        return pd.DataFrame(self.analysis.concept_rows, columns=CONCEPT_COLUMNS)
 
     @property
     def residuals(self):

@@ -20,13 +20,14 @@ import pandas as pd
 
 from layers_core.api.prompt import Sweep, resolve_settings, timed, total_seconds
 from layers_core.collapse_rules import ambiguous_first_pieces
+from layers_core.csv_io import CONCEPT_COLUMNS, pure_header
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.batches import analyse_batches, check_prompt_lengths, default_batch_size
 from layers_core.pipeline.sweep import SweepSettings
 from layers_core.results import outputs, prompt_sets, report
 from layers_core.results.document import prompt_entry, provenance, with_timing
 from layers_core.results.outcome import PromptOutcome
-from layers_core.results.prompt_sets import PromptItem
+from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, PromptItem
 from layers_core.results.set_document import prompt_set_document, set_picture_title
 from layers_core.results.set_files import PROMPTS_SUFFIX, SetFacts, SetFileWriter, finish_set_files
 from layers_core.results.tables import frame_from_rows
@@ -38,12 +39,13 @@ def outcome_of(index: int, item: PromptItem, result: Sweep, records: bool) -> Pr
     analysis = result.analysis
     return PromptOutcome(
         index=index, prompt_id=item.prompt_id,
-        entry=prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
+        entry={**prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
+               **({"meta": dict(item.meta)} if item.meta else {})},
         summary=prompt_sets.summary_row(item, int(analysis.result.tokens.shape[1]), result.diagnostics,
                                         analysis.result.pure_rows),
         pure=analysis.result.pure_rows, comparison=analysis.comparison.pure_rows,
         comparison_strategy=analysis.comparison.strategy,
-        records=analysis.result.records if records else [])
+        records=analysis.result.records if records else [], concepts=analysis.concept_rows or [])
 
 
 @dataclass
@@ -79,8 +81,50 @@ class SweepSet:
 
     @cached_property
     def summary(self) -> pd.DataFrame:
-        """One row per prompt: collapse layers, milestones, final top-1 and p(answer)."""
-        return frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
+        """One row per prompt: collapse layers, milestones, final top-1 and p(answer), then each
+        item's ``meta`` values, one column per key (the CSV keeps them as one JSON cell)."""
+        frame = frame_from_rows(self.summary_rows, prompt_sets.SUMMARY_COLUMNS)
+        return meta_columns(frame.drop(columns="meta"), [o.entry.get("meta") or {} for o in self.outcomes])
+
+    @cached_property
+    def concepts(self) -> pd.DataFrame:
+        """Each prompt's concepts per lens and layer: ``prompt_id, lens, layer, concept, p,
+        best_rank`` (items with ``concepts``, or the set's ``settings.concepts``)."""
+        rows = [{PROMPT_ID_COLUMN: o.prompt_id, **row} for o in self.outcomes for row in o.concepts]
+        if not rows:
+            raise ValueError("no concepts: give items a 'concepts' key, or settings=SweepSettings(concepts=...)")
+        return pd.DataFrame(rows, columns=[PROMPT_ID_COLUMN, *CONCEPT_COLUMNS])
+
+    def layer_values(self) -> pd.DataFrame:
+        """One row per (prompt, layer) of the chosen lens: ``prompt_id``, ``layer``, the pure
+        rows' numbers and each concept's probability (the curves' input)."""
+        from layers_core.results.curves import layer_values
+
+        pure = frame_from_rows([{PROMPT_ID_COLUMN: o.prompt_id, **row} for o in self.outcomes for row in o.pure],
+                               [PROMPT_ID_COLUMN, *pure_header()])
+        concepts = self.concepts if any(o.concepts for o in self.outcomes) else None
+        return layer_values(pure, concepts, self.settings.view)
+
+    def layer_curves(self, columns: str | Sequence[str] | None = None, by: str | Sequence[str] | None = None,
+                     ci: float = 0.95) -> pd.DataFrame:
+        """Per layer (and per group of ``by``: summary columns or ``meta`` keys) the mean of each
+        column over the set's prompts, its bootstrap interval at level ``ci`` (``results.curves``:
+        1000 resamples, seed 0) and n. ``columns``: ``entropy``, ``p_answer``, ``answer_rank``,
+        ``kl_to_final_bits``, ``p_top1``, or a concept's name (default: the first four, then
+        every concept). Returns ``[*by, column, layer, mean, ci_low, ci_high, n]``."""
+        from layers_core.results.curves import default_columns, layer_curves
+
+        values = self.layer_values()
+        chosen = default_columns(values) if columns is None else [columns] if isinstance(columns, str) else columns
+        return layer_curves(values, chosen, self.summary, by, ci)
+
+    def layers_figure(self, columns: str | Sequence[str] | None = None, by: str | Sequence[str] | None = None,
+                      ci: float = 0.95):
+        """``layer_curves`` drawn: each column's mean with its band, one panel per group (the
+        probabilities share a row of panels, every other column has its own)."""
+        from layers_core.results.plots import layer_bands
+
+        return layer_bands(self.layer_curves(columns, by, ci), self._title(len(self.outcomes)), ci)
 
     @property
     def entries(self) -> list[dict]:
@@ -119,7 +163,7 @@ class SweepSet:
 
     def _report_data(self) -> dict:
         return outputs.set_report_page(self.outcomes, self.lm.n_layers, self._title(len(self.outcomes)),
-                                       self.settings.view)
+                                       self.settings.view, outputs.SetOverview(layer_curves=self.layer_curves()))
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""
@@ -161,6 +205,16 @@ class SweepSet:
             self.written_document = finish_set_files(paths, facts, plots=plots, timing=self.timing,
                                                      total_s=total_seconds(self))
         return self.written_document
+
+
+def meta_columns(frame: pd.DataFrame, metas: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """``frame`` (one row per prompt) with a column per key of the prompts' ``meta`` objects
+    (missing values NaN, as pandas writes them)."""
+    keys = list(dict.fromkeys(key for meta in metas for key in meta))
+    if not keys:
+        return frame
+    extra = pd.DataFrame([{key: meta.get(key) for key in keys} for meta in metas], index=frame.index)
+    return pd.concat([frame, extra], axis=1)
 
 
 def settings_record(settings: SweepSettings) -> dict:

@@ -53,6 +53,23 @@ def setting(default: Any, *flags: str, help: str, group: str, **options: Any) ->
     return field(default=default, metadata={"flag": Flag(tuple(flags), help, group, **options)})
 
 
+def concepts_error(text: str | None) -> str | None:
+    """The problem with ``--concepts`` (JSON of names to words), or None."""
+    if text is None:
+        return None
+    import json
+
+    from layers_core.results.prompt_sets import check_concepts
+
+    try:
+        check_concepts(json.loads(text), "--concepts")
+    except json.JSONDecodeError as error:
+        return f"--concepts: not valid JSON ({error.msg}); e.g. '{{\"de\": [\"Buch\"]}}'"
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _at_least(flag: str, least: int) -> Callable[[Any], str | None]:
     return lambda value: (None if value is None or value >= least
                           else f"{flag} must be at least {least}, got {value}")
@@ -136,6 +153,11 @@ class ExperimentConfig:
     track: tuple[str, ...] = setting((), "--track", group=LENS, nargs="+", metavar="TOKEN",
                                      help="tokens to follow (e.g. ' Paris'): their rank and probability per "
                                           "layer under every lens of the run, output-<name>-tracked.csv")
+    concepts: str | None = setting(None, "--concepts", group=LENS, metavar="JSON", check=concepts_error,
+                                   help='named token sets, e.g. \'{"de": ["Buch"], "en": ["book"]}\': each '
+                                        "one's summed probability and best rank per layer under every lens of "
+                                        "the run (every token that starts a word, with and without its space), "
+                                        "output-<name>-concepts.csv; in a set, items without their own")
     sublayers: bool = setting(False, "--sublayers", group=LENS,
                               help="also decode each block's residual after its attention, before its MLP "
                                    "(rows with sublayer=attn; not for parallel blocks)")

@@ -6,6 +6,7 @@ strict-JSON error document and exit code 1; nothing here parses flags.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -152,7 +153,8 @@ def _sweep_settings(config: ExperimentConfig) -> Any:
                          chat=config.chat, truncate=None if config.truncate == "none" else config.truncate,
                          answer_join=config.answer_join,
                          sublayers=config.sublayers, compare_lenses=config.compare_lenses, track=config.track,
-                         records=config.records or None, batch_size=config.batch_size)  # None: a prompt does
+                         records=config.records or None, batch_size=config.batch_size,  # None: a prompt does
+                         concepts=None if config.concepts is None else json.loads(config.concepts))
 
 
 def _control(config: ExperimentConfig) -> Any:

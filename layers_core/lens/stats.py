@@ -73,6 +73,16 @@ def ranks_of(log_probs: Tensor, answer_id: int) -> Tensor:
     return (~(log_probs <= log_probs[:, answer_id : answer_id + 1])).sum(dim=-1) + 1
 
 
+def set_scores(log_probs: Tensor, token_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """A token set's (summed probability ``[rows]`` float32, best rank ``[rows]``) per row of
+    ``log_probs`` ``[rows, V]``: one gather, a log-sum-exp, and the rank of the set's most
+    probable member (as ``ranks_of``: ties favour the set; a NaN never helps it)."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=log_probs.device)
+    members = log_probs.index_select(-1, ids)
+    best = members.max(dim=-1, keepdim=True).values
+    return members.logsumexp(dim=-1).exp(), (~(log_probs <= best)).sum(dim=-1) + 1
+
+
 @torch.inference_mode()
 def lens_statistics(
     resid_normed: Sequence[Tensor],

@@ -61,3 +61,50 @@ def byte_piece(tokenizer: Any, token_id: int) -> str:
         return tokenizer.decode([token_id])
     raw = bytes(decoder[char] for char in piece).decode("utf-8", errors="surrogateescape")
     return "".join(f"<0x{ord(char) - 0xDC00:02X}>" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in raw)
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """The text one token writes, its leading space kept (sentencepiece's ``decode`` drops the
+    space of a ``▁`` piece when it decodes it alone)."""
+    text = tokenizer.decode([token_id])
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+        return " " + text
+    return text
+
+
+def token_set(tokenizer: Any, words: str | Iterable[str], *, prefixes: bool = True,
+              spaces: bool = True) -> list[int]:
+    """The token ids that start any of ``words``, as papers measure a concept.
+
+    Each word counts as written (``Buch``) and, with ``spaces``, after a space (`` Buch``). Its
+    candidates are the first token the tokenizer writes it with and, with ``prefixes``, every
+    prefix the tokenizer writes as one token (``B``, ``Bu``, ``Buc``; `` B``, …). A candidate
+    is kept only if the text it decodes to is a non-empty prefix of the word's text: a byte
+    fragment of a character (``�``) and a token that spells something else are skipped. Ids
+    are unique, in the order found. ``ValueError`` for an empty word, or words no whole-character
+    token starts (``東京`` in a byte-level vocabulary that splits ``東`` into bytes).
+    """
+    words = [words] if isinstance(words, str) else list(words)
+    ids: dict[int, None] = {}
+    for word in words:
+        stripped = word.strip() if isinstance(word, str) else ""
+        if not stripped:
+            raise ValueError(f"token_set: {word!r} is not a word")
+        texts = [stripped] + ([" " + stripped] if spaces else [])
+        candidates: list[int] = []
+        for text in texts:
+            candidates += tokenizer.encode(text, add_special_tokens=False)[:1]
+            if prefixes:
+                singles = (tokenizer.encode(text[:end], add_special_tokens=False) for end in range(1, len(text)))
+                candidates += [single[0] for single in singles if len(single) == 1]
+        ids.update(dict.fromkeys(token_id for token_id in dict.fromkeys(candidates)
+                                 if _starts(token_text(tokenizer, token_id), texts)))
+    if not ids:
+        raise ValueError(f"token_set: no whole-character token of the vocabulary starts {', '.join(words)}")
+    return list(ids)
+
+
+def _starts(text: str, words: Iterable[str]) -> bool:
+    """Whether ``text`` is a non-empty, whole-character prefix of one of ``words``."""
+    return bool(text.strip()) and REPLACEMENT not in text and any(word.startswith(text) for word in words)

@@ -27,6 +27,7 @@ from layers_core.pipeline.checks import (
     control_margins,
     raw_lens_check,
 )
+from layers_core.pipeline.concepts import Concept, concept_rows, concepts_block, resolve_concepts
 from layers_core.pipeline.lens_table import (
     last_position_log_probs,
     lens_milestones,
@@ -59,6 +60,8 @@ class PromptAnalysis:
     attribution: Attribution | None = None  # single prompts: the answer logit split into block parts
     lens_rows: list[dict] | None = None  # compare_lenses: every lens at the last position
     tracked_rows: list[dict] | None = None  # track: each tracked token per lens and layer
+    concepts: list[Concept] | None = None  # settings.concepts, resolved to token ids
+    concept_rows: list[dict] | None = None  # each concept's p and best rank per lens and layer
 
 
 def add_lens_views(lm: LensModel, analysis: PromptAnalysis, settings: SweepSettings,
@@ -73,6 +76,8 @@ def add_lens_views(lm: LensModel, analysis: PromptAnalysis, settings: SweepSetti
         analysis.blocks["lenses"] = lens_milestones(analysis.lens_rows)
     if track:
         analysis.tracked_rows = tracked_rows(log_probs, track_token_ids(lm.bridge.tokenizer, track))
+    if analysis.concepts:  # every lens of the comparison now, not only the two decoded with the prompt
+        analysis.concept_rows = concept_rows(log_probs, analysis.concepts)
 
 
 def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
@@ -131,10 +136,16 @@ def analyse_prompt(
                                           "first_control_margin_pos", "max_control_margin")},
         "control_margins": None if margins is None else margins["per_layer"],
     }
+    concepts = resolve_concepts(model.tokenizer, settings.concepts) if settings.concepts else None
+    rows = None
+    if concepts:
+        rows = concept_rows({settings.view: result.views.chosen, settings.comparison_view: result.views.other},
+                            concepts)
+        blocks["concepts"] = concepts_block(concepts, lm.decoder)
     split = None
     if attribution:
         split, blocks["attribution"] = _attribution(model, result, answer, control, settings.answer_join)
-    return PromptAnalysis(result, comparison, consistency, blocks, split)
+    return PromptAnalysis(result, comparison, consistency, blocks, split, concepts=concepts, concept_rows=rows)
 
 
 def _attribution(model: Any, result: SweepResult, answer: str | None, control: tuple[str, str] | None,

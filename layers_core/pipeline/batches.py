@@ -57,8 +57,10 @@ def as_analysed(lm: LensModel, settings: SweepSettings, item: PromptItem) -> Pro
 
 
 def item_settings(settings: SweepSettings, item: PromptItem) -> SweepSettings:
-    """The set's settings with the item's own ``answer_join``, if it names one."""
-    return settings if item.answer_join is None else replace(settings, answer_join=item.answer_join)
+    """The set's settings with the item's own ``answer_join`` and ``concepts``, where it names them."""
+    own = {key: value for key, value in (("answer_join", item.answer_join), ("concepts", item.concepts))
+           if value is not None}
+    return replace(settings, **own) if own else settings
 
 
 def default_batch_size(lm: LensModel, items: Sequence[PromptItem]) -> int:

@@ -69,13 +69,17 @@ def lens_milestones(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
 
 
 def track_token_ids(tokenizer: Any, tokens: Sequence[str]) -> list[tuple[str, int]]:
-    """Each tracked string's first token id (``" Paris"`` keeps its space); ``ValueError`` for a
-    string that is no token at all."""
+    """Each tracked string's token id (``" Paris"`` keeps its space). ``ValueError`` for a string
+    that is not exactly one token: a tracked row follows one token, never a word's first piece
+    under the word's name (a concept follows every token that starts a word)."""
     ids = []
     for text in tokens:
         pieces = tokenizer.encode(text, add_special_tokens=False)
-        if not pieces:
-            raise ValueError(f"track: {text!r} is no token")
+        if len(pieces) != 1:
+            spelled = "·".join(tokenizer.convert_ids_to_tokens(pieces)) if pieces else "no token"
+            raise ValueError(f"track: {text!r} is {len(pieces)} tokens ({spelled}), and a tracked token is one; "
+                             f"to follow every token that starts it, use concepts "
+                             f"(--concepts '{{\"{text.strip()}\": [\"{text.strip()}\"]}}')")
         ids.append((text, int(pieces[0])))
     return ids
 

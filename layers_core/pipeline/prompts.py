@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
@@ -60,3 +61,20 @@ def chat_text(tokenizer: Any, prompt: str) -> str:
                                          add_generation_prompt=True)
     bos = tokenizer.bos_token
     return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def few_shot(examples: Sequence[tuple[str, str]], query: str,
+             template: str = "{source}: {target}", separator: str = "\n") -> str:
+    """A few-shot prompt: each ``(source, target)`` example written by ``template``, one per
+    ``separator``, then the query written up to where its target would begin.
+
+        few_shot([("fleur", "Blume")], "livre", 'Français: "{source}" - Deutsch: "{target}"')
+        # 'Français: "fleur" - Deutsch: "Blume"\\nFrançais: "livre" - Deutsch: "'
+
+    ``ValueError`` unless ``template`` names ``{source}`` and ``{target}`` once each.
+    """
+    if template.count("{source}") != 1 or template.count("{target}") != 1:
+        raise ValueError(f"few_shot: the template must hold {{source}} and {{target}} once each, got {template!r}")
+    head, _ = template.split("{target}")
+    lines = [template.format(source=source, target=target) for source, target in examples]
+    return separator.join([*lines, head.format(source=query)])

@@ -100,6 +100,7 @@ class SweepSettings:
     keep_residuals: bool = False  # keep every position's lens input (resid_normed) even without records
     compare_lenses: bool = False  # also every available lens at the last position (Sweep.lenses)
     track: tuple[str, ...] = ()  # tokens followed per layer under every lens (Sweep.tracked)
+    concepts: Any = None  # {name: words}: each concept's summed p and best rank per layer and lens
     records: bool | None = None  # decode every position; None: a single prompt does, a set does not
     batch_size: int | None = None  # prompts per forward in a set (None: chosen from memory)
     attribution: bool = False  # split the answer's logit into block parts (single prompts)

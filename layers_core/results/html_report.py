@@ -129,10 +129,22 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
     return {
         "kind": "prompt", "title": title, "vocab": vocab.strings, "heatmap": heatmap,
         "answer": answer, "answer_last": last_answer, "curves": _curves(rows),
+        "typing": rows.get("typing"),  # {text, join}: a typed word resolves as --answer does
         "attribution": rows.get("attribution"),
         "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control"),
                                                   "norm_only_semantic": rows.get("norm_only_semantic")}),
     }
+
+
+def band_series(curves: Any) -> dict[str, list[dict]]:
+    """``results.curves.layer_curves`` (ungrouped) for the page: per column, each layer's mean,
+    band and n."""
+    series: dict[str, list[dict]] = {}
+    for row in curves.to_dict("records"):
+        series.setdefault(str(row["column"]), []).append(
+            {"layer": int(row["layer"]), "mean": _number(row["mean"]), "low": _number(row["ci_low"]),
+             "high": _number(row["ci_high"]), "n": int(row["n"])})
+    return series
 
 
 def set_report_data(summary: Sequence[Mapping[str, Any]], curves: Mapping[str, tuple], n_layers: int,

@@ -271,6 +271,9 @@ def merge_model(name: str, parts: Sequence[Part], out_dir: str, plots: bool = Tr
         _merged_rows([p.paths[role] for p in parts], order, paths[role])
     _merged_rows([comparison_csv_path(p.directory, name, strategy) for p in parts], order,
                  comparison_csv_path(out_dir, name, strategy))
+    with_concepts = [p.paths["concepts"] for p in parts if os.path.exists(p.paths["concepts"])]
+    if with_concepts:  # only shards some of whose items had concepts hold the file
+        _merged_rows(with_concepts, order, paths["concepts"])
     _merged_entries(parts, contents, order, flags, set_files.prompts_path(paths))
     set_info = {key: value for key, value in first["prompt_set"].items() if key not in ("count", "indices")}
     set_info.update(shard=None, merged_from=sorted({p.directory for p in parts}))

@@ -21,6 +21,7 @@ class PromptOutcome:
     comparison: list[dict]
     comparison_strategy: str
     records: list[dict] = field(default_factory=list)
+    concepts: list[dict] = field(default_factory=list)  # concepts.CONCEPT_COLUMNS rows, if the prompt had any
 
     def to_record(self) -> dict:
         """A plain dict (a checkpoint line)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from layers_core.csv_io import (
+    CONCEPT_COLUMNS,
     LENSES_COLUMNS,
     TRACKED_COLUMNS,
     in_depth_order,
@@ -72,12 +74,15 @@ def write_attribution(paths: Mapping[str, str], attribution: Any) -> None:
 
 
 def write_lens_views(paths: Mapping[str, str], analysis: Any) -> None:
-    """``output-<name>-lenses.csv`` (with ``compare_lenses``) and ``-tracked.csv`` (with ``track``)."""
+    """``output-<name>-lenses.csv`` (with ``compare_lenses``), ``-tracked.csv`` (with ``track``) and
+    ``-concepts.csv`` (with ``concepts``)."""
 
     if analysis.lens_rows is not None:
         atomic_write(paths["lenses"], render_csv(analysis.lens_rows, LENSES_COLUMNS))
     if analysis.tracked_rows is not None:
         atomic_write(paths["tracked"], render_csv(analysis.tracked_rows, TRACKED_COLUMNS))
+    if analysis.concept_rows is not None:
+        atomic_write(paths["concepts"], render_csv(analysis.concept_rows, CONCEPT_COLUMNS))
 
 
 def attribution_frame(attribution: Any):
@@ -98,26 +103,38 @@ def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]
         atomic_write(residual_path(directory, clean_name, layer), buffer.getvalue())
 
 
-def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], n_layers: int, title: str,
-                       lens_name: str, summary: Sequence[Mapping[str, Any]] | None = None,
-                       total: int | None = None) -> None:
-    """The prompt-set summary picture (milestones as fractions of depth), the small multiples
-    of every prompt's answer rank per layer, and the HTML report (the prompt table).
+@dataclass(frozen=True)
+class SetOverview:
+    """What a set's pictures show beyond the prompts drawn in detail: the table's ``summary``
+    rows (None: the detailed prompts'), ``total`` prompts in all, and the per-layer curves over
+    every prompt (``results.curves.layer_curves``, None: none drawn)."""
 
-    ``outcomes``: the prompts shown in detail (curves, heatmaps); ``summary``: the table's rows
-    (default: the outcomes'), of ``total`` prompts in all. A picture or table that shows only the
-    first of them says so in its title.
+    summary: Sequence[Mapping[str, Any]] | None = None
+    total: int | None = None
+    layer_curves: Any = None
+
+
+def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], n_layers: int, title: str,
+                       lens_name: str, overview: SetOverview = SetOverview()) -> None:
+    """The prompt-set summary picture (milestones as fractions of depth), the small multiples
+    of every prompt's answer rank per layer, the per-layer curves with their bands, and the HTML
+    report (the prompt table).
+
+    ``outcomes``: the prompts shown in detail (curves, heatmaps). A picture or table that shows
+    only the first of the set's prompts says so in its title.
     """
     from layers_core.results import html_report, plots
 
-    summary = [o.summary for o in outcomes] if summary is None else list(summary)
-    total = total or len(summary)
+    summary = [o.summary for o in outcomes] if overview.summary is None else list(overview.summary)
+    total = overview.total or len(summary)
     pictured = summary[:PICTURE_ROWS]
     plots.save_figure(plots.prompt_set_summary(pictured, n_layers, title + _first_of(len(pictured), total)),
                       paths["summary_png"])
     plots.save_figure(plots.prompt_set_curves(_set_curves(outcomes), title, total=total), paths["curves_png"])
+    if overview.layer_curves is not None:
+        plots.save_figure(plots.layer_bands(overview.layer_curves, title), paths["layers_png"])
     atomic_write(paths["html"], html_report.render(set_report_page(outcomes, n_layers, title, lens_name,
-                                                                   summary, total)))
+                                                                   replace(overview, summary=summary))))
 
 
 PICTURE_ROWS = 60  # prompts in a set's summary picture (one row each): the first, in file order
@@ -133,16 +150,20 @@ def _set_curves(outcomes: Sequence[PromptOutcome]) -> dict[str, tuple]:
 
 
 def set_report_page(outcomes: Sequence[PromptOutcome], n_layers: int, title: str, lens_name: str,
-                    summary: Sequence[Mapping[str, Any]] | None = None, total: int | None = None) -> dict:
+                    overview: SetOverview = SetOverview()) -> dict:
     """The data of a prompt set's HTML report (its heatmaps too where the set kept records):
-    ``summary`` rows in the table (default: the outcomes'), details for the ``outcomes``."""
+    the overview's summary rows in the table (default: the outcomes'), details for the
+    ``outcomes``, and the per-layer curves with their bands."""
     from layers_core.results import html_report
 
-    summary = [o.summary for o in outcomes] if summary is None else list(summary)
+    summary = [o.summary for o in outcomes] if overview.summary is None else list(overview.summary)
     records = {o.prompt_id: o.records for o in outcomes if o.records}
-    title += _first_of(len(summary), total or len(summary))
-    return html_report.set_report_data(summary, _set_curves(outcomes), n_layers, title, records, HEATMAP_WINDOW,
+    title += _first_of(len(summary), overview.total or len(summary))
+    data = html_report.set_report_data(summary, _set_curves(outcomes), n_layers, title, records, HEATMAP_WINDOW,
                                        lens_name)
+    if overview.layer_curves is not None:
+        data["layer_curves"] = html_report.band_series(overview.layer_curves)
+    return data
 
 
 def write_error_document(path: str, error: BaseException, stage: str, model: str,

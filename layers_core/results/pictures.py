@@ -18,6 +18,12 @@ def _marks(diagnostics: Mapping[str, Any]) -> dict:
     return {"L_copy": diagnostics["L_copy"], "L_semantic": diagnostics["L_semantic"]}
 
 
+def typing_rule(gold: Mapping[str, Any]) -> dict:
+    """How the report's token box reads a typed word: the answer as typed pins its token, and
+    another word follows the prompt with the answer's joining (``space`` or ``none``)."""
+    return {"text": gold.get("string"), "join": "none" if gold.get("variant") == "no_space" else "space"}
+
+
 def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token: str | None = None) -> dict:
     """The plain data the pictures and the HTML report of one prompt are drawn from (no tensors:
     picklable); with ``--sublayers`` the mid-block reads are interleaved (drawn as half-steps).
@@ -31,6 +37,7 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
             "attribution": None if split is None else attribution_rows(split),
             "lens_rows": getattr(analysis, "lens_rows", None),
             "control": control_words(analysis.blocks.get("control_summary")), "answer_token": answer_token,
+            "typing": typing_rule(analysis.result.gold),
             "norm_only_semantic": (analysis.blocks.get("raw_lens_check") or {}).get("norm_only_semantic_layer"),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,

@@ -325,6 +325,51 @@ def prompt_set_curves(curves: Mapping[str, tuple], title: str, max_panels: int =
     return fig
 
 
+_CURVE_LABELS = {"entropy": "entropy (bits)", "answer_rank": "answer rank (log; 1 on top)",
+                 "kl_to_final_bits": "KL to the final layer (bits)"}
+
+
+def layer_bands(curves: Any, title: str, ci: float = 0.95):
+    """``results.curves.layer_curves`` drawn: each column's mean per layer with its bootstrap
+    band; one column of panels per group, the probabilities (``p_*`` and concepts) together in
+    one row and every other column in a row of its own."""
+    from layers_core.results.curves import CURVE_COLUMNS
+
+    keys = [column for column in curves.columns if column not in CURVE_COLUMNS]
+    groups = list(curves.groupby(keys, sort=False, dropna=False)) if keys else [((), curves)]
+    names = list(dict.fromkeys(curves["column"]))
+    probabilities = [name for name in names if name not in _CURVE_LABELS]
+    panel_rows = ([probabilities] if probabilities else []) + [[name] for name in names if name in _CURVE_LABELS]
+    fig = new_figure((3.6 * len(groups) + 0.8, 2.6 * len(panel_rows) + 0.8))
+    axes = fig.subplots(len(panel_rows), len(groups), sharex=True, squeeze=False)
+    for column, (group, part) in enumerate(groups):
+        label = ", ".join(f"{key}={value}" for key, value in zip(keys, group if isinstance(group, tuple)
+                                                                  else (group,)))
+        for row, members in enumerate(panel_rows):
+            ax = axes[row][column]
+            for name in members:
+                series = part[part["column"] == name].dropna(subset=["mean"])
+                line, = ax.plot(series["layer"], series["mean"], linewidth=1.4, label=f"{name} (n={_n(series)})")
+                ax.fill_between(series["layer"], series["ci_low"], series["ci_high"], alpha=0.2,
+                                color=line.get_color(), linewidth=0)
+            if members == ["answer_rank"]:
+                ax.set_yscale("log")
+                ax.invert_yaxis()
+            ax.set_ylabel(_CURVE_LABELS.get(members[0], "probability"), fontsize=8)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7, loc="best")
+            if row == 0 and label:
+                ax.set_title(label, fontsize=9)
+    fig.supxlabel("layer (0 = embeddings)", fontsize=9)
+    fig.suptitle(f"{title} — mean over prompts, {ci:.0%} bootstrap band", fontsize=10)
+    return fig
+
+
+def _n(series: Any) -> int:
+    return int(series["n"].max()) if len(series) else 0
+
+
 def comparison_figure(stats: Mapping[str, Mapping[str, Mapping[str, Any]]], milestones: Sequence[str]):
     """One panel per milestone: each model's median depth fraction over prompts, with its
     interquartile range, models side by side (``merge.comparison_stats``)."""

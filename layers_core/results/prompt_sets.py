@@ -20,12 +20,15 @@ SUMMARY_COLUMNS = [
     "prompt_id", "prompt", "answer", "prompt_tokens", "answer_tokens", "L_copy", "L_copy_strict", "L_semantic",
     "L_semantic_stable", "L_semantic_margin",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10", "first_kl_below_0.5",
-    "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status",
+    "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status", "meta",
 ]
 LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[5:15]
 TOKEN_COUNT_COLUMNS = ("prompt_tokens", "answer_tokens")
 _DIAGNOSTICS_INDICES = LAYER_INDEX_COLUMNS[:5]  # top-level diagnostics keys; the rest are milestones
 PROMPT_ID_COLUMN = "prompt_id"
+# a concept's name is a column of the layer curves: it must not hide one of these
+RESERVED_CONCEPT_NAMES = ("entropy", "p_top1", "p_top5", "p_answer", "answer_rank", "kl_to_final_bits", "layer",
+                          "lens", "prompt_id", "concept", "p", "best_rank")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,27 @@ class PromptItem:
     control_prompt: str | None = None
     control_answer: str | None = None
     answer_join: str | None = None  # auto | space | none: this item's joining (None: the set's)
+    concepts: Mapping[str, tuple[str, ...]] | None = None  # {name: words} (None: the set's, if any)
+    meta: Mapping[str, Any] | None = None  # any JSON values: passed through to the summary and the JSON
+
+
+def check_concepts(concepts: Any, where: str = "concepts") -> dict[str, tuple[str, ...]]:
+    """``{name: words}`` from a mapping of names to a word or a list of words; ``ValueError``
+    (naming ``where``) for anything else, an empty name or word list, or a reserved name."""
+    if not isinstance(concepts, Mapping) or not concepts:
+        raise ValueError(f"{where}: expected an object of names to words, e.g. {{\"de\": [\"Buch\"]}}")
+    checked = {}
+    for name, words in concepts.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: a concept's name must be a non-empty string, got {name!r}")
+        if name in RESERVED_CONCEPT_NAMES:
+            raise ValueError(f"{where}: {name!r} names a column of the tables; choose another concept name")
+        words = [words] if isinstance(words, str) else words
+        if (not isinstance(words, Sequence) or not words
+                or not all(isinstance(word, str) and word.strip() for word in words)):
+            raise ValueError(f"{where}: concept {name!r} needs a word or a list of non-empty words")
+        checked[name] = tuple(words)
+    return checked
 
 
 def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -49,7 +73,7 @@ def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool)
     return value
 
 
-PROMPT_KEYS = ("id", "prompt", "answer", "control_prompt", "control_answer", "answer_join")
+PROMPT_KEYS = ("id", "prompt", "answer", "control_prompt", "control_answer", "answer_join", "concepts", "meta")
 
 
 def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
@@ -69,8 +93,16 @@ def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
     join = record.get("answer_join")
     if join is not None and join not in ANSWER_JOINS:
         raise ValueError(f"{where}: 'answer_join' must be one of {', '.join(ANSWER_JOINS)}, got {join!r}")
+    concepts = record.get("concepts")
+    meta = record.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"{where}: 'meta' must be a JSON object (of any values), got {type(meta).__name__}")
+    hidden = sorted(set(meta or ()) & set(SUMMARY_COLUMNS))
+    if hidden:
+        raise ValueError(f"{where}: meta key {hidden[0]!r} names a summary column; choose another key")
     return PromptItem(str(record.get("id", default_id)), _text_field(record, "prompt", where, True),
-                      _text_field(record, "answer", where, True), control_prompt, control_answer, join)
+                      _text_field(record, "answer", where, True), control_prompt, control_answer, join,
+                      None if concepts is None else check_concepts(concepts, f"{where}: 'concepts'"), meta)
 
 
 def check_unique_ids(items: Sequence[PromptItem]) -> None:
@@ -140,6 +172,7 @@ def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, 
         **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[len(_DIAGNOSTICS_INDICES):]},
         "final_top1": last["top1"], "final_p_answer": last["p_answer"],
         "gold_status": diagnostics["gold_alignment"]["status"],
+        "meta": json.dumps(item.meta, ensure_ascii=False, separators=(",", ":")) if item.meta else "",
     }
 
 

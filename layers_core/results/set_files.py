@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layers_core.collapse_rules import ambiguous_first_pieces
-from layers_core.csv_io import csv_header_line, csv_lines, pure_header, records_header
+from layers_core.csv_io import CONCEPT_COLUMNS, csv_header_line, csv_lines, pure_header, records_header
 from layers_core.results import prompt_sets
 from layers_core.results.outcome import PromptOutcome
 from layers_core.results.prompt_sets import PROMPT_ID_COLUMN, SUMMARY_COLUMNS
-from layers_core.run_dir import AtomicFile, comparison_csv_path
+from layers_core.run_dir import AtomicFile, atomic_write, comparison_csv_path
 
 REPORT_PROMPTS = 200  # prompts whose curves (and heatmaps) the HTML report and the curves picture show
 TABLE_ROWS = 5000  # summary rows in the HTML report's table (the CSV holds every prompt)
@@ -79,8 +79,13 @@ class SetFileWriter:
         """Appends one prompt (the next in file order)."""
         if not self._streams:
             self._open(outcome.comparison_strategy)
+        if outcome.concepts and "concepts" not in self._streams:  # the first prompt with concepts opens it
+            self._streams["concepts"] = AtomicFile(self.paths["concepts"])
+            self._headers["concepts"] = [PROMPT_ID_COLUMN, *CONCEPT_COLUMNS]
+            self._streams["concepts"].handle.write(csv_header_line(self._headers["concepts"]))
         tagged = {PROMPT_ID_COLUMN: outcome.prompt_id}
-        tables = (("pure", outcome.pure), ("comparison", outcome.comparison), ("records", outcome.records))
+        tables = (("pure", outcome.pure), ("comparison", outcome.comparison), ("records", outcome.records),
+                  ("concepts", outcome.concepts))
         for role, rows in tables:
             if role in self._streams:
                 lines = csv_lines(({**tagged, **row} for row in rows), self._headers[role])
@@ -240,6 +245,19 @@ class SetFacts:
     lens_name: str
 
 
+def write_layer_curves(paths: Mapping[str, str], lens_name: str) -> Any:
+    """``output-<name>-layers.csv``: ``curves.layer_curves`` of the written pure rows (and
+    concepts) under the chosen lens, every default column; returns the frame."""
+    from layers_core.csv_io import render_csv
+    from layers_core.results import curves
+
+    concepts = paths["concepts"] if os.path.exists(paths["concepts"]) else None
+    values = curves.read_layer_values(paths["pure"], concepts, lens_name)
+    frame = curves.layer_curves(values, curves.default_columns(values))
+    atomic_write(paths["layers"], render_csv(frame.to_dict("records"), curves.CURVE_COLUMNS))
+    return frame
+
+
 def finish_set_files(paths: Mapping[str, str], facts: SetFacts, *, plots: bool,
                      timing: Mapping[str, Any] | None = None, total_s: float = 0.0) -> dict:
     """The JSON document (and, with ``plots``, the pictures and HTML report) of a set whose CSVs
@@ -248,10 +266,11 @@ def finish_set_files(paths: Mapping[str, str], facts: SetFacts, *, plots: bool,
     from layers_core.results.set_document import prompt_set_document
 
     digest = digest_summary(read_summary(paths["summary"]))
+    curves = write_layer_curves(paths, facts.lens_name)
     if plots:
         outcomes = report_outcomes(paths, facts.strategy, digest.first_rows, facts.indices, facts.records)
         outputs.write_set_pictures(paths, outcomes, int(facts.model_stats["num_layers"]), facts.title,
-                                   facts.lens_name, summary=digest.first_rows, total=digest.count)
+                                   facts.lens_name, outputs.SetOverview(digest.first_rows, digest.count, curves))
     set_info = {**facts.set_info, "comparison": facts.strategy}
     document = prompt_set_document(digest.aggregate(), facts.indices, set_info, facts.model_stats,
                                    facts.provenance, os.path.basename(prompts_path(paths)))

@@ -15,8 +15,9 @@ import pandas as pd
 
 from layers_core.csv_io import EXTRA_FLAG_COLUMNS, FLAG_COLUMNS, SUBLAYER_COLUMN, format_value
 
-TEXT_COLUMNS = {"token", "prompt_id", "prompt", "answer", "final_top1", "gold_status", SUBLAYER_COLUMN}
-INT_COLUMNS = {"layer", "pos", "prompt_tokens", "answer_tokens"}
+TEXT_COLUMNS = {"token", "prompt_id", "prompt", "answer", "final_top1", "gold_status", "meta", "lens", "concept",
+                SUBLAYER_COLUMN}
+INT_COLUMNS = {"layer", "pos", "prompt_tokens", "answer_tokens", "best_rank"}
 _TOP = re.compile(r"top(\d+)$")
 _NULLABLE_INT = re.compile(r"(answer_rank|L_.*|first_rank_le_\d+|first_kl_below_.*)$")
 _FLAGS = set(FLAG_COLUMNS) | set(EXTRA_FLAG_COLUMNS) | {"copy_strict"}

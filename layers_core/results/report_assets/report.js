@@ -87,7 +87,16 @@
   }
 
   // ---- the heatmap: hover a cell for its top-k, pin a token to see its rank everywhere ----
-  function heatmapView(heat, answer, answerLast) {
+  // a word typed without a leading space follows the prompt as --answer does: the answer's own
+  // text pins the answer's token; another word takes the answer's joining (" Paris" after a word)
+  function typedToken(text, answer, typing) {
+    if (text === "" || /^\s/.test(text) || !typing) return text === "" ? null : text;
+    if (answer && text.trim() === typing.text) return answer;
+    const order = typing.join === "space" ? [" " + text, text] : [text, " " + text];
+    return order.find((t) => vocab.includes(t)) ?? order[0];
+  }
+
+  function heatmapView(heat, answer, answerLast, typing) {
     const tip = document.getElementById("tip") || document.body.appendChild(el("div", { id: "tip" }));
     const status = el("span", { id: "pin-status" });
     const input = el("input", { id: "pin-input", list: "vocab-list", placeholder: "a token, e.g. \" Berlin\"" });
@@ -159,17 +168,17 @@
         `cells: the rank of ${show(token)} (">k": beyond the recorded top-k)`;
       status.dataset.token = token === null ? "" : token;
     }
-    input.addEventListener("keydown", (event) => { if (event.key === "Enter") pin(input.value === "" ? null : input.value); });
+    input.addEventListener("keydown", (event) => { if (event.key === "Enter") pin(typedToken(input.value, answer, typing)); });
     pin(answer || null);
     return el("div", {}, el("div", { id: "controls" }, "Pin a token: ", input, datalist,
-      el("button", { onclick: () => pin(input.value === "" ? null : input.value) }, "pin"),
+      el("button", { onclick: () => pin(typedToken(input.value, answer, typing)) }, "pin"),
       el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table));
   }
 
   // ---- one prompt ----
   function promptReport() {
     root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
-    root.append(el("h2", {}, "Lens heatmap"), heatmapView(data.heatmap, data.answer, data.answer_last));
+    root.append(el("h2", {}, "Lens heatmap"), heatmapView(data.heatmap, data.answer, data.answer_last, data.typing));
     root.append(el("h2", {}, "Per layer, every lens of the run"), charts(data.curves));
     if (data.attribution) root.append(el("h2", {}, "Which block wrote the answer (direct logit attribution)"), attributionChart(data.attribution));
   }
@@ -195,6 +204,46 @@
     legend.textContent = "bars: embed (grey), attention (blue), MLP (orange) parts of the answer logit; block b at layer b+1";
     box.append(legend);
     return box;
+  }
+
+  // ---- a set's per-layer curves: the mean over prompts with its bootstrap band ----
+  function bandCharts(curves) {
+    const wrap = el("div", { class: "charts", id: "layer-curves" });
+    const probabilities = Object.keys(curves).filter((c) => !["entropy", "answer_rank", "kl_to_final_bits"].includes(c));
+    const panels = (probabilities.length ? [probabilities] : []).concat(
+      ["entropy", "answer_rank", "kl_to_final_bits"].filter((c) => c in curves).map((c) => [c]));
+    for (const columns of panels) {
+      const width = 330, height = 190, left = 46, bottom = 22, top = 16;
+      const log = columns[0] === "answer_rank";
+      const box = svg("svg", { width, height, class: "chart" });
+      const rows = columns.flatMap((c) => curves[c].filter((r) => r.mean !== null));
+      const values = rows.flatMap((r) => [r.low, r.high, r.mean]).filter((v) => v !== null && (!log || v > 0)).map((v) => (log ? Math.log10(v) : v));
+      const n = Math.max(1, ...rows.map((r) => r.layer));
+      let lo = Math.min(...values), hi = Math.max(...values);
+      if (!values.length) { lo = 0; hi = 1; }
+      if (hi === lo) hi += 1;
+      const X = (layer) => left + (layer / n) * (width - left - 8);
+      const Y = (v) => top + (1 - ((log ? Math.log10(Math.max(v, 1e-300)) : v) - lo) / (hi - lo)) * (height - top - bottom);
+      const title = svg("text", { x: left, y: 12, "font-size": 11 });
+      title.textContent = (log ? "answer rank (log)" : columns.length > 1 || probabilities.includes(columns[0]) ? "probability" : columns[0]) +
+        " — " + columns.map((c) => c + " n=" + Math.max(0, ...curves[c].map((r) => r.n))).join(", ");
+      box.append(title);
+      columns.forEach((column, index) => {
+        const shown = curves[column].filter((r) => r.mean !== null);
+        if (!shown.length) return;
+        const color = COLORS[index % COLORS.length];
+        const band = shown.map((r) => X(r.layer).toFixed(1) + "," + Y(r.high).toFixed(1))
+          .concat(shown.slice().reverse().map((r) => X(r.layer).toFixed(1) + "," + Y(r.low).toFixed(1)));
+        box.append(svg("polygon", { points: band.join(" "), fill: color, "fill-opacity": 0.18, stroke: "none", "data-column": column }));
+        const path = shown.map((r, j) => (j ? "L" : "M") + X(r.layer).toFixed(1) + " " + Y(r.mean).toFixed(1)).join(" ");
+        box.append(svg("path", { d: path, fill: "none", stroke: color, "stroke-width": 1.5, "data-column": column }));
+      });
+      const axis = svg("text", { x: width - 60, y: height - 6, "font-size": 9 });
+      axis.textContent = "layer 0.." + n;
+      box.append(axis);
+      wrap.append(box);
+    }
+    return wrap;
   }
 
   // ---- a prompt set: sortable table, a prompt's view, milestone distributions ----
@@ -237,10 +286,11 @@
       const top = el("table", { class: "topk" }, ...prompt.top.map((ids, layer) => el("tr", {}, el("td", {}, "layer " + layer),
         ...ids.map((t, k) => el("td", {}, show(vocab[t]) + " " + fmt(prompt.probs[layer][k]))))));
       detail.replaceChildren(el("h2", {}, "Prompt " + id), charts(prompt.curves), el("h2", {}, "Last position, top-5 per layer"), top);
-      if (prompt.heatmap) detail.append(el("h2", {}, "Lens heatmap (--records)"), heatmapView(prompt.heatmap, null, null));
+      if (prompt.heatmap) detail.append(el("h2", {}, "Lens heatmap (--records)"), heatmapView(prompt.heatmap, null, null, null));
     }
     fill();
     root.append(el("div", { class: "summary-wrap" }, table), detail);
+    if (data.layer_curves) root.append(el("h2", {}, "Per-layer curves over the set (mean, 95% bootstrap band)"), bandCharts(data.layer_curves));
     root.append(el("h2", {}, "Milestones as fractions of depth (one dot per prompt, | the median)"), milestoneStrips());
     if (data.comparison) root.append(el("h2", {}, "Models side by side (median and quartiles of the depth fraction)"), comparisonPanels(data.comparison));
     if (data.summary.length) open(data.summary[0].prompt_id, body.firstChild);
