@@ -3,11 +3,13 @@ end or named per call and per item, and the same p_sequence batched or not, for 
 
 import json
 
+import pandas as pd
 import pytest
 import run
 
 import layers_core as lc
 from layers_core.collapse_rules import answer_join, resolve_gold_answer
+from layers_core.results.prompt_sets import parse_prompt_set
 from layers_core.results.set_files import read_prompt_entries
 
 QUOTE = 'Français: "chat" - Deutsch: "Katze" - Français: "livre" - Deutsch: "'
@@ -88,3 +90,42 @@ def test_the_command_line_and_a_set_item_name_the_joining(tiny_dirs, tmp_path):
     bad.write_text(json.dumps({"prompt": "x", "answer": "y", "answer_join": "both"}) + "\n")
     with pytest.raises(ValueError, match="'answer_join' must be one of auto, space, none, got 'both'"):
         lc.sweep_set(lc.load(tiny_dirs["llama"], device="cpu"), [json.loads(bad.read_text())])
+
+
+CITY = "The largest city in the United States is"
+
+
+def test_aliases_sum_their_probability_and_take_the_best_rank(bundled):
+    alone = {alias: lc.sweep(bundled, CITY, alias, control=False) for alias in ("New York", "NYC")}
+    both = lc.sweep(bundled, CITY, ["New York", "NYC"], control=False)
+    summed = alone["New York"].pure.p_answer + alone["NYC"].pure.p_answer
+    assert both.pure.p_answer.tolist() == pytest.approx(summed.tolist(), rel=1e-4, abs=1e-9)
+    best = pd.concat([alone[a].pure.answer_rank for a in alone], axis=1).min(axis=1)
+    assert both.pure.answer_rank.tolist() == best.tolist()  # the best alias's rank at every layer
+    gold = both.document["gold_answer"]
+    p_alone = {a: s.document["gold_answer"]["p_sequence"] for a, s in alone.items()}
+    assert gold["p_sequence"] == pytest.approx(sum(p_alone.values()), rel=1e-4)
+    assert [alias["string"] for alias in gold["aliases"]] == ["New York", "NYC"]
+    assert [alias["p_sequence"] for alias in gold["aliases"]] == pytest.approx(list(p_alone.values()), rel=1e-4)
+    assert gold["best_alias"] == max(p_alone, key=p_alone.get) and gold["variant"] == "with_space"
+    assert gold["first_ids"] == [alias["first_id"] for alias in gold["aliases"]]
+    milestones = both.diagnostics["milestones"]
+    first = [row.layer for row in both.pure.itertuples() if row.answer_rank == 1]
+    assert milestones["first_rank_le_1"] == (first[0] if first else None)
+
+
+def test_aliases_in_a_set_batched_equal_unbatched_and_the_cli_takes_them(bundled, tiny_dirs, tmp_path):
+    facts = [{"id": "city", "prompt": CITY, "answer": ["New York", "NYC", "New York City"]},
+             {"id": "quote", "prompt": QUOTE, "answer": ["Buch", "Bücher"]}]
+    one, many = (lc.sweep_set(bundled, facts, settings=lc.SweepSettings(batch_size=b)) for b in (1, 2))
+    for a, b in zip(one.entries, many.entries):
+        assert a["gold_answer"]["p_sequence"] == pytest.approx(b["gold_answer"]["p_sequence"], rel=1e-4)
+        assert a["gold_answer"]["best_alias"] == b["gold_answer"]["best_alias"]
+    assert one.summary.answer.tolist() == ["New York | NYC | New York City", "Buch | Bücher"]
+    with pytest.raises(ValueError, match="aliases"):
+        parse_prompt_set('{"prompt": "a", "answer": ["x", ""]}')
+    out = tmp_path / "cli"
+    assert run.main(["--device", "cpu", tiny_dirs["llama"], "--quiet", "--no-plots", "--out_dir", str(out),
+                     "--prompt", "one two three", "--answer", "four", "--alias", "five", "six"]) == 0
+    gold = json.loads(next(out.glob("output-*.json")).read_text())["gold_answer"]
+    assert [alias["string"] for alias in gold["aliases"]] == ["four", "five", "six"]

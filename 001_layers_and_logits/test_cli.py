@@ -74,6 +74,7 @@ COMPANIONS = {
     "control_answer": {"control_prompt": "The capital of France is"},
     "batch_size": {"prompts_file": BATTERY},
     "records": {"prompts_file": BATTERY},
+    "aliases": {"prompt": "The largest city of the US is", "answer": "New York"},
     "shard": {"prompts_file": BATTERY, "out_dir": "/results"},
     "resume": {"prompts_file": BATTERY, "out_dir": "/results"},
 }
@@ -88,7 +89,7 @@ def _another_value(config_field):
         return next(choice for choice in flag.choices if choice != default)
     special = {"copy_threshold": 0.75, "copy_margin": 0.125, "max_memory": "0=70GiB,1=70GiB", "shard": "1/3",
                "prompts_file": BATTERY, "track": (" Paris", " Munich"), "concepts": '{"de": ["Buch"]}',
-               "lens_path": "LENS"}
+               "lens_path": "LENS", "aliases": ("NYC", "New York City")}
     if config_field.name in special:
         return special[config_field.name]
     if flag.type is int:

@@ -208,7 +208,7 @@ def test_a_rerun_without_the_new_outputs_leaves_no_stale_copy(tiny_dirs, tmp_pat
     import run
 
     out = tmp_path / "out"
-    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--compare-lenses", "--track", " Paris",
+    assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--compare-lenses", "--track", " capital",
                      "--quiet", "--no-plots"]) == 0
     assert os.path.isfile(out / "output-llama-lenses.csv") and os.path.isfile(out / "output-llama-tracked.csv")
     assert run.main([tiny_dirs["llama"], "--out_dir", str(out), "--quiet", "--no-plots",

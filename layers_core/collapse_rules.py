@@ -159,9 +159,12 @@ class GoldAnswer(TypedDict):
     ok: bool  # resolved as a continuation of the prompt
     status: str  # ok | unresolved | no_answer
     warnings: list[str]
+    first_ids: list[int]  # every resolved alias's first id, once each (one answer: [first_id])
+    aliases: list[dict]  # an answer given as a list: each alias's string, pieces, ids, variant, ok
 
 
-def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, join: str = "auto") -> GoldAnswer:
+def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | Sequence[str] | None, *,
+                        join: str = "auto") -> GoldAnswer:
     """Resolves the answer to token ids as the continuation of ``prompt``.
 
     The answer's leading and trailing whitespace never becomes a token: ``" Buenos Aires"`` is
@@ -173,7 +176,14 @@ def resolve_gold_answer(tokenizer: Any, prompt: str, answer: str | None, *, join
     the space), and a trailing space or tab the user typed is warned about. Returns ``{string,
     pieces, first_id, answer_ids, variant, ok, status, warnings}``; unresolved → ``first_id``
     None, ``ok`` False; no answer (None) → status ``no_answer``.
+
+    ``answer`` may be a list of aliases (``["New York", "NYC"]``): each is resolved; the first
+    that resolves gives ``string``, ``pieces``, ``first_id`` and ``answer_ids``, ``first_ids``
+    holds every resolved alias's first id (the rank is the best of them, the probability their
+    sum) and ``aliases`` each alias's own resolution.
     """
+    if answer is not None and not isinstance(answer, str):
+        return _resolve_aliases(tokenizer, prompt, list(answer), join)
     if answer is None or not answer.strip():
         return _unresolved(None, "no_answer", [])
     answer = answer.strip()
@@ -197,12 +207,35 @@ def _resolved(tokenizer: Any, answer: str, answer_ids: list[int], variant: str,
               warnings: list[str]) -> GoldAnswer:
     return {"string": answer, "pieces": list(tokenizer.convert_ids_to_tokens(answer_ids)),
             "first_id": answer_ids[0], "answer_ids": answer_ids, "variant": variant, "ok": True,
-            "status": "ok", "warnings": warnings}
+            "status": "ok", "warnings": warnings, "first_ids": [answer_ids[0]], "aliases": []}
 
 
 def _unresolved(answer: str | None, status: str, warnings: list[str]) -> GoldAnswer:
     return {"string": answer, "pieces": [], "first_id": None, "answer_ids": [], "variant": VARIANT_UNKNOWN,
-            "ok": False, "status": status, "warnings": warnings}
+            "ok": False, "status": status, "warnings": warnings, "first_ids": [], "aliases": []}
+
+
+ALIAS_KEYS = ("string", "pieces", "first_id", "answer_ids", "variant", "ok")
+
+
+def _resolve_aliases(tokenizer: Any, prompt: str, aliases: list[str], join: str) -> GoldAnswer:
+    if not aliases or not all(isinstance(alias, str) and alias.strip() for alias in aliases):
+        raise ValueError(f"an answer's aliases must be non-empty strings, got {aliases!r}")
+    golds = [resolve_gold_answer(tokenizer, prompt, alias, join=join) for alias in aliases]
+    warnings = list(dict.fromkeys(w for gold in golds for w in gold["warnings"]))
+    resolved = [gold for gold in golds if gold["ok"]]
+    own = [{key: gold[key] for key in ALIAS_KEYS} for gold in golds]
+    if not resolved:
+        return {**_unresolved(golds[0]["string"], "unresolved", warnings), "aliases": own}
+    first_ids = list(dict.fromkeys(gold["first_id"] for gold in resolved))
+    return {**resolved[0], "warnings": warnings, "first_ids": first_ids, "aliases": own}
+
+
+def answer_token_ids(gold: Mapping[str, Any]) -> int | list[int] | None:
+    """What the answer columns follow: None (no resolved answer), the first token's id, or with
+    aliases of different first tokens their ids (probability summed, rank the best)."""
+    ids = gold.get("first_ids") or ([] if gold.get("first_id") is None else [gold["first_id"]])
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
 
 
 def _first_layer(rows: Sequence[Mapping[str, Any]], predicate) -> int | None:

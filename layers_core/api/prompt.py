@@ -362,10 +362,11 @@ def sweep(
         tokenizer = lm.bridge.tokenizer
         text = chat_text(tokenizer, prompt)
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
-    analysis = analyse_prompt(lm, settings, text, answer, control)
-    if settings.compare_lenses or settings.track:
-        others = available_lenses(lm, settings) if settings.compare_lenses else None
-        add_lens_views(lm, analysis, settings, others, list(settings.track))
+    with lm.thread_scope():
+        analysis = analyse_prompt(lm, settings, text, answer, control)
+        if settings.compare_lenses or settings.track:
+            others = available_lenses(lm, settings) if settings.compare_lenses else None
+            add_lens_views(lm, analysis, settings, others, list(settings.track))
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lm, analysis, prompt, answer, settings, timing=timing)

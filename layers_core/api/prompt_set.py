@@ -295,30 +295,31 @@ def run_prompt_set(lm: LensModel, items: Iterable[PromptItem | Mapping[str, Any]
     timing = {"forward_s": 0.0, "lens_s": 0.0}
     first: PromptOutcome | None = None
     pairs = list(zip(indices, parsed))
-    for start in range(0, len(pairs), WINDOW):
-        window = pairs[start : start + WINDOW]
-        outcomes = {index: done[index] for index, _ in window if index in done}
-        todo = [(index, item) for index, item in window if index not in outcomes]
-        for batch in analyse_batches(lm, todo, analysed, batch_size):
-            finished, batch_sweeps = [], []
-            for prompt in batch.prompts:
-                result = Sweep(lm, prompt.analysis, prompt.item.prompt, prompt.item.answer, replace(analysed),
-                               timing=prompt.timing)
-                outcomes[prompt.index] = outcome_of(prompt.index, prompt.item, result, records)
-                finished.append(outcomes[prompt.index])
-                batch_sweeps.append(result)
+    with lm.thread_scope():  # the notebook's idle-core rule (the command line sets lm.threads None)
+        for start in range(0, len(pairs), WINDOW):
+            window = pairs[start : start + WINDOW]
+            outcomes = {index: done[index] for index, _ in window if index in done}
+            todo = [(index, item) for index, item in window if index not in outcomes]
+            for batch in analyse_batches(lm, todo, analysed, batch_size):
+                finished, batch_sweeps = [], []
+                for prompt in batch.prompts:
+                    result = Sweep(lm, prompt.analysis, prompt.item.prompt, prompt.item.answer, replace(analysed),
+                                   timing=prompt.timing)
+                    outcomes[prompt.index] = outcome_of(prompt.index, prompt.item, result, records)
+                    finished.append(outcomes[prompt.index])
+                    batch_sweeps.append(result)
+                    if plan.sink is None:
+                        sweeps[prompt.item.prompt_id] = result
+                timing["forward_s"] += batch.forward_s
+                timing["lens_s"] += batch.lens_s
+                if plan.on_batch is not None:
+                    plan.on_batch(finished, batch_sweeps)
+            for index in sorted(outcomes):
+                first = first or outcomes[index]
                 if plan.sink is None:
-                    sweeps[prompt.item.prompt_id] = result
-            timing["forward_s"] += batch.forward_s
-            timing["lens_s"] += batch.lens_s
-            if plan.on_batch is not None:
-                plan.on_batch(finished, batch_sweeps)
-        for index in sorted(outcomes):
-            first = first or outcomes[index]
-            if plan.sink is None:
-                kept[index] = outcomes[index]
-            else:
-                plan.sink(outcomes[index])
+                    kept[index] = outcomes[index]
+                else:
+                    plan.sink(outcomes[index])
     ordered = [kept[index] for index in sorted(kept)]
     return SweepSet(lm, ordered, sweeps, settings, records, plan.source_path, plan.shard, timing=timing,
                     first_outcome=first)

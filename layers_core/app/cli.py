@@ -177,6 +177,9 @@ class ExperimentConfig:
     answer: str | None = setting(DEFAULT_ANSWER, "--answer", group=PROMPT, metavar="TEXT",
                                  check=_not_empty("--answer"),
                                  help=f"Gold answer of --prompt (default prompt: {DEFAULT_ANSWER})")
+    aliases: tuple[str, ...] = setting((), "--alias", group=PROMPT, nargs="+", metavar="TEXT",
+                                       help="more ways to write --answer ('NYC' beside 'New York'): the answer's "
+                                            "rank is the best alias's, its probability their sum")
     chat: bool = setting(False, "--chat", group=PROMPT,
                          help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
                               "generation prompt); the answer is scored as the assistant's first token(s)")
@@ -215,6 +218,9 @@ class ExperimentConfig:
                                       help="File-name stem of the outputs (default: the model's folder name)")
     records: bool = setting(False, "--records", group=OUTPUT,
                             help="also write the per-position records CSV for a prompt set")
+    every_position: bool = setting(True, "--no-records", group=OUTPUT, negated=True,
+                                   help="a single prompt: decode only the next-token position (no records CSV; "
+                                        "the heatmap is that position's column; every check still runs)")
     keep_residuals: bool = setting(False, "--keep-residuals", group=OUTPUT,
                                    help="Dump full residual tensors; if absent, keep only per-layer logits")
     plots: bool = setting(True, "--no-plots", group=OUTPUT, negated=True,
@@ -308,6 +314,10 @@ def _prompt_set_error(args: argparse.Namespace) -> str | None:
                         ("--resume", args.resume or None), ("--records", args.records or None)):
         if value is not None and args.prompts_file is None:
             return f"{flag} applies to a prompt set (--prompts)"
+    clashing = [flag for flag, on in (("--records", args.records), ("--prompts", args.prompts_file is not None),
+                                      ("--keep-residuals", args.keep_residuals)) if on]
+    if not args.every_position and clashing:
+        return f"--no-records and {clashing[0]} exclude each other (a set writes no records unless --records)"
     for flag, on in (("--shard", args.shard is not None), ("--resume", args.resume)):
         if on and args.out_dir is None:
             return f"{flag} requires --out_dir"
@@ -342,6 +352,8 @@ def _check(args: argparse.Namespace) -> str | None:
     tie several settings together."""
     if args.answer is not UNSET and args.prompt is UNSET:
         return "--answer requires --prompt (it is the gold answer of that prompt)"
+    if args.aliases and args.answer is UNSET:
+        return "--alias requires --answer (it names more ways to write that answer)"
     problem = _field_error(args)
     if problem:
         return problem
@@ -379,6 +391,7 @@ def parse_config(argv: list[str] | None = None, prog: str = RUN_PROG) -> tuple[l
     if args.answer is UNSET:  # a prompt of your own has no answer unless you name one
         values["answer"] = None if given_prompt else _DEFAULTS.answer
     values["track"] = tuple(args.track or ())
+    values["aliases"] = tuple(args.aliases or ())
     return list(args.model), ExperimentConfig(**values)
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from layers_core.app import collector, threads
+from layers_core import threads
+from layers_core.app import collector
 from layers_core.app.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExperimentConfig
 from layers_core.lens.fingerprint import UnfingerprintedLensWarning
 from layers_core.model.loading import ModelLoadError, ModelSource, clean_model_name, resolve_model_source
@@ -135,6 +136,7 @@ def _load(config: ExperimentConfig, model_id: str | None) -> Any:
         warnings.simplefilter("always", CacheRepairWarning)
         lm = load(model_id, device=config.device, dtype=dtype, fp32_unembed=config.fp32_unembed,
                   device_map=config.device_map, max_memory=max_memory)
+    lm.threads = None  # the run set torch's threads itself (--threads, or the idle cores at start-up)
     for warning in caught:
         if issubclass(warning.category, CacheRepairWarning):
             print(f"⚠️  {warning.message}", file=sys.stderr)
@@ -153,7 +155,8 @@ def _sweep_settings(config: ExperimentConfig) -> Any:
                          chat=config.chat, truncate=None if config.truncate == "none" else config.truncate,
                          answer_join=config.answer_join,
                          sublayers=config.sublayers, compare_lenses=config.compare_lenses, track=config.track,
-                         records=config.records or None, batch_size=config.batch_size,  # None: a prompt does
+                         records=(config.records or None) if config.every_position else False,  # None: all
+                         batch_size=config.batch_size,
                          concepts=None if config.concepts is None else json.loads(config.concepts))
 
 
@@ -215,7 +218,8 @@ def _sweep_one(config: ExperimentConfig, lm: Any, stages: Stages, directory: str
 def _sweep_one_prompt(config: ExperimentConfig, lm: Any, stages: Stages) -> Any:
     from layers_core.api.prompt import sweep
 
-    return stages.run("lens", sweep, lm, config.prompt, config.answer, lens=config.lens,
+    answer = (config.answer, *config.aliases) if config.aliases else config.answer
+    return stages.run("lens", sweep, lm, config.prompt, answer, lens=config.lens,
                       control=_control(config), settings=_sweep_settings(config))
 
 

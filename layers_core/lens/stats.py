@@ -48,22 +48,31 @@ def rows_per_block(d_vocab: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> in
     return max(1, budget_bytes // (d_vocab * 4 * _LIVE_ROW_COPIES))
 
 
+AnswerIds = int | Sequence[int] | None  # one answer token, several (aliases: summed, best rank), none
+
+
 def _block_stats(
-    log_probs: Tensor, scratch: Tensor, top_k: int, answer_id: int | None
+    log_probs: Tensor, scratch: Tensor, top_k: int, answer_id: AnswerIds
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     entropy = entropy_bits_from_log_probs(log_probs, scratch)
     top_values, top_ids = topk_last_dim(log_probs, top_k)
-    p_answer = None if answer_id is None else log_probs[:, answer_id].exp()
+    p_answer = None
+    if isinstance(answer_id, int):
+        p_answer = log_probs[:, answer_id].exp()
+    elif answer_id is not None:
+        p_answer = set_scores(log_probs, answer_id)[0]
     return entropy, top_ids, top_values.exp(), p_answer
 
 
 def _last_position_stats(
-    log_probs: Tensor, final_log_probs: Tensor, answer_id: int | None
+    log_probs: Tensor, final_log_probs: Tensor, answer_id: AnswerIds
 ) -> tuple[Tensor, Tensor | None]:
     kl = kl_bits_from_log_probs(log_probs, final_log_probs)
     if answer_id is None:
         return kl, None
-    return kl, ranks_of(log_probs, answer_id)
+    if isinstance(answer_id, int):
+        return kl, ranks_of(log_probs, answer_id)
+    return kl, set_scores(log_probs, answer_id)[1]
 
 
 def ranks_of(log_probs: Tensor, answer_id: int) -> Tensor:
@@ -88,7 +97,7 @@ def lens_statistics(
     resid_normed: Sequence[Tensor],
     unembed: Unembedding,
     final_log_probs: Tensor | None,
-    answer_id: int | None,
+    answer_id: AnswerIds,
     top_k: int = 20,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> LensStats:
@@ -138,7 +147,7 @@ def _cat_cpu(pieces: Sequence[Tensor | None]) -> Tensor | None:
 
 
 @torch.inference_mode()
-def stats_from_log_probs(log_probs: Tensor, final_log_probs: Tensor, answer_id: int | None,
+def stats_from_log_probs(log_probs: Tensor, final_log_probs: Tensor, answer_id: AnswerIds,
                          top_k: int = 20) -> LensStats:
     """``LensStats`` of L last-position rows (``[L, V]`` float32 log-probs) as ``[L, 1]`` tables."""
     entropy, ids, probs, p_answer = _block_stats(log_probs, None, top_k, answer_id)

@@ -6,6 +6,8 @@ directory, a loaded Hugging Face ``PreTrainedModel`` or a ``TransformerBridge``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +40,10 @@ from layers_core.model.loading import (
     source_path,
 )
 from layers_core.model.tokens import TokenDecoder
+from layers_core.threads import IdleCoreRule, snapshot, torch_threads
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # one loaded model: compared by identity; ``threads`` may be set
 class LensModel:
     """A loaded model and the fixed decoding path every sweep of it shares.
 
@@ -56,6 +59,19 @@ class LensModel:
     decoder: TokenDecoder
     load_report: LoadReport = field(default_factory=LoadReport)
     declared_dtype: torch.dtype | None = None  # what the checkpoint's config says it stores
+    threads: int | str | None = "auto"  # torch threads of its sweeps: auto (idle cores), a count, None (torch's)
+    _thread_rule: IdleCoreRule = field(default_factory=IdleCoreRule, repr=False)
+
+    @contextmanager
+    def thread_scope(self) -> Iterator[None]:
+        """Runs a sweep with ``threads`` torch threads: ``"auto"`` gives torch one per core other
+        processes leave idle (``layers_core.threads``, as the command line does), an int sets
+        it, None leaves torch's count alone; torch's own count is restored after."""
+        if self.threads not in ("auto", None) and not (isinstance(self.threads, int) and self.threads > 0):
+            raise ValueError(f"LensModel.threads must be 'auto', a positive int or None, got {self.threads!r}")
+        count = self._thread_rule.choose() if self.threads == "auto" else self.threads
+        with torch_threads(count):
+            yield
 
     @property
     def model_id(self) -> str:
@@ -174,6 +190,7 @@ def load(
         ModelLoadError: the model cannot be found, fits nowhere, or cannot be loaded (one line).
     """
     report, declared = LoadReport(), None
+    loading_began = snapshot()  # the idle-core rule's first interval: the load itself
     if model is None or isinstance(model, str):
         source = resolve_model_source(model)
         device = resolve_device(device)
@@ -195,4 +212,4 @@ def load(
         bridge = bridge_for(model.eval(), source.path, dtype, tokenizer)
     unembed = analysis_unembedding(bridge, dtype, fp32_unembed)
     return LensModel(bridge, source, device, dtype, unembed, TokenDecoder(bridge.tokenizer), report,
-                     declared)
+                     declared, _thread_rule=IdleCoreRule(loading_began))

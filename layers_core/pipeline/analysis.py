@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from layers_core.collapse_rules import resolve_gold_answer
+from layers_core.collapse_rules import answer_token_ids, resolve_gold_answer
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.attribution import (
     Attribution,
@@ -72,7 +72,7 @@ def add_lens_views(lm: LensModel, analysis: PromptAnalysis, settings: SweepSetti
     log_probs = last_position_log_probs(result, settings.view, settings.comparison_view, others or {}, lm.unembed)
     if others is not None:
         final = torch.log_softmax(result.model_logits[-1].float(), dim=-1)
-        analysis.lens_rows = lens_rows(log_probs, final, result.gold["first_id"], lm.decoder)
+        analysis.lens_rows = lens_rows(log_probs, final, answer_token_ids(result.gold), lm.decoder)
         analysis.blocks["lenses"] = lens_milestones(analysis.lens_rows)
     if track:
         analysis.tracked_rows = tracked_rows(log_probs, track_token_ids(lm.bridge.tokenizer, track))
@@ -89,12 +89,25 @@ def depth_fractions(diagnostics: dict, n_layers: int) -> dict:
             for key, value in indices.items()}
 
 
-def _p_sequence(model: Any, result: SweepResult) -> float | None:
+def _p_sequence(model: Any, result: SweepResult) -> tuple[float | None, list[float | None]]:
     """The answer's teacher-forced probability: from the prompt's own forward, which carried the
-    answer (``forward_prompt``), or by a forward of its own where it did not fit."""
+    answer (``forward_prompt``), or by a forward of its own where it did not fit. With aliases,
+    (their sum over distinct token sequences, each alias's own; a further alias of several
+    tokens costs one more forward)."""
+    gold, last = result.gold, result.model_logits[-1]
     if result.answer_log_prob is not None:
-        return math.exp(result.answer_log_prob)
-    return answer_sequence_probability(model, result.tokens, result.gold["answer_ids"], result.model_logits[-1])
+        primary = math.exp(result.answer_log_prob)
+    else:
+        primary = answer_sequence_probability(model, result.tokens, gold["answer_ids"], last)
+    if not gold["aliases"]:
+        return primary, []
+    known = {tuple(gold["answer_ids"]): primary}
+    for alias in gold["aliases"]:
+        ids = tuple(alias["answer_ids"])
+        if alias["ok"] and ids not in known:
+            known[ids] = answer_sequence_probability(model, result.tokens, list(ids), last)
+    own = [known[tuple(alias["answer_ids"])] if alias["ok"] else None for alias in gold["aliases"]]
+    return (None if primary is None else sum(known.values())), own
 
 
 def analyse_prompt(
@@ -118,8 +131,8 @@ def analyse_prompt(
     if attribution and forwarded is None and has_residual_mids(model):  # the lens forward captures the parts
         settings = replace(settings, capture_mids=True)
     result = run_sweep(model, prompt, answer, lm.unembed, settings, lm.decoder, forwarded)
-    consistency = lens_consistency(result.views, result.model_logits[-1], result.gold["first_id"], lm.unembed,
-                                   lm.dtype, settings.view)
+    consistency = lens_consistency(result.views, result.model_logits[-1], answer_token_ids(result.gold),
+                                   lm.unembed, lm.dtype, settings.view)
     comparison = compare_lenses(model, result, settings, lm.decoder)
     diagnostics = report.diagnostics(lm, result, settings, consistency)
     diagnostics["depth_fractions"] = depth_fractions(diagnostics, int(model.cfg.n_layers))
@@ -127,7 +140,7 @@ def analyse_prompt(
         model, control[0], control[1], answer, lm.unembed, settings, control_forwarded)
     blocks = {
         "diagnostics": diagnostics,
-        "gold_answer": report.gold_answer_block(result.gold, _p_sequence(model, result)),
+        "gold_answer": report.gold_answer_block(result.gold, *_p_sequence(model, result)),
         "lens_comparison": report.lens_comparison_block(result, comparison, settings.view,
                                                         diagnostics["tied_embeddings"]),
         "raw_lens_check": raw_lens_check(result, settings.view),

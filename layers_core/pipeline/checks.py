@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from layers_core.collapse_rules import resolve_gold_answer
+from layers_core.collapse_rules import answer_token_ids, resolve_gold_answer
 from layers_core.csv_io import TOP_K_RECORD
 from layers_core.lens.stats import stats_from_log_probs
 from layers_core.lens.unembed import Unembedding
@@ -50,7 +50,7 @@ def compare_lenses(model: Any, result: SweepResult, settings: SweepSettings,
     other_lp, chosen_lp = result.views.other, result.views.chosen
     final_lp = torch.log_softmax(result.model_logits[-1], dim=-1)
     with torch.inference_mode():
-        stats = stats_from_log_probs(other_lp, final_lp, result.gold["first_id"], TOP_K_RECORD)  # pure rows
+        stats = stats_from_log_probs(other_lp, final_lp, answer_token_ids(result.gold), TOP_K_RECORD)  # pure rows
         kl = kl_bits_from_log_probs(chosen_lp, other_lp).tolist()
         agree = (chosen_lp.argmax(-1) == other_lp.argmax(-1)).tolist()
     other = settings.comparison_view

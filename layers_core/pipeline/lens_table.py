@@ -44,7 +44,7 @@ def last_position_log_probs(result: Any, chosen: str, comparison: str, others: M
     return decoded
 
 
-def lens_rows(log_probs: Mapping[str, Tensor], final_log_probs: Tensor, answer_id: int | None,
+def lens_rows(log_probs: Mapping[str, Tensor], final_log_probs: Tensor, answer_id: int | Sequence[int] | None,
               decoder: TokenDecoder) -> list[dict]:
     """One row per (lens, layer): ``csv_io.LENSES_COLUMNS``."""
     rows = []

@@ -22,6 +22,7 @@ from layers_core.collapse_rules import (
     PROMPT_ENDS_IN_SPACE,
     CopyRule,
     GoldAnswer,
+    answer_token_ids,
     copy_collapse_flags,
     is_headline_copy,
     is_semantic_top1,
@@ -533,17 +534,18 @@ def run_sweep(
                                           other, unembed)
         final_log_probs = torch.log_softmax(forwarded.model_logits[-1], dim=-1)
         # the last position's top-20 only where a verbose records row shows it; pure rows show 5
-        stats = stats_from_log_probs(views.chosen, final_log_probs, gold["first_id"],
+        followed = answer_token_ids(gold)
+        stats = stats_from_log_probs(views.chosen, final_log_probs, followed,
                                      TOP_K_VERBOSE if records else TOP_K_RECORD)
         if records and len(str_tokens) > 1:
-            earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed, None, gold["first_id"],
+            earlier = lens_statistics([rows[:-1] for rows in lens_rows], unembed, None, followed,
                                       TOP_K_VERBOSE, settings.budget_bytes)
             stats = followed_by_last_position(earlier, stats)
         mid_stats = None
         if settings.sublayers:  # block b's mid read is the first half of the step to layer b+1
             mid_rows = transformed_rows(lens, [mid if records else mid[-1:] for mid in forwarded.mids],
                                         first_layer=1)
-            mid_stats = lens_statistics(mid_rows, unembed, final_log_probs, gold["first_id"], TOP_K_VERBOSE,
+            mid_stats = lens_statistics(mid_rows, unembed, final_log_probs, followed, TOP_K_VERBOSE,
                                         settings.budget_bytes)
     shown = [_ids_shown(s, str_tokens, records) for s in (stats, mid_stats) if s is not None]
     vocab = decoder.decode_many(torch.unique(torch.cat(shown)).tolist())
@@ -581,7 +583,7 @@ def _ids_shown(stats: LensStats, str_tokens: Sequence[str], records: bool) -> Te
 def last_layer_consistency(
     gate_log_probs: Tensor,
     model_last_logits: Tensor,
-    answer_id: int | None,
+    answer_id: int | Sequence[int] | None,
     unembed: Unembedding,
     compute_dtype: torch.dtype,
     tolerance_bits: float | None = None,
@@ -608,14 +610,14 @@ def last_layer_consistency(
         "top1_agree": int(lens_lp.argmax()) == int(model_lp.argmax()),
         "p_top1_lens": float(lens_lp.max().exp()),
         "p_top1_model": float(model_lp.max().exp()),
-        "p_answer_lens": None if answer_id is None else float(lens_lp[answer_id].exp()),
-        "p_answer_model": None if answer_id is None else float(model_lp[answer_id].exp()),
+        "p_answer_lens": None if answer_id is None else float(lens_lp[answer_id].exp().sum()),
+        "p_answer_model": None if answer_id is None else float(model_lp[answer_id].exp().sum()),
         "compute_dtype": str(compute_dtype),
         "warn_high_last_layer_kl": kl >= HIGH_LAST_LAYER_KL_BITS,
     }
 
 
-def lens_consistency(views: LastPositionViews, model_last_logits: Tensor, answer_id: int | None,
+def lens_consistency(views: LastPositionViews, model_last_logits: Tensor, answer_id: int | Sequence[int] | None,
                      unembed: Unembedding, compute_dtype: torch.dtype, lens_name: str) -> LastLayerConsistency:
     """``last_layer_consistency`` through the chosen lens's last row, with the pipeline's own
     check (``ln_final``, the gate) beside it: a lens that changes the last layer fails here while

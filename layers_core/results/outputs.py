@@ -44,9 +44,10 @@ def prompt_table_rows(result: Any) -> tuple[list[dict], list[dict], list[str], l
 
 
 def write_prompt_tables(paths: Mapping[str, str], analysis: Any) -> None:
-    """One prompt's records, pure and comparison-lens CSVs."""
+    """One prompt's records (where every position was decoded), pure and comparison-lens CSVs."""
     records, pure, records_columns, pure_columns = prompt_table_rows(analysis.result)
-    atomic_write(paths["records"], render_csv(records, records_columns))
+    if records:
+        atomic_write(paths["records"], render_csv(records, records_columns))
     atomic_write(paths["pure"], render_csv(pure, pure_columns))
     write_pure_csv(analysis.comparison.pure_rows,
                    comparison_csv_path(paths["dir"], paths["name"], analysis.comparison.strategy))

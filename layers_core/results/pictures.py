@@ -32,6 +32,8 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
     from layers_core.results.outputs import prompt_table_rows
 
     records, pure, _, _ = prompt_table_rows(analysis.result)
+    if not records:  # records=False: the heatmap is the next-token position's column alone
+        records = [{**row, "token": analysis.result.str_tokens[-1]} for row in pure]
     split = getattr(analysis, "attribution", None)
     return {"records": records, "pure_rows": pure,
             "attribution": None if split is None else attribution_rows(split),

@@ -37,7 +37,7 @@ class PromptItem:
 
     prompt_id: str
     prompt: str
-    answer: str
+    answer: str | tuple[str, ...]  # a tuple: aliases (rank = the best alias's, probability = their sum)
     control_prompt: str | None = None
     control_answer: str | None = None
     answer_join: str | None = None  # auto | space | none: this item's joining (None: the set's)
@@ -62,6 +62,21 @@ def check_concepts(concepts: Any, where: str = "concepts") -> dict[str, tuple[st
             raise ValueError(f"{where}: concept {name!r} needs a word or a list of non-empty words")
         checked[name] = tuple(words)
     return checked
+
+
+def _answer_field(record: Mapping[str, Any], where: str) -> str | tuple[str, ...]:
+    """``answer``: a non-empty string, or a non-empty list of them (aliases)."""
+    value = record.get("answer")
+    if isinstance(value, list):
+        if not value or not all(isinstance(alias, str) and alias.strip() for alias in value):
+            raise ValueError(f"{where}: 'answer' as a list must hold non-empty strings (its aliases)")
+        return tuple(value)
+    return _text_field(record, "answer", where, True)
+
+
+def answer_text(answer: str | Sequence[str] | None) -> str | None:
+    """An answer as one cell: aliases joined by `` | ``."""
+    return answer if answer is None or isinstance(answer, str) else " | ".join(answer)
 
 
 def _text_field(record: Mapping[str, Any], key: str, where: str, required: bool) -> str | None:
@@ -101,7 +116,7 @@ def item_from_record(record: Any, where: str, default_id: int) -> PromptItem:
     if hidden:
         raise ValueError(f"{where}: meta key {hidden[0]!r} names a summary column; choose another key")
     return PromptItem(str(record.get("id", default_id)), _text_field(record, "prompt", where, True),
-                      _text_field(record, "answer", where, True), control_prompt, control_answer, join,
+                      _answer_field(record, where), control_prompt, control_answer, join,
                       None if concepts is None else check_concepts(concepts, f"{where}: 'concepts'"), meta)
 
 
@@ -166,7 +181,7 @@ def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, 
     milestones = diagnostics["milestones"]
     last = pure_rows[-1]
     return {
-        "prompt_id": item.prompt_id, "prompt": item.prompt, "answer": item.answer,
+        "prompt_id": item.prompt_id, "prompt": item.prompt, "answer": answer_text(item.answer),
         "prompt_tokens": prompt_tokens, "answer_tokens": len(diagnostics["gold_alignment"]["answer_ids"]),
         **{key: diagnostics[key] for key in _DIAGNOSTICS_INDICES},
         **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[len(_DIAGNOSTICS_INDICES):]},

@@ -197,13 +197,22 @@ def lens_comparison_block(result: SweepResult, comparison: Any, chosen: str, ski
     }
 
 
-def gold_answer_block(gold: GoldAnswer, p_sequence: float | None = None) -> dict:
+def gold_answer_block(gold: GoldAnswer, p_sequence: float | None = None,
+                      alias_p_sequence: Sequence[float | None] = ()) -> dict:
     """The top-level ``gold_answer`` record: the resolved answer, its token count, the model's
     teacher-forced probability of all of it (``p_sequence``), and ``first_piece_ambiguous``
-    (False here; a prompt set sets it when another answer shares the first token)."""
+    (False here; a prompt set sets it when another answer shares the first token). An answer of
+    aliases also records each alias (with its own ``p_sequence``; ``p_sequence`` is their sum),
+    the first ids the answer columns follow, and ``best_alias``, the one the model most writes."""
     block = {key: gold[key] for key in ("string", "pieces", "first_id", "answer_ids", "variant")}
-    return {**block, "n_tokens": len(gold["answer_ids"]), "p_sequence": p_sequence,
-            "first_piece_ambiguous": False}
+    block = {**block, "n_tokens": len(gold["answer_ids"]), "p_sequence": p_sequence,
+             "first_piece_ambiguous": False}
+    if gold.get("aliases"):
+        aliases = [{**alias, "p_sequence": p} for alias, p in zip(gold["aliases"], alias_p_sequence)]
+        scored = [alias for alias in aliases if alias["p_sequence"] is not None]
+        block.update(aliases=aliases, first_ids=list(gold["first_ids"]),
+                     best_alias=max(scored, key=lambda alias: alias["p_sequence"])["string"] if scored else None)
+    return block
 
 
 @dataclass(frozen=True)

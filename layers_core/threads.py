@@ -110,3 +110,28 @@ def torch_threads(count: int | None) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+MIN_INTERVAL_S = 0.2  # shorter intervals say too little about other processes
+
+
+class IdleCoreRule:
+    """The idle-core rule for a long-lived session (a notebook): before each piece of work, the
+    cores other processes kept busy since the previous piece began are given back. The first
+    interval starts when the model starts loading; an interval under ``MIN_INTERVAL_S`` keeps
+    the previous choice (at first torch's own count)."""
+
+    def __init__(self, start: CpuSnapshot | None = None):
+        self._mark = start or snapshot()
+        self._count: int | None = None
+
+    def choose(self) -> int | None:
+        """The thread count for the next piece of work (None: torch's own)."""
+        import torch
+
+        now = snapshot()
+        if self._mark is not None and now is not None and now.wall_s - self._mark.wall_s >= MIN_INTERVAL_S:
+            busy = busy_cores_of_others(self._mark, now)
+            self._count = threads_for(busy, available_cores(), torch.get_num_threads())
+            self._mark = now
+        return self._count
