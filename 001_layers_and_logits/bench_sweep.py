@@ -224,6 +224,55 @@ def bench_model(name: str, path: str, runs: int) -> dict:
             "loop_over_sweep": round(loop_s / sweep_s, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
+def bench_next_token(path: str, runs: int, threads: int = 1) -> dict:
+    """A single sweep of the legacy prompt through the notebook API, side by side with
+    TransformerLens's own ``logit_lens`` (the same bridge, ``threads`` torch threads):
+
+    - ``tl_all_s``: TL over every position, top-20; ``tl_last_s``: TL at the last position, top-20;
+    - ``tl_last_checks_s``: TL's last position plus the checks a run asks for, done with TL: the
+      raw residual (``apply_ln=False``) and the control prompt's read-out;
+    - ``sweep_s``: ``lc.sweep`` (every position: records, pure rows, comparison lens, raw check,
+      gate, control, attribution); ``no_records_s``: the same with ``records=False``;
+      ``no_records_bare_s``: ``records=False`` without the control prompt.
+
+    The pure rows of ``records=False`` are checked equal to the full sweep's first.
+    """
+    import torch
+    from transformer_lens.tools.analysis.logit_lens import logit_lens
+
+    import layers_core as lc
+    from layers_core.pipeline.prompts import DEFAULT_CONTROL_PROMPT, DEFAULT_PROMPT
+    from layers_core.pipeline.sweep import SweepSettings
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lm = lc.load(path, device="cpu", dtype="float32")
+        lm.threads = threads
+        model, last_only = lm.bridge, SweepSettings(records=False)
+        full, last = lc.sweep(lm), lc.sweep(lm, settings=last_only)
+        for ours, theirs in zip(last.analysis.result.pure_rows, full.analysis.result.pure_rows, strict=True):
+            close = abs(ours["p_answer"] - theirs["p_answer"]) <= 1e-5 * max(theirs["p_answer"], 1e-30)
+            assert close, (ours["p_answer"], theirs["p_answer"])
+        times = _interleaved_medians_s([
+            lambda: logit_lens(model, DEFAULT_PROMPT, positions=None, top_k=20),
+            lambda: logit_lens(model, DEFAULT_PROMPT, top_k=20),
+            lambda: (logit_lens(model, DEFAULT_PROMPT, top_k=20), logit_lens(model, DEFAULT_PROMPT, top_k=20,
+                                                                             apply_ln=False),
+                     logit_lens(model, DEFAULT_CONTROL_PROMPT, top_k=20)),
+            lambda: lc.sweep(lm),
+            lambda: lc.sweep(lm, settings=last_only),
+            lambda: lc.sweep(lm, control=False, settings=last_only),
+        ], runs)
+    finally:
+        torch.set_num_threads(before)
+    names = ("tl_all_s", "tl_last_s", "tl_last_checks_s", "sweep_s", "no_records_s", "no_records_bare_s")
+    row = {name: round(seconds, 4) for name, seconds in zip(names, times)}
+    row.update(threads=threads, no_records_over_tl_checks=round(times[4] / times[2], 3),
+               bare_over_tl_last=round(times[5] / times[1], 3), sweep_over_tl_all=round(times[3] / times[0], 3))
+    return row
+
+
 def _prompt_of_length(model, n_tokens: int) -> str:
     words = ("Berlin is the capital of Germany and Paris is the capital of France . " * n_tokens)
     ids = model.tokenizer(words, add_special_tokens=False)["input_ids"][: n_tokens - 1]
@@ -288,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             row = bench_model(name, path, args.runs)
             print(row, flush=True)
             report["models"].append(row)
+        report["next_token"] = bench_next_token(ensure_default_model(), args.runs)
+        print("next token:", report["next_token"], flush=True)
         report["scaling"] = bench_scaling(synthetic, args.runs)
         print("scaling:", report["scaling"], flush=True)
         if not args.skip_long:
