@@ -47,10 +47,13 @@ def _python_blocks(text: str) -> list[str]:
 
 def run_blocks(relative: str) -> dict:
     """Executes every Python block of one page, in order, in one namespace (as a reader would in
-    one notebook); file paths into ``run-latest/`` read the current directory instead."""
+    one notebook); file paths into ``run-latest/`` read the current directory instead, and paths
+    into the repository's ``facts/`` read the repository's."""
     namespace: dict = {}
+    facts = "001_layers_and_logits/facts/"
     for block in _python_blocks(_text(os.path.join(ROOT, relative))):
-        exec(compile(block.replace(RUN_LATEST, ""), relative, "exec"), namespace)
+        block = block.replace(RUN_LATEST, "").replace(f'"{facts}', f'"{os.path.join(HERE, "facts")}/')
+        exec(compile(block, relative, "exec"), namespace)
     return namespace
 
 
@@ -79,7 +82,8 @@ def test_the_site_builds_strict_with_every_flag_and_the_api_reference(site):
 
 def test_every_page_with_python_is_run_by_a_test():
     with_code = {name for name, text in _all_docs().items() if _python_blocks(text)}
-    assert with_code == {"README.md", "docs/index.md", "docs/api.md", "docs/lenses.md", "docs/outputs.md"}
+    assert with_code == {"README.md", "docs/index.md", "docs/api.md", "docs/lenses.md", "docs/outputs.md",
+                         "docs/latent-language.md"}
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/index.md"])
@@ -99,6 +103,30 @@ def test_the_notebook_page_runs_as_written(bundled_model_dir, tmp_path, monkeypa
     tracked = namespace["arch"].tracked
     assert set(tracked["token"]) == {" Paris"} and namespace["arch"].diagnostics["norm_strategy"]["name"] == "arch"
     assert (tmp_path / "my-run" / f"{BUNDLED}.json").exists()
+
+
+def test_the_published_analysis_reproduces_as_the_page_says(gemma3_model_dir, tmp_path, monkeypatch):
+    """docs/latent-language.md: the latent-language curves on Gemma-3-270M in 15 lines; the
+    table it quotes is the run's, and so are its counts."""
+    monkeypatch.chdir(tmp_path)
+    page = _text(os.path.join(DOCS, "latent-language.md"))
+    code = _python_blocks(page)
+    assert len(code) == 1 and len([line for line in code[0].splitlines() if line.strip()]) <= 16
+    namespace = run_blocks("docs/latent-language.md")
+    s, curves = namespace["s"], namespace["curves"]
+    means = curves.pivot(index="layer", columns="column", values="mean")
+    quoted = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", page, re.M)
+    assert [int(row[0]) for row in quoted] == list(range(10, 19))
+    for layer, *values in quoted:
+        assert [round(means.loc[int(layer), c], 3) for c in ("de", "en", "fr")] == \
+            pytest.approx([float(v) for v in values], abs=0.002), layer
+    assert (means.loc[:9] < 1e-3).all().all()  # "layers 0–9 are below 0.001"
+    assert len(s.outcomes) == 42 and set(curves.n) == {42}
+    right = sum(o.pure[-1]["answer_rank"] == 1 for o in s.outcomes)
+    assert f"for only {right} of the 42 nouns" in page
+    assert means.loc[13:15, "en"].gt(means.loc[13:15, "de"]).all()  # English first in the middle-late layers
+    assert means.loc[16:, "de"].gt(means.loc[16:, "en"]).all()  # then German
+    assert (tmp_path / "latent-language.png").stat().st_size > 10_000
 
 
 def test_your_own_lens_runs_as_written(bundled_model_dir):

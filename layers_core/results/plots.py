@@ -340,7 +340,9 @@ def layer_bands(curves: Any, title: str, ci: float = 0.95):
     names = list(dict.fromkeys(curves["column"]))
     probabilities = [name for name in names if name not in _CURVE_LABELS]
     panel_rows = ([probabilities] if probabilities else []) + [[name] for name in names if name in _CURVE_LABELS]
-    fig = new_figure((3.6 * len(groups) + 0.8, 2.6 * len(panel_rows) + 0.8))
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure((max(6.4, 3.6 * len(groups) + 0.8), 2.6 * len(panel_rows) + 1.0))
     axes = fig.subplots(len(panel_rows), len(groups), sharex=True, squeeze=False)
     for column, (group, part) in enumerate(groups):
         label = ", ".join(f"{key}={value}" for key, value in zip(keys, group if isinstance(group, tuple)
@@ -358,11 +360,12 @@ def layer_bands(curves: Any, title: str, ci: float = 0.95):
             ax.set_ylabel(_CURVE_LABELS.get(members[0], "probability"), fontsize=8)
             ax.grid(True, alpha=0.3)
             ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=7, loc="best")
             if row == 0 and label:
                 ax.set_title(label, fontsize=9)
     fig.supxlabel("layer (0 = embeddings)", fontsize=9)
-    fig.suptitle(f"{title} — mean over prompts, {ci:.0%} bootstrap band", fontsize=10)
+    fig.suptitle(f"{title}\nmean over prompts, {ci:.0%} bootstrap band", fontsize=10)
     return fig
 
 
