@@ -28,7 +28,7 @@ def test_tied_tokens_may_swap_but_untied_ones_may_not():
     assert not same(["z", "a", "b"], ["a", "b", "c"], [0.5, 0.1, 0.1])
 
 
-def test_bench_next_token_runs_and_reports_the_side_by_side(bundled_model_dir):
-    row = bench_sweep.bench_next_token(bundled_model_dir, runs=1)
+def test_bench_next_token_runs_and_reports_the_side_by_side(tiny_dirs):
+    row = bench_sweep.bench_next_token(tiny_dirs["llama"], runs=1)
     assert set(row) >= {"tl_last_s", "tl_last_checks_s", "no_records_s", "no_records_over_tl_checks"}
     assert all(row[key] > 0 for key in ("tl_all_s", "tl_last_s", "sweep_s", "no_records_s"))

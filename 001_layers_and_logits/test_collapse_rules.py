@@ -6,6 +6,7 @@ import torch
 from layers_core.collapse_rules import (
     COPY_MARGIN,
     COPY_THRESHOLD,
+    answer_token_ids,
     compute_milestones,
     detect_copy_collapse,
     is_entropy_collapse,
@@ -71,7 +72,7 @@ def test_gold_with_space():
     gold = resolve_gold_answer(tok, PROMPT, "Berlin")
     assert gold == {"string": "Berlin", "pieces": ["t40", "t41"], "first_id": 40,
                     "answer_ids": [40, 41], "variant": "with_space", "ok": True, "status": "ok",
-                    "warnings": []}
+                    "warnings": [], "first_ids": [40], "aliases": []}
 
 
 def test_gold_no_space_when_the_space_variant_changes_the_prompt_ids():
@@ -87,7 +88,7 @@ def test_gold_unresolved_when_both_variants_change_the_prompt_ids():
     gold = resolve_gold_answer(tok, PROMPT, "Berlin")
     assert gold == {"string": "Berlin", "pieces": [], "first_id": None, "answer_ids": [],
                     "variant": "unknown", "ok": False, "status": "unresolved",
-                    "warnings": []}
+                    "warnings": [], "first_ids": [], "aliases": []}
 
 
 def test_gold_prefix_check_is_mandatory_even_when_longer():
@@ -163,3 +164,17 @@ def test_ambiguous_first_pieces():
     golds = [{"first_id": 7, "answer_ids": [7, 8]}, {"first_id": 7, "answer_ids": [7]},
              {"first_id": 9, "answer_ids": [9, 3]}, {"first_id": None, "answer_ids": []}]
     assert ambiguous_first_pieces(golds) == [True, False, False, False]
+
+
+def test_aliases_resolve_each_and_follow_every_distinct_first_id():
+    tok = TableTokenizer({PROMPT: [1, 2, 3], f"{PROMPT} Berlin": [1, 2, 3, 40, 41], f"{PROMPT} Bln": [1, 2, 3, 40],
+                          f"{PROMPT} Berolina": [1, 2, 3, 60], f"{PROMPT}Berlin": [9], f"{PROMPT}Bln": [9],
+                          f"{PROMPT}Berolina": [9], f"{PROMPT} Xx": [7], f"{PROMPT}Xx": [7]})
+    gold = resolve_gold_answer(tok, PROMPT, ["Berlin", "Xx", "Bln", "Berolina"])
+    assert (gold["string"], gold["answer_ids"], gold["first_ids"]) == ("Berlin", [40, 41], [40, 60])
+    assert [alias["ok"] for alias in gold["aliases"]] == [True, False, True, True]
+    assert answer_token_ids(gold) == [40, 60] and answer_token_ids(resolve_gold_answer(tok, PROMPT, "Bln")) == 40
+    none = resolve_gold_answer(tok, PROMPT, ["Xx"])
+    assert none["status"] == "unresolved" and answer_token_ids(none) is None and len(none["aliases"]) == 1
+    with pytest.raises(ValueError, match="aliases"):
+        resolve_gold_answer(tok, PROMPT, ["Berlin", " "])

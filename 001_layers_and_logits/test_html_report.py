@@ -151,13 +151,13 @@ def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, pro
 def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_model_dir, tmp_path):
     out = tmp_path / "battery"
     lines = open(BATTERY, encoding="utf-8").read().splitlines()
-    part = tmp_path / "part.jsonl"  # 60 facts, Japan among them: the whole battery took a minute
-    part.write_text("\n".join(lines[:59] + [line for line in lines[59:] if '"Japan"' in line]) + "\n")
+    part = tmp_path / "part.jsonl"  # 30 facts, Japan among them: the whole battery took a minute
+    part.write_text("\n".join(lines[:29] + [line for line in lines[29:] if '"Japan"' in line]) + "\n")
     subprocess.run([sys.executable, RUN_PY, "--prompts", str(part), "--out_dir", str(out), "--quiet"], check=True)
     _open(browser, out / f"output-{NAME}.html")
     summary = _read_csv(out / f"output-{NAME}-summary.csv")
     rows = browser.find_elements("css selector", "#prompt-table tbody tr.prompt")
-    assert len(rows) == len(summary) == 60
+    assert len(rows) == len(summary) == 30
     first = rows[0]
     for column in ("prompt_tokens", "L_semantic", "final_p_answer"):  # numbers are shown as numbers
         shown = first.find_element("css selector", f"td[data-column='{column}']").text
@@ -170,7 +170,7 @@ def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_mod
     browser.find_element("css selector", "#prompt-table tbody tr[data-prompt-id='Japan']").click()
     detail = browser.find_element("id", "detail")
     assert "Prompt Japan" in detail.text and len(detail.find_elements("css selector", "table.topk tr")) == 31
-    assert len(browser.find_elements("css selector", "#milestones circle")) > 100
+    assert len(browser.find_elements("css selector", "#milestones circle")) > 50
     assert _js_errors(browser) == []
 
 
