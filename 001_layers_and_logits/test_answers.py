@@ -58,8 +58,8 @@ FACTS = [{"id": "quote", "prompt": QUOTE, "answer": "Buch"},
          {"id": "forced", "prompt": "The capital of Italy is", "answer": "Rome", "answer_join": "none"}]
 
 
-@pytest.mark.parametrize("join", ["auto", "space", "none"])
-@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("join,chat", [("auto", False), ("space", False), ("none", False), ("auto", True),
+                                       ("none", True)])  # chat on the bundled model: 4.5 s each
 def test_batched_and_unbatched_sets_agree_on_p_sequence_for_every_joining(bundled, load_bridge, join, chat):
     """With chat=True, batched sweep_set reported the with-space p_sequence (3.47e-5 next to the
     tokens ['Buch']) while batch_size=1 gave 0.1287. (The tiny Llama has no chat template.)"""

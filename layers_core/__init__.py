@@ -18,6 +18,7 @@ _EXPORTS = {
     "model.lens_model": ["LensModel", "load"],
     "api.prompt": ["Sweep", "sweep"],
     "api.prompt_set": ["SweepSet", "sweep_set"],
+    "api.evaluate": ["Evaluation", "evaluate"],
     "results.tables": ["read_csv", "frame_from_rows"],
     "norm_utils": ["apply_norm_or_skip", "classify_norm", "unwrap_norm", "detect_model_architecture",
                    "get_correct_norm_module", "norm_module_label"],

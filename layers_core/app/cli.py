@@ -249,7 +249,7 @@ def flag_of(config_field: Field) -> Flag:
     return config_field.metadata["flag"]
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Usage errors are one line on stderr and exit 2, without the usage block or a traceback."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -270,7 +270,7 @@ def _argparse_options(config_field: Field, flag: Flag) -> dict[str, Any]:
 def build_parser(prog: str = RUN_PROG) -> argparse.ArgumentParser:
     """The CLI of ``run`` (``prog`` names it in usage and errors), generated from
     ``ExperimentConfig``'s fields: one argument group per kind of setting."""
-    p = _OneLineParser(prog=prog, description=DESCRIPTION)
+    p = OneLineParser(prog=prog, description=DESCRIPTION)
     p.add_argument("model", nargs="*", help="Hugging Face hub id, local model directory, .gguf file (or a "
                    "directory holding one) or a packaged real model's name (SmolLM2-135M-Instruct, "
                    "gemma-3-270m); none = the bundled SmolLM2-135M-Instruct; several = one subprocess each")

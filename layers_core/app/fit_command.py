@@ -152,7 +152,7 @@ def _fit_tuned(args, lm, texts):
     lens.save(out)
     facts = {"tokens": {"train": len(train) * CHUNK_TOKENS, "heldout": len(heldout) * CHUNK_TOKENS},
              "ridge": ridges}
-    return lens, heldout[: max(1, EVAL_TOKENS // CHUNK_TOKENS)], out, facts
+    return lens.bind(lm.bridge), heldout[: max(1, EVAL_TOKENS // CHUNK_TOKENS)], out, facts
 
 
 def _fit_jacobian(args, lm, texts):

@@ -424,6 +424,31 @@ def lens_eval_figure(layers: Sequence[dict], title: str):
     return fig
 
 
+def eval_figure(table: Any, title: str):
+    """``api.evaluate.eval_table`` drawn: cross-entropy to the next token and KL(final ‖ lens),
+    bits per token per layer, one line per lens with its bootstrap band; then top-1 agreement."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure((13, 4))
+    axes = fig.subplots(1, 3)
+    panels = (("ce_bits", "cross-entropy to the next token (bits/token)"),
+              ("kl_bits", "KL(final ‖ lens) (bits/token)"), ("top1_agree", "top-1 agreement with the model"))
+    for lens, part in table.groupby("lens", sort=False):
+        for ax, (metric, _) in zip(axes, panels):
+            line, = ax.plot(part["layer"], part[metric], marker=".", linewidth=1.3, label=f"{lens} lens")
+            ax.fill_between(part["layer"], part[f"{metric}_low"], part[f"{metric}_high"], alpha=0.2,
+                            color=line.get_color(), linewidth=0)
+    for ax, (_, label) in zip(axes, panels):
+        ax.set_ylabel(label, fontsize=9)
+        ax.set_xlabel("layer (0 = embeddings)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    axes[2].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def save_figure(fig, path: str, dpi: int = 120) -> None:
     """Renders ``fig`` to PNG and writes it atomically; the figure is closed afterwards."""
     from layers_core.run_dir import atomic_write
