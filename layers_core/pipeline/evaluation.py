@@ -11,7 +11,6 @@ rows go through the unembedding in blocks under ``budget_bytes``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,11 +21,11 @@ from layers_core.hooks import residual_hook_names
 from layers_core.lens.protocol import Lens
 from layers_core.lens.stats import DEFAULT_BUDGET_BYTES
 from layers_core.model.lens_model import LensModel
-from layers_core.numerics import kl_bits_from_log_probs
+from layers_core.numerics import LN2
 from layers_core.pipeline.capture import capture
 from layers_core.pipeline.decode import gate_row, transformed_rows
 
-_LIVE_COPIES = 3  # logits, log-probs and the KL's temporaries of one block
+_LIVE_COPIES = 2  # a block's logits (log-softmaxed in place) and one elementwise temporary
 
 
 @dataclass(frozen=True)
@@ -76,15 +75,19 @@ def score_chunk(lm: LensModel, lenses: Mapping[str, Lens], residuals: Tensor, ta
         for start in range(0, n_rows, block):
             part, wanted = residuals[:, start : start + block], targets[start : start + block]
             final = lm.unembed.log_probs(gate_row(lm.bridge, part[-1]))  # [rows, V]
-            final_top1 = final.argmax(-1)
+            final_top1, p_final = final.argmax(-1), final.exp()
+            # KL(final ‖ lens) = Σ p_f log p_f − Σ p_f log p_lens: the first term once per row, the
+            # second one batched dot product per layer (no [layers, rows, V] temporary); every
+            # log-prob is finite (the lens rows are checked finite, a log-softmax of finite logits is)
+            neg_entropy = (p_final * final).sum(-1) / LN2
             for index, lens in enumerate(lenses.values()):
                 rows = torch.cat(transformed_rows(lens, list(part)))  # [L·rows, d], layer-major
                 log_probs = lm.unembed.log_probs(rows).view(part.shape[0], part.shape[1], -1)
-                ce = -log_probs.gather(-1, wanted.expand(part.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-                kl = kl_bits_from_log_probs(final.unsqueeze(0).expand_as(log_probs), log_probs)
+                ce = -log_probs.gather(-1, wanted.expand(part.shape[0], -1).unsqueeze(-1)).squeeze(-1) / LN2
+                cross = torch.einsum("lrv,rv->lr", log_probs, p_final) / LN2
+                kl = (neg_entropy - cross).clamp_min(0.0)
                 agree = (log_probs.argmax(-1) == final_top1).double()
-                sums[index] += torch.stack([ce.sum(-1).double() / math.log(2), kl.sum(-1).double(),
-                                            agree.sum(-1)], dim=-1).cpu()
+                sums[index] += torch.stack([ce.sum(-1).double(), kl.sum(-1).double(), agree.sum(-1)], dim=-1).cpu()
     return sums
 
 
