@@ -75,6 +75,8 @@ COMPANIONS = {
     "batch_size": {"prompts_file": BATTERY},
     "records": {"prompts_file": BATTERY},
     "aliases": {"prompt": "The largest city of the US is", "answer": "New York"},
+    "temperature": {"generate": 3},
+    "seed": {"generate": 3},
     "shard": {"prompts_file": BATTERY, "out_dir": "/results"},
     "resume": {"prompts_file": BATTERY, "out_dir": "/results"},
 }
@@ -89,7 +91,7 @@ def _another_value(config_field):
         return next(choice for choice in flag.choices if choice != default)
     special = {"copy_threshold": 0.75, "copy_margin": 0.125, "max_memory": "0=70GiB,1=70GiB", "shard": "1/3",
                "prompts_file": BATTERY, "track": (" Paris", " Munich"), "concepts": '{"de": ["Buch"]}',
-               "lens_path": "LENS", "aliases": ("NYC", "New York City")}
+               "lens_path": "LENS", "aliases": ("NYC", "New York City"), "temperature": 0.7}
     if config_field.name in special:
         return special[config_field.name]
     if flag.type is int:

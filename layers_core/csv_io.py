@@ -50,6 +50,9 @@ ATTN, BLOCK = "attn", "block"  # the values of SUBLAYER_COLUMN
 LENSES_COLUMNS = ["lens", "layer", "entropy", "top1", "p_answer", "answer_rank", "kl_to_final_bits"]  # lenses.csv
 TRACKED_COLUMNS = ["token", "token_id", "lens", "layer", "rank", "prob"]  # --track
 CONCEPT_COLUMNS = ["lens", "layer", "concept", "p", "best_rank"]  # --concepts (a set's lead with prompt_id)
+CONTINUATION_COLUMNS = ["lens", "pos", "token", "token_id", "p_final", "commit_layer", "first_top5_layer",
+                        "first_p_over_half_layer"]  # --generate / --continuation: one row per token and lens
+CONTINUATION_RECORD_COLUMNS = ["lens", "layer", "pos", "token", "rank", "p"]  # ... and per layer
 
 
 def with_sublayer_column(header: Sequence[str]) -> list[str]:

@@ -300,6 +300,7 @@ def output_paths(directory: str, clean_name: str) -> dict[str, str]:
             "summary_png": f"{stem}-summary.png", "attribution": f"{stem}-attribution.csv",
             "lenses": f"{stem}-lenses.csv", "lenses_png": f"{stem}-lenses.png", "tracked": f"{stem}-tracked.csv",
             "concepts": f"{stem}-concepts.csv", "layers": f"{stem}-layers.csv", "layers_png": f"{stem}-layers.png",
+            "continuation": f"{stem}-continuation.csv", "continuation_records": f"{stem}-continuation-records.csv",
             "html": f"{stem}.html",
             "dir": directory, "name": clean_name}
 
@@ -315,7 +316,8 @@ def residual_path(directory: str, clean_name: str, layer: int) -> str:
 
 
 OUTPUT_ROLES = ("json", "error_json", "records", "pure", "lens_png", "curves_png", "summary", "summary_png",
-                "attribution", "lenses", "lenses_png", "tracked", "concepts", "layers", "layers_png", "html")
+                "attribution", "lenses", "lenses_png", "tracked", "concepts", "layers", "layers_png",
+                "continuation", "continuation_records", "html")
 
 
 def model_output_files(directory: str, clean_name: str) -> set[str]:

@@ -22,7 +22,14 @@ from typing import Any
 
 import pandas as pd
 
-from layers_core.csv_io import CONCEPT_COLUMNS, LENSES_COLUMNS, TRACKED_COLUMNS, pure_header
+from layers_core.csv_io import (
+    CONCEPT_COLUMNS,
+    CONTINUATION_COLUMNS,
+    CONTINUATION_RECORD_COLUMNS,
+    LENSES_COLUMNS,
+    TRACKED_COLUMNS,
+    pure_header,
+)
 from layers_core.lens.protocol import Lens
 from layers_core.lens.views import LENS_CHOICES, LOGIT, NORM_VIEWS, resolve_entry, view
 from layers_core.model.lens_model import LensModel
@@ -105,6 +112,22 @@ class Sweep:
         if self.analysis.tracked_rows is None:
             raise ValueError("no tracked tokens: sweep(..., track=[' Paris'])")
         return pd.DataFrame(self.analysis.tracked_rows, columns=TRACKED_COLUMNS)
+
+    @cached_property
+    def continuation(self) -> pd.DataFrame:
+        """Each continuation token per lens: ``pos, token, token_id, p_final, commit_layer`` (the
+        first layer from which it is top-1 through the last), ``first_top5_layer``,
+        ``first_p_over_half_layer`` (``settings.continuation`` or ``generate``)."""
+        if self.analysis.continuation is None:
+            raise ValueError("no continuation: sweep(..., settings=SweepSettings(generate=20))")
+        return pd.DataFrame(self.analysis.continuation.rows, columns=CONTINUATION_COLUMNS)
+
+    @cached_property
+    def continuation_records(self) -> pd.DataFrame:
+        """Each continuation token's rank and probability at every layer, per lens (long)."""
+        if self.analysis.continuation is None:
+            raise ValueError("no continuation: sweep(..., settings=SweepSettings(generate=20))")
+        return pd.DataFrame(self.analysis.continuation.records, columns=CONTINUATION_RECORD_COLUMNS)
 
     @cached_property
     def concepts(self) -> pd.DataFrame:
@@ -318,6 +341,21 @@ def resolve_settings(lm: LensModel, lens: Any, settings: SweepSettings | None) -
                    lens=resolve_lens(lm, lens, base.lens_path, base.allow_foreign_lens))
 
 
+def _continuation(lm: LensModel, settings: SweepSettings, text: str, others: dict | None) -> Any:
+    """The lens over the continuation (``settings.continuation`` or ``generate``), under the
+    chosen and the comparison lens (and every further lens with ``compare_lenses``)."""
+    from layers_core.pipeline.continuation import ContinuationSpec, analyse_continuation
+
+    if settings.continuation is not None and settings.generate:
+        raise ValueError("continuation and generate exclude each other: give text, or a token count")
+    if settings.temperature < 0:
+        raise ValueError(f"temperature must be at least 0, got {settings.temperature}")
+    chosen, comparison = settings.lenses(lm.bridge)
+    lenses = {settings.view: chosen, settings.comparison_view: comparison, **(others or {})}
+    spec = ContinuationSpec(settings.continuation, settings.generate, settings.temperature, settings.seed)
+    return analyse_continuation(lm, text, spec, lenses, settings.budget_bytes)
+
+
 def sweep(
     lm: LensModel,
     prompt: str = DEFAULT_PROMPT,
@@ -364,9 +402,12 @@ def sweep(
         control = None if control is None else (chat_text(tokenizer, control[0]), control[1])
     with lm.thread_scope():
         analysis = analyse_prompt(lm, settings, text, answer, control)
+        others = available_lenses(lm, settings) if settings.compare_lenses else None
         if settings.compare_lenses or settings.track:
-            others = available_lenses(lm, settings) if settings.compare_lenses else None
             add_lens_views(lm, analysis, settings, others, list(settings.track))
+        if settings.continuation is not None or settings.generate:
+            analysis.continuation = _continuation(lm, settings, text, others)
+            analysis.blocks["continuation"] = analysis.continuation.block
     forward_s = analysis.result.timing["forward_s"]
     timing = {"forward_s": forward_s, "lens_s": time.perf_counter() - started - forward_s}
     return Sweep(lm, analysis, prompt, answer, settings, timing=timing)

@@ -180,6 +180,19 @@ class ExperimentConfig:
     aliases: tuple[str, ...] = setting((), "--alias", group=PROMPT, nargs="+", metavar="TEXT",
                                        help="more ways to write --answer ('NYC' beside 'New York'): the answer's "
                                             "rank is the best alias's, its probability their sum")
+    generate: int | None = setting(None, "--generate", group=PROMPT, type=int, metavar="N",
+                                   check=_at_least("--generate", 1),
+                                   help="generate N tokens after the prompt (greedy; --temperature samples) and "
+                                        "read where in depth each is decided: output-<name>-continuation.csv")
+    continuation: str | None = setting(None, "--continuation", group=PROMPT, metavar="TEXT",
+                                       check=_not_empty("--continuation"),
+                                       help="teacher-forced text after the prompt, read as --generate reads a "
+                                            "generation")
+    temperature: float = setting(0.0, "--temperature", group=PROMPT, type=float, metavar="T",
+                                 check=lambda t: None if t >= 0 else f"--temperature must be at least 0, got {t}",
+                                 help="--generate: sample at this temperature (default: 0.0, greedy)")
+    seed: int = setting(0, "--seed", group=PROMPT, type=int, metavar="S",
+                        help="--generate --temperature: the sampling seed (default: 0)")
     chat: bool = setting(False, "--chat", group=PROMPT,
                          help="wrap the prompt as one user turn in the tokenizer's chat template (with its "
                               "generation prompt); the answer is scored as the assistant's first token(s)")
@@ -335,7 +348,8 @@ def _prompt_set_error(args: argparse.Namespace) -> str | None:
     for flag, on in (("--prompt", args.prompt is not UNSET), ("--self-test", args.self_test),
                      ("--chat", args.chat), ("--sublayers", args.sublayers),
                      ("--compare-lenses", args.compare_lenses), ("--track", bool(args.track)),
-                     ("--keep-residuals", args.keep_residuals)):
+                     ("--keep-residuals", args.keep_residuals), ("--generate", args.generate is not None),
+                     ("--continuation", args.continuation is not None)):
         if on:
             return f"--prompts and {flag} exclude each other"
     from layers_core.results.prompt_sets import load_prompt_set
@@ -352,6 +366,10 @@ def _check(args: argparse.Namespace) -> str | None:
     tie several settings together."""
     if args.answer is not UNSET and args.prompt is UNSET:
         return "--answer requires --prompt (it is the gold answer of that prompt)"
+    if args.generate is not None and args.continuation is not None:
+        return "--generate and --continuation exclude each other (generate text, or give it)"
+    if (args.temperature or args.seed) and args.generate is None:
+        return "--temperature and --seed go with --generate"
     if args.aliases and args.answer is UNSET:
         return "--alias requires --answer (it names more ways to write that answer)"
     problem = _field_error(args)

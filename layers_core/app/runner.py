@@ -157,7 +157,9 @@ def _sweep_settings(config: ExperimentConfig) -> Any:
                          sublayers=config.sublayers, compare_lenses=config.compare_lenses, track=config.track,
                          records=(config.records or None) if config.every_position else False,  # None: all
                          batch_size=config.batch_size,
-                         concepts=None if config.concepts is None else json.loads(config.concepts))
+                         concepts=None if config.concepts is None else json.loads(config.concepts),
+                         continuation=config.continuation, generate=config.generate,
+                         temperature=config.temperature, seed=config.seed)
 
 
 def _control(config: ExperimentConfig) -> Any:

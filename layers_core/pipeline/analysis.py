@@ -62,6 +62,7 @@ class PromptAnalysis:
     tracked_rows: list[dict] | None = None  # track: each tracked token per lens and layer
     concepts: list[Concept] | None = None  # settings.concepts, resolved to token ids
     concept_rows: list[dict] | None = None  # each concept's p and best rank per lens and layer
+    continuation: Any = None  # continuation.ContinuationResult: the lens over a completion
 
 
 def add_lens_views(lm: LensModel, analysis: PromptAnalysis, settings: SweepSettings,

@@ -102,6 +102,10 @@ class SweepSettings:
     compare_lenses: bool = False  # also every available lens at the last position (Sweep.lenses)
     track: tuple[str, ...] = ()  # tokens followed per layer under every lens (Sweep.tracked)
     concepts: Any = None  # {name: words}: each concept's summed p and best rank per layer and lens
+    continuation: str | None = None  # single prompts: teacher-forced text after the prompt, through the lens
+    generate: int | None = None  # single prompts: generate this many tokens, then the lens over them
+    temperature: float = 0.0  # generate: 0 is greedy, else sampled with `seed`
+    seed: int = 0
     records: bool | None = None  # decode every position; None: a single prompt does, a set does not
     batch_size: int | None = None  # prompts per forward in a set (None: chosen from memory)
     attribution: bool = False  # split the answer's logit into block parts (single prompts)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 TIMING_KEYS = ("startup_s", "load_s", "forward_s", "lens_s", "plots_s", "write_s")  # + total_s
 CHECK_BLOCKS = ("lens_comparison", "raw_lens_check", "control_summary", "control_margins")
-OPTIONAL_BLOCKS = ("attribution", "lenses", "concepts")  # single prompts; lenses with compare_lenses
+# single prompts; lenses with compare_lenses, concepts and continuation when asked for
+OPTIONAL_BLOCKS = ("attribution", "lenses", "concepts", "continuation")
 
 
 def _bos_prepended(lm: LensModel, tokens: Any) -> bool:

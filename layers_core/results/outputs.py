@@ -13,6 +13,8 @@ from typing import Any
 
 from layers_core.csv_io import (
     CONCEPT_COLUMNS,
+    CONTINUATION_COLUMNS,
+    CONTINUATION_RECORD_COLUMNS,
     LENSES_COLUMNS,
     TRACKED_COLUMNS,
     in_depth_order,
@@ -84,6 +86,10 @@ def write_lens_views(paths: Mapping[str, str], analysis: Any) -> None:
         atomic_write(paths["tracked"], render_csv(analysis.tracked_rows, TRACKED_COLUMNS))
     if analysis.concept_rows is not None:
         atomic_write(paths["concepts"], render_csv(analysis.concept_rows, CONCEPT_COLUMNS))
+    if getattr(analysis, "continuation", None) is not None:
+        atomic_write(paths["continuation"], render_csv(analysis.continuation.rows, CONTINUATION_COLUMNS))
+        atomic_write(paths["continuation_records"],
+                     render_csv(analysis.continuation.records, CONTINUATION_RECORD_COLUMNS))
 
 
 def attribution_frame(attribution: Any):
