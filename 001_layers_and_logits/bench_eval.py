@@ -20,23 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+
+from bench_sweep import _interleaved_medians_s  # the same round-robin medians
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _interleaved_medians_s(fns, runs: int) -> list[float]:
-    for fn in fns:
-        fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, out in zip(fns, samples):
-            started = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - started)
-    return [statistics.median(out) for out in samples]
 
 
 def floor(lm, chunks, batch_size: int) -> None:

@@ -76,6 +76,29 @@ def hf_residuals(hf, tokens):
     return captured, logits
 
 
+def hf_all_residuals(hf, ids):
+    """The HF model's own residual stream at every position of ``ids`` (a list of token ids):
+    layer 0 and each decoder layer's output ``[T, d]``, from forward hooks; and its logits ``[T, V]``."""
+    _, layers = _decoder_layers(hf)
+    captured = []
+
+    def before(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"])[0])
+
+    def after(module, args, output):
+        captured.append((output[0] if isinstance(output, (tuple, list)) else output)[0])
+
+    handles = [layers[0].register_forward_pre_hook(before, with_kwargs=True)]
+    handles += [layer.register_forward_hook(after) for layer in layers]
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor([list(ids)])).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, logits
+
+
 def final_norm(hf):
     parent, _ = _decoder_layers(hf)
     for name in _FINAL_NORM_NAMES:

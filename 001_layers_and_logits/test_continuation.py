@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hf_reference import _decoder_layers, final_norm, hf_head, load_hf
+from hf_reference import final_norm, hf_all_residuals, hf_head, load_hf
 
 import layers_core as lc
 from layers_core.pipeline.sweep import SweepSettings
@@ -16,23 +16,10 @@ PROMPT = "The capital of France is"
 
 
 def _hf_ranks(path, ids):
-    """Per continuation token (rows) and layer (columns): its rank and probability under the logit
-    lens (HF final norm and head on the HF model's own residuals, forward hooks)."""
+    """The HF model's own residuals at every position of ``ids``, its final norm and head."""
     hf = load_hf(path)
-    _, layers = _decoder_layers(hf)
-    head, norm = hf_head(hf), final_norm(hf)
-    captured = []
-    hooks = [layers[0].register_forward_pre_hook(
-        lambda m, a, k: captured.append((a[0] if a else k["hidden_states"])[0]), with_kwargs=True)]
-    hooks += [layer.register_forward_hook(
-        lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o)[0])) for layer in layers]
-    try:
-        with torch.no_grad():
-            hf(torch.tensor([ids]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return captured, head, norm
+    captured, _ = hf_all_residuals(hf, ids)
+    return captured, hf_head(hf), final_norm(hf)
 
 
 def test_ranks_probabilities_and_commit_layers_equal_the_hf_models_own(tiny_dirs):

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hf_reference import _decoder_layers, final_norm, hf_head, load_hf
+from hf_reference import final_norm, hf_all_residuals, hf_head, load_hf
 
 import layers_core as lc
 from layers_core.api.evaluate import DEFAULT_MAX_TOKENS, EVAL_COLUMNS, corpus_chunks
@@ -37,21 +37,11 @@ def _hf_scores(path, chunks, shift):
     every chunk, for the logit lens through the HF final norm (and, with ``shift``, the shifted
     lens), from the HF model's own residuals (forward hooks) and its own logits."""
     hf = load_hf(path)
-    _, layers = _decoder_layers(hf)
     head, norm = hf_head(hf), final_norm(hf)
-    totals = {"final": np.zeros((len(layers) + 1, 3)), "shifted": np.zeros((len(layers) + 1, 3))}
+    totals = {"final": np.zeros((hf.config.num_hidden_layers + 1, 3)),
+              "shifted": np.zeros((hf.config.num_hidden_layers + 1, 3))}
     for chunk in chunks:
-        captured = []
-        hooks = [layers[0].register_forward_pre_hook(lambda m, a, k: captured.append((a[0] if a else
-                                                     k["hidden_states"])[0]), with_kwargs=True)]
-        hooks += [layer.register_forward_hook(lambda m, a, o: captured.append((o[0] if isinstance(o, tuple)
-                                                                               else o)[0])) for layer in layers]
-        try:
-            with torch.no_grad():
-                logits = hf(torch.tensor([chunk])).logits[0]
-        finally:
-            for hook in hooks:
-                hook.remove()
+        captured, logits = hf_all_residuals(hf, chunk)
         model = torch.log_softmax(logits.double(), -1)[1:-1]
         targets = torch.tensor(chunk[2:])
         with torch.no_grad():
