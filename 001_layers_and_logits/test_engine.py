@@ -17,7 +17,7 @@ PACKAGE = os.path.join(os.path.dirname(HERE), "layers_core")
 MODEL_NAMES = {"model", "bridge", "lm", "hf_model"}  # what the library calls a loaded model
 RUNNERS = {"run_with_cache", "hooks", "add_hook", "generate", "activation_cache", "residual_cache",
            "attach_hooks", "attach_residual_hooks"}
-ALLOWED = {"pipeline/capture.py": {"model", "activation_cache"},  # the engine
+ALLOWED = {"pipeline/capture.py": {"model", "activation_cache", "generate"},  # the engine
            "hooks.py": {"add_hook", "attach_hooks", "attach_residual_hooks"}}  # the one hook mechanism
 RUNS_THE_MODEL = {"layers_core.pipeline.capture", "layers_core.hooks"}
 

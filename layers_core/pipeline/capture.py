@@ -1,8 +1,9 @@
 """The one place the model runs: tokens in, the hook points wanted, the model's logits out.
 
 Every forward pass of the library goes through ``capture``: the lens pass of a prompt or a batch,
-the control and answer-probability passes, the test prompts, attribution and lens fitting. The
-hooks are ``hooks.activation_cache``'s, removed even when the forward raises.
+the control and answer-probability passes, the test prompts, attribution and lens fitting; a
+generation goes through ``generate``. The hooks are ``hooks.activation_cache``'s, removed even
+when the forward raises.
 """
 
 from __future__ import annotations
@@ -40,3 +41,20 @@ def capture(model: Any, tokens: Tensor, points: Sequence[str] = (), *,
         else:
             logits = model(tokens, logits_to_keep=logits_to_keep)
     return Captured(logits, cache)
+
+
+def generate_tokens(model: Any, tokens: Tensor, new_tokens: int, *, temperature: float = 0.0,
+                    seed: int = 0) -> list[int]:
+    """The model's own continuation of ``tokens`` ``[1, T]``: up to ``new_tokens`` ids (fewer if it
+    ends), greedy at ``temperature`` 0, else sampled from the whole distribution after
+    ``torch.manual_seed(seed)``. TransformerLens's ``generate`` without its KV cache: with
+    transformers 5 the bridge's cached path writes other tokens than the model (SmolLM2, "The
+    capital of France is": `` Paris`` then ``-`` six times, where the model writes `` Paris.``)."""
+    sampled = temperature > 0
+    with torch.inference_mode():
+        if sampled:
+            torch.manual_seed(seed)
+        out = model.generate(tokens, max_new_tokens=int(new_tokens), do_sample=sampled,
+                             temperature=temperature if sampled else 1.0, use_past_kv_cache=False,
+                             stop_at_eos=True, return_type="tokens", verbose=False)
+    return out[0, tokens.shape[1]:].tolist()

@@ -20,6 +20,7 @@ from torch import Tensor
 from layers_core.lens.protocol import Lens
 from layers_core.lens.stats import DEFAULT_BUDGET_BYTES
 from layers_core.model.lens_model import LensModel
+from layers_core.pipeline.capture import generate_tokens
 from layers_core.pipeline.decode import transformed_rows
 from layers_core.pipeline.sweep import forward_with_residuals, prompt_tokens
 
@@ -38,19 +39,8 @@ class ContinuationSpec:
 
 
 def generated_ids(lm: LensModel, tokens: Tensor, spec: ContinuationSpec) -> list[int]:
-    """The model's own continuation of ``tokens`` ``[1, T]``: ``spec.generate`` new tokens (fewer
-    if it ends), by TransformerLens's ``generate`` on the bridge (greedy at temperature 0; else
-    sampled from the whole distribution, seeded). Without its KV cache: with transformers 5 the
-    bridge's cached path writes other tokens than the model (SmolLM2, "The capital of France is":
-    ` Paris` then `-` six times, where the model and uncached generation write ` Paris.`)."""
-    sampled = spec.temperature > 0
-    with torch.inference_mode():
-        if sampled:
-            torch.manual_seed(spec.seed)
-        out = lm.bridge.generate(tokens, max_new_tokens=int(spec.generate), do_sample=sampled,
-                                 temperature=spec.temperature if sampled else 1.0, use_past_kv_cache=False,
-                                 stop_at_eos=True, return_type="tokens", verbose=False)
-    return out[0, tokens.shape[1]:].tolist()
+    """The model's own continuation of ``tokens`` ``[1, T]`` (``capture.generate_tokens``)."""
+    return generate_tokens(lm.bridge, tokens, int(spec.generate), temperature=spec.temperature, seed=spec.seed)
 
 
 def forced_ids(lm: LensModel, prompt: str, text: str) -> list[int]:
