@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from layers_core.lens.protocol import Lens, NormLens
-from layers_core.lens.views import FITTED_VIEWS, NORM_VIEWS, resolve_entry, view
+from layers_core.lens.views import NORM_VIEWS
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.evaluation import ChunkScores, score_chunks
 from layers_core.results.curves import bootstrap_band
@@ -99,7 +98,7 @@ def resolve_lenses(lm: LensModel, lenses: Iterable[Any] | None) -> dict[str, Len
     """``{name: Lens}``: names (``final``, ``arch``, ``none``, ``tuned``, ``jacobian``) or ``Lens``
     objects; None: the logit lens under every norm strategy and each fitted lens in the model's
     lens cache (one that does not load is left out with a warning)."""
-    from layers_core.api.prompt import resolve_lens
+    from layers_core.api.prompt import cached_fitted_lenses, resolve_lens
 
     if lenses is not None:
         chosen = {}
@@ -107,14 +106,7 @@ def resolve_lenses(lm: LensModel, lenses: Iterable[Any] | None) -> dict[str, Len
             lens = NormLens(lm.bridge, entry) if entry in NORM_VIEWS else resolve_lens(lm, entry)
             chosen[lens.name] = lens
         return chosen
-    chosen = {name: NormLens(lm.bridge, name) for name in NORM_VIEWS}
-    for name in FITTED_VIEWS:
-        if os.path.exists(resolve_entry(view(name).default_dir)(lm.source.clean_name)):
-            try:
-                chosen[name] = resolve_lens(lm, name)
-            except (ValueError, FileNotFoundError, OSError) as error:
-                warnings.warn(f"evaluate: the {name} lens is left out: {error}", stacklevel=3)
-    return chosen
+    return {**{name: NormLens(lm.bridge, name) for name in NORM_VIEWS}, **cached_fitted_lenses(lm)}
 
 
 def corpus_chunks(tokenizer: Any, texts: Iterable[str], max_seq_len: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
@@ -309,24 +310,39 @@ def _check_fingerprint(lens: Any, lm: LensModel, allow_foreign: bool) -> None:
             fingerprint.foreign_lens_message(getattr(lens, "path", None) or "memory", differing))
 
 
-def available_lenses(lm: LensModel, settings: SweepSettings) -> dict[str, Lens]:
-    """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
-    under each other norm strategy, and each fitted lens whose files are in the model's lens
-    cache (one that does not load, or belongs to another model, is left out with a warning)."""
+def cached_fitted_lenses(lm: LensModel, skip: Sequence[str] = (), allow_foreign: bool = False,
+                         left_out: Callable[[str, str, Exception], None] | None = None) -> dict[str, Lens]:
+    """Each fitted lens (not named in ``skip``) whose files are in the model's lens cache; one that
+    does not load, or belongs to another model, is left out and ``left_out(name, directory,
+    error)`` is told (default: a warning)."""
     from layers_core.lens.views import FITTED_VIEWS
 
-    lenses: dict[str, Lens] = dict(norm_lenses(lm.bridge, (settings.view, settings.comparison_view)))
+    found: dict[str, Lens] = {}
     for name in FITTED_VIEWS:
-        if name in (settings.view, settings.comparison_view):
-            continue
         directory = resolve_entry(view(name).default_dir)(lm.source.clean_name)
-        if not os.path.exists(directory):
+        if name in skip or not os.path.exists(directory):
             continue
         try:
-            lenses[name] = resolve_lens(lm, name, None, settings.allow_foreign_lens)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            warnings.warn(f"compare_lenses: the {name} lens in {directory} is left out: {error}", stacklevel=3)
-    return lenses
+            found[name] = resolve_lens(lm, name, None, allow_foreign)
+        except (ValueError, OSError) as error:
+            if left_out is None:
+                warnings.warn(f"the {name} lens in {directory} is left out: {error}", stacklevel=3)
+            else:
+                left_out(name, directory, error)
+    return found
+
+
+def available_lenses(lm: LensModel, settings: SweepSettings) -> dict[str, Lens]:
+    """Every lens a comparison decodes besides the chosen and comparison ones: the logit lens
+    under each other norm strategy, and each fitted lens in the model's lens cache
+    (``cached_fitted_lenses``; one that does not load is left out with a warning)."""
+    shown = (settings.view, settings.comparison_view)
+
+    def warn(name: str, directory: str, error: Exception) -> None:
+        warnings.warn(f"compare_lenses: the {name} lens in {directory} is left out: {error}", stacklevel=4)
+
+    return {**norm_lenses(lm.bridge, shown),
+            **cached_fitted_lenses(lm, shown, settings.allow_foreign_lens, warn)}
 
 
 def resolve_settings(lm: LensModel, lens: Any, settings: SweepSettings | None) -> SweepSettings:

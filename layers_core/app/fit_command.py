@@ -119,17 +119,12 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
 
 def _other_fitted_lenses(lm, kind: str) -> list:
     """The model's other fitted lens, where one is in its lens cache: eval.json compares it too."""
-    from layers_core.api.prompt import resolve_lens
-    from layers_core.lens.views import FITTED_VIEWS, resolve_entry, view
+    from layers_core.api.prompt import cached_fitted_lenses
 
-    found = []
-    for name in FITTED_VIEWS:
-        if name != kind and os.path.exists(resolve_entry(view(name).default_dir)(lm.source.clean_name)):
-            try:
-                found.append(resolve_lens(lm, name))
-            except (ValueError, OSError) as error:
-                print(f"⚠️  the {name} lens in the cache is left out of eval.json: {error}", file=sys.stderr)
-    return found
+    def say(name: str, directory: str, error: Exception) -> None:
+        print(f"⚠️  the {name} lens in the cache is left out of eval.json: {error}", file=sys.stderr)
+
+    return list(cached_fitted_lenses(lm, (kind,), left_out=say).values())
 
 
 def _fit_tuned(args, lm, texts):
