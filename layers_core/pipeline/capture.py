@@ -48,8 +48,11 @@ def generate_tokens(model: Any, tokens: Tensor, new_tokens: int, *, temperature:
     """The model's own continuation of ``tokens`` ``[1, T]``: up to ``new_tokens`` ids (fewer if it
     ends), greedy at ``temperature`` 0, else sampled from the whole distribution after
     ``torch.manual_seed(seed)``. TransformerLens's ``generate`` without its KV cache: with
-    transformers 5 the bridge's cached path writes other tokens than the model (SmolLM2, "The
-    capital of France is": `` Paris`` then ``-`` six times, where the model writes `` Paris.``)."""
+    transformers 5 every cached path of the bridge (its ``generate`` and ``hf_generate``, which
+    calls the wrapped model's own ``generate``) writes other tokens than the model (SmolLM2, "The
+    capital of France is": `` Paris`` then ``-`` 23 times, where the model writes `` Paris.``);
+    the uncached path equals a fresh transformers model's greedy ``generate`` token for token
+    (24 tokens, three prompts, measured) at about 1.7× the time."""
     sampled = temperature > 0
     with torch.inference_mode():
         if sampled:

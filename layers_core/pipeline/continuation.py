@@ -1,7 +1,8 @@
 """The lens over a continuation: where in depth each token of a completion gets decided.
 
-A continuation is teacher-forced text or the model's own generation (Hugging Face ``generate``
-on the model, with its KV cache). Then one forward over the prompt and the continuation (but its
+A continuation is teacher-forced text or the model's own generation (TransformerLens's
+``generate`` without its KV cache, whose cached paths write wrong tokens under transformers 5:
+see ``capture.generate_tokens``). Then one forward over the prompt and the continuation (but its
 last token) gives, at each position that predicts a continuation token, every layer's residual;
 every lens of the run decodes them in blocks under ``budget_bytes`` and records the token's rank
 and probability per layer. Per token: ``commit_layer`` (the first layer from which it is top-1
