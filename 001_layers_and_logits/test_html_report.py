@@ -71,7 +71,8 @@ def _shown(token: str) -> str:
 @pytest.fixture(scope="module")
 def prompt_run(bundled_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    subprocess.run([sys.executable, RUN_PY, "--out_dir", str(out), "--compare-lenses", "--quiet"], check=True)
+    subprocess.run([sys.executable, RUN_PY, "--out_dir", str(out), "--compare-lenses", "--generate", "6",
+                    "--quiet"], check=True)
     return out
 
 
@@ -145,6 +146,41 @@ def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, pro
         box.clear()
         box.send_keys(typed + "\n")
         assert browser.find_element("id", "pin-status").get_attribute("data-token") == pinned
+    assert _js_errors(browser) == []
+
+
+def test_the_continuation_strip_colours_each_token_by_its_commit_layer_as_in_the_csv(browser, prompt_run):
+    from selenium.webdriver import ActionChains
+
+    _open(browser, prompt_run / f"output-{NAME}.html")
+    rows, records = (_read_csv(prompt_run / f"output-{NAME}-{suffix}.csv")
+                     for suffix in ("continuation", "continuation-records"))
+    rows, records = [r for r in rows if r["lens"] == "final"], [r for r in records if r["lens"] == "final"]
+    assert browser.find_element("id", "strip-lens").get_attribute("value") == "final"
+    rules = (("top5", "first_top5_layer"), ("p_half", "first_p_over_half_layer"), ("commit", "commit_layer"))
+    for rule, column in rules:
+        browser.find_element("css selector", f"button[data-rule='{rule}']").click()
+        spans = browser.find_elements("css selector", "#continuation-strip span.tok")
+        assert [(s.get_attribute("data-pos"), s.get_attribute("data-layer")) for s in spans] == \
+            [(r["pos"], r[column]) for r in rows]
+    assert "".join(s.text for s in spans).strip() == "".join(r["token"] for r in rows).strip()
+    token = rows[-1]
+    span = spans[-1]
+    ActionChains(browser).move_to_element(span).perform()
+    tip = browser.find_element("id", "tip")
+    assert tip.is_displayed() and f"position {token['pos']}" in tip.text
+    assert f"top-1 through the last layer: {token['commit_layer'] or 'never'}" in tip.text
+    span.click()  # that position's column of the heatmap: every layer's top 5, the token marked at its rank
+    column = browser.find_element("id", "continuation-column")
+    assert column.get_attribute("data-pos") == token["pos"]
+    own = {c.get_attribute("data-layer"): c.get_attribute("data-k")
+           for c in column.find_elements("css selector", "td.own")}
+    by_layer = {r["layer"]: r for r in records if r["pos"] == token["pos"]}
+    assert own == {layer: r["rank"] for layer, r in by_layer.items() if int(r["rank"]) <= 5}
+    for layer, k in own.items():  # the token's own probability, as in the records
+        cell = column.find_element("css selector", f"td.own[data-layer='{layer}']")
+        assert float(cell.text.split()[-1]) == pytest.approx(float(by_layer[layer]["p"]), rel=1e-3)
+    assert len(column.find_elements("css selector", "tr")) == 31
     assert _js_errors(browser) == []
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,13 +67,24 @@ def continuation_ids(lm: LensModel, prompt: str, spec: ContinuationSpec) -> list
     return ids
 
 
+class LayerRanks(NamedTuple):
+    """A lens's reading of continuation tokens: the token's ``ranks`` and ``probs`` ``[L, P]``,
+    and each cell's ``top_ids`` and ``top_probs`` ``[L, P, k]`` (the report's hover)."""
+
+    ranks: Tensor
+    probs: Tensor
+    top_ids: Tensor
+    top_probs: Tensor
+
+
 def layer_ranks(lm: LensModel, lens: Lens, residuals: Sequence[Tensor], targets: Tensor,
-                budget_bytes: int = DEFAULT_BUDGET_BYTES) -> tuple[Tensor, Tensor]:
-    """(ranks ``[L, P]``, probabilities ``[L, P]``) of ``targets`` ``[P]`` under ``lens`` at
-    ``residuals`` (L × ``[P, d]``), decoded in row blocks (ties favour the target)."""
+                budget_bytes: int = DEFAULT_BUDGET_BYTES, top_k: int = TOP_K_COMMIT) -> LayerRanks:
+    """The ranks and probabilities of ``targets`` ``[P]`` under ``lens`` at ``residuals``
+    (L × ``[P, d]``), and each cell's top ``top_k``, decoded in row blocks (ties favour the
+    target)."""
     n_layers, n_rows = len(residuals), int(targets.numel())
     block = max(1, budget_bytes // (n_layers * int(lm.unembed.W_U.shape[-1]) * 4 * 2))
-    ranks, probs = [], []
+    parts: list[tuple[Tensor, ...]] = []
     with torch.inference_mode():
         for start in range(0, n_rows, block):
             part = [resid[start : start + block] for resid in residuals]
@@ -80,9 +92,9 @@ def layer_ranks(lm: LensModel, lens: Lens, residuals: Sequence[Tensor], targets:
             rows = torch.cat(transformed_rows(lens, part))  # [L·rows, d], layer-major
             log_probs = lm.unembed.log_probs(rows).view(n_layers, len(wanted), -1)
             own = log_probs.gather(-1, wanted.expand(n_layers, -1).unsqueeze(-1))
-            ranks.append(((log_probs > own).sum(-1) + 1).cpu())
-            probs.append(own.squeeze(-1).exp().cpu())
-    return torch.cat(ranks, dim=1), torch.cat(probs, dim=1)
+            top = log_probs.topk(top_k, dim=-1)
+            parts.append(((log_probs > own).sum(-1) + 1, own.squeeze(-1).exp(), top.indices, top.values.exp()))
+    return LayerRanks(*(torch.cat([part[i] for part in parts], dim=1).cpu() for i in range(4)))
 
 
 def _first_from(flags: list[bool], through_last: bool = False) -> int | None:
@@ -101,13 +113,16 @@ def _first_from(flags: list[bool], through_last: bool = False) -> int | None:
 class ContinuationResult:
     """A continuation through the lens: its ``ids`` and whether they were ``generated``, the
     per-token ``rows`` (``CONTINUATION_COLUMNS``), the long per-layer ``records``
-    (``CONTINUATION_RECORD_COLUMNS``) and the JSON ``block``."""
+    (``CONTINUATION_RECORD_COLUMNS``), the JSON ``block``, and per lens each token's top-k tokens
+    (decoded) and probabilities at every layer (``top[lens]["tokens"|"probs"]``, ``[P][L][k]``: the
+    report's strip)."""
 
     ids: list[int]
     generated: bool
     rows: list[dict]
     records: list[dict]
     block: dict
+    top: dict[str, dict]
 
 
 def analyse_continuation(lm: LensModel, prompt: str, spec: ContinuationSpec, lenses: Mapping[str, Lens],
@@ -131,9 +146,14 @@ def analyse_continuation(lm: LensModel, prompt: str, spec: ContinuationSpec, len
     if spec.text is None:
         block.update(temperature=spec.temperature, seed=spec.seed if spec.temperature > 0 else None)
     n_layers = len(residuals) - 1
+    top: dict[str, dict] = {}
     for name, lens in lenses.items():
-        ranks, probs = layer_ranks(lm, lens, at, targets, budget_bytes)
-        rank_lists, prob_lists = ranks.T.tolist(), probs.T.tolist()  # [P][L]
+        reading = layer_ranks(lm, lens, at, targets, budget_bytes)
+        rank_lists, prob_lists = reading.ranks.T.tolist(), reading.probs.T.tolist()  # [P][L]
+        top_ids = reading.top_ids.transpose(0, 1).tolist()  # [P][L][k]
+        top_texts = lm.decoder.decode_many(sorted({i for layers in top_ids for cell in layers for i in cell}))
+        top[name] = {"tokens": [[[top_texts[i] for i in cell] for cell in layers] for layers in top_ids],
+                     "probs": reading.top_probs.transpose(0, 1).tolist()}
         commits = []
         for index, (token_id, own_ranks, own_probs) in enumerate(zip(ids, rank_lists, prob_lists)):
             commit = _first_from([rank == 1 for rank in own_ranks], through_last=True)
@@ -149,4 +169,4 @@ def analyse_continuation(lm: LensModel, prompt: str, spec: ContinuationSpec, len
             "mean_commit_depth": None if not decided else round(sum(decided) / len(decided) / n_layers, 3),
             "share_decided_at_last_layer": round(sum(commit == n_layers for commit in commits) / len(commits), 3),
             "share_never_top1": round(sum(commit is None for commit in commits) / len(commits), 3)}
-    return ContinuationResult(ids, spec.text is None, rows, records, block)
+    return ContinuationResult(ids, spec.text is None, rows, records, block, top)

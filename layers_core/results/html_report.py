@@ -117,6 +117,23 @@ def _diagnostics(diagnostics: Mapping[str, Any], extra: Mapping[str, Any]) -> di
     }
 
 
+def _strip(continuation: Mapping[str, Any] | None, vocab: _Vocabulary) -> dict | None:
+    """The continuation strip: per lens, each token's text, position, commit layers and final
+    probability, and its top-k at every layer (token ids into ``vocab``)."""
+    if not continuation:
+        return None
+    lenses = {}
+    for name, lens in continuation["lenses"].items():
+        lenses[name] = [
+            {"token": row["token"], "pos": int(row["pos"]), "p_final": _number(row["p_final"], _PROB_DIGITS),
+             "commit": row["commit_layer"], "top5": row["first_top5_layer"],
+             "p_half": row["first_p_over_half_layer"],
+             "top": [[vocab.id(str(t)) for t in cell] for cell in tokens],
+             "probs": [[_number(p, _PROB_DIGITS) for p in cell] for cell in probs]}
+            for row, tokens, probs in zip(lens["rows"], lens["tokens"], lens["probs"])]
+    return {"source": continuation["source"], "lenses": lenses}
+
+
 def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
     """The page's data for one prompt, from ``pictures.picture_rows`` (plain data)."""
     vocab = _Vocabulary()
@@ -131,6 +148,7 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
         "answer": answer, "answer_last": last_answer, "curves": _curves(rows),
         "typing": rows.get("typing"),  # {text, join}: a typed word resolves as --answer does
         "attribution": rows.get("attribution"),
+        "continuation": _strip(rows.get("continuation"), vocab),
         "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control"),
                                                   "norm_only_semantic": rows.get("norm_only_semantic")}),
     }

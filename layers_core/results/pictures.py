@@ -43,7 +43,20 @@ def picture_rows(analysis: Any, heatmap_window: int | None = None, answer_token:
             "norm_only_semantic": (analysis.blocks.get("raw_lens_check") or {}).get("norm_only_semantic_layer"),
             "comparison_rows": analysis.comparison.pure_rows,
             "comparison_strategy": analysis.comparison.strategy,
-            "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window}
+            "diagnostics": analysis.blocks["diagnostics"], "heatmap_window": heatmap_window,
+            "continuation": continuation_strip(getattr(analysis, "continuation", None))}
+
+
+def continuation_strip(continuation: Any) -> dict | None:
+    """The report's continuation strip (plain data): per lens, each token's row
+    (``CONTINUATION_COLUMNS``) and its top-k at every layer."""
+    if continuation is None:
+        return None
+    lenses: dict[str, dict] = {}
+    for row in continuation.rows:
+        lens = lenses.setdefault(row["lens"], {"rows": [], **continuation.top[row["lens"]]})
+        lens["rows"].append(row)
+    return {"source": continuation.block["source"], "lenses": lenses}
 
 
 def control_words(summary: Mapping[str, Any] | None) -> str | None:

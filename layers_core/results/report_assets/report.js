@@ -175,10 +175,73 @@
       el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table));
   }
 
+  // ---- a continuation: each token coloured by the layer where it got decided ----
+  const RULES = { commit: "top-1 through the last layer", top5: "first in the top 5", p_half: "first p > 0.5" };
+  function depthColor(layer, n) {  // early (blue) → late (red); never: grey
+    if (layer === null || layer === undefined) return "#ddd";
+    const f = n ? layer / n : 0;
+    return `hsl(${(220 - 220 * f).toFixed(0)},70%,${(78 - 18 * f).toFixed(0)}%)`;
+  }
+  function stripView(strip) {
+    const lenses = Object.keys(strip.lenses);
+    let lens = lenses[0], rule = "commit";
+    const layerNames = strip.lenses[lens][0].top.map((_, layer) => String(layer));  // block outputs, 0 = embeddings
+    const n = layerNames.length - 1;
+    const tip = document.getElementById("tip") || document.body.appendChild(el("div", { id: "tip" }));
+    const text = el("div", { id: "continuation-strip", class: "strip" });
+    const column = el("div", { id: "continuation-column" });
+    const ruleButtons = Object.entries(RULES).map(([key, label]) =>
+      el("button", { "data-rule": key, onclick: () => { rule = key; paint(); } }, label));
+    const lensSelect = el("select", { id: "strip-lens", onchange: () => { lens = lensSelect.value; paint(); } },
+      ...lenses.map((name) => el("option", { value: name }, name + " lens")));
+    const legend = el("div", { class: "strip-legend" }, "layer 0 ",
+      ...[0, 0.25, 0.5, 0.75, 1].map((f) => el("span", { class: "swatch", style: "background:" + depthColor(f * n, n) }, " ")),
+      ` ${n}; grey: never`);
+    function showTip(event, token) {
+      const rows = token.top.map((ids, layer) => el("tr", {}, el("td", {}, layerNames[layer]),
+        ...ids.slice(0, 3).map((id, k) => el("td", { class: vocab[id] === token.token ? "own" : "" }, show(vocab[id]) + " " + fmt(token.probs[layer][k]))))).reverse();
+      tip.replaceChildren(el("div", {}, `position ${token.pos}: ${show(token.token)}, final p ${fmt(token.p_final)}`),
+        el("div", {}, `${RULES.commit}: ${token.commit ?? "never"}; top 5 from ${token.top5 ?? "never"}; p > 0.5 from ${token.p_half ?? "never"}`),
+        el("table", {}, ...rows));
+      tip.style.display = "block";
+      tip.style.left = Math.min(event.clientX + 12, window.innerWidth - 320) + "px";
+      tip.style.top = Math.min(event.clientY + 12, window.innerHeight - 300) + "px";
+    }
+    function open(token) {  // that position's column of the lens heatmap: each layer's top-5
+      const rows = token.top.map((ids, layer) => {
+        const alpha = Math.min(1, token.probs[layer][0] || 0);
+        return el("tr", {}, el("th", {}, layerNames[layer]), ...ids.map((id, k) => el("td", {
+          class: "cell" + (vocab[id] === token.token ? " own" : ""), "data-layer": layerNames[layer], "data-k": k + 1,
+          style: k ? "" : `background:rgba(31,119,180,${alpha.toFixed(3)});color:${alpha > 0.55 ? "#fff" : "#222"}`,
+        }, show(vocab[id]) + " " + fmt(token.probs[layer][k]))));
+      }).reverse();
+      column.dataset.pos = String(token.pos);
+      column.replaceChildren(el("h3", {}, `Position ${token.pos} → ${show(token.token)}: top 5 at every layer (${lens} lens)`),
+        el("table", { class: "heat column" }, ...rows));
+    }
+    function paint() {
+      for (const button of ruleButtons) button.classList.toggle("on", button.dataset.rule === rule);
+      text.replaceChildren(...strip.lenses[lens].map((token) => {
+        const layer = token[rule];
+        const span = el("span", { class: "tok", "data-pos": token.pos, "data-layer": layer ?? "",
+                                  style: "background:" + depthColor(layer, n) }, token.token);
+        span.addEventListener("mouseenter", (event) => showTip(event, token));
+        span.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+        span.addEventListener("click", () => open(token));
+        return span;
+      }));
+    }
+    paint();
+    return el("div", {}, el("div", { class: "strip-controls" }, "Colour by the layer where the token is ", ...ruleButtons,
+      lenses.length > 1 ? lensSelect : "", legend), text, column);
+  }
+
   // ---- one prompt ----
   function promptReport() {
     root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
     root.append(el("h2", {}, "Lens heatmap"), heatmapView(data.heatmap, data.answer, data.answer_last, data.typing));
+    if (data.continuation) root.append(el("h2", {}, `Continuation (${data.continuation.source.replace("_", "-")}): where each token got decided`),
+      stripView(data.continuation));
     root.append(el("h2", {}, "Per layer, every lens of the run"), charts(data.curves));
     if (data.attribution) root.append(el("h2", {}, "Which block wrote the answer (direct logit attribution)"), attributionChart(data.attribution));
   }
