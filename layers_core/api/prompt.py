@@ -179,9 +179,13 @@ class Sweep:
         """The plain data the pictures and the HTML report are drawn from."""
         first_id = self.analysis.result.gold["first_id"]
         answer = None if first_id is None else self.lm.decoder.decode_many([first_id])[first_id]
-        return pictures.picture_rows(self.analysis, self.heatmap_window, answer)
+        rows = pictures.picture_rows(self.analysis, self.heatmap_window, answer)
+        rows["provenance"] = provenance(self.lm, self.prompt, self.started_at, analysis=self.analysis,
+                                        lens=self.settings.lens)
+        return rows
 
-    def _report_data(self) -> dict:
+    def report_data(self) -> dict:
+        """The HTML report's data (plain JSON-ready values): what its page and the explorer draw."""
         from layers_core.results import html_report
 
         return html_report.prompt_report_data(self.picture_rows(), self.title())
@@ -190,7 +194,7 @@ class Sweep:
         """The interactive report of this prompt as one self-contained HTML page."""
         from layers_core.results import html_report
 
-        return html_report.render(self._report_data())
+        return html_report.render(self.report_data())
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report to ``path`` (atomically); returns ``path``."""
@@ -203,7 +207,7 @@ class Sweep:
         """The report embedded in a notebook cell (an isolated iframe)."""
         from layers_core.results import html_report
 
-        return html_report.embedded(self._report_data())
+        return html_report.embedded(self.report_data())
 
     def lens_figure(self):
         """The logit-lens heatmap (layers × positions, top-1 token per cell) as a ``Figure``."""

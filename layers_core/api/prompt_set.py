@@ -42,7 +42,8 @@ def outcome_of(index: int, item: PromptItem, result: Sweep, records: bool) -> Pr
         entry={**prompt_entry(item.prompt_id, item.prompt, item.answer, analysis),
                **({"meta": dict(item.meta)} if item.meta else {})},
         summary=prompt_sets.summary_row(item, int(analysis.result.tokens.shape[1]), result.diagnostics,
-                                        analysis.result.pure_rows),
+                                        analysis.result.pure_rows,
+                                        (analysis.blocks.get("gold_answer") or {}).get("p_sequence")),
         pure=analysis.result.pure_rows, comparison=analysis.comparison.pure_rows,
         comparison_strategy=analysis.comparison.strategy,
         records=analysis.result.records if records else [], concepts=analysis.concept_rows or [])
@@ -163,7 +164,8 @@ class SweepSet:
 
     def _report_data(self) -> dict:
         return outputs.set_report_page(self.outcomes, self.lm.n_layers, self._title(len(self.outcomes)),
-                                       self.settings.view, outputs.SetOverview(layer_curves=self.layer_curves()))
+                                       self.settings.view, outputs.SetOverview(layer_curves=self.layer_curves(),
+                                                           provenance=self._provenance()))
 
     def save_html(self, path: str) -> str:
         """Writes the interactive report (the sortable prompt table) to ``path``; returns ``path``."""

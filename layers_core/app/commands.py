@@ -1,9 +1,10 @@
-"""``layers-and-logits`` (and ``python -m layers_core``): one command, five subcommands.
+"""``layers-and-logits`` (and ``python -m layers_core``): one command, six subcommands.
 
     layers-and-logits run [MODEL ...] [flags]       the logit-lens sweep (run.py's flags)
     layers-and-logits fit [MODEL] [--kind ...]      fit a tuned or Jacobian lens (fit_lens.py)
     layers-and-logits merge DIR ... [--out DIR]     join shards, compare models (merge.py)
     layers-and-logits evaluate [MODEL] [--corpus F] every lens scored on a corpus, layer by layer
+    layers-and-logits serve [MODEL] [--port N]      a live explorer in the browser (token-protected)
     layers-and-logits self-test [MODEL]             the last-layer gate alone (kl_sanity_test.py)
 
 Each subcommand is a module with ``build_parser(prog)`` and ``main(argv, prog) -> int``, imported
@@ -36,6 +37,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "fit": Subcommand("layers_core.app.fit_command", "fit a tuned or Jacobian lens offline and evaluate it"),
     "merge": Subcommand("layers_core.app.merge_command", "join the shards of a prompt set; compare models"),
     "evaluate": Subcommand("layers_core.app.evaluate_command", "score every lens on a corpus, layer by layer"),
+    "serve": Subcommand("layers_core.app.serve_command",
+                         "a live explorer in the browser: type prompts, read every lens"),
     "self-test": Subcommand("layers_core.app.self_test", "check that the last-layer lens reproduces the model"),
 }
 

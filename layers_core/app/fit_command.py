@@ -13,7 +13,9 @@ Exit 0 on success, 1 on failure, 2 on bad usage. Nothing here imports torch befo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import os
 import sys
 import time
@@ -26,7 +28,6 @@ DEFAULT_MAX_SEQ_LEN = 128
 DEFAULT_DIM_BATCH = 8  # output dimensions per backward pass (memory × this, same FLOPs)
 MIN_SEQ_LEN = 18  # JacobianLens.fit skips the first 16 positions and the last: 18 leaves one
 CHUNK_TOKENS = 256
-EVAL_TOKENS = 2_048
 
 
 FIT_PROG = "fit_lens.py"
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None, prog: str = FIT_PROG) -> int:
               "corpus": args.corpus or "python standard-library documentation",
               "fit_s": round(fitted_s, 1), "total_s": round(time.perf_counter() - started, 1), "layers": layers}
     report["tokens"]["evaluated"] = len(evaluation) * len(evaluation[0])
+    report["heldout"] = {"text": f"the corpus's first {report['tokens']['evaluated']} tokens, used by no fit",
+                         "sha256": hashlib.sha256(json.dumps(evaluation).encode()).hexdigest()}
     write_json(os.path.join(out, "eval.json"), report)
     title = f"{lm.source.clean_name}: {args.kind} vs logit lens on held-out text"
     save_figure(lens_eval_figure(layers, title), os.path.join(out, "eval.png"))
@@ -128,38 +131,43 @@ def _other_fitted_lenses(lm, kind: str) -> list:
 
 
 def _fit_tuned(args, lm, texts):
-    """(the tuned lens, held-out chunks to evaluate on, DIR, eval.json facts), the lens saved."""
+    """(the tuned lens, the held-out chunks to evaluate on, DIR, eval.json facts), the lens saved.
+    It trains on the tokens after the held-out text; every eighth of its chunks validates the
+    ridge."""
     from tqdm import tqdm
 
     from layers_core.lens import tuned as tuned_lens
     from layers_core.pipeline import fit as lens_fit
 
-    wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a held-out eighth: at least one chunk of eight
-    chunks = tuned_lens.token_chunks(lm.bridge.tokenizer, texts, CHUNK_TOKENS, wanted)
-    train, heldout = tuned_lens.split_heldout(chunks)
-    if not heldout:
-        raise ValueError(f"the corpus holds only {len(chunks) * CHUNK_TOKENS} tokens; need at least "
-                         f"{8 * CHUNK_TOKENS}")
+    heldout, stream = lens_fit.evaluation_split(lm.bridge.tokenizer, texts)
+    wanted = max(args.tokens * 9 // 8, 8 * CHUNK_TOKENS)  # a validation eighth: at least one chunk of eight
+    chunks = tuned_lens.take_chunks(lm.bridge.tokenizer, stream, CHUNK_TOKENS, wanted)
+    train, validation = tuned_lens.split_heldout(chunks)
+    if not validation:
+        raise ValueError(f"the corpus holds only {len(chunks) * CHUNK_TOKENS} tokens after the held-out text; "
+                         f"need at least {8 * CHUNK_TOKENS}")
     out = args.out or tuned_lens.default_lens_dir(lm.source.clean_name)
-    total = (len(train) + len(heldout)) * CHUNK_TOKENS
+    total = (len(train) + len(validation)) * CHUNK_TOKENS
     with tqdm(total=total, unit="tok", unit_scale=True, desc="capture + fit", file=sys.stderr) as bar:
-        lens, ridges = lens_fit.fit(lm, train, heldout, args.batch_size, bar.update)
+        lens, ridges = lens_fit.fit(lm, train, validation, args.batch_size, bar.update)
     lens.save(out)
-    facts = {"tokens": {"train": len(train) * CHUNK_TOKENS, "heldout": len(heldout) * CHUNK_TOKENS},
+    facts = {"tokens": {"train": len(train) * CHUNK_TOKENS, "validation": len(validation) * CHUNK_TOKENS},
              "ridge": ridges}
-    return lens.bind(lm.bridge), heldout[: max(1, EVAL_TOKENS // CHUNK_TOKENS)], out, facts
+    return lens.bind(lm.bridge), heldout, out, facts
 
 
 def _fit_jacobian(args, lm, texts):
-    """(the Jacobian lens, held-out chunks after the fitted text, DIR, eval.json facts), the
+    """(the Jacobian lens, the held-out chunks to evaluate on, DIR, eval.json facts), the
     artifact saved. TransformerLens's ``JacobianLens.fit`` does the fitting (its progress bar
-    shows the time left); the artifact also records this project's model fingerprint."""
+    shows the time left) on prompts after the held-out text; the artifact also records this
+    project's model fingerprint."""
     from layers_core.lens import jacobian
-    from layers_core.pipeline.fit import fit_jacobian
+    from layers_core.pipeline.fit import evaluation_split, fit_jacobian
     from layers_core.run_dir import atomic_write
 
     length = args.max_seq_len
-    prompts, heldout = jacobian.fit_prompts(lm.bridge.tokenizer, texts, args.prompts, length, EVAL_TOKENS)
+    heldout, stream = evaluation_split(lm.bridge.tokenizer, texts)
+    prompts = jacobian.fit_prompts(lm.bridge.tokenizer, stream, args.prompts, length)
     corpus = ",".join(args.corpus) if args.corpus else "python standard-library documentation"
     lens = fit_jacobian(lm, prompts, corpus, args.dim_batch, length)
     out = args.out or jacobian.default_lens_dir(lm.source.clean_name)

@@ -138,16 +138,14 @@ def load_for_model(path: str | None, lm: Any) -> JacobianLensReader:
     return JacobianLensReader.load(path or default_lens_dir(lm.source.clean_name))
 
 
-def fit_prompts(tokenizer: Any, texts: Any, n_prompts: int, max_seq_len: int,
-                heldout_tokens: int) -> tuple[list[str], list[list[int]]]:
-    """(``n_prompts`` prompts of ``max_seq_len`` tokens, then held-out chunks of the same length
-    holding at least ``heldout_tokens``) from a corpus: the tuned lens's chunks, the prompts decoded
-    back to text (``JacobianLens.fit`` takes strings). ``ValueError`` if the corpus is too short."""
-    from layers_core.lens.tuned import token_chunks
+def fit_prompts(tokenizer: Any, tokens: Any, n_prompts: int, max_seq_len: int) -> list[str]:
+    """``n_prompts`` prompts of ``max_seq_len`` tokens taken from the token stream ``tokens``
+    (``lens.tuned.token_stream``; after ``pipeline.fit.evaluation_split``'s held-out text),
+    decoded back to text (``JacobianLens.fit`` takes strings). ``ValueError`` if too short."""
+    from layers_core.lens.tuned import take_chunks
 
-    heldout_chunks = -(-heldout_tokens // max_seq_len)
-    chunks = token_chunks(tokenizer, texts, max_seq_len, (n_prompts + heldout_chunks) * max_seq_len)
-    if len(chunks) <= n_prompts:
-        raise ValueError(f"the corpus holds only {len(chunks)} chunks of {max_seq_len} tokens; need more "
-                         f"than {n_prompts} prompts")
-    return [tokenizer.decode(chunk) for chunk in chunks[:n_prompts]], chunks[n_prompts:]
+    chunks = take_chunks(tokenizer, tokens, max_seq_len, n_prompts * max_seq_len)
+    if len(chunks) < n_prompts:
+        raise ValueError(f"the corpus holds only {len(chunks)} chunks of {max_seq_len} tokens after the held-out "
+                         f"text; need {n_prompts} prompts")
+    return [tokenizer.decode(chunk) for chunk in chunks]

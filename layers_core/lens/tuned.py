@@ -11,6 +11,7 @@ minute what gradient descent on KL reaches in hours. Saved as the library saves 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -270,20 +271,30 @@ def read_corpus(paths: Sequence[str]) -> Iterator[str]:
                 yield handle.read()
 
 
+def token_stream(tokenizer, texts: Iterable[str]) -> Iterator[int]:
+    """The texts' token ids, each text followed by a blank line, as one stream (read lazily)."""
+    for text in texts:
+        yield from tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+
+
+def take_chunks(tokenizer, tokens: Iterator[int], chunk_tokens: int, max_tokens: int) -> list[list[int]]:
+    """Chunks of ``chunk_tokens`` (BOS first where the tokenizer has one) taken from the stream
+    ``tokens`` until ``max_tokens`` or its end; what is left stays in the stream."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = chunk_tokens - len(bos)
+    chunks = []
+    while len(chunks) * chunk_tokens < max_tokens:
+        piece = list(itertools.islice(tokens, body))
+        if len(piece) < body:
+            break
+        chunks.append(bos + piece)
+    return chunks
+
+
 def token_chunks(tokenizer, texts: Iterable[str], chunk_tokens: int, max_tokens: int) -> list[list[int]]:
     """The texts' tokens, concatenated and cut into chunks of ``chunk_tokens`` (BOS first where the
     tokenizer has one), until ``max_tokens``; deterministic."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    body = chunk_tokens - len(bos)
-    chunks, pending, total = [], [], 0
-    for text in texts:
-        pending += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
-        while len(pending) >= body and total < max_tokens:
-            chunks.append(bos + pending[:body])
-            pending, total = pending[body:], total + chunk_tokens
-        if total >= max_tokens:
-            break
-    return chunks
+    return take_chunks(tokenizer, token_stream(tokenizer, texts), chunk_tokens, max_tokens)
 
 
 def split_heldout(chunks: Sequence[list[int]], every: int = 8) -> tuple[list[list[int]], list[list[int]]]:

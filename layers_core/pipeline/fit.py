@@ -5,7 +5,7 @@ through ``pipeline.capture``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from layers_core.lens.fingerprint import model_fingerprint
@@ -13,6 +13,25 @@ from layers_core.lens.protocol import NormLens
 from layers_core.lens.tuned import NormalEquations, TunedLens, solve_translators
 from layers_core.model.lens_model import LensModel
 from layers_core.pipeline.evaluation import capture_chunks, score_chunks
+
+EVAL_TOKENS = 2_048  # the held-out text every fit is evaluated on: the corpus's first tokens
+EVAL_CHUNK_TOKENS = 256
+
+
+def evaluation_split(tokenizer: Any, texts: Iterable[str], eval_tokens: int = EVAL_TOKENS,
+                     chunk_tokens: int = EVAL_CHUNK_TOKENS) -> tuple[list[list[int]], Iterator[int]]:
+    """(the held-out chunks, the rest of the corpus as a token stream): the corpus's first
+    ``eval_tokens`` tokens are the evaluation text of every fit, tuned and Jacobian alike, and
+    never train one, so their ``eval.json`` compare on the same tokens. ``ValueError`` if the
+    corpus is shorter."""
+    from layers_core.lens.tuned import take_chunks, token_stream
+
+    stream = token_stream(tokenizer, texts)
+    heldout = take_chunks(tokenizer, stream, chunk_tokens, eval_tokens)
+    if len(heldout) * chunk_tokens < eval_tokens:
+        raise ValueError(f"the corpus holds only {len(heldout) * chunk_tokens} tokens; the held-out text alone "
+                         f"takes the first {eval_tokens}")
+    return heldout, stream
 
 
 def fit(lm: LensModel, train: Sequence[list[int]], heldout: Sequence[list[int]], batch_size: int = 8,

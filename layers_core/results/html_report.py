@@ -134,6 +134,22 @@ def _strip(continuation: Mapping[str, Any] | None, vocab: _Vocabulary) -> dict |
     return {"source": continuation["source"], "lenses": lenses}
 
 
+PROVENANCE_SHOWN = ("model_path", "model_source", "gguf_sha256", "dtype", "device", "started_at",
+                    "torch_version", "transformers_version", "transformer_lens_version", "layers_core_version")
+
+
+def page_provenance(block: Mapping[str, Any] | None) -> dict | None:
+    """What the page says of where its numbers come from: model (path, source, a GGUF file's
+    sha256), dtype, device, date and versions, from the JSON ``provenance`` block."""
+    if not block:
+        return None
+    from layers_core import __version__
+
+    flat = {**block, "gguf_sha256": (block.get("gguf") or {}).get("gguf_sha256"),
+            "layers_core_version": __version__}
+    return {key: str(flat[key]) for key in PROVENANCE_SHOWN if flat.get(key) not in (None, "")}
+
+
 def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
     """The page's data for one prompt, from ``pictures.picture_rows`` (plain data)."""
     vocab = _Vocabulary()
@@ -147,6 +163,7 @@ def prompt_report_data(rows: Mapping[str, Any], title: str) -> dict:
         "kind": "prompt", "title": title, "vocab": vocab.strings, "heatmap": heatmap,
         "answer": answer, "answer_last": last_answer, "curves": _curves(rows),
         "typing": rows.get("typing"),  # {text, join}: a typed word resolves as --answer does
+        "provenance": page_provenance(rows.get("provenance")),
         "attribution": rows.get("attribution"),
         "continuation": _strip(rows.get("continuation"), vocab),
         "diagnostics": _diagnostics(diagnostics, {"control": rows.get("control"),
@@ -207,6 +224,30 @@ def render(data: Mapping[str, Any]) -> str:
         f"<title>{html.escape(str(data['title']))}</title><style>{_asset('report.css')}</style></head>"
         f"<body><div id=\"report\"></div><script type=\"application/json\" id=\"report-data\">{payload}</script>"
         f"<script>{_asset('report.js')}</script></body></html>\n"
+    )
+
+
+def explorer_page(info: Mapping[str, Any]) -> str:
+    """The live explorer's page (``layers-and-logits serve``): a prompt box, an answer box, a
+    lens switch and a continuation length above the report's renderer, which draws each answer;
+    ``info`` (model, lenses, limits) as JSON. Self-contained, as the report."""
+    payload = json.dumps(info, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    title = html.escape(f"layers-and-logits explorer: {info['model']}")
+    prompt = html.escape(str(info.get("prompt") or ""), quote=True)
+    answer = html.escape(str(info.get("answer") or ""), quote=True)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title><style>{_asset('report.css')}</style></head><body>"
+        f"<div id=\"explorer\"><h1>{title}</h1><div class=\"form\">"
+        f"<textarea id=\"prompt\" rows=\"2\" placeholder=\"a prompt\">{prompt}</textarea>"
+        f"<input id=\"answer\" placeholder=\"answer (optional)\" value=\"{answer}\">"
+        "<select id=\"lens\"></select>"
+        f"<label>continue <input id=\"generate\" type=\"number\" min=\"0\" max=\"{int(info['max_generate'])}\" "
+        "value=\"0\"> tokens</label><button id=\"run\">read</button>"
+        "<button id=\"download\">download files</button>"
+        "<span id=\"status\"></span></div></div><div id=\"report\"></div>"
+        f"<script type=\"application/json\" id=\"explorer-info\">{payload}</script>"
+        f"<script>{_asset('report.js')}</script><script>{_asset('explorer.js')}</script></body></html>\n"
     )
 
 

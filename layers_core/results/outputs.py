@@ -114,11 +114,13 @@ def write_residuals(directory: str, clean_name: str, resid_normed: Sequence[Any]
 class SetOverview:
     """What a set's pictures show beyond the prompts drawn in detail: the table's ``summary``
     rows (None: the detailed prompts'), ``total`` prompts in all, and the per-layer curves over
-    every prompt (``results.curves.layer_curves``, None: none drawn)."""
+    every prompt (``results.curves.layer_curves``, None: none drawn), and the run's JSON
+    ``provenance`` block (the page's header)."""
 
     summary: Sequence[Mapping[str, Any]] | None = None
     total: int | None = None
     layer_curves: Any = None
+    provenance: Mapping[str, Any] | None = None
 
 
 def write_set_pictures(paths: Mapping[str, str], outcomes: Sequence[PromptOutcome], n_layers: int, title: str,
@@ -170,6 +172,7 @@ def set_report_page(outcomes: Sequence[PromptOutcome], n_layers: int, title: str
                                        lens_name)
     if overview.layer_curves is not None:
         data["layer_curves"] = html_report.band_series(overview.layer_curves)
+    data["provenance"] = html_report.page_provenance(overview.provenance)
     return data
 
 

@@ -20,7 +20,7 @@ SUMMARY_COLUMNS = [
     "prompt_id", "prompt", "answer", "prompt_tokens", "answer_tokens", "L_copy", "L_copy_strict", "L_semantic",
     "L_semantic_stable", "L_semantic_margin",
     "first_rank_le_1", "first_rank_le_5", "first_rank_le_10", "first_kl_below_0.5",
-    "first_kl_below_1.0", "final_top1", "final_p_answer", "gold_status", "meta",
+    "first_kl_below_1.0", "final_top1", "final_p_answer", "p_sequence", "gold_status", "meta",
 ]
 LAYER_INDEX_COLUMNS = SUMMARY_COLUMNS[5:15]
 TOKEN_COUNT_COLUMNS = ("prompt_tokens", "answer_tokens")
@@ -176,8 +176,9 @@ def load_prompt_set(path: str) -> list[PromptItem]:
 
 
 def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, Any],
-                pure_rows: Sequence[Mapping[str, Any]]) -> dict:
-    """One ``output-<name>-summary.csv`` row from a prompt's diagnostics and pure rows."""
+                pure_rows: Sequence[Mapping[str, Any]], p_sequence: float | None = None) -> dict:
+    """One ``output-<name>-summary.csv`` row from a prompt's diagnostics and pure rows;
+    ``p_sequence``: the whole answer's teacher-forced probability (every piece, every alias)."""
     milestones = diagnostics["milestones"]
     last = pure_rows[-1]
     return {
@@ -186,6 +187,7 @@ def summary_row(item: PromptItem, prompt_tokens: int, diagnostics: Mapping[str, 
         **{key: diagnostics[key] for key in _DIAGNOSTICS_INDICES},
         **{key: milestones[key] for key in LAYER_INDEX_COLUMNS[len(_DIAGNOSTICS_INDICES):]},
         "final_top1": last["top1"], "final_p_answer": last["p_answer"],
+        "p_sequence": p_sequence,
         "gold_status": diagnostics["gold_alignment"]["status"],
         "meta": json.dumps(item.meta, ensure_ascii=False, separators=(",", ":")) if item.meta else "",
     }

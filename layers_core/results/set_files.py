@@ -145,11 +145,14 @@ def read_prompt_entries(path: str) -> Iterator[dict]:
 
 # ---- reading the files back ------------------------------------------------------------------------
 
+FLOAT_COLUMNS = ("final_p_answer", "p_sequence")
+
+
 def typed_summary_row(row: Mapping[str, str]) -> dict:
     """A summary CSV row (cells) with the types the writer was given."""
     integers = set(prompt_sets.LAYER_INDEX_COLUMNS) | set(prompt_sets.TOKEN_COUNT_COLUMNS)
     return {key: (None if value == "" else int(value)) if key in integers
-            else (None if value == "" else float(value)) if key == "final_p_answer" else value
+            else (None if value == "" else float(value)) if key in FLOAT_COLUMNS else value
             for key, value in row.items()}
 
 
@@ -270,7 +273,8 @@ def finish_set_files(paths: Mapping[str, str], facts: SetFacts, *, plots: bool,
     if plots:
         outcomes = report_outcomes(paths, facts.strategy, digest.first_rows, facts.indices, facts.records)
         outputs.write_set_pictures(paths, outcomes, int(facts.model_stats["num_layers"]), facts.title,
-                                   facts.lens_name, outputs.SetOverview(digest.first_rows, digest.count, curves))
+                                   facts.lens_name, outputs.SetOverview(digest.first_rows, digest.count, curves,
+                                                                       facts.provenance))
     set_info = {**facts.set_info, "comparison": facts.strategy}
     document = prompt_set_document(digest.aggregate(), facts.indices, set_info, facts.model_stats,
                                    facts.provenance, os.path.basename(prompts_path(paths)))

@@ -1,9 +1,9 @@
 // The interactive report of layers_core: drawn from the JSON in #report-data, no library.
 "use strict";
+// renderReport(data, root) draws a page's data into root: the static report calls it once on
+// the JSON in #report-data, the live explorer (layers-and-logits serve) on each answer.
 (function () {
-  const data = JSON.parse(document.getElementById("report-data").textContent);
-  const root = document.getElementById("report");
-  const vocab = data.vocab;
+  let data, root, vocab;
   const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
 
   function el(tag, attrs, ...children) {
@@ -20,6 +20,23 @@
     const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
     for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
     return node;
+  }
+  // about five round numbers across [lo, hi]
+  function niceTicks(lo, hi, count = 5) {
+    const span = hi - lo || 1, raw = span / count, power = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((m) => m >= raw) || raw;
+    const ticks = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toPrecision(12));
+    return ticks;
+  }
+  // x ticks at round layers under a chart (class xtick: the browser tests read them)
+  function layerTicks(box, X, n, y) {
+    for (const layer of niceTicks(0, n, Math.min(6, Math.max(1, n))).filter((v) => Number.isInteger(v))) {
+      box.append(svg("line", { x1: X(layer), x2: X(layer), y1: y, y2: y + 3, stroke: "#888" }));
+      const t = svg("text", { x: X(layer), y: y + 12, "font-size": 9, "text-anchor": "middle", class: "xtick" });
+      t.textContent = String(layer);
+      box.append(t);
+    }
   }
   const fmt = (p) => (p === null || p === undefined ? "–" : Number(p).toPrecision(4));
   const show = (text) => JSON.stringify(text).slice(1, -1);  // spaces and newlines made visible
@@ -46,14 +63,14 @@
     if (hi === lo) { hi += 1; lo -= log ? 1 : 0; }
     const X = (i) => left + (i / n) * (width - left - 8);
     const Y = (v) => top + (1 - ((log ? Math.log10(v) : v) - lo) / (hi - lo)) * (height - top - bottom);
-    for (const [label, y] of [[hi, top], [lo, height - bottom]]) {
-      const t = svg("text", { x: 2, y: y + 4, "font-size": 9 });
+    for (const label of [hi, lo]) {
+      const y = top + (1 - (label - lo) / (hi - lo)) * (height - top - bottom);
+      const t = svg("text", { x: 2, y: y + 4, "font-size": 9, class: "ytick" });
       t.textContent = log ? "1e" + label.toFixed(0) : label.toPrecision(3);
       box.append(t);
     }
-    const axis = svg("text", { x: width - 60, y: height - 6, "font-size": 9 });
-    axis.textContent = "layer 0.." + n;
-    box.append(axis);
+    box.append(svg("line", { x1: left, x2: width - 8, y1: height - bottom, y2: height - bottom, stroke: "#bbb" }));
+    layerTicks(box, X, n, height - bottom);
     Object.entries(series).forEach(([lens, rows], index) => {
       const path = rows.map((row, i) => [depth(row, i), row[key]]).filter(([, v]) => v !== null && v !== undefined && (!log || v > 0))
         .map(([i, v], j) => (j ? "L" : "M") + X(i).toFixed(1) + " " + Y(v).toFixed(1)).join(" ");
@@ -169,10 +186,11 @@
       status.dataset.token = token === null ? "" : token;
     }
     input.addEventListener("keydown", (event) => { if (event.key === "Enter") pin(typedToken(input.value, answer, typing)); });
-    pin(answer || null);
+    pin(null);  // open on the probabilities: the answer's ranks are a click away
     return el("div", {}, el("div", { id: "controls" }, "Pin a token: ", input, datalist,
       el("button", { onclick: () => pin(typedToken(input.value, answer, typing)) }, "pin"),
-      el("button", { onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table));
+      answer ? el("button", { id: "pin-answer", onclick: () => pin(answer) }, "answer " + show(answer)) : "",
+      el("button", { id: "pin-top1", onclick: () => pin(null) }, "top-1"), status), el("div", { class: "scroll" }, table));
   }
 
   // ---- a continuation: each token coloured by the layer where it got decided ----
@@ -237,8 +255,17 @@
   }
 
   // ---- one prompt ----
+  function provenance(facts) {
+    if (!facts) return "";
+    const labels = { model_path: "model", model_source: "source", gguf_sha256: "GGUF sha256", dtype: "dtype", device: "device",
+                     started_at: "run", torch_version: "torch", transformers_version: "transformers",
+                     transformer_lens_version: "TransformerLens", layers_core_version: "layers_core" };
+    return el("div", { id: "provenance", class: "provenance" }, ...Object.entries(facts).map(([key, value]) =>
+      el("span", { "data-key": key }, el("b", {}, (labels[key] || key) + ": "), value)));
+  }
+
   function promptReport() {
-    root.append(el("h1", {}, data.title), diagnostics(data.diagnostics));
+    root.append(el("h1", {}, data.title), provenance(data.provenance), diagnostics(data.diagnostics));
     root.append(el("h2", {}, "Lens heatmap"), heatmapView(data.heatmap, data.answer, data.answer_last, data.typing));
     if (data.continuation) root.append(el("h2", {}, `Continuation (${data.continuation.source.replace("_", "-")}): where each token got decided`),
       stripView(data.continuation));
@@ -247,25 +274,46 @@
   }
 
   function attributionChart(rows) {
-    const width = 700, height = 200, left = 40, top = 10, bottom = 24;
+    const width = 700, height = 220, left = 52, top = 10, bottom = 40;
     const box = svg("svg", { width, height, class: "chart", id: "attribution" });
-    const values = rows.map((r) => r.logit).concat(rows.map((r) => r.cumulative), [0]);
-    const lo = Math.min(...values), hi = Math.max(...values);
+    const tip = document.getElementById("tip") || document.body.appendChild(el("div", { id: "tip" }));
+    const values = rows.map((r) => r.logit).concat([0]);  // the drawn bars only
+    const ticks = niceTicks(Math.min(...values), Math.max(...values), 4);
+    const lo = Math.min(ticks[0], ...values), hi = Math.max(ticks[ticks.length - 1], ...values);
     const n = Math.max(...rows.map((r) => r.layer)) + 1;
     const X = (layer) => left + (layer + 0.5) / n * (width - left - 8);
     const Y = (v) => top + (1 - (v - lo) / (hi - lo || 1)) * (height - top - bottom);
     const colors = { embed: "#888", attn: "#1f77b4", mlp: "#ff7f0e", norm_bias: "#9467bd" };
     const offset = { embed: 0, attn: -0.2, mlp: 0.2, norm_bias: 0 };
     const barWidth = Math.max(2, (width - left) / n * 0.35);
+    for (const v of ticks) {
+      box.append(svg("line", { x1: left, x2: width - 8, y1: Y(v), y2: Y(v), stroke: "#eee" }));
+      const t = svg("text", { x: left - 4, y: Y(v) + 3, "font-size": 9, "text-anchor": "end", class: "ytick" });
+      t.textContent = String(v);
+      box.append(t);
+    }
+    const name = { embed: "embedding", attn: "attention", mlp: "MLP", norm_bias: "final norm bias" };
     for (const r of rows) {
       const x = X(r.layer + offset[r.component]) - barWidth / 2;
-      box.append(svg("rect", { x, width: barWidth, y: Math.min(Y(r.logit), Y(0)), height: Math.abs(Y(r.logit) - Y(0)),
-                               fill: colors[r.component], "data-component": r.component, "data-layer": r.layer }));
+      const bar = svg("rect", { x, width: barWidth, y: Math.min(Y(r.logit), Y(0)), height: Math.max(0.5, Math.abs(Y(r.logit) - Y(0))),
+                                fill: colors[r.component], "data-component": r.component, "data-layer": r.layer });
+      bar.addEventListener("mouseenter", (event) => {
+        tip.replaceChildren(el("div", {}, `${name[r.component] || r.component} of block ${r.layer}: ${Number(r.logit).toFixed(3)} to the answer logit`),
+          el("div", {}, `running sum ${Number(r.cumulative).toFixed(3)}`));
+        tip.style.display = "block";
+        tip.style.left = Math.min(event.clientX + 12, window.innerWidth - 320) + "px";
+        tip.style.top = event.clientY + 12 + "px";
+      });
+      bar.addEventListener("mouseleave", () => { tip.style.display = "none"; });
+      box.append(bar);
     }
     box.append(svg("line", { x1: left, x2: width, y1: Y(0), y2: Y(0), stroke: "#000", "stroke-width": 0.5 }));
+    layerTicks(box, (layer) => X(layer), n - 1, height - bottom);
+    const yLabel = svg("text", { x: 2, y: top + 8, "font-size": 9 });
+    yLabel.textContent = "logit";
     const legend = svg("text", { x: left, y: height - 6, "font-size": 10 });
-    legend.textContent = "bars: embed (grey), attention (blue), MLP (orange) parts of the answer logit; block b at layer b+1";
-    box.append(legend);
+    legend.textContent = "block (x); bars: embed (grey), attention (blue), MLP (orange) parts of the answer logit; hover for values";
+    box.append(yLabel, legend);
     return box;
   }
 
@@ -301,9 +349,12 @@
         const path = shown.map((r, j) => (j ? "L" : "M") + X(r.layer).toFixed(1) + " " + Y(r.mean).toFixed(1)).join(" ");
         box.append(svg("path", { d: path, fill: "none", stroke: color, "stroke-width": 1.5, "data-column": column }));
       });
-      const axis = svg("text", { x: width - 60, y: height - 6, "font-size": 9 });
-      axis.textContent = "layer 0.." + n;
-      box.append(axis);
+      for (const label of [hi, lo]) {
+        const t = svg("text", { x: 2, y: top + (1 - (label - lo) / (hi - lo)) * (height - top - bottom) + 4, "font-size": 9, class: "ytick" });
+        t.textContent = log ? "1e" + label.toFixed(0) : label.toPrecision(3);
+        box.append(t);
+      }
+      layerTicks(box, X, n, height - bottom);
       wrap.append(box);
     }
     return wrap;
@@ -311,7 +362,7 @@
 
   // ---- a prompt set: sortable table, a prompt's view, milestone distributions ----
   function setReport() {
-    root.append(el("h1", {}, data.title));
+    root.append(el("h1", {}, data.title), provenance(data.provenance));
     const columns = data.columns;
     const table = el("table", { class: "summary", id: "prompt-table" });
     const head = el("tr", {});
@@ -359,23 +410,48 @@
     if (data.summary.length) open(data.summary[0].prompt_id, body.firstChild);
   }
 
+  // one strip per milestone (per model in a comparison): dots at equal depth stack up, | the
+  // median, and how many prompts reach the milestone at all
   function milestoneStrips() {
-    const width = 560, rowHeight = 22, left = 150;
+    const width = 640, rowHeight = 34, left = 150, right = 90;
     const keys = data.milestones.filter((key) => data.columns.includes(key));
-    const box = svg("svg", { width, height: rowHeight * keys.length + 20, id: "milestones" });
-    keys.forEach((key, i) => {
-      const y = 12 + i * rowHeight;
+    const models = data.columns.includes("model") ? [...new Set(data.summary.map((row) => row.model))] : [null];
+    const strips = keys.flatMap((key) => models.map((model) => [key, model]));
+    const box = svg("svg", { width, height: rowHeight * strips.length + 24, id: "milestones" });
+    const X = (f) => left + f * (width - left - right);
+    strips.forEach(([key, model], i) => {
+      const y = 18 + i * rowHeight;
+      const rows = data.summary.filter((row) => model === null || row.model === model);
       const label = svg("text", { x: 0, y: y + 4, "font-size": 11 });
-      label.textContent = key;
-      box.append(label, svg("line", { x1: left, x2: width - 10, y1: y, y2: y, stroke: "#ccc" }));
-      const fractions = data.summary.map((row) => row[key]).filter((v) => typeof v === "number").map((v) => v / data.n_layers).sort((a, b) => a - b);
-      for (const f of fractions) box.append(svg("circle", { cx: left + f * (width - left - 10), cy: y, r: 2.5, fill: "#1f77b4", "fill-opacity": 0.5 }));
+      label.textContent = model === null ? key : key.replace("_fraction", "") + " · " + String(model).split("/").pop().slice(0, 14);
+      box.append(label, svg("line", { x1: left, x2: width - right, y1: y, y2: y, stroke: "#ccc" }));
+      const fractions = rows.map((row) => row[key]).filter((v) => typeof v === "number")
+        .map((v) => (key.endsWith("_fraction") ? v : v / data.n_layers)).sort((a, b) => a - b);
+      const stacks = new Map();
+      for (const f of fractions) {
+        const bucket = Math.round(X(f) / 5);  // dots within 5 px share a column
+        const k = stacks.get(bucket) || 0;
+        stacks.set(bucket, k + 1);
+        const dy = (k % 2 ? 1 : -1) * Math.ceil(k / 2) * 4;
+        box.append(svg("circle", { cx: X(f), cy: y + Math.max(-14, Math.min(14, dy)), r: 2.2, fill: "#1f77b4", "fill-opacity": 0.6,
+                                   "data-key": key }));
+      }
       if (fractions.length) {
         const median = fractions[Math.floor((fractions.length - 1) / 2)];
-        const x = left + median * (width - left - 10);
-        box.append(svg("line", { x1: x, x2: x, y1: y - 7, y2: y + 7, stroke: "#d62728", "stroke-width": 2 }));
+        box.append(svg("line", { x1: X(median), x2: X(median), y1: y - 12, y2: y + 12, stroke: "#d62728", "stroke-width": 2,
+                                 class: "median", "data-key": key, "data-model": model ?? "" }));
       }
+      const count = svg("text", { x: width - right + 6, y: y + 4, "font-size": 10, class: "reached", "data-key": key,
+                                  "data-model": model ?? "" });
+      count.textContent = `${fractions.length} / ${rows.length} reached`;
+      box.append(count);
     });
+    const axisY = 18 + strips.length * rowHeight - 12;
+    for (const f of [0, 0.25, 0.5, 0.75, 1]) {
+      const t = svg("text", { x: X(f), y: axisY, "font-size": 9, "text-anchor": "middle", class: "xtick" });
+      t.textContent = String(f);
+      box.append(t);
+    }
     return box;
   }
 
@@ -404,5 +480,14 @@
     return wrap;
   }
 
-  if (data.kind === "set") setReport(); else promptReport();
+  function renderReport(pageData, rootNode) {
+    data = pageData;
+    root = rootNode;
+    vocab = data.vocab;
+    root.replaceChildren();
+    if (data.kind === "set") setReport(); else promptReport();
+  }
+  window.renderReport = renderReport;
+  const embedded = document.getElementById("report-data");
+  if (embedded) renderReport(JSON.parse(embedded.textContent), document.getElementById("report"));
 })();
