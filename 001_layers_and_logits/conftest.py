@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 
 import pytest
@@ -129,3 +130,33 @@ def bundled_cli_run(bundled_model_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("cli")
     assert run.main(["--device", "cpu", "--out_dir", str(out), "--quiet", "--no-plots"]) == 0
     return str(out)
+
+
+# ---- headless Chromium (the HTML report and the explorer are tested in a real browser) ----
+
+def _browser_paths() -> tuple[str, str]:
+    browser = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("the browser tests need Chromium and chromedriver: apt-get install chromium chromium-driver "
+                    "(make test installs them as root), or set CHROMIUM and CHROMEDRIVER")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _browser_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,34 +19,6 @@ from conftest import HERE, RUN_PY
 
 BATTERY = os.path.join(HERE, "facts", "capitals.jsonl")
 NAME = "SmolLM2-135M-Instruct"
-
-
-def _browser_paths() -> tuple[str, str]:
-    browser = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
-    if not (browser and driver):
-        pytest.fail("the browser tests need Chromium and chromedriver: apt-get install chromium chromium-driver "
-                    "(make test installs them as root), or set CHROMIUM and CHROMEDRIVER")
-    return browser, driver
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = _browser_paths()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1400,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _open(driver, path):
@@ -126,7 +97,11 @@ def test_pinning_a_token_shows_its_ranks_as_recomputed_from_the_csv(browser, pro
     pure = _read_csv(prompt_run / f"output-{NAME}-pure-next-token.csv")
     last = [c for c in browser.find_elements("css selector",
                                              "#heatmap td.cell") if c.get_attribute("data-pos") == "16"]
-    # the answer is pinned at the start: the last position shows its exact rank from the pure rows
+    # it opens on the probabilities (top-1 per cell); pinning the answer shows at the last
+    # position its exact rank from the pure rows
+    assert {c.get_attribute("data-rank") for c in last} == {""}
+    assert browser.find_element("id", "pin-status").get_attribute("data-token") == ""
+    browser.find_element("id", "pin-answer").click()
     assert {c.get_attribute("data-layer"): c.get_attribute("data-rank") for c in last} == \
         {r["layer"]: r["answer_rank"] for r in pure}
     box = browser.find_element("id", "pin-input")

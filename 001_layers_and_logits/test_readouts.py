@@ -20,6 +20,7 @@ from conftest import HERE, RUN_PY
 from layers_core.lens.jacobian import JacobianLensReader, fit_prompts
 from layers_core.model.loading import load_model, resolve_model_source
 from layers_core.pipeline.attribution import attribute, not_decomposable
+from layers_core.pipeline.fit import evaluation_split
 
 FIT_LENS = os.path.join(HERE, "fit_lens.py")
 PROMPT = "Give the city name only, plain text. The capital of Germany is called simply"
@@ -27,7 +28,7 @@ CORPUS_LINES = [
     "The capital of France is Paris and the capital of Germany is Berlin, which lies on the Spree.",
     "Rivers run to the sea; mountains rise over valleys where towns have grown for a thousand years.",
     "A lens maps every layer of a model to the words it would predict if it stopped there and then.",
-] * 40
+] * 120  # 2,048 held-out tokens first, then the fits' text
 N_PROMPTS, SEQ_LEN, DIM_BATCH = 3, 24, 16
 
 
@@ -58,7 +59,8 @@ def test_fit_lens_jacobian_equals_transformer_lens_fit_on_the_same_prompts(tiny_
     from layers_core.lens.tuned import read_corpus
 
     bridge = load_model(resolve_model_source(tiny_dirs["llama"]), "cpu", torch.float32)
-    prompts, _ = fit_prompts(bridge.tokenizer, read_corpus([corpus]), N_PROMPTS, SEQ_LEN, 2048)
+    _, rest = evaluation_split(bridge.tokenizer, read_corpus([corpus]))
+    prompts = fit_prompts(bridge.tokenizer, rest, N_PROMPTS, SEQ_LEN)
     direct = JacobianLens.fit(bridge, prompts, corpus=corpus, dim_batch=DIM_BATCH, max_seq_len=SEQ_LEN,
                               show_progress=False)
     saved = JacobianLens.load(str(jacobian_artifact / "llama_jacobian_lens.pt"))
@@ -70,6 +72,17 @@ def test_fit_lens_jacobian_equals_transformer_lens_fit_on_the_same_prompts(tiny_
         assert not torch.allclose(expected, torch.eye(expected.shape[0]), atol=1e-2)  # a real transport
     report = json.load(open(jacobian_artifact / "eval.json"))
     assert report["kind"] == "jacobian" and {"logit", "jacobian"} <= set(report["layers"][0])
+
+
+def test_both_fits_are_evaluated_on_the_same_held_out_text(tiny_dirs, corpus, jacobian_artifact, tmp_path):
+    subprocess.run([sys.executable, FIT_LENS, tiny_dirs["llama"], "--corpus", corpus, "--tokens", "1024",
+                    "--out", str(tmp_path), "--device", "cpu"], check=True, capture_output=True)
+    tuned = json.load(open(tmp_path / "eval.json"))
+    jacobian = json.load(open(jacobian_artifact / "eval.json"))
+    assert tuned["heldout"] == jacobian["heldout"] and tuned["tokens"]["evaluated"] == 2048
+    for ours, theirs in zip(tuned["layers"], jacobian["layers"], strict=True):  # one logit-lens baseline
+        assert ours["logit"] == pytest.approx(theirs["logit"], rel=1e-6)
+    assert {"logit", "tuned"} <= set(tuned["layers"][0]) and {"logit", "jacobian"} <= set(jacobian["layers"][0])
 
 
 def test_jacobian_lens_rows_equal_transformer_lens_readout(tiny_dirs, jacobian_artifact):

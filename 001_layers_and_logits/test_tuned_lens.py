@@ -112,7 +112,8 @@ def test_fit_lens_writes_the_lens_and_its_evaluation(fitted_lens, load_bridge):
     report = json.loads((fitted_lens / "eval.json").read_text())
     n = load_bridge("llama").cfg.n_layers
     assert [row["layer"] for row in report["layers"]] == list(range(n))
-    assert set(report["tokens"]) >= {"train", "heldout"} and report["tokens"]["train"] >= 4096
+    assert set(report["tokens"]) >= {"train", "validation", "evaluated"} and report["tokens"]["train"] >= 4096
+    assert report["tokens"]["evaluated"] == 2048 and len(report["heldout"]["sha256"]) == 64
     for row in report["layers"]:
         for kind in ("logit", "tuned"):
             assert set(row[kind]) == {"kl_final_to_lens_bits", "kl_final_to_lens_bpb", "ce_bits", "top1_agree"}

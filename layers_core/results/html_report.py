@@ -237,8 +237,8 @@ def explorer_page(info: Mapping[str, Any]) -> str:
     answer = html.escape(str(info.get("answer") or ""), quote=True)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{title}</title><style>{_asset('report.css')}</style></head><body>"
-        f"<div id=\"explorer\"><h1>{title}</h1><div class=\"form\">"
+        f"<title>{title}</title><link rel=\"icon\" href=\"data:,\"><style>{_asset('report.css')}</style>"
+        f"</head><body><div id=\"explorer\"><h1>{title}</h1><div class=\"form\">"
         f"<textarea id=\"prompt\" rows=\"2\" placeholder=\"a prompt\">{prompt}</textarea>"
         f"<input id=\"answer\" placeholder=\"answer (optional)\" value=\"{answer}\">"
         "<select id=\"lens\"></select>"
