@@ -53,6 +53,9 @@ def build_parser(prog: str = SERVE_PROG) -> argparse.ArgumentParser:
                         help="compute device (default: %(default)s = cuda, then mps, then cpu)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="compute dtype (default: %(default)s, as run)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: before each request, one per core other processes "
+                             "left idle since the previous one)")
     parser.add_argument("--norm", default="final", choices=NORM_VIEWS,
                         help="the lens the page opens on (default: %(default)s; every lens stays a click away)")
     parser.add_argument("--lens-path", nargs="+", default=[], metavar="PATH",
@@ -86,7 +89,8 @@ def _usage_error(args: argparse.Namespace) -> str | None:
         return f"--token must have at least {MIN_TOKEN_CHARS} characters"
     if not 0 <= args.port <= 65535:
         return f"--port must be from 0 to 65535, got {args.port}"
-    for flag, value in (("--max-tokens", args.max_tokens), ("--queue-size", args.queue_size)):
+    for flag, value in (("--max-tokens", args.max_tokens), ("--queue-size", args.queue_size),
+                        ("--threads", args.threads or 1)):
         if value < 1:
             return f"{flag} must be at least 1, got {value}"
     return None
@@ -193,6 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
     token = None if args.no_token else (args.token or secrets.token_urlsafe(24))
     try:
         lm = load(args.model, device=args.device, dtype=args.dtype)
+        lm.threads = args.threads or "auto"
         explorer = _explorer(lm, args, token)
     except (ModelLoadError, ValueError, OSError) as error:
         print(f"❌ {type(error).__name__}: {str(error).splitlines()[0]}", file=sys.stderr)
