@@ -68,6 +68,36 @@ def test_one_cell_per_layer_and_position_and_no_javascript_error(browser, prompt
     assert len(browser.find_elements("css selector", "svg.chart path[data-lens]")) == 4 * 3  # final, arch, none
     assert browser.find_elements("css selector", "#attribution rect[data-component='mlp']")
     browser.save_screenshot(str(prompt_run / "report.png"))
+    assert _js_errors(browser) == []
+
+
+def test_the_page_says_where_its_numbers_come_from_and_labels_its_axes(browser, prompt_run):
+    from selenium.webdriver import ActionChains
+
+    _open(browser, prompt_run / f"output-{NAME}.html")
+    facts = json.load(open(prompt_run / f"output-{NAME}.json"))["provenance"]
+    shown = {span.get_attribute("data-key"): span.text.split(": ", 1)[1]
+             for span in browser.find_elements("css selector", "#provenance span")}
+    assert shown["model_path"] == facts["model_path"] and shown["dtype"] == facts["dtype"]
+    assert shown["device"] == facts["device"] and shown["started_at"] == facts["started_at"]
+    assert shown["torch_version"] == facts["torch_version"] and "layers_core_version" in shown
+    for chart in browser.find_elements("css selector", "svg.chart:not(#attribution)"):  # layers 0..30
+        ticks = [t.text for t in chart.find_elements("css selector", "text.xtick")]
+        assert ticks[0] == "0" and ticks[-1] == "30" and len(ticks) >= 4
+    attribution = browser.find_element("id", "attribution")
+    values = sorted(float(t.text) for t in attribution.find_elements("css selector", "text.ytick"))
+    rows = _read_csv(prompt_run / f"output-{NAME}-attribution.csv")
+    logits = [float(r["logit"]) for r in rows]
+    step = values[1] - values[0]
+    assert len(values) >= 3 and values[0] <= min(logits) < values[0] + step  # the bars' scale, enclosing them
+    assert values[-1] - step < max(logits) <= values[-1]
+    assert max(float(r["cumulative"]) for r in rows) > values[-1]  # the running sum is not drawn: not on the scale
+    assert [t.text for t in attribution.find_elements("css selector", "text.xtick")][0] == "0"
+    bar = attribution.find_element("css selector", "rect[data-component='mlp'][data-layer='20']")
+    ActionChains(browser).move_to_element(bar).perform()
+    row = next(r for r in rows if r["component"] == "mlp" and r["layer"] == "20")
+    tip = browser.find_element("id", "tip").text
+    assert f"MLP of block 20: {float(row['logit']):.3f}" in tip
     assert os.path.getsize(prompt_run / "report.png") > 10_000
 
 
@@ -182,6 +212,13 @@ def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_mod
     detail = browser.find_element("id", "detail")
     assert "Prompt Japan" in detail.text and len(detail.find_elements("css selector", "table.topk tr")) == 31
     assert len(browser.find_elements("css selector", "#milestones circle")) > 50
+    for key in ("L_semantic", "first_rank_le_5"):  # how many reach each milestone at all
+        reached = sum(bool(r[key]) for r in summary)
+        label = browser.find_element("css selector", f"#milestones text.reached[data-key='{key}']").text
+        assert label == f"{reached} / {len(summary)} reached"
+    assert "p_sequence" in [th.get_attribute("data-column") for th in
+                            browser.find_elements("css selector", "#prompt-table th")]
+    assert all(0 < float(r["p_sequence"]) <= 1 for r in summary)
     assert _js_errors(browser) == []
 
 
@@ -270,6 +307,15 @@ def test_a_comparison_of_models_has_a_panel_per_milestone(browser, tiny_dirs, tm
 
     panels = browser.find_elements("css selector", "#comparison svg.chart")
     assert len(panels) == len(MILESTONES)
+    rows = _read_csv(tmp_path / "both" / "comparison.csv")
+    strips = browser.find_elements("css selector", "#milestones text.reached")  # one per model, not pooled
+    models = {row["model"] for row in rows}
+    assert len(models) == 2 and {s.get_attribute("data-model") for s in strips} == models
+    assert len(strips) == 2 * len({s.get_attribute("data-key") for s in strips}) >= 12
+    for strip in strips:
+        key, model = strip.get_attribute("data-key"), strip.get_attribute("data-model")
+        mine = [row for row in rows if row["model"] == model]
+        assert strip.text == f"{sum(bool(row[key]) for row in mine)} / {len(mine)} reached"
     assert len(browser.find_elements("css selector", "#prompt-table tbody tr.prompt")) == 6
     assert _js_errors(browser) == []
 

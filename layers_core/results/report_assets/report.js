@@ -21,12 +21,13 @@
     for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
     return node;
   }
-  // about five round numbers across [lo, hi]
+  // about `count` round numbers from one at or below lo to one at or above hi
   function niceTicks(lo, hi, count = 5) {
     const span = hi - lo || 1, raw = span / count, power = Math.pow(10, Math.floor(Math.log10(raw)));
     const step = [1, 2, 5, 10].map((m) => m * power).find((m) => m >= raw) || raw;
     const ticks = [];
-    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) ticks.push(+v.toPrecision(12));
+    const first = Math.floor(lo / step + 1e-9) * step, last = Math.ceil(hi / step - 1e-9) * step;  // enclosing lo..hi
+    for (let v = first; v <= last + step * 1e-9; v += step) ticks.push(+v.toPrecision(12) + 0);
     return ticks;
   }
   // x ticks at round layers under a chart (class xtick: the browser tests read them)
