@@ -70,10 +70,11 @@ def test_the_wheel_declares_its_dependencies_and_ships_the_report_assets(install
     required = [line.split(":",
                            1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist")]
     for package in ("torch", "transformer-lens", "transformers", "tokenizers", "gguf", "numpy", "pandas",
-                    "matplotlib", "tqdm"):
+                    "matplotlib", "tqdm", "starlette", "uvicorn"):
         assert any(line.startswith(package) and "extra ==" not in line for line in required), package
     assert "layers-and-logits = layers_core.app.commands:script_main" in entry_points
     for asset in ("layers_core/results/report_assets/report.js", "layers_core/results/report_assets/report.css",
+                  "layers_core/results/report_assets/explorer.js", "layers_core/serve/app.py",
                   "layers_core/py.typed"):
         assert asset in names
     assert not any(name.startswith(("001_layers_and_logits", "tests/")) for name in names)
