@@ -75,6 +75,27 @@ def test_ce_kl_and_agreement_equal_the_hf_models_own_within_1e_5_bits(tiny_dirs,
     assert final.kl_bits < 1e-5 and final.top1_agree == 1.0  # the last layer is the model
 
 
+@pytest.mark.parametrize("budget_rows,blocks", [(4, (4, 1)), (44, (22, 2)), (66, (22, 3))])
+def test_row_blocks_and_layer_groups_under_a_small_budget_give_the_same_sums(tiny_dirs, budget_rows, blocks):
+    """A budget of a few ``[rows, V]`` blocks: several row blocks one layer at a time, or every
+    row with layers unembedded two or three at a time (``_blocks``): the same sums as one
+    block of everything."""
+    from layers_core.lens.protocol import NormLens
+    from layers_core.pipeline.evaluation import _LIVE_COPIES, _blocks, score_chunks
+
+    lm = lc.load(tiny_dirs["llama"], device="cpu", dtype="float32")
+    chunks, _ = corpus_chunks(lm.bridge.tokenizer, TEXTS, 24, DEFAULT_MAX_TOKENS)
+    lenses = {"final": NormLens(lm.bridge, "final"), "shifted": ShiftedLens(lm)}
+    vocab = int(lm.unembed.W_U.shape[-1])
+    budget = budget_rows * vocab * 4 * _LIVE_COPIES
+    assert _blocks(lm.n_layers + 1, 22, vocab, budget) == blocks  # 22 scored rows per chunk of 24
+    small = score_chunks(lm, lenses, chunks, batch_size=2, budget_bytes=budget)
+    whole = score_chunks(lm, lenses, chunks, batch_size=2)
+    # float32 unembeddings of other shapes round differently: 1e-4 bits over a chunk's 22 tokens
+    torch.testing.assert_close(small.sums[..., :2], whole.sums[..., :2], rtol=0, atol=1e-4)
+    assert torch.equal(small.sums[..., 2], whole.sums[..., 2])  # the same top-1 everywhere
+
+
 def test_every_norm_lens_by_default_and_the_files(tiny_dirs, tmp_path):
     lm = lc.load(tiny_dirs["llama"], device="cpu", dtype="float32")
     ev = lc.evaluate(lm, TEXTS, max_seq_len=32)

@@ -60,17 +60,23 @@ def _token_bytes(tokenizer, ids: Tensor) -> int:
     return sum(len(text.encode("utf-8")) for text in texts)
 
 
-def _rows_per_block(n_layers_plus_one: int, vocab: int, budget_bytes: int) -> int:
-    return max(1, budget_bytes // (n_layers_plus_one * vocab * 4 * _LIVE_COPIES))
+def _blocks(n_layers: int, n_rows: int, vocab: int, budget_bytes: int) -> tuple[int, int]:
+    """(rows per block, layers per unembedding): a row block is as tall as one layer's
+    ``[rows, V]`` may be under the budget (its final distribution is computed once), and layers
+    share one unembedding while they fit. Each unembedding streams the whole of ``W_U``: few,
+    tall ones are what keeps a 262k vocabulary near the floor."""
+    per_row = vocab * 4 * _LIVE_COPIES
+    rows = max(1, min(n_rows, budget_bytes // per_row))
+    return rows, max(1, min(n_layers, budget_bytes // (rows * per_row)))
 
 
 def score_chunk(lm: LensModel, lenses: Mapping[str, Lens], residuals: Tensor, targets: Tensor,
                 budget_bytes: int = DEFAULT_BUDGET_BYTES) -> Tensor:
     """One chunk's sums ``[lenses, layers, 3]`` (CE bits, KL bits, agreements): ``residuals``
     ``[L, rows, d]`` at the scored positions, ``targets`` ``[rows]`` their next tokens."""
-    n_rows = residuals.shape[1]
-    block = _rows_per_block(residuals.shape[0], int(lm.unembed.W_U.shape[-1]), budget_bytes)
-    sums = torch.zeros((len(lenses), residuals.shape[0], 3), dtype=torch.float64)
+    n_layers, n_rows = residuals.shape[0], residuals.shape[1]
+    block, group = _blocks(n_layers, n_rows, int(lm.unembed.W_U.shape[-1]), budget_bytes)
+    sums = torch.zeros((len(lenses), n_layers, 3), dtype=torch.float64)
     with torch.inference_mode():
         for start in range(0, n_rows, block):
             part, wanted = residuals[:, start : start + block], targets[start : start + block]
@@ -80,14 +86,18 @@ def score_chunk(lm: LensModel, lenses: Mapping[str, Lens], residuals: Tensor, ta
             # second one batched dot product per layer (no [layers, rows, V] temporary); every
             # log-prob is finite (the lens rows are checked finite, a log-softmax of finite logits is)
             neg_entropy = (p_final * final).sum(-1) / LN2
+            del final
             for index, lens in enumerate(lenses.values()):
-                rows = torch.cat(transformed_rows(lens, list(part)))  # [L·rows, d], layer-major
-                log_probs = lm.unembed.log_probs(rows).view(part.shape[0], part.shape[1], -1)
-                ce = -log_probs.gather(-1, wanted.expand(part.shape[0], -1).unsqueeze(-1)).squeeze(-1) / LN2
-                cross = torch.einsum("lrv,rv->lr", log_probs, p_final) / LN2
-                kl = (neg_entropy - cross).clamp_min(0.0)
-                agree = (log_probs.argmax(-1) == final_top1).double()
-                sums[index] += torch.stack([ce.sum(-1).double(), kl.sum(-1).double(), agree.sum(-1)], dim=-1).cpu()
+                transformed = transformed_rows(lens, list(part))
+                for first in range(0, n_layers, group):
+                    layers = transformed[first : first + group]
+                    log_probs = lm.unembed.log_probs(torch.cat(layers)).view(len(layers), part.shape[1], -1)
+                    ce = -log_probs.gather(-1, wanted.expand(len(layers), -1).unsqueeze(-1)).squeeze(-1) / LN2
+                    cross = torch.einsum("lrv,rv->lr", log_probs, p_final) / LN2
+                    kl = (neg_entropy - cross).clamp_min(0.0)
+                    agree = (log_probs.argmax(-1) == final_top1).double()
+                    sums[index, first : first + len(layers)] += torch.stack(
+                        [ce.sum(-1).double(), kl.sum(-1).double(), agree.sum(-1)], dim=-1).cpu()
     return sums
 
 
