@@ -46,8 +46,8 @@ def test_the_version_is_the_installed_distributions():
 
 
 @pytest.mark.parametrize("argv,code,message", [
-    ([], 2, "usage: layers-and-logits {run,fit,merge,evaluate,self-test}"),
-    (["gpt2"], 2, "unknown subcommand 'gpt2' (choose from run, fit, merge, evaluate, self-test); "
+    ([], 2, "usage: layers-and-logits {run,fit,merge,evaluate,serve,self-test}"),
+    (["gpt2"], 2, "unknown subcommand 'gpt2' (choose from run, fit, merge, evaluate, serve, self-test); "
                   "to run the lens on a model: layers-and-logits run gpt2"),
     (["run", "--threads", "0"], 2, "layers-and-logits run: error: --threads must be at least 1"),
     (["fit", "--tokens", "10"], 2, "layers-and-logits fit: error: --tokens must be at least 1024"),
