@@ -212,6 +212,7 @@ def test_a_battery_report_opens_with_a_working_prompt_table(browser, bundled_mod
     detail = browser.find_element("id", "detail")
     assert "Prompt Japan" in detail.text and len(detail.find_elements("css selector", "table.topk tr")) == 31
     assert len(browser.find_elements("css selector", "#milestones circle")) > 50
+    assert "dtype: torch.float32" in browser.find_element("id", "provenance").text  # a set's page too
     for key in ("L_semantic", "first_rank_le_5"):  # how many reach each milestone at all
         reached = sum(bool(r[key]) for r in summary)
         label = browser.find_element("css selector", f"#milestones text.reached[data-key='{key}']").text
