@@ -156,3 +156,19 @@ def test_closing_a_busy_picture_worker_drops_its_work_at_once(tmp_path):
     started = time.perf_counter()
     worker.close()
     assert time.perf_counter() - started < 5 and not any(process.is_alive() for process in processes)
+
+
+def test_picture_rows_are_plain_data_the_torch_free_workers_can_unpickle(load_bridge):
+    """What goes to the picture processes names no class: a ``TorchVersion`` in the provenance
+    made each worker import torch to unpickle it, and a run waited 0.8–1.4 s for its pictures."""
+    import pickle
+    import pickletools
+
+    import layers_core as lc
+    from layers_core.pipeline.sweep import SweepSettings
+
+    rows = lc.sweep(lc.load(load_bridge("llama")), "The capital of France is", "Paris",
+                    settings=SweepSettings(attribution=True, generate=2)).picture_rows()
+    assert rows["provenance"]["torch_version"] and rows["continuation"] is not None
+    ops = [op.name for op, _, _ in pickletools.genops(pickle.dumps(rows))]
+    assert not {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ"} & set(ops)

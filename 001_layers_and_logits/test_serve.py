@@ -244,6 +244,24 @@ def test_sigterm_and_ctrl_c_stop_it_cleanly(tiny_dirs, sig, code):
         assert not os.path.exists(f"/proc/{child}")
 
 
+def test_a_given_token_never_reaches_the_downloaded_files(tiny_dirs, tmp_path):
+    import zipfile
+
+    secret = "a-token-of-my-own-choosing-1234"
+    served = Server([tiny_dirs["llama"], "--token", secret])
+    try:
+        assert served.token == secret
+        status, blob = served.call("POST", "/api/download", json.dumps({"prompt": "hello there"}))
+    finally:
+        served.stop()
+    assert status == 200
+    (tmp_path / "r.zip").write_bytes(blob)
+    with zipfile.ZipFile(tmp_path / "r.zip") as archive:
+        texts = [archive.read(name) for name in archive.namelist()]
+        argv = json.loads(archive.read("output-llama.json"))["provenance"]["argv"]
+    assert "<token>" in argv and not any(secret.encode() in text for text in texts)
+
+
 def test_binding_beyond_loopback_without_a_token_is_refused():
     done = subprocess.run([sys.executable, "-m", "layers_core", "serve", "--host", "0.0.0.0", "--no-token"],
                           capture_output=True, text=True)

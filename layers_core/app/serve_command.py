@@ -96,6 +96,10 @@ def _usage_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _redacted(arg: str, token: str) -> str:
+    return arg.replace(token, "<token>") if token in arg else arg
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None, prog: str = SERVE_PROG) -> int:
     problem = _usage_error(args)
     if problem:
         parser.error(problem)
+    if args.token:  # every result's provenance records argv: downloaded files must not carry the token
+        sys.argv = [_redacted(arg, args.token) for arg in sys.argv]
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _serve(args)

@@ -243,7 +243,7 @@ def provenance_block(facts: RunFacts) -> dict:
         return None if dtype is None else str(dtype)
 
     return {
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: TorchVersion would import torch where unpickled
         "transformers_version": transformers.__version__,
         "transformer_lens_version": getattr(transformer_lens, "__version__", None)
         or _dist_version("transformer-lens"),
