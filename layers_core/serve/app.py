@@ -30,6 +30,7 @@ from layers_core.serve.worker import LensWorker, QueueFull, Superseded
 
 MAX_BODY_BYTES = 256 * 1024
 CLIENT_ID_CHARS = 64
+NO_TOKEN = "a valid token is needed: open the URL the server printed"
 log = logging.getLogger("layers_core.serve")
 
 
@@ -89,7 +90,7 @@ def create_app(explorer: Explorer) -> Starlette:
 
     async def guarded(request: Request, kind: str, respond: Callable[[Any], Response]) -> Response:
         if not _authorised(request, explorer.token):
-            return _error("a valid token is needed: open the URL the server printed", 401)
+            return _error(NO_TOKEN, 401)
         try:
             return respond(await submit(request, kind))
         except BadRequest as error:
@@ -120,7 +121,7 @@ def create_app(explorer: Explorer) -> Starlette:
 
     async def info(request: Request) -> Response:
         if not _authorised(request, explorer.token):
-            return _error("a valid token is needed: open the URL the server printed", 401)
+            return _error(NO_TOKEN, 401)
         return JSONResponse({**explorer.info, "waiting": explorer.worker.waiting})
 
     async def any_error(request: Request, error: Exception) -> Response:
